@@ -1,0 +1,92 @@
+"""Command line entry point: ``securechat [serve|connect|gen-certs|fingerprint] ...``.
+
+Each subcommand lives in its own module with a ``main(argv) -> int``; this module only dispatches,
+and with no arguments shows the seed's interactive menu.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from securechat import __version__
+
+# subcommand -> (module with main(argv) -> int, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("securechat.server", "run the chat server (TLS; mints certificates into certs/ on first run)"),
+    "connect": ("securechat.client", "join a chat server: securechat connect HOST"),
+    "gen-certs": ("securechat.certs", "mint a local CA and a server certificate into certs/"),
+    "fingerprint": ("securechat.tls", "print a certificate file's SHA-256 fingerprint"),
+}
+
+USAGE = """usage: securechat [COMMAND] [OPTIONS]
+
+Encrypted real-time chat for your local network.
+
+commands:
+{commands}
+
+With no command, securechat asks whether to run as server or client.
+Run 'securechat COMMAND --help' for the options of a command.
+"""
+
+# Exit statuses shared by every subcommand.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the command ran and failed (connection refused, certificate refused, ...)
+EXIT_USAGE = 2  # bad command line, as argparse does
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return USAGE.format(commands="\n".join(lines))
+
+
+def _run(command: str, argv: Sequence[str]) -> int:
+    module_name, _ = COMMANDS[command]
+    entry: Callable[[Sequence[str]], int] = importlib.import_module(module_name).main
+    return entry(list(argv))
+
+
+def _ask(prompt: str, valid: Callable[[str], bool]) -> str:
+    """Ask until ``valid``; EOF raises EOFError for the caller to turn into a clean exit."""
+    while True:
+        answer = input(prompt).strip()
+        if valid(answer):
+            return answer
+
+
+def menu() -> int:
+    """The seed's menu, kept word for word."""
+    try:
+        print("Select mode:")
+        print("1. Server")
+        print("2. Client")
+        option = _ask("Option: ", lambda a: a in ("1", "2"))
+        if option == "1":
+            return _run("serve", [])
+        host = _ask("Enter server IP: ", bool)
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return EXIT_OK
+    return _run("connect", [host])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run securechat with ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        return menu()
+    first = args[0]
+    if first in ("-h", "--help", "help"):
+        print(_usage(), end="")
+        return EXIT_OK
+    if first in ("-V", "--version"):
+        print(f"securechat {__version__}")
+        return EXIT_OK
+    if first not in COMMANDS:
+        print(_usage(), end="", file=sys.stderr)
+        print(f"securechat: unknown command {first!r}", file=sys.stderr)
+        return EXIT_USAGE
+    return _run(first, args[1:])
