@@ -1,1 +1,3 @@
-import sys; from securechat.cli import main; sys.exit(main())  # noqa: E401,E702
+from securechat.cli import main
+
+raise SystemExit(main())

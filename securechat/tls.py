@@ -9,6 +9,7 @@ pin a fingerprint instead (see :func:`client_context`'s ``pin`` parameter in the
 from __future__ import annotations
 
 import hashlib
+import re
 import ssl
 from pathlib import Path
 
@@ -101,9 +102,15 @@ def fingerprint(cert: bytes | str) -> str:
     return format_fingerprint(hashlib.sha256(der).digest())
 
 
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
 def file_fingerprint(path: str | Path) -> str:
-    """SHA-256 fingerprint of the first certificate in a PEM file."""
-    return fingerprint(Path(path).read_text(encoding="ascii"))
+    """SHA-256 fingerprint of the first certificate in a PEM file (keys and other blocks skipped)."""
+    match = _PEM_CERT.search(Path(path).read_text(encoding="ascii", errors="replace"))
+    if match is None:
+        raise ValueError(f"no PEM certificate in {path}")
+    return fingerprint(match.group(0))
 
 
 def normalise_fingerprint(text: str) -> str:

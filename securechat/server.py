@@ -1,0 +1,631 @@
+"""The chat server: one thread per client, each the sole owner of its connection.
+
+The accept loop only accepts: it never reads, writes or handshakes, so a client that connects and
+never speaks cannot delay anybody. Every accepted socket gets its own thread, which does the TLS
+handshake under a deadline, registers a nick, and then drives its :class:`~securechat.conn.Connection`.
+A chat line is formatted once and handed to every other member's bounded outbox by the
+:class:`Room`; the sender never writes to another client's socket and never waits for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import logging
+import select
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+from securechat import DEFAULT_HOST, DEFAULT_PORT, protocol, tls
+from securechat.conn import OUTBOX_LIMIT, Connection, Waker, describe_error, tune_socket
+from securechat.protocol import Command
+
+log = logging.getLogger("securechat.server")
+
+# Connections a thread each; 1000 threads with small stacks is ~100 MiB of address space at most.
+DEFAULT_MAX_CLIENTS = 1000
+
+# A TLS 1.3 handshake is one round trip plus key exchange: 10 s is generous on any LAN, and short
+# enough that sockets held open by clients that never speak are recycled quickly.
+HANDSHAKE_TIMEOUT = 10.0
+
+# From handshake to accepted nickname; a person typing a nick needs seconds, not minutes.
+LOGIN_TIMEOUT = 30.0
+
+# Flood control: a fast typist sends a line or two a second; pasting 20 lines at once is fine.
+FLOOD_RATE = 10.0
+FLOOD_BURST = 20
+# Lines dropped in a row before a flooder is disconnected.
+FLOOD_DISCONNECT = 100
+
+# Sessions keep Python's call depth shallow; the 8 MiB default stack is address space wasted a
+# thousand times over.
+THREAD_STACK_SIZE = 512 * 1024
+
+# TLS records start with content type 22 (handshake); anything else is not a TLS client.
+TLS_HANDSHAKE_RECORD = 0x16
+
+# Beyond max_clients, connections being refused still need a thread for the explanation; past this
+# many more they are closed without one.
+REFUSAL_HEADROOM = 64
+
+
+class State(enum.Enum):
+    """Where a session is in its life."""
+
+    NICK = "waiting for a nickname"
+    CHAT = "chatting"
+    CLOSED = "closed"
+
+
+class Room:
+    """The members of the chat and delivery to them.
+
+    The only object that knows who is connected, so another delivery back-end (several rooms,
+    several servers) can replace it without touching the connection code. Broadcasting iterates
+    an immutable snapshot, so senders never hold the lock while delivering.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[str, Session] = {}
+        self._members: tuple[Session, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def join(self, session: Session, nick: str) -> str | None:
+        """Add ``session`` as ``nick``; return why not, or None."""
+        key = protocol.nick_key(nick)
+        with self._lock:
+            if key in self._by_key:
+                return f"{nick!r} is taken"
+            self._by_key[key] = session
+            self._members = (*self._members, session)
+            session.nick = nick
+        self.broadcast(protocol.notice(f"{nick} joined"), exclude=session)
+        return None
+
+    def rename(self, session: Session, new: str) -> str | None:
+        """Rename a member; return why not, or None."""
+        old = session.nick
+        key = protocol.nick_key(new)
+        with self._lock:
+            holder = self._by_key.get(key)
+            if holder is not None and holder is not session:
+                return f"{new!r} is taken"
+            del self._by_key[protocol.nick_key(old)]
+            self._by_key[key] = session
+            session.nick = new
+        self.broadcast(protocol.notice(f"{old} is now {new}"), exclude=None)
+        return None
+
+    def leave(self, session: Session, why: str) -> None:
+        """Remove a member and tell the others ``* nick left (why)``."""
+        with self._lock:
+            if self._by_key.get(protocol.nick_key(session.nick)) is not session:
+                return
+            del self._by_key[protocol.nick_key(session.nick)]
+            self._members = tuple(m for m in self._members if m is not session)
+        self.broadcast(protocol.notice(f"{session.nick} left ({why})" if why else f"{session.nick} left"))
+
+    def broadcast(self, data: bytes, exclude: Session | None = None) -> None:
+        """Queue ``data`` for every member but ``exclude``. Never blocks on a member."""
+        for member in self._members:
+            if member is not exclude:
+                member.conn.send(data)
+
+    def find(self, nick: str) -> Session | None:
+        return self._by_key.get(protocol.nick_key(nick))
+
+    def nicks(self) -> list[str]:
+        return sorted((m.nick for m in self._members), key=str.casefold)
+
+    def members(self) -> tuple[Session, ...]:
+        return self._members
+
+
+class Session:
+    """One client's life on the server: nick registration, then chat. Runs in its own thread."""
+
+    def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
+        self.server = server
+        self.peer = peer
+        self.nick = ""
+        self.state = State.NICK
+        self.conn = Connection(
+            sock,
+            self._on_lines,
+            outbox_limit=server.outbox_limit,
+            on_tick=self._on_tick,
+            on_too_long=self._on_too_long,
+        )
+        now = time.monotonic()
+        self.conn.deadline = now + server.login_timeout if server.login_timeout > 0 else None
+        self.bucket = protocol.TokenBucket(server.flood_rate, server.flood_burst, now)
+        self.dropped = 0
+        self.thread: threading.Thread | None = None
+        self.handlers: dict[str, Callable[[str], None]] = {
+            "nick": self.cmd_nick,
+            "who": self.cmd_who,
+            "msg": self.cmd_msg,
+            "me": self.cmd_me,
+            "help": self.cmd_help,
+            "quit": self.cmd_quit,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
+
+    # -- owner thread --------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.conn.send(protocol.notice(protocol.GREETING))
+        why = self.conn.run()
+        was_member = self.state is State.CHAT
+        self.state = State.CLOSED
+        if was_member:
+            self.server.room.leave(self, _leave_reason(why))
+        log.info("%s %s disconnected: %s", self.peer, self.nick or "(no nick)", why)
+
+    def reply(self, text: str) -> None:
+        self.conn.send(protocol.notice(text))
+
+    def _on_lines(self, lines: list[bytes]) -> None:
+        now = time.monotonic()
+        for raw in lines:
+            if self.conn.closing:
+                return
+            if not self.bucket.allow(now):
+                self.dropped += 1
+                if self.dropped == 1:
+                    self.reply(f"slow down: at most {self.server.flood_rate:g} lines a second; lines dropped")
+                if self.dropped >= FLOOD_DISCONNECT:
+                    self.conn.close(protocol.notice("disconnected for flooding"))
+                    self.server.note_kick(self, "flooding")
+                continue
+            self.dropped = 0
+            line = protocol.sanitize(protocol.decode(raw))
+            if self.state is State.NICK:
+                self._register(line.strip())
+            else:
+                self._chat(line)
+
+    def _register(self, nick: str) -> None:
+        parsed = protocol.parse(nick)
+        if isinstance(parsed, Command) and parsed.name == "quit":
+            self.cmd_quit("")
+            return
+        error = protocol.nick_error(nick) or self.server.room.join(self, nick)
+        if error:
+            self.reply(protocol.NICK_REFUSED + error + "; send another")
+            return
+        self.state = State.CHAT
+        self.conn.deadline = None
+        nicks = self.server.room.nicks()
+        self.reply(f"{protocol.WELCOME}{nick}! {len(nicks)} online: {', '.join(nicks)}. /help lists commands")
+        log.info("%s is %s", self.peer, nick)
+
+    def _chat(self, line: str) -> None:
+        parsed = protocol.parse(line)
+        if isinstance(parsed, str):
+            if parsed.strip():
+                self.server.room.broadcast(protocol.chat(self.nick, parsed), exclude=self)
+            return
+        handler = self.handlers.get(parsed.name)
+        if handler is None:
+            self.reply(f"unknown command /{parsed.name}; /help lists commands")
+        else:
+            handler(parsed.arg)
+
+    def _on_tick(self, now: float) -> None:
+        if self.state is State.NICK:
+            self.conn.deadline = None
+            self.conn.close(protocol.notice(f"no nickname within {self.server.login_timeout:g} s; goodbye"))
+
+    def _on_too_long(self) -> None:
+        self.conn.close(protocol.notice(f"{protocol.LINE_TOO_LONG} (over {protocol.MAX_LINE_BYTES} bytes); goodbye"))
+
+    # -- commands ------------------------------------------------------------------------
+
+    def cmd_nick(self, arg: str) -> None:
+        error = protocol.nick_error(arg) or self.server.room.rename(self, arg)
+        if error:
+            self.reply(protocol.NICK_REFUSED + error)
+
+    def cmd_who(self, arg: str) -> None:
+        nicks = self.server.room.nicks()
+        self.reply(f"{len(nicks)} online: {', '.join(nicks)}")
+
+    def cmd_msg(self, arg: str) -> None:
+        target_nick, _, text = arg.partition(" ")
+        if not target_nick or not text.strip():
+            self.reply("usage: /msg NICK text")
+            return
+        target = self.server.room.find(target_nick)
+        if target is None:
+            self.reply(f"no such nick: {target_nick}")
+            return
+        target.conn.send(protocol.private(self.nick, target.nick, text))
+
+    def cmd_me(self, arg: str) -> None:
+        if arg:
+            self.server.room.broadcast(protocol.action(self.nick, arg), exclude=self)
+
+    def cmd_help(self, arg: str) -> None:
+        self.reply(protocol.HELP_TEXT)
+
+    def cmd_quit(self, arg: str) -> None:
+        self.conn.close(protocol.notice("goodbye"))
+
+
+def _leave_reason(why: str) -> str:
+    """How a departure is worded for the others."""
+    if why in ("closed", "closed by peer"):
+        return ""
+    if why.startswith("not reading"):
+        return "disconnected: not reading its messages"
+    return why
+
+
+class ChatServer:
+    """A securechat server. ``ssl_context=None`` serves plain TCP (``--plain``)."""
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+        max_per_ip: int = 0,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        login_timeout: float = LOGIN_TIMEOUT,
+        flood_rate: float = FLOOD_RATE,
+        flood_burst: float = FLOOD_BURST,
+        outbox_limit: int = OUTBOX_LIMIT,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.max_clients = max_clients
+        self.max_per_ip = max_per_ip
+        self.handshake_timeout = handshake_timeout
+        self.login_timeout = login_timeout
+        self.flood_rate = flood_rate
+        self.flood_burst = flood_burst
+        self.outbox_limit = outbox_limit
+        self.room = Room()
+        self._lock = threading.Lock()
+        self._sessions: set[Session] = set()
+        self._connections = 0  # accepted sockets with a live thread, handshaking or in session
+        self._per_ip: dict[str, int] = {}
+        self._pending: set[socket.socket] = set()  # sockets still handshaking
+        self._listener: socket.socket | None = None
+        self._waker = Waker()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def bind(self) -> tuple[str, int]:
+        """Create the listening socket; return the address actually bound (port 0 picks one)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(min(socket.SOMAXCONN, 4096))
+        self._listener = listener
+        return self.address
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._listener is not None, "bind() first"
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    def start(self) -> tuple[str, int]:
+        """Bind and serve from a background thread; return the bound address."""
+        address = self.bind()
+        self._thread = threading.Thread(target=self.serve_forever, name="securechat-accept", daemon=True)
+        self._thread.start()
+        return address
+
+    def serve_forever(self) -> None:
+        """Accept until :meth:`stop` (or a signal handler calling it)."""
+        if self._listener is None:
+            self.bind()
+        assert self._listener is not None
+        threading.stack_size(THREAD_STACK_SIZE)
+        listener = self._listener
+        listener.setblocking(False)
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(self._waker.fileno(), select.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                poller.poll()
+                while not self._stopping.is_set():
+                    try:
+                        sock, peer = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as exc:  # EMFILE and friends: back off, don't die
+                        log.warning("accept failed: %s", describe_error(exc))
+                        time.sleep(0.1)
+                        break
+                    self._admit(sock, peer)
+        finally:
+            listener.close()
+            self._stopped.set()
+
+    def stop(self) -> None:
+        """Ask the accept loop to end; safe from a signal handler or any thread."""
+        self._stopping.set()
+        self._waker.wake()
+
+    def shutdown(self, timeout: float = 1.5) -> None:
+        """Stop accepting, tell every client the server is going, close them all cleanly."""
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._stopped.wait(timeout)
+        with self._lock:
+            sessions = list(self._sessions)
+            pending = list(self._pending)
+        for sock in pending:  # wakes handshakes blocked in recv; touches no SSL object
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        bye = protocol.notice(protocol.SHUTDOWN)
+        for session in sessions:
+            session.conn.close(bye)
+        deadline = time.monotonic() + timeout
+        for session in sessions:
+            if session.thread is not None:
+                session.thread.join(max(0.0, deadline - time.monotonic()))
+        self._waker.close()
+
+    def __enter__(self) -> ChatServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- connections ---------------------------------------------------------------------
+
+    @property
+    def client_count(self) -> int:
+        """Sessions past the handshake."""
+        return len(self._sessions)
+
+    def note_kick(self, session: Session, why: str) -> None:
+        log.warning("%s %s disconnected for %s", session.peer, session.nick, why)
+
+    def _admit(self, sock: socket.socket, peer: tuple) -> None:
+        ip = peer[0]
+        with self._lock:
+            if self._connections >= self.max_clients + REFUSAL_HEADROOM:
+                sock.close()
+                log.warning("refused %s: %d connections", peer, self._connections)
+                return
+            self._connections += 1
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            self._pending.add(sock)
+        try:
+            thread = threading.Thread(target=self._handle, args=(sock, peer), name=f"client-{peer[0]}:{peer[1]}",
+                                      daemon=True)
+            thread.start()
+        except RuntimeError as exc:  # can't start a thread: out of memory or a ulimit
+            log.warning("refused %s: %s", peer, exc)
+            self._forget(sock, ip)
+            sock.close()
+
+    def _forget(self, sock: socket.socket, ip: str) -> None:
+        with self._lock:
+            self._pending.discard(sock)
+            self._connections -= 1
+            left = self._per_ip.get(ip, 1) - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
+
+    def _handle(self, raw: socket.socket, peer: tuple) -> None:
+        print(f"[NEW CLIENT] Connected from {peer[:2]}", flush=True)
+        ip = peer[0]
+        sock: socket.socket | ssl.SSLSocket | None = None
+        try:
+            sock = self._handshake(raw, peer)
+            if sock is None:
+                return
+            with self._lock:
+                self._pending.discard(raw)
+                refusal = self._refusal(ip)
+            if refusal:
+                _say_and_close(sock, protocol.notice(refusal))
+                log.info("refused %s: %s", peer, refusal)
+                return
+            session = Session(self, sock, peer)
+            session.thread = threading.current_thread()
+            with self._lock:
+                self._sessions.add(session)
+            try:
+                if self._stopping.is_set():
+                    session.conn.close(protocol.notice(protocol.SHUTDOWN))
+                session.run()
+            finally:
+                with self._lock:
+                    self._sessions.discard(session)
+        except Exception:  # one client's bug must not take the server down
+            log.exception("unexpected error with %s", peer)
+            if sock is not None:
+                sock.close()
+        finally:
+            self._forget(raw, ip)
+            raw.close()
+
+    def _refusal(self, ip: str) -> str | None:
+        """Why a connection that finished its handshake may not join (caller holds the lock)."""
+        if len(self._sessions) >= self.max_clients:
+            return f"{protocol.SERVER_FULL} ({self.max_clients} clients); try again later"
+        if self.max_per_ip and self._per_ip.get(ip, 0) > self.max_per_ip:
+            return f"too many connections from {ip} (at most {self.max_per_ip}); try again later"
+        return None
+
+    def _handshake(self, raw: socket.socket, peer: tuple) -> socket.socket | ssl.SSLSocket | None:
+        """Tune the socket and, in TLS mode, run the handshake under the deadline."""
+        tune_socket(raw)
+        if self.ssl_context is None:
+            return raw
+        deadline = time.monotonic() + self.handshake_timeout
+        raw.settimeout(self.handshake_timeout)
+        try:
+            first = raw.recv(1, socket.MSG_PEEK)
+            if not first:
+                return None
+            if first[0] != TLS_HANDSHAKE_RECORD:
+                log.info("%s spoke plaintext to the TLS port", peer)
+                _say_and_close(raw, protocol.notice(
+                    f"{protocol.TLS_REQUIRED}: connect with 'securechat connect HOST' "
+                    f"or 'openssl s_client -connect HOST:{self.address[1]}'"))
+                return None
+            sock = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            sock.do_handshake()
+            return sock
+        except (OSError, ValueError) as exc:
+            log.info("handshake with %s failed: %s", peer, describe_error(exc))
+            return None
+
+
+def _say_and_close(sock: socket.socket | ssl.SSLSocket, data: bytes) -> None:
+    """Send one short message and close, from the thread that owns ``sock``."""
+    try:
+        sock.settimeout(2)
+        sock.sendall(data)
+        if isinstance(sock, ssl.SSLSocket):
+            sock.unwrap()
+        sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
+    finally:
+        sock.close()
+
+
+# -- command line ----------------------------------------------------------------------------
+
+DEFAULT_CERT_DIR = Path("certs")
+DEFAULT_CERT = DEFAULT_CERT_DIR / "server.pem"
+DEFAULT_KEY = DEFAULT_CERT_DIR / "server.key"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="securechat serve",
+        description="Run the securechat server. TLS by default: with the default paths and no certificate yet, "
+        "a local CA and a server certificate are minted into certs/ first.",
+    )
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s, every interface)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
+    p.add_argument("--cert", type=Path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
+    p.add_argument("--key", type=Path, help=f"server private key, PEM (default: {DEFAULT_KEY})")
+    p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
+                   help="oldest TLS version accepted (default: %(default)s; 1.2 for old clients)")
+    p.add_argument("--plain", action="store_true",
+                   help="serve WITHOUT encryption: everything is readable by anyone on the network")
+    p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
+                   help="most clients at once (default: %(default)s)")
+    p.add_argument("--max-per-ip", type=int, default=0, metavar="N",
+                   help="most connections from one address, 0 for no limit (default: %(default)s; a LAN often "
+                   "shares one address behind NAT)")
+    p.add_argument("--login-timeout", type=float, default=LOGIN_TIMEOUT, metavar="SECONDS",
+                   help="time from connecting to choosing a nickname (default: %(default)g)")
+    p.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
+                   help="time allowed for the TLS handshake (default: %(default)g)")
+    p.add_argument("--flood-rate", type=float, default=FLOOD_RATE, metavar="LINES",
+                   help="lines a second each client may send on average, 0 for no limit (default: %(default)g)")
+    p.add_argument("--flood-burst", type=float, default=FLOOD_BURST, metavar="LINES",
+                   help="lines a client may send at once before the rate applies (default: %(default)g)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
+    return p
+
+
+def _load_context(args: argparse.Namespace) -> ssl.SSLContext:
+    """The server's TLS context, minting certificates first when the defaults don't exist yet."""
+    cert = args.cert or DEFAULT_CERT
+    key = args.key or DEFAULT_KEY
+    if args.cert is None and args.key is None and not DEFAULT_CERT.exists():
+        from securechat import certs
+
+        print(f"[SERVER] No certificate in {DEFAULT_CERT_DIR}/ yet: minting a local CA and a server certificate",
+              flush=True)
+        result = certs.mint(DEFAULT_CERT_DIR)
+        print(f"[SERVER] Wrote {', '.join(str(p) for p in result.written)}", flush=True)
+        print(f"[SERVER] Copy {DEFAULT_CERT_DIR / 'ca.pem'} to each client machine and connect with "
+              f"--ca ca.pem", flush=True)
+    for label, path in (("certificate", cert), ("key", key)):
+        if not Path(path).exists():
+            raise SystemExit(f"serve: {label} file not found: {path} "
+                             f"(run 'securechat gen-certs' or pass --cert/--key)")
+    return tls.server_context(cert, key, tls_min=args.tls_min)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``securechat serve``: returns 0 after a clean shutdown, 1 when it cannot start."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.plain:
+            context = None
+        else:
+            context = _load_context(args)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        print(f"serve: cannot load the certificate: {describe_error(exc)}", file=sys.stderr)
+        return 1
+    server = ChatServer(args.host, args.port, context, max_clients=args.max_clients, max_per_ip=args.max_per_ip,
+                        handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
+                        flood_rate=args.flood_rate, flood_burst=args.flood_burst)
+    try:
+        server.bind()
+    except OSError as exc:
+        print(f"serve: cannot listen on {args.host}:{args.port}: {describe_error(exc)}", file=sys.stderr)
+        return 1
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        server.stop()
+
+    # Both signals only wake the accept loop; the shutdown then runs in the main thread, so a
+    # second Ctrl-C cannot interrupt it half-way with a traceback.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if context is None:
+        print("[SERVER] WARNING: --plain: NO ENCRYPTION. Every message and nickname can be read and altered by "
+              "anyone on the network.", flush=True)
+    else:
+        cert = args.cert or DEFAULT_CERT
+        print(f"[SERVER] TLS certificate SHA-256 fingerprint: {tls.file_fingerprint(cert)}", flush=True)
+    host, port = server.address
+    print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
+    server.serve_forever()
+    server.shutdown()
+    print("[SERVER] Stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
