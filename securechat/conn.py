@@ -158,6 +158,8 @@ class ConnectionClosed(Exception):
 
 def describe_error(exc: BaseException) -> str:
     """A short, human explanation of why a socket operation failed."""
+    if isinstance(exc, ssl.SSLEOFError):
+        return "connection lost"
     if isinstance(exc, ssl.SSLError):
         return f"TLS error: {exc.reason or exc}"
     if isinstance(exc, ConnectionResetError):
@@ -198,6 +200,7 @@ class Connection:
         self.on_too_long = on_too_long or (lambda: self.abort("line too long"))
         self.deadline: float | None = None
         self._closing: float | None = None  # when a clean close was asked for
+        self._close_reason = "closed"
         self._aborted: str | None = None
 
     # -- any thread ------------------------------------------------------------------------
@@ -206,11 +209,15 @@ class Connection:
         """Queue ``data`` for the peer. False when the peer's backlog is over the bound."""
         return self.outbox.put(data)
 
-    def close(self, last: bytes = b"") -> None:
-        """Send ``last`` and whatever is queued, then close cleanly (TLS close_notify)."""
+    def close(self, last: bytes = b"", reason: str = "closed") -> None:
+        """Send ``last`` and whatever is queued, then close cleanly (TLS close_notify).
+
+        ``reason`` is what :meth:`run` will return.
+        """
         if last:
             self.outbox.put(last)
         if self._closing is None:
+            self._close_reason = reason
             self._closing = time.monotonic()
         self.outbox.waker.wake()
 
@@ -345,9 +352,9 @@ class Connection:
 
             if self._closing is not None:
                 if not pending and not outbox.backlog:
-                    raise ConnectionClosed("closed", clean=True)
+                    raise ConnectionClosed(self._close_reason, clean=True)
                 if time.monotonic() - self._closing > CLOSE_FLUSH_SECONDS:
-                    raise ConnectionClosed("closed (peer not reading)")
+                    raise ConnectionClosed(f"{self._close_reason} (peer not reading)")
             if self.deadline is not None and self.on_tick is not None:
                 now = time.monotonic()
                 if now >= self.deadline:

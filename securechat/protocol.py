@@ -51,8 +51,10 @@ RESERVED_NICKS = frozenset(
 )  # fmt: skip
 
 # Characters that look alike in common terminal fonts are folded before comparing nicks, so
-# "AIice" (capital i) cannot pose as "Alice". A subset of Unicode TR39's confusables for ASCII.
-_LOOKALIKE = str.maketrans({"I": "l", "1": "l", "|": "l", "0": "o", "O": "o"})
+# "AIice" (capital i) cannot pose as "Alice". Case folding already joins I and i, and a capital I
+# looks like l, so i, l and 1 all fold to one letter, and 0 to o (Unicode TR39's ASCII
+# confusables, made transitive). Two nicks differing only there cannot both be online.
+_LOOKALIKE = str.maketrans({"i": "l", "1": "l", "0": "o"})
 
 
 class ProtocolError(Exception):
@@ -150,7 +152,7 @@ def is_safe(text: str) -> bool:
 
 def nick_key(nick: str) -> str:
     """The form in which two nicks are compared: case and look-alike characters folded."""
-    return unicodedata.normalize("NFKC", nick).translate(_LOOKALIKE).casefold()
+    return unicodedata.normalize("NFKC", nick).casefold().translate(_LOOKALIKE)
 
 
 _RESERVED_KEYS = frozenset(nick_key(n) for n in RESERVED_NICKS)

@@ -107,14 +107,15 @@ class Room:
         self.broadcast(protocol.notice(f"{old} is now {new}"), exclude=None)
         return None
 
-    def leave(self, session: Session, why: str) -> None:
-        """Remove a member and tell the others ``* nick left (why)``."""
+    def leave(self, session: Session, why: str, *, quiet: bool = False) -> None:
+        """Remove a member and, unless ``quiet``, tell the others ``* nick left (why)``."""
         with self._lock:
             if self._by_key.get(protocol.nick_key(session.nick)) is not session:
                 return
             del self._by_key[protocol.nick_key(session.nick)]
             self._members = tuple(m for m in self._members if m is not session)
-        self.broadcast(protocol.notice(f"{session.nick} left ({why})" if why else f"{session.nick} left"))
+        if not quiet:
+            self.broadcast(protocol.notice(f"{session.nick} left ({why})" if why else f"{session.nick} left"))
 
     def broadcast(self, data: bytes, exclude: Session | None = None) -> None:
         """Queue ``data`` for every member but ``exclude``. Never blocks on a member."""
@@ -172,7 +173,8 @@ class Session:
         was_member = self.state is State.CHAT
         self.state = State.CLOSED
         if was_member:
-            self.server.room.leave(self, _leave_reason(why))
+            # While the server shuts down everyone leaves at once; nobody needs the roll call.
+            self.server.room.leave(self, _leave_reason(why), quiet=self.server.stopping)
         log.info("%s %s disconnected: %s", self.peer, self.nick or "(no nick)", why)
 
     def reply(self, text: str) -> None:
@@ -188,8 +190,8 @@ class Session:
                 if self.dropped == 1:
                     self.reply(f"slow down: at most {self.server.flood_rate:g} lines a second; lines dropped")
                 if self.dropped >= FLOOD_DISCONNECT:
-                    self.conn.close(protocol.notice("disconnected for flooding"))
-                    self.server.note_kick(self, "flooding")
+                    self.conn.close(protocol.notice("disconnected for flooding"), reason="disconnected for flooding")
+                    log.warning("%s %s disconnected for flooding", self.peer, self.nick)
                 continue
             self.dropped = 0
             line = protocol.sanitize(protocol.decode(raw))
@@ -228,10 +230,13 @@ class Session:
     def _on_tick(self, now: float) -> None:
         if self.state is State.NICK:
             self.conn.deadline = None
-            self.conn.close(protocol.notice(f"no nickname within {self.server.login_timeout:g} s; goodbye"))
+            self.conn.close(protocol.notice(f"no nickname within {self.server.login_timeout:g} s; goodbye"),
+                            reason="no nickname in time")
 
     def _on_too_long(self) -> None:
-        self.conn.close(protocol.notice(f"{protocol.LINE_TOO_LONG} (over {protocol.MAX_LINE_BYTES} bytes); goodbye"))
+        limit = protocol.MAX_LINE_BYTES
+        self.conn.close(protocol.notice(f"{protocol.LINE_TOO_LONG} (over {limit} bytes); goodbye"),
+                        reason=f"{protocol.LINE_TOO_LONG}: over {limit} bytes")
 
     # -- commands ------------------------------------------------------------------------
 
@@ -389,7 +394,7 @@ class ChatServer:
                 pass
         bye = protocol.notice(protocol.SHUTDOWN)
         for session in sessions:
-            session.conn.close(bye)
+            session.conn.close(bye, reason=protocol.SHUTDOWN)
         deadline = time.monotonic() + timeout
         for session in sessions:
             if session.thread is not None:
@@ -405,12 +410,13 @@ class ChatServer:
     # -- connections ---------------------------------------------------------------------
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
     def client_count(self) -> int:
         """Sessions past the handshake."""
         return len(self._sessions)
-
-    def note_kick(self, session: Session, why: str) -> None:
-        log.warning("%s %s disconnected for %s", session.peer, session.nick, why)
 
     def _admit(self, sock: socket.socket, peer: tuple) -> None:
         ip = peer[0]
@@ -462,7 +468,7 @@ class ChatServer:
                 self._sessions.add(session)
             try:
                 if self._stopping.is_set():
-                    session.conn.close(protocol.notice(protocol.SHUTDOWN))
+                    session.conn.close(protocol.notice(protocol.SHUTDOWN), reason=protocol.SHUTDOWN)
                 session.run()
             finally:
                 with self._lock:
@@ -500,7 +506,9 @@ class ChatServer:
                     f"{protocol.TLS_REQUIRED}: connect with 'securechat connect HOST' "
                     f"or 'openssl s_client -connect HOST:{self.address[1]}'"))
                 return None
-            sock = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            # Ragged EOFs raise, so a vanished peer is told apart from one that said goodbye.
+            sock = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False,
+                                                suppress_ragged_eofs=False)
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             sock.do_handshake()
             return sock

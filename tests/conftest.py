@@ -1,0 +1,140 @@
+"""Shared fixtures: throwaway certificates (trustme), servers on 127.0.0.1 port 0, line clients."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from securechat import tls
+from securechat.server import ChatServer
+
+LOOPBACK = "127.0.0.1"
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_cert(ca: trustme.CA) -> trustme.LeafCert:
+    return ca.issue_cert("localhost", "127.0.0.1", "::1")
+
+
+@pytest.fixture(scope="session")
+def cert_files(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA,
+               server_cert: trustme.LeafCert) -> dict[str, Path]:
+    """ca.pem, server.pem (chain) and server.key on disk, as the CLI wants them."""
+    d = tmp_path_factory.mktemp("certs")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    server_cert.private_key_pem.write_to_path(str(d / "server.key"))
+    for i, blob in enumerate(server_cert.cert_chain_pems):
+        blob.write_to_path(str(d / "server.pem"), append=i > 0)
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key", "dir": d}
+
+
+@pytest.fixture(scope="session")
+def server_ctx(cert_files: dict[str, Path]) -> ssl.SSLContext:
+    return tls.server_context(cert_files["cert"], cert_files["key"])
+
+
+@pytest.fixture(scope="session")
+def client_ctx(cert_files: dict[str, Path]) -> ssl.SSLContext:
+    return tls.client_context(cert_files["ca"])
+
+
+class LineClient:
+    """A minimal blocking line client for tests; used from one thread only."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self._buf = b""
+
+    def send(self, text: str | bytes) -> None:
+        data = text if isinstance(text, bytes) else (text + "\n").encode()
+        self.sock.sendall(data)
+
+    def readline(self, timeout: float | None = None) -> str:
+        """The next line (without newline); raises TimeoutError, or EOFError at end of stream."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(self._buf.decode(errors="replace"))
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode("utf-8", "replace")
+
+    def expect(self, predicate: Callable[[str], bool] | str, timeout: float = 10.0) -> str:
+        """Read lines until one matches (a prefix string or a predicate); return it."""
+        match = (lambda line: line.startswith(predicate)) if isinstance(predicate, str) else predicate
+        deadline = time.monotonic() + timeout
+        seen = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching line within {timeout}s; saw {seen!r}")
+            line = self.readline(left)
+            if match(line):
+                return line
+            seen.append(line)
+
+    def lines_until_quiet(self, quiet: float = 0.3) -> list[str]:
+        """Every line that arrives until ``quiet`` seconds pass without one."""
+        out = []
+        try:
+            while True:
+                out.append(self.readline(quiet))
+        except (TimeoutError, socket.timeout, EOFError):
+            return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def serve(server_ctx: ssl.SSLContext) -> Iterator[Callable[..., ChatServer]]:
+    """Start a ChatServer on 127.0.0.1 port 0 (TLS unless ``tls=False``); shut down afterwards."""
+    servers: list[ChatServer] = []
+
+    def start(tls: bool = True, **options: object) -> ChatServer:
+        server = ChatServer(LOOPBACK, 0, server_ctx if tls else None, **options)  # type: ignore[arg-type]
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.fixture
+def connect(client_ctx: ssl.SSLContext) -> Iterator[Callable[..., LineClient]]:
+    """Open line clients to a server (TLS unless the server is plain); closed afterwards."""
+    clients: list[LineClient] = []
+
+    def open_client(server: ChatServer, nick: str | None = None, *, tls: bool | None = None,
+                    timeout: float = 10.0) -> LineClient:
+        port = server.address[1]
+        raw = socket.create_connection((LOOPBACK, port), timeout=timeout)
+        use_tls = server.ssl_context is not None if tls is None else tls
+        sock = client_ctx.wrap_socket(raw, server_hostname="localhost") if use_tls else raw
+        client = LineClient(sock, timeout)
+        clients.append(client)
+        if nick is not None:
+            client.expect("* securechat: send your nickname")
+            client.send(nick)
+            client.expect(f"* welcome, {nick}!")
+        return client
+
+    yield open_client
+    for client in clients:
+        client.close()
