@@ -249,21 +249,43 @@ def _parse_ip(text: str) -> IPAddress | None:
         return None
 
 
-def _addresses_from_proc() -> list[IPAddress]:
-    """Linux: local IPv4 addresses from the routing trie, IPv6 from if_inet6 (files only)."""
+# if_inet6 flags (IFA_F_*) of addresses not worth a certificate entry: temporary (privacy) addresses
+# rotate daily; dad-failed, deprecated and tentative ones are not (or no longer) usable.
+_SKIP_INET6_FLAGS = 0x01 | 0x08 | 0x20 | 0x40
+
+
+def _parse_fib_trie(text: str) -> list[IPAddress]:
+    """Local IPv4 addresses in /proc/net/fib_trie: a ``|-- A.B.C.D`` line followed by ``/32 host LOCAL``."""
     found: list[IPAddress] = []
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/net/fib_trie").read_text().splitlines()
-        for prev, line in itertools.pairwise(lines):
-            # "|-- 192.168.1.5" followed by "/32 host LOCAL" marks an address of this host
-            if line.strip() == "/32 host LOCAL" and "|--" in prev:
-                addr = _parse_ip(prev.split("|--", 1)[1].strip())
-                if addr is not None:
-                    found.append(addr)
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/net/if_inet6").read_text().splitlines():
-            hexaddr = line.split()[0]
-            found.append(ipaddress.IPv6Address(bytes.fromhex(hexaddr)))
+    for prev, line in itertools.pairwise(text.splitlines()):
+        if line.strip() == "/32 host LOCAL" and "|--" in prev:
+            addr = _parse_ip(prev.split("|--", 1)[1].strip())
+            if addr is not None:
+                found.append(addr)
+    return found
+
+
+def _parse_if_inet6(text: str) -> list[IPAddress]:
+    """IPv6 addresses in /proc/net/if_inet6 (hex address, index, prefix, scope, flags, interface)."""
+    found: list[IPAddress] = []
+    for line in text.splitlines():
+        fields = line.split()
+        try:
+            addr = ipaddress.IPv6Address(bytes.fromhex(fields[0]))
+            flags = int(fields[4], 16)
+        except (IndexError, ValueError):
+            continue
+        if not flags & _SKIP_INET6_FLAGS:
+            found.append(addr)
+    return found
+
+
+def _addresses_from_proc() -> list[IPAddress]:
+    """Linux: read the kernel's own tables (files, no sockets)."""
+    found: list[IPAddress] = []
+    for path, parse in (("/proc/net/fib_trie", _parse_fib_trie), ("/proc/net/if_inet6", _parse_if_inet6)):
+        with contextlib.suppress(OSError):
+            found += parse(Path(path).read_text())
     return found
 
 
@@ -742,6 +764,12 @@ def _issue(
         ca_cert, ca_key = ca
         nc = _constraints(ca_cert)
     names, san_addrs, notes = _server_names(nc, host_names, addrs, auto_names, auto_addrs)
+    if ca is None:
+        # Client certificates signed by a CA that --force replaces no longer work: say which.
+        for old in sorted(out_dir.glob("client-*.pem")) if out_dir.is_dir() else ():
+            name = old.name[len("client-") : -len(".pem")]
+            if name not in client_names:
+                notes.append(f"{old} was signed by the replaced CA: reissue it with --client {name}")
 
     server_key = _new_key(key_type)
     server_cert = _build_server(server_key, ca_cert, ca_key, names, san_addrs, days, now)
@@ -885,8 +913,8 @@ def build_parser(prog: str = "securechat gen-certs") -> argparse.ArgumentParser:
         default=[],
         type=_arg(_host_arg),
         metavar="NAME",
-        help="extra DNS name for the server certificate (repeatable); localhost and this machine's "
-        "names are always included",
+        help="extra DNS name for the server certificate (repeatable; an address counts as --ip); "
+        "localhost and this machine's names are always included",
     )
     parser.add_argument(
         "--ip",

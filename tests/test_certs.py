@@ -454,3 +454,66 @@ def test_machine_names_are_sane():  # type: ignore[no-untyped-def]
         assert name == name.lower() and " " not in name and name != "localhost"
     if certs.machine_names():
         assert socket.gethostname().lower().rstrip(".") in certs.machine_names()
+
+
+FIB_TRIE = """Main:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     +-- 192.168.1.0/24 2 0 2
+           |-- 192.168.1.0
+              /24 link UNICAST
+           |-- 192.168.1.20
+              /32 host LOCAL
+"""
+
+IF_INET6 = """fd000000000000000000000000000002 04 40 00 80     eth0
+00000000000000000000000000000001 01 80 10 80       lo
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+20010db8000000000000000000000099 04 40 00 01     eth0
+"""
+
+
+def test_proc_parsers():  # type: ignore[no-untyped-def]
+    assert [str(a) for a in certs._parse_fib_trie(FIB_TRIE)] == ["127.0.0.1", "192.168.1.20"]
+    # the 2001:db8::99 entry has IFA_F_TEMPORARY (a rotating privacy address): left out
+    assert [str(a) for a in certs._parse_if_inet6(IF_INET6)] == ["fd00::2", "::1", "fe80::fc:ff:fe00:1"]
+
+
+@needs_openssl
+@pytest.mark.parametrize(
+    "name",
+    [
+        "local",
+        "a.local",
+        "xlocal",
+        "evil-lan",
+        "lan.example.com",
+        "abc123",
+        "abc1234",
+        "sub.abc123",
+        "home.arpa",
+    ],
+)
+def test_constraint_check_agrees_with_openssl(minted, tmp_path, name):  # type: ignore[no-untyped-def]
+    # certs._permitted decides whether a reused CA can sign a --host: it must judge as OpenSSL does.
+    # A bare suffix ("local") permits itself and subdomains but not "xlocal".
+    nc = load(minted.ca_cert).extensions.get_extension_for_class(x509.NameConstraints).value
+    leaf, _ = rogue_leaf(minted, tmp_path, dns=name)
+    accepted = openssl_verify(minted.ca_cert, leaf).returncode == 0
+    assert certs._permitted(nc, name) == accepted
+    assert accepted == (name not in {"xlocal", "evil-lan", "lan.example.com", "abc1234"})
+
+
+def test_force_notes_client_certs_of_the_old_ca(tmp_path):  # type: ignore[no-untyped-def]
+    mint(tmp_path, clients=("alice", "bob"))
+    result = mint(tmp_path, clients=("bob",), force=True)
+    assert [n for n in result.notes if "client-" in n] == [
+        f"{tmp_path / 'client-alice.pem'} was signed by the replaced CA: reissue it with --client alice"
+    ]
