@@ -479,7 +479,7 @@ def _build_server(
                 [
                     x509.NameAttribute(NameOID.ORGANIZATION_NAME, "securechat"),
                     # Clients match the SANs; the CN is a label for humans (first SAN name).
-                    x509.NameAttribute(NameOID.COMMON_NAME, names[0]),
+                    x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "securechat server"),
                 ]
             )
         )
@@ -701,23 +701,26 @@ def _server_names(
                 "use --force to mint a new CA"
             )
     notes: list[str] = []
-    names = ["localhost"]
-    for name in auto_names:
+    names: list[str] = []
+    for name in ["localhost", *auto_names]:
         if _permitted(nc, name):
             names.append(name)
         else:
             notes.append(
                 f"left out host name {name}: the existing CA may not sign it (--force mints one that may)"
             )
-    addrs: list[IPAddress] = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
-    for addr in auto_addrs:
+    addrs: list[IPAddress] = []
+    for addr in [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"), *auto_addrs]:
         if _permitted(nc, addr):
             addrs.append(addr)
         else:
             notes.append(
                 f"left out address {addr}: the existing CA may not sign it (--force mints one that may)"
             )
-    return _dedupe([*names, *hosts]), _dedupe([*addrs, *ips]), notes
+    names, addrs = _dedupe([*names, *hosts]), _dedupe([*addrs, *ips])
+    if not names and not addrs:
+        raise CertError("the existing CA may sign none of this machine's names: use --force to mint a new CA")
+    return names, addrs, notes
 
 
 def _check_leaf_files_free(out_dir: Path) -> None:
