@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("securechat.server", "run the chat server (TLS; mints certificates into certs/ on first run)"),
     "connect": ("securechat.client", "join a chat server: securechat connect HOST"),
     "gen-certs": ("securechat.certs", "mint a local CA and a server certificate into certs/"),
-    "fingerprint": ("securechat.tls", "print a certificate file's SHA-256 fingerprint"),
+    "fingerprint": ("securechat.identity", "print a certificate file's SHA-256 fingerprint"),
 }
 
 USAGE = """usage: securechat [COMMAND] [OPTIONS]

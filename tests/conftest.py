@@ -141,7 +141,7 @@ class LineClient:
         try:
             while True:
                 out.append(self.readline(quiet))
-        except (TimeoutError, socket.timeout, EOFError):
+        except (TimeoutError, EOFError):
             return out
 
     def close(self) -> None:
