@@ -158,7 +158,7 @@ class ChatClient:
         except ConnectionRefusedError:
             raise ChatError(f"connection refused by {where}: is the server running, and on that port "
                             "(--port)?") from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise ChatError(f"no answer from {where} within {timeout:g} s: is the IP address right, is the "
                             f"server on the same network, does a firewall block TCP port {port}?") from None
         except OSError as exc:
@@ -177,14 +177,16 @@ class ChatClient:
             except ssl.SSLError as exc:
                 raw.close()
                 if exc.reason in _PLAINTEXT_PEER_REASONS:
-                    raise ChatError(f"{where} did not answer in TLS: the server probably runs without encryption "
+                    raise ChatError(f"{where} did not answer in TLS: the server probably runs without "
+                                    "encryption "
                                     "(--plain); connect with --plain only if you accept that anyone on the "
                                     "network can read the chat") from None
                 raise ChatError(f"TLS handshake with {where} failed ({exc.reason or exc}): check --tls-min "
                                 "(the server may require TLS 1.3, or allow only 1.2)") from None
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 raw.close()
-                raise ChatError(f"{where} accepted the connection but did not complete the TLS handshake within "
+                raise ChatError(f"{where} accepted the connection but did not complete the TLS "
+                                "handshake within "
                                 f"{timeout:g} s: is it a securechat server?") from None
             except OSError as exc:
                 raw.close()
@@ -305,7 +307,10 @@ class ChatClient:
         if self._pending_lines:
             return self._pending_lines.pop(0)
         try:
-            item = self._lines.get(timeout=timeout) if timeout is None or timeout > 0 else self._lines.get_nowait()
+            if timeout is None or timeout > 0:
+                item = self._lines.get(timeout=timeout)
+            else:
+                item = self._lines.get_nowait()
         except queue.Empty:
             return None
         if item is _END:
@@ -322,6 +327,11 @@ class ChatClient:
     def server_shut_down(self) -> bool:
         """True when the server announced ``* server shutting down``."""
         return self._saw_shutdown
+
+    @property
+    def last_notice(self) -> str:
+        """The text of the last server notice received (without ``* ``), e.g. ``goodbye``."""
+        return self._last_notice
 
     @property
     def end_reason(self) -> str:
@@ -372,10 +382,12 @@ def _explain_verification(exc: ssl.SSLCertVerificationError, name: str) -> str:
     code = exc.verify_code
     if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_ADDRESS_MISMATCH):
         option = "--ip" if _looks_like_ip(name) else "--host"
-        return (f"the server's certificate is not valid for {name!r}: connect with the name or address it was "
+        return (f"the server's certificate is not valid for {name!r}: connect with the name or address it "
+                f"was "
                 f"issued for, or re-issue it on the server with 'securechat gen-certs {option} {name}'")
     if code in _X509_UNTRUSTED:
-        return f"the server's certificate is not signed by the CA in the --ca file (wrong or old ca.pem): {_CA_HELP}"
+        return ("the server's certificate is not signed by the CA in the --ca file (wrong or old ca.pem): "
+                f"{_CA_HELP}")
     if code in (_X509_EXPIRED, _X509_NOT_YET_VALID):
         return (f"the server's certificate {'has expired' if code == _X509_EXPIRED else 'is not valid yet'}: "
                 "check both clocks, or re-issue it with 'securechat gen-certs'")
@@ -422,7 +434,8 @@ def format_line(line: str) -> list[tuple[str, str]]:
         return [("", line)]
     close = line.index("] ")
     head = line[1:close]  # "nick" or "nick -> other"
-    return [("", "["), (nick_style(sender), sender), ("", head[len(sender):]), ("", "] "), ("", line[close + 2:])]
+    return [("", "["), (nick_style(sender), sender), ("", head[len(sender):]), ("", "] "),
+            ("", line[close + 2:])]
 
 
 def own_echo(nick: str, text: str) -> str | None:
@@ -473,7 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     context: ssl.SSLContext | None = None
     if args.plain:
-        _err("WARNING: --plain: NO ENCRYPTION. Everything you type, and your nickname, can be read and altered "
+        _err("WARNING: --plain: NO ENCRYPTION. Everything you type, and your nickname, can be read and "
+             "altered "
              "by anyone on the network.")
     else:
         if not args.ca.is_file():
@@ -482,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             context = tls.client_context(args.ca, tls_min=args.tls_min)
         except (OSError, ssl.SSLError, ValueError) as exc:
-            _err(f"cannot load the CA file {str(args.ca)!r} ({describe_error(exc)}): is it ca.pem? {_CA_HELP}")
+            _err(f"cannot load the CA file {str(args.ca)!r} ({describe_error(exc)}): is it ca.pem? "
+                 f"{_CA_HELP}")
             return EXIT_FAILURE
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     frontend = _Interactive(args, context) if interactive else _LineMode(args, context)
@@ -508,12 +523,21 @@ class _Frontend:
         self.client = ChatClient()
 
     def connect(self) -> None:
-        self.client.connect(self.args.host, self.args.port, ssl_context=self.context, timeout=self.args.timeout)
+        args = self.args
+        self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout)
         self.client.wait_greeting(min(1.0, self.args.timeout) if self.context is None else self.args.timeout)
 
     def leave(self) -> int:
-        """Say /quit, let the server answer, and report how it ended."""
+        """Say /quit, let the server answer, and report how it ended.
+
+        Raises Disconnected when the server had already ended the connection for its own reasons
+        (shutdown, kicked), so that is reported rather than passed off as a normal exit.
+        """
+        if self.client.closed:
+            self.client._raise_ended()
         self.client.quit()
+        if self.client.end_reason == "closed by peer" and self.client.last_notice != "goodbye":
+            self.client._raise_ended()
         return EXIT_OK
 
 
@@ -603,12 +627,17 @@ class _Interactive(_Frontend):
         ended = threading.Event()
         main_left = threading.Event()
 
+        def exit_if_running() -> None:
+            # Runs in the prompt's event loop; the prompt may have ended on its own meanwhile.
+            if session.app.is_running:
+                session.app.exit(result=None)
+
         def exit_prompt() -> None:
             # The prompt may be between two runs; keep asking until the main thread has noticed.
             while not main_left.is_set():
-                app = session.app
-                if app.is_running and app.loop is not None:
-                    app.loop.call_soon_threadsafe(lambda: app.exit(result=None) if app.is_running else None)
+                loop = session.app.loop
+                if session.app.is_running and loop is not None:
+                    loop.call_soon_threadsafe(exit_if_running)
                 main_left.wait(0.1)
 
         def on_line(line: str) -> None:
@@ -629,9 +658,11 @@ class _Interactive(_Frontend):
             try:
                 while not ended.is_set():
                     try:
+                        me = self.client.nick or nick
                         text = session.prompt(
-                            [(nick_style(self.client.nick or nick), f"{self.client.nick or nick}"), ("", "> ")],
-                            pre_run=lambda: session.app.exit(result=None) if ended.is_set() else None,
+                            [(nick_style(me), me), ("", "> ")],
+                            # the connection may have ended while no prompt was running
+                            pre_run=lambda: exit_if_running() if ended.is_set() else None,
                         )
                     except KeyboardInterrupt:
                         break
