@@ -624,6 +624,9 @@ class _Interactive(_Frontend):
         nick = self._choose_nick(session, self.args.nick)
         if nick is None:
             return self.leave()
+        # The accepted input line is erased: the "[nick] text" echo printed above replaces it, so a
+        # message is not shown twice.
+        session.app.erase_when_done = True
         ended = threading.Event()
         main_left = threading.Event()
 
