@@ -117,6 +117,8 @@ class ChatClient:
 
     def __init__(self, on_line: Callable[[str], None] | None = None) -> None:
         self.on_line = on_line
+        # Held while a line is handed over and while on_line is switched, so lines keep their order.
+        self._deliver_lock = threading.Lock()
         self.nick: str | None = None
         self.host = ""
         self.port = 0
@@ -213,10 +215,11 @@ class ChatClient:
                 self._last_notice = line[len(protocol.NOTICE_PREFIX):]
                 if self._last_notice.startswith(protocol.SHUTDOWN):
                     self._saw_shutdown = True
-            if self.on_line is not None and self.nick is not None:
-                self.on_line(line)
-            else:
-                self._lines.put(line)
+            with self._deliver_lock:
+                if self.on_line is not None and self.nick is not None:
+                    self.on_line(line)
+                else:
+                    self._lines.put(line)
 
     # -- registering ------------------------------------------------------------------------
 
@@ -236,12 +239,13 @@ class ChatClient:
                 raise ChatError(f"no answer from the server within {timeout:g} s after sending the nickname")
             accepted = protocol.welcome_nick(line)
             if accepted is not None:
-                self.nick = accepted
                 self._pending_lines.append(line)
-                # From here on, a callback (if any) gets the lines; hand it what is already queued.
-                if self.on_line is not None:
-                    for held in self._drain_queue():
-                        self.on_line(held)
+                with self._deliver_lock:
+                    self.nick = accepted
+                    # From here on, a callback (if any) gets the lines; hand it what is queued first.
+                    if self.on_line is not None:
+                        for held in self._drain_queue():
+                            self.on_line(held)
                 return accepted
             self._check_refusal(line)
             # Anything else before the welcome (the greeting) is of no interest to the caller.
@@ -271,6 +275,17 @@ class ChatClient:
         self._check_refusal(line)
         if not line.startswith(protocol.NOTICE_PREFIX + protocol.GREETING):
             self._pending_lines.append(line)
+
+    def set_on_line(self, callback: Callable[[str], None] | None) -> None:
+        """Deliver received lines to ``callback`` (in the connection thread) from now on.
+
+        Lines already queued are passed to it first, in order. None goes back to :meth:`recv_line`.
+        """
+        with self._deliver_lock:
+            if callback is not None and self.nick is not None:
+                for held in self._drain_queue():
+                    callback(held)
+            self.on_line = callback
 
     def _drain_queue(self) -> list[str]:
         out = self._pending_lines
@@ -590,11 +605,7 @@ class _LineMode(_Frontend):
             nick = nick.strip()
         # Scripts fail loudly on a refused nick rather than feed their next lines in as nicknames.
         self.client.register(nick, timeout=self.args.timeout)
-        for line in self.client._drain_queue():
-            self._print(line)
-        self.client.on_line = self._print
-        for line in self.client._drain_queue():  # anything queued between the two drains
-            self._print(line)
+        self.client.set_on_line(self._print)
         while True:
             text = self._next_input()
             if text is None or _is_quit(text):
@@ -652,11 +663,7 @@ class _Interactive(_Frontend):
             exit_prompt()
 
         with patch_stdout(raw=False):
-            for line in self.client._drain_queue():
-                on_line(line)
-            self.client.on_line = on_line
-            for line in self.client._drain_queue():
-                on_line(line)
+            self.client.set_on_line(on_line)
             threading.Thread(target=watch_end, name="securechat-watch", daemon=True).start()
             try:
                 while not ended.is_set():
