@@ -66,6 +66,15 @@ class Terminal:
             time.sleep(0.02)
         raise AssertionError(f"{text!r} never appeared on the terminal; it shows {self.screen_text()!r}")
 
+    def wait_prompt(self, start: int) -> None:
+        """Wait until an input prompt is running again after offset ``start``.
+
+        Between two prompts the terminal is back in cooked mode, where the line discipline itself
+        acts on Ctrl-C/Ctrl-D; prompt_toolkit switches bracketed paste on as each prompt starts, in
+        raw mode.
+        """
+        self.wait_for("\x1b[?2004h", start=start)
+
     def mark(self) -> int:
         with self._lock:
             return len(self.output)
@@ -105,7 +114,7 @@ def test_typed_text_survives_an_incoming_message(certs: Certs, tls_server: Serve
         term.wait_for("Enter your nickname:", start=term.mark() - 200)
         term.type("alice\r")
         expect(bob, "* alice joined")
-        term.wait_for("welcome, alice!")
+        term.wait_prompt(term.wait_for("welcome, alice!"))
         term.type("hello wor")
         term.wait_for("hello wor")
         mark = term.mark()
@@ -115,7 +124,8 @@ def test_typed_text_survives_an_incoming_message(certs: Certs, tls_server: Serve
         term.type("ld\r")
         # The server relays exactly what was on the input line: nothing was lost or garbled.
         expect(bob, "[alice] hello world")
-        term.wait_for("hello world", start=mark)  # own line echoed locally
+        echoed = term.wait_for("hello world", start=mark)  # own line echoed locally
+        term.wait_prompt(echoed)
         term.type("\x04")  # Ctrl-D leaves
         assert term.exit_status() == 0
         expect(bob, "* alice left")
@@ -127,7 +137,7 @@ def test_ctrl_c_leaves_cleanly(certs: Certs, tls_server: Served, terminals: list
     with peer(port, "bob", certs) as bob:
         term = Terminal(client_argv(port, certs, "--nick", "alice"))
         terminals.append(term)
-        term.wait_for("welcome, alice!")
+        term.wait_prompt(term.wait_for("welcome, alice!"))
         term.type("half a thought")
         term.wait_for("half a thought")
         term.type("\x03")
@@ -141,7 +151,7 @@ def test_server_shutdown_exits_the_prompt(certs: Certs, tls_server: Served,
     server, port = tls_server
     term = Terminal(client_argv(port, certs, "--nick", "alice"))
     terminals.append(term)
-    term.wait_for("welcome, alice!")
+    term.wait_prompt(term.wait_for("welcome, alice!"))
     term.type("still typ")
     term.wait_for("still typ")
     server.shutdown()
