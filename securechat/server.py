@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 from securechat import DEFAULT_HOST, DEFAULT_PORT, protocol, tls
-from securechat.conn import OUTBOX_LIMIT, Connection, Waker, describe_error, tune_socket
+from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.protocol import Command
 
 log = logging.getLogger("securechat.server")
@@ -171,7 +171,9 @@ class Session:
 
     def run(self) -> None:
         self.conn.send(protocol.notice(protocol.GREETING))
-        why = self.conn.run()
+        self.conn.run(on_end=self._ended)
+
+    def _ended(self, why: str) -> None:
         was_member = self.state is State.CHAT
         self.state = State.CLOSED
         if was_member:
@@ -561,9 +563,7 @@ def _say_and_close(sock: socket.socket | ssl.SSLSocket, data: bytes) -> None:
     try:
         sock.settimeout(2)
         sock.sendall(data)
-        if isinstance(sock, ssl.SSLSocket):
-            sock.unwrap()
-        sock.shutdown(socket.SHUT_RDWR)
+        close_gracefully(sock)
     except (OSError, ValueError):
         pass
     finally:
