@@ -10,8 +10,16 @@ terminals (incoming messages print above the input line, never through what is b
 and a plain line mode for pipes and files (each stdin line is sent, each received line printed).
 
 Every failure a user can meet (wrong port, wrong CA file, certificate for another address, TLS
-against a ``--plain`` server, ...) becomes one :class:`ChatError` whose text says what to do;
-the command line prints it on one line and exits 1, never with a traceback.
+against a ``--plain`` server, a client certificate the server refuses, a server whose fingerprint
+does not match ``--pin`` or changed since ``--tofu`` met it, ...) becomes one :class:`ChatError`
+whose text says what to do; the command line prints it on one line and exits 1, never with a
+traceback.
+
+Who is who (issue 6): ``--cert``/``--key`` present a client certificate (mutual TLS; on a server
+started with ``--require-client-cert`` the certificate's name *is* the nickname); the server is
+recognised by ``--ca`` (its CA file), ``--pin`` (an exact SHA-256 fingerprint, of its certificate
+or of the CA that signed it) or ``--tofu`` (the fingerprint remembered at first contact). Pin and
+TOFU checks run right after the handshake, before a single byte is sent or read.
 """
 
 from __future__ import annotations
@@ -28,7 +36,11 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from securechat import DEFAULT_PORT, protocol, tls
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from securechat import DEFAULT_PORT, identity, protocol, tls
 from securechat.conn import Connection, describe_error, tune_socket
 
 # Exit statuses, as securechat.cli defines them for every subcommand.
@@ -66,6 +78,43 @@ _PLAINTEXT_PEER_REASONS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGT
 _CA_HELP = ("copy ca.pem from the server's certs/ folder (the server mints it on first run) and pass "
             "--ca PATH")
 
+_MINT_HELP = "securechat gen-certs --client NAME"
+
+# TLS alerts a server sends when it refuses our client certificate (mutual TLS), as OpenSSL 3 names
+# them (ssl.SSLError.reason). With TLS 1.3 our side of the handshake completes first and the alert
+# arrives on the first read; with TLS 1.2 it ends the handshake itself.
+_CLIENT_CERT_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": (
+        f"the server requires a client certificate: pass --cert and --key (mint one with {_MINT_HELP} "
+        "on the server)"),
+    "SSLV3_ALERT_CERTIFICATE_REQUIRED": (
+        f"the server requires a client certificate: pass --cert and --key (mint one with {_MINT_HELP} "
+        "on the server)"),
+    "TLSV1_ALERT_UNKNOWN_CA": (
+        "the server does not accept this client certificate (signed by another CA?): ask for one minted "
+        f"with {_MINT_HELP} on that server"),
+    "SSLV3_ALERT_BAD_CERTIFICATE": (
+        "the server does not accept this client certificate (signed by another CA, or not valid yet?): ask "
+        f"for one minted with {_MINT_HELP} on that server, and check both clocks"),
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": (
+        "the server does not accept this client certificate (not made for client authentication?): ask "
+        f"for one minted with {_MINT_HELP}"),
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": (
+        "the server does not accept this client certificate (signed by another CA?): ask for one minted "
+        f"with {_MINT_HELP} on that server"),
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": (
+        f"your client certificate has expired: ask for a new one ({_MINT_HELP} on the server)"),
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "your client certificate has been revoked: ask the server's admin",
+}
+# TLS 1.2 has no "certificate required" alert: a server wanting a certificate we did not send
+# answers with a generic handshake failure.
+_HANDSHAKE_FAILURE = "SSLV3_ALERT_HANDSHAKE_FAILURE"
+
+
+def explain_alert(reason: str | None) -> str | None:
+    """Words for a TLS alert by which the server refused our client certificate, or None."""
+    return _CLIENT_CERT_ALERTS.get(reason or "")
+
 
 class ChatError(Exception):
     """A failure explained for people: ``str(exc)`` is one line saying what happened and what to do."""
@@ -85,6 +134,19 @@ class ServerFull(ChatError):
 
 class TLSRequired(ChatError):
     """A plain (``--plain``) client reached a server that only speaks TLS."""
+
+
+class CertificateRefused(ChatError):
+    """The server refused our client certificate (or wanted one): mutual TLS."""
+
+
+class IdentityRefused(ChatError):
+    """The server is not the one ``--pin`` or ``--tofu`` expects; nothing was sent to it."""
+
+
+class BoundNickUnusable(ChatError):
+    """With mutual TLS the nickname is the certificate's, and the server cannot let it join (already
+    connected elsewhere, ...); the server has closed the connection, so asking again is pointless."""
 
 
 class Disconnected(ChatError):
@@ -142,11 +204,15 @@ class ChatClient:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        verify: Callable[[ssl.SSLSocket], None] | None = None,
     ) -> None:
         """Open the TCP connection and, unless ``ssl_context`` is None, complete the TLS handshake.
 
         ``server_hostname`` is the name or address the certificate must be valid for (default:
-        ``host``). Raises :class:`ChatError` with an explanation on any failure.
+        ``host``). ``verify`` (TLS only) is called with the socket right after the handshake, before
+        anything is sent or read: it raises :class:`identity.IdentityError` (or :class:`ChatError`) to
+        refuse the server, as :func:`pin_verifier` and :func:`tofu_verifier` do.
+        Raises :class:`ChatError` with an explanation on any failure.
         """
         if self._conn is not None:
             raise RuntimeError("already connected")
@@ -178,6 +244,13 @@ class ChatClient:
                 raise ChatError(_explain_verification(exc, server_hostname or host)) from None
             except ssl.SSLError as exc:
                 raw.close()
+                refusal = explain_alert(exc.reason)
+                if refusal is not None:
+                    raise CertificateRefused(f"{where} refused the connection: {refusal}") from None
+                if exc.reason == _HANDSHAKE_FAILURE:
+                    raise ChatError(f"TLS handshake with {where} failed ({exc.reason}): the server may "
+                                    "require a client certificate (pass --cert and --key), or accept other "
+                                    "TLS versions (check --tls-min)") from None
                 if exc.reason in _PLAINTEXT_PEER_REASONS:
                     raise ChatError(f"{where} did not answer in TLS: the server probably runs without "
                                     "encryption "
@@ -195,6 +268,15 @@ class ChatClient:
                 raise ChatError(f"the server at {where} closed the connection during the TLS handshake "
                                 f"({describe_error(exc)}): is it a securechat server, with a compatible "
                                 "--tls-min?") from None
+            if verify is not None:
+                try:
+                    verify(sock)  # type: ignore[arg-type]
+                except identity.IdentityError as exc:
+                    sock.close()
+                    raise IdentityRefused(f"refusing {where}: {exc}") from None
+                except BaseException:
+                    sock.close()
+                    raise
         self._conn = Connection(sock, self._on_lines)
         self._thread = threading.Thread(target=self._run, name=f"securechat-client-{where}", daemon=True)
         self._thread.start()
@@ -255,6 +337,16 @@ class ChatClient:
         notice = protocol.NOTICE_PREFIX
         if line.startswith(notice + protocol.NICK_REFUSED):
             reason = line[len(notice + protocol.NICK_REFUSED):]
+            if reason.endswith("; goodbye"):
+                # Mutual TLS: the certificate's name cannot join, and the server hangs up.
+                reason = reason.removesuffix("; goodbye")
+                if "already connected" in reason:
+                    raise BoundNickUnusable(
+                        f"nickname refused: {reason}: this certificate is already in use in another "
+                        "session; leave that one first (each person needs their own certificate: "
+                        f"{_MINT_HELP})")
+                raise BoundNickUnusable(f"nickname refused: {reason}: ask for a certificate with a usable "
+                                        f"name ({_MINT_HELP})")
             raise NickRefused(reason.removesuffix("; send another"))
         if line.startswith(notice + protocol.SERVER_FULL):
             raise ServerFull(f"{line[len(notice):]}")
@@ -301,6 +393,8 @@ class ChatClient:
             out.append(item)  # type: ignore[arg-type]
 
     def _raise_ended(self) -> None:
+        if explain_alert(self._end_reason.removeprefix("TLS error: ")) is not None:
+            raise CertificateRefused(self.end_message())
         raise Disconnected(self.end_message(), shutdown=self._saw_shutdown)
 
     # -- chatting ---------------------------------------------------------------------------
@@ -358,6 +452,9 @@ class ChatClient:
         if self._saw_shutdown:
             return "the server shut down"
         reason = self._end_reason or "closed"
+        refusal = explain_alert(reason.removeprefix("TLS error: "))
+        if refusal is not None:
+            return f"{self.host}:{self.port} refused the connection: {refusal}"
         if reason == "closed by peer":
             if self._last_notice:
                 return f"the server closed the connection: {self._last_notice}"
@@ -391,6 +488,39 @@ class ChatClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pin_verifier(pin: str) -> Callable[[ssl.SSLSocket], None]:
+    """A ``verify`` for :meth:`ChatClient.connect`: the server's certificate, or the CA that signed it,
+    must have the SHA-256 fingerprint ``pin`` (use with :func:`securechat.identity.pinned_context`)."""
+    expected = tls.normalise_fingerprint(pin)  # ValueError now rather than at connect time
+
+    def verify(sock: ssl.SSLSocket) -> None:
+        identity.check_pin(sock, expected)
+
+    return verify
+
+
+def tofu_verifier(host: str, port: int, known: identity.KnownHosts | None = None,
+                  on_first_contact: Callable[[str, str, Path], None] | None = None,
+                  ) -> Callable[[ssl.SSLSocket], None]:
+    """A ``verify`` for :meth:`ChatClient.connect`: trust on first use, like SSH's known_hosts.
+
+    The first time ``host:port`` is met its fingerprint is remembered (``on_first_contact(key,
+    fingerprint, path)`` is told); later the server must present the same one.
+    """
+    known = known or identity.KnownHosts()
+
+    def verify(sock: ssl.SSLSocket) -> None:
+        try:
+            fingerprint, first = known.check(sock, host, port)
+        except OSError as exc:
+            raise ChatError(f"cannot use the known hosts file {known.path} ({describe_error(exc)}): fix "
+                            "it, or connect with --pin FINGERPRINT or --ca instead") from None
+        if first and on_first_contact is not None:
+            on_first_contact(known.key(host, port), fingerprint, known.path)
+
+    return verify
 
 
 def _explain_verification(exc: ssl.SSLCertVerificationError, name: str) -> str:
@@ -475,14 +605,38 @@ def _is_quit(text: str) -> bool:
 # -- command line ----------------------------------------------------------------------------
 
 
+def _pin_arg(text: str) -> str:
+    try:
+        return tls.normalise_fingerprint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{exc}; expected the SHA-256 fingerprint the server prints at start, like AA:BB:...:FF "
+            "(64 hex digits; 'securechat fingerprint certs/server.pem' on the server shows it)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="securechat connect", description="Join a securechat server.")
     p.add_argument("host", help="the server's IP address or host name")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
-    p.add_argument("--nick", help="nickname (default: asked)")
-    p.add_argument("--ca", type=Path, default=DEFAULT_CA,
-                   help="the CA certificate that signed the server's certificate; copy it from the server's "
-                   "certs/ folder (default: %(default)s)")
+    p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
+    trust = p.add_argument_group(
+        "recognising the server (one of)").add_mutually_exclusive_group()
+    trust.add_argument("--ca", type=Path, default=None,
+                       help="the CA certificate that signed the server's certificate; copy it from the "
+                       f"server's certs/ folder (default: {DEFAULT_CA})")
+    trust.add_argument("--pin", type=_pin_arg, metavar="FINGERPRINT",
+                       help="trust exactly the server whose certificate (or its CA) has this SHA-256 "
+                       "fingerprint, as the server prints it at start; no CA file needed")
+    trust.add_argument("--tofu", action="store_true",
+                       help="trust on first use: remember the server's fingerprint at first contact (in "
+                       f"{identity.known_hosts_path()}) and refuse the connection if it ever changes")
+    mine = p.add_argument_group("proving who you are (servers started with --require-client-cert)")
+    mine.add_argument("--cert", type=Path, metavar="PEM",
+                      help="your client certificate (client-NAME.pem from 'securechat gen-certs --client "
+                      "NAME'); its name is your nickname on such servers")
+    mine.add_argument("--key", type=Path, metavar="KEY",
+                      help="the private key of --cert (default: the .key file next to it, else --cert "
+                      "itself)")
     p.add_argument("--plain", action="store_true",
                    help="connect WITHOUT encryption, to a server started with --plain")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
@@ -496,26 +650,120 @@ def _err(message: str) -> None:
     print(f"securechat: {message}", file=sys.stderr, flush=True)
 
 
+def _no_password() -> bytes:
+    raise ChatError("is encrypted with a passphrase")
+
+
+def certificate_name(cert: Path) -> str:
+    """The common name (CN) in the PEM certificate ``cert``: the nickname a mutual-TLS server grants.
+
+    Raises ChatError when the file is missing, unreadable or not a PEM certificate.
+    """
+    try:
+        data = cert.read_bytes()
+    except OSError as exc:
+        raise ChatError(f"cannot read the client certificate {str(cert)!r} ({describe_error(exc)}): pass the "
+                        "client-NAME.pem file you were given with --cert") from None
+    try:
+        parsed = x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise ChatError(f"{str(cert)!r} is not a PEM certificate: pass the client-NAME.pem file you were "
+                        "given with --cert (and its .key file with --key)") from None
+    names = parsed.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = names[0].value if names else ""
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def load_client_certificate(ctx: ssl.SSLContext, cert: Path, key: Path | None) -> str:
+    """Load ``cert`` and its ``key`` into ``ctx`` for mutual TLS; return the certificate's name.
+
+    Without ``key``, the ``.key`` file next to ``cert`` is used if there is one, else ``cert`` itself
+    (certificate and key in one file). Every problem is one ChatError naming the file at fault.
+    """
+    name = certificate_name(cert)
+    if key is None:
+        key = cert.with_suffix(".key") if cert.with_suffix(".key").is_file() else cert
+    try:
+        key_data = key.read_bytes()
+    except OSError as exc:
+        raise ChatError(f"cannot read the client key {str(key)!r} ({describe_error(exc)}): pass the "
+                        "client-NAME.key file you were given with --key") from None
+    try:
+        serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        raise ChatError(f"the client key {str(key)!r} is encrypted with a passphrase: securechat needs the "
+                        "unencrypted key that gen-certs writes") from None
+    except Exception:  # ValueError, or UnsupportedAlgorithm for exotic keys
+        raise ChatError(f"{str(key)!r} is not a PEM private key: pass the client-NAME.key file that goes "
+                        f"with {str(cert)!r} with --key") from None
+    try:
+        ctx.load_cert_chain(str(cert), str(key), password=_no_password)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ChatError(f"the key {str(key)!r} does not belong to the certificate {str(cert)!r}: pass "
+                            "the .key file minted with it") from None
+        raise ChatError(f"cannot load the client certificate {str(cert)!r} with key {str(key)!r} "
+                        f"({describe_error(exc)})") from None
+    except ChatError as exc:
+        raise ChatError(f"the client key {str(key)!r} {exc}") from None
+    except OSError as exc:
+        raise ChatError(f"cannot load the client certificate {str(cert)!r} ({describe_error(exc)})") from None
+    return name
+
+
+def _first_contact(key: str, fingerprint: str, path: Path) -> None:
+    _err(f"first contact with {key}; remembering its certificate fingerprint {fingerprint}  "
+         f"(stored in {path})")
+
+
+def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext, Callable[[ssl.SSLSocket], None] | None]:
+    """The TLS context and post-handshake check the command line asks for; ChatError on any problem."""
+    verify: Callable[[ssl.SSLSocket], None] | None = None
+    if args.pin or args.tofu:
+        # The fingerprint replaces the CA chain and the host name check: no CA file involved.
+        context = identity.pinned_context(tls_min=args.tls_min)
+        if args.pin:
+            verify = pin_verifier(args.pin)
+        else:
+            verify = tofu_verifier(args.host, args.port, on_first_contact=_first_contact)
+    else:
+        ca = args.ca or DEFAULT_CA
+        if not ca.is_file():
+            raise ChatError(f"CA file {str(ca)!r} not found: {_CA_HELP}; or recognise the server by its "
+                            "fingerprint with --pin FINGERPRINT (it prints it at start) or --tofu")
+        try:
+            context = tls.client_context(ca, tls_min=args.tls_min)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ChatError(f"cannot load the CA file {str(ca)!r} ({describe_error(exc)}): is it ca.pem? "
+                            f"{_CA_HELP}") from None
+    if args.cert is not None:
+        args.cert_name = load_client_certificate(context, args.cert, args.key)
+    return context, verify
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``securechat connect``: 0 after leaving (or after the server shut down), 1 on any failure."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.key is not None and args.cert is None:
+        parser.error("--key needs --cert (your client certificate)")
+    if args.plain and (args.cert or args.pin or args.tofu or args.ca):
+        parser.error("--plain cannot be combined with --ca, --pin, --tofu or --cert: they need TLS")
+    args.cert_name = None
     context: ssl.SSLContext | None = None
+    verify: Callable[[ssl.SSLSocket], None] | None = None
     if args.plain:
         _err("WARNING: --plain: NO ENCRYPTION. Everything you type, and your nickname, can be read and "
              "altered "
              "by anyone on the network.")
     else:
-        if not args.ca.is_file():
-            _err(f"CA file {str(args.ca)!r} not found: {_CA_HELP}")
-            return EXIT_FAILURE
         try:
-            context = tls.client_context(args.ca, tls_min=args.tls_min)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            _err(f"cannot load the CA file {str(args.ca)!r} ({describe_error(exc)}): is it ca.pem? "
-                 f"{_CA_HELP}")
+            context, verify = build_context(args)
+        except ChatError as exc:
+            _err(str(exc))
             return EXIT_FAILURE
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    frontend = _Interactive(args, context) if interactive else _LineMode(args, context)
+    frontend = _Interactive(args, context, verify) if interactive else _LineMode(args, context, verify)
     try:
         return frontend.run()
     except ChatError as exc:
@@ -532,14 +780,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 class _Frontend:
     """What both front ends share: connecting, and choosing a nickname."""
 
-    def __init__(self, args: argparse.Namespace, context: ssl.SSLContext | None) -> None:
+    def __init__(self, args: argparse.Namespace, context: ssl.SSLContext | None,
+                 verify: Callable[[ssl.SSLSocket], None] | None = None) -> None:
         self.args = args
         self.context = context
+        self.verify = verify
         self.client = ChatClient()
+
+    @property
+    def wanted_nick(self) -> str | None:
+        """--nick, else the name in --cert (a mutual-TLS server grants that one anyway), else None."""
+        return self.args.nick if self.args.nick is not None else self.args.cert_name
 
     def connect(self) -> None:
         args = self.args
-        self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout)
+        self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout,
+                            verify=self.verify)
         self.client.wait_greeting(min(1.0, self.args.timeout) if self.context is None else self.args.timeout)
 
     def leave(self) -> int:
@@ -559,8 +815,9 @@ class _Frontend:
 class _LineMode(_Frontend):
     """stdin is a pipe or a file: send each line, print each received line, leave at EOF."""
 
-    def __init__(self, args: argparse.Namespace, context: ssl.SSLContext | None) -> None:
-        super().__init__(args, context)
+    def __init__(self, args: argparse.Namespace, context: ssl.SSLContext | None,
+                 verify: Callable[[ssl.SSLSocket], None] | None = None) -> None:
+        super().__init__(args, context, verify)
         self.stdin: queue.Queue[str | None] = queue.Queue()
         self.out_lock = threading.Lock()
 
@@ -594,7 +851,7 @@ class _LineMode(_Frontend):
     def run(self) -> int:
         self.connect()
         threading.Thread(target=self._read_stdin, name="securechat-stdin", daemon=True).start()
-        nick = self.args.nick
+        nick = self.wanted_nick
         if nick is None:
             sys.stdout.write("Enter your nickname: ")
             sys.stdout.flush()
@@ -632,7 +889,7 @@ class _Interactive(_Frontend):
         self.connect()
         print(f"Connected ({'TLS' if self.context else 'NOT ENCRYPTED'}).", flush=True)
         session: PromptSession[str] = PromptSession(history=InMemoryHistory())
-        nick = self._choose_nick(session, self.args.nick)
+        nick = self._choose_nick(session, self.wanted_nick)
         if nick is None:
             return self.leave()
         # The accepted input line is erased: the "[nick] text" echo printed above replaces it, so a
