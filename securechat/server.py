@@ -681,8 +681,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("[SERVER] WARNING: --plain: NO ENCRYPTION. Every message and nickname can be read and altered by "
               "anyone on the network.", flush=True)
     else:
-        cert = args.cert or DEFAULT_CERT
-        print(f"[SERVER] TLS certificate SHA-256 fingerprint: {tls.file_fingerprint(cert)}", flush=True)
+        prints = tls.file_fingerprints(args.cert or DEFAULT_CERT)
+        print(f"[SERVER] TLS certificate SHA-256 fingerprint: {prints[0]}", flush=True)
+        if len(prints) > 1:  # the chain's CA: what --tofu remembers, and a --pin that survives renewal
+            print(f"[SERVER] CA SHA-256 fingerprint: {prints[-1]}", flush=True)
     host, port = server.address
     print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
     server.serve_forever()

@@ -105,12 +105,17 @@ def fingerprint(cert: bytes | str) -> str:
 _PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
-def file_fingerprint(path: str | Path) -> str:
-    """SHA-256 fingerprint of the first certificate in a PEM file (keys and other blocks skipped)."""
-    match = _PEM_CERT.search(Path(path).read_text(encoding="ascii", errors="replace"))
-    if match is None:
+def file_fingerprints(path: str | Path) -> list[str]:
+    """SHA-256 fingerprints of every certificate in a PEM file, in order (keys and other blocks skipped)."""
+    prints = [fingerprint(m.group(0)) for m in _PEM_CERT.finditer(Path(path).read_text("ascii", "replace"))]
+    if not prints:
         raise ValueError(f"no PEM certificate in {path}")
-    return fingerprint(match.group(0))
+    return prints
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """SHA-256 fingerprint of the first certificate in a PEM file."""
+    return file_fingerprints(path)[0]
 
 
 def normalise_fingerprint(text: str) -> str:

@@ -75,6 +75,8 @@ def test_first_run_mints_certificates_then_serves_and_sigterm_exits_cleanly(run_
     served = run_serve()
     served.wait_for("[SERVER] No certificate in certs/")
     fingerprint = served.wait_for("[SERVER] TLS certificate SHA-256 fingerprint: ").rsplit(" ", 1)[1]
+    ca_fingerprint = served.wait_for("[SERVER] CA SHA-256 fingerprint: ").rsplit(" ", 1)[1]
+    assert ca_fingerprint == tls.file_fingerprint(tmp_path / "certs" / "ca.pem")
     assert served.wait_for("[SERVER] Waiting for connections on") == \
         f"[SERVER] Waiting for connections on {LOOPBACK}:{served.port}"
     ca = tmp_path / "certs" / "ca.pem"
