@@ -550,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, help=f"server private key, PEM (default: {DEFAULT_KEY})")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
                    help="oldest TLS version accepted (default: %(default)s; 1.2 for old clients)")
+    p.add_argument("--no-renew", action="store_true",
+                   help="never re-issue the certificate from the local CA (it is renewed when within 30 days "
+                   "of expiry if ca.key is beside it); expiry warnings stay")
     p.add_argument("--plain", action="store_true",
                    help="serve WITHOUT encryption: everything is readable by anyone on the network")
     p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
@@ -621,6 +624,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # second Ctrl-C cannot interrupt it half-way with a traceback.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    renewer = None
+    if context is not None:
+        from securechat.renewal import CertRenewer
+
+        cert, key = args.cert or DEFAULT_CERT, args.key or DEFAULT_KEY
+        # Renews from the local CA (or warns) now and daily; swaps server.ssl_context for new handshakes.
+        renewer = CertRenewer(server, cert, key, auto_renew=not args.no_renew,
+                              build_context=lambda: tls.server_context(cert, key, tls_min=args.tls_min))
+        renewer.check_once()
+        renewer.start()
     if context is None:
         print("[SERVER] WARNING: --plain: NO ENCRYPTION. Every message and nickname can be read and altered by "
               "anyone on the network.", flush=True)
@@ -630,6 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = server.address
     print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
     server.serve_forever()
+    if renewer is not None:
+        renewer.stop()
     server.shutdown()
     print("[SERVER] Stopped", flush=True)
     return 0
