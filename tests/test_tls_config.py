@@ -74,6 +74,8 @@ def serve_process(
                 proc.kill()
                 proc.wait()
                 raise AssertionError("serve did not stop within the timeout after SIGTERM") from None
+        # what it logged, for the caller to check once it has stopped
+        proc.stderr_text = proc.stderr.read() if proc.stderr else ""  # type: ignore[attr-defined]
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
