@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -384,3 +385,25 @@ def test_sslyze_flags_a_certificate_for_another_host_name(sslyze_exe: str, minte
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert out.returncode != 0 and "certificate_path_validation" in out.stdout, out.stdout
+
+
+def test_groups_fallback_keeps_working_and_warns_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, minted: Path
+) -> None:
+    """Without set_groups and without a confirmed SSL_CTX (another build), contexts still work."""
+    if hasattr(ssl.SSLContext, "set_groups"):
+        pytest.skip("this Python has SSLContext.set_groups: the fallback is never used")
+    monkeypatch.setattr(tls, "_ctrl_cache", [None])
+    monkeypatch.setattr(tls, "_groups_warned", False)
+    with caplog.at_level(logging.WARNING, logger="securechat.tls"):
+        server = tls.server_context(minted / "certs/server.pem", minted / "certs/server.key")
+        client = tls.client_context(minted / "certs/ca.pem")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "cannot restrict TLS key exchange groups" in caplog.records[0].getMessage()
+    assert server.minimum_version == ssl.TLSVersion.TLSv1_3 and client.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_ssl_ctx_pointer_is_refused_for_a_wrong_object() -> None:
+    ctrl = tls._ssl_ctx_ctrl()
+    assert ctrl is not None
+    assert tls._ssl_ctx_pointer(object(), ctrl) is None  # type: ignore[arg-type]
