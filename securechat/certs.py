@@ -778,7 +778,8 @@ def _issue(
     server_cert = _build_server(server_key, ca_cert, ca_key, names, san_addrs, days, now)
     written += [
         (out_dir / SERVER_KEY, _key_pem(server_key), 0o600),
-        (out_dir / SERVER_CERT, _cert_pem(server_cert), 0o644),
+        # The full chain, so a client that pins the CA's fingerprint (--pin, --tofu) is shown the CA.
+        (out_dir / SERVER_CERT, _cert_pem(server_cert) + _cert_pem(ca_cert), 0o644),
     ]
     clients_out: dict[str, tuple[Path, Path]] = {}
     for name in client_names:

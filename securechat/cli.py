@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("securechat.server", "run the chat server (TLS; mints certificates into certs/ on first run)"),
     "connect": ("securechat.client", "join a chat server: securechat connect HOST"),
     "gen-certs": ("securechat.certs", "mint a local CA and a server certificate into certs/"),
-    "fingerprint": ("securechat.tls", "print a certificate file's SHA-256 fingerprint"),
+    "fingerprint": ("securechat.identity", "print a certificate file's SHA-256 fingerprint"),
 }
 
 USAGE = """usage: securechat [COMMAND] [OPTIONS]
@@ -70,7 +70,15 @@ def menu() -> int:
     except (EOFError, KeyboardInterrupt):
         print()
         return EXIT_OK
-    return _run("connect", [host])
+    return _run("connect", _host_port_args(host))
+
+
+def _host_port_args(answer: str) -> list[str]:
+    """``connect`` arguments for an answer to "Enter server IP:": ``HOST``, ``HOST:PORT`` or ``[V6]:PORT``."""
+    host, sep, port = answer.rpartition(":")
+    if sep and port.isdigit() and (host.count(":") == 0 or (host.startswith("[") and host.endswith("]"))):
+        return [host.strip("[]"), "--port", port]
+    return [answer]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -232,13 +232,21 @@ class Connection:
 
     # -- owner thread ----------------------------------------------------------------------
 
-    def run(self) -> str:
-        """Drive the connection until it ends; return why it ended. Closes the socket."""
+    def run(self, on_end: Callable[[str], None] | None = None) -> str:
+        """Drive the connection until it ends; return why it ended. Closes the socket.
+
+        ``on_end(reason)`` runs as soon as the connection is over for the peer's purposes, before
+        the graceful close lingers for the peer's last bytes.
+        """
         try:
-            reason = self._loop()
-        except ConnectionClosed as exc:
-            reason = exc.reason
-            if exc.clean:
+            clean = False
+            try:
+                reason = self._loop()
+            except ConnectionClosed as exc:
+                reason, clean = exc.reason, exc.clean
+            if on_end is not None:
+                on_end(reason)
+            if clean:
                 self._flush_and_shutdown()
         finally:
             self._release()
@@ -361,17 +369,7 @@ class Connection:
                     self.on_tick(now)
 
     def _flush_and_shutdown(self) -> None:
-        """Send the TLS close_notify (best effort) and the TCP FIN."""
-        sock = self.sock
-        if isinstance(sock, ssl.SSLSocket):
-            try:
-                sock.unwrap()
-            except (ssl.SSLError, OSError, ValueError):
-                pass  # the peer's close_notify is not awaited; ours has been sent if it could be
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        close_gracefully(self.sock)
 
     def _release(self) -> None:
         try:
@@ -379,6 +377,40 @@ class Connection:
         except OSError:
             pass
         self.outbox.waker.close()
+
+
+# How long a closing socket keeps reading (and discarding) what the peer still sends.
+LINGER_SECONDS = 0.5
+
+
+def close_gracefully(sock: AnySocket, linger: float = LINGER_SECONDS) -> None:
+    """Send the TLS close_notify and the TCP FIN, then drain what the peer still sends, briefly.
+
+    Closing a socket that has unread data makes the kernel answer with a reset, and a reset can
+    destroy the last lines (a goodbye, a refusal) before the peer has read them. The caller closes
+    the socket afterwards. Owner thread only.
+    """
+    sock.setblocking(False)
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.unwrap()  # non-blocking: sends our close_notify, does not wait for the peer's
+        except (ssl.SSLError, OSError, ValueError):
+            pass
+    try:
+        sock.shutdown(socket.SHUT_WR)  # on an SSLSocket this also drops the TLS layer
+    except OSError:
+        return
+    poller = select.poll()
+    poller.register(sock.fileno(), _POLLIN)
+    deadline = time.monotonic() + linger
+    while (left := deadline - time.monotonic()) > 0 and poller.poll(left * 1000):
+        try:
+            if not sock.recv(RECV_SIZE):
+                return
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError:
+            return
 
 
 def tune_socket(sock: socket.socket, *, keepalive_idle: int = 60, keepalive_interval: int = 10,

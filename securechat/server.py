@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 from securechat import DEFAULT_HOST, DEFAULT_PORT, protocol, tls
-from securechat.conn import OUTBOX_LIMIT, Connection, Waker, describe_error, tune_socket
+from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.protocol import Command
 
 log = logging.getLogger("securechat.server")
@@ -140,6 +140,8 @@ class Session:
         self.server = server
         self.peer = peer
         self.nick = ""
+        # With mutual TLS the certificate's CN *is* the nickname: not chosen, not changeable.
+        self.bound_nick = certificate_nick(sock)
         self.state = State.NICK
         self.conn = Connection(
             sock,
@@ -169,7 +171,9 @@ class Session:
 
     def run(self) -> None:
         self.conn.send(protocol.notice(protocol.GREETING))
-        why = self.conn.run()
+        self.conn.run(on_end=self._ended)
+
+    def _ended(self, why: str) -> None:
         was_member = self.state is State.CHAT
         self.state = State.CLOSED
         if was_member:
@@ -205,15 +209,32 @@ class Session:
         if isinstance(parsed, Command) and parsed.name == "quit":
             self.cmd_quit("")
             return
+        if self.bound_nick is not None:
+            return self._register_bound(nick, self.bound_nick)
         error = protocol.nick_error(nick) or self.server.room.join(self, nick)
         if error:
             self.reply(protocol.NICK_REFUSED + error + "; send another")
             return
+        self._welcome(nick, "")
+
+    def _register_bound(self, asked: str, nick: str) -> None:
+        """Join under the certificate's name, whatever nick line was sent."""
+        error = protocol.nick_error(nick)
+        if error is None and self.server.room.join(self, nick) is not None:
+            error = f"{nick!r} is already connected"
+        if error:
+            self.conn.close(protocol.notice(f"{protocol.NICK_REFUSED}{error} (your certificate names you "
+                                            f"{nick!r}); goodbye"), reason="certificate nick unusable")
+            return
+        self._welcome(nick, "" if asked == nick else f" (your certificate names you {nick})")
+
+    def _welcome(self, nick: str, aside: str) -> None:
         self.state = State.CHAT
         self.conn.deadline = None
         nicks = self.server.room.nicks()
-        self.reply(f"{protocol.WELCOME}{nick}! {len(nicks)} online: {', '.join(nicks)}. /help lists commands")
-        log.info("%s is %s", self.peer, nick)
+        self.reply(f"{protocol.WELCOME}{nick}!{aside} {len(nicks)} online: {', '.join(nicks)}. "
+                   "/help lists commands")
+        log.info("%s is %s%s", self.peer, nick, " (certificate)" if self.bound_nick else "")
 
     def _chat(self, line: str) -> None:
         parsed = protocol.parse(line)
@@ -241,6 +262,9 @@ class Session:
     # -- commands ------------------------------------------------------------------------
 
     def cmd_nick(self, arg: str) -> None:
+        if self.bound_nick is not None:
+            self.reply(f"{protocol.NICK_REFUSED}your nickname is bound to your certificate ({self.bound_nick})")
+            return
         error = protocol.nick_error(arg) or self.server.room.rename(self, arg)
         if error:
             self.reply(protocol.NICK_REFUSED + error)
@@ -269,6 +293,20 @@ class Session:
 
     def cmd_quit(self, arg: str) -> None:
         self.conn.close(protocol.notice("goodbye"))
+
+
+def certificate_nick(sock: socket.socket | ssl.SSLSocket) -> str | None:
+    """The commonName of a verified client certificate, or None without one."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    cert = sock.getpeercert()
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""  # a certificate without a CN: nick_error refuses the empty name
 
 
 def _leave_reason(why: str) -> str:
@@ -512,6 +550,9 @@ class ChatServer:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             sock.do_handshake()
             return sock
+        except ssl.SSLError as exc:  # includes a refused client certificate: worth the admin's eye
+            log.warning("refused TLS handshake from %s: %s", peer, describe_error(exc))
+            return None
         except (OSError, ValueError) as exc:
             log.info("handshake with %s failed: %s", peer, describe_error(exc))
             return None
@@ -522,9 +563,7 @@ def _say_and_close(sock: socket.socket | ssl.SSLSocket, data: bytes) -> None:
     try:
         sock.settimeout(2)
         sock.sendall(data)
-        if isinstance(sock, ssl.SSLSocket):
-            sock.unwrap()
-        sock.shutdown(socket.SHUT_RDWR)
+        close_gracefully(sock)
     except (OSError, ValueError):
         pass
     finally:
@@ -548,6 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
     p.add_argument("--cert", type=Path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
     p.add_argument("--key", type=Path, help=f"server private key, PEM (default: {DEFAULT_KEY})")
+    p.add_argument("--require-client-cert", action="store_true",
+                   help="mutual TLS: only clients with a certificate signed by --ca may join, and each one's "
+                   "nickname is its certificate's name (mint them with 'securechat gen-certs --client NAME')")
+    p.add_argument("--ca", type=Path, help=f"CA that signs client certificates (default: {DEFAULT_CERT_DIR / 'ca.pem'})")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
                    help="oldest TLS version accepted (default: %(default)s; 1.2 for old clients)")
     p.add_argument("--no-renew", action="store_true",
@@ -589,12 +632,29 @@ def _load_context(args: argparse.Namespace) -> ssl.SSLContext:
         if not Path(path).exists():
             raise SystemExit(f"serve: {label} file not found: {path} "
                              f"(run 'securechat gen-certs' or pass --cert/--key)")
-    return tls.server_context(cert, key, tls_min=args.tls_min)
+    return _context_factory(args)()
+
+
+def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
+    """Builds the server context from the files named by ``args`` (again after each renewal)."""
+    cert = args.cert or DEFAULT_CERT
+    key = args.key or DEFAULT_KEY
+    client_ca = None
+    if args.require_client_cert:
+        client_ca = args.ca or DEFAULT_CERT_DIR / "ca.pem"
+        if not Path(client_ca).exists():
+            raise SystemExit(f"serve: CA file not found: {client_ca} (pass --ca, the CA that signed the client "
+                             "certificates)")
+    return lambda: tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
+                                      require_client_cert=args.require_client_cert)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``securechat serve``: returns 0 after a clean shutdown, 1 when it cannot start."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plain and args.require_client_cert:
+        parser.error("--require-client-cert needs TLS; it cannot be combined with --plain")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -628,12 +688,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if context is not None:
         from securechat.renewal import CertRenewer
 
-        cert, key = args.cert or DEFAULT_CERT, args.key or DEFAULT_KEY
         # Renews from the local CA (or warns) now and daily; swaps server.ssl_context for new handshakes.
-        renewer = CertRenewer(server, cert, key, auto_renew=not args.no_renew,
-                              build_context=lambda: tls.server_context(cert, key, tls_min=args.tls_min))
+        renewer = CertRenewer(server, args.cert or DEFAULT_CERT, args.key or DEFAULT_KEY,
+                              auto_renew=not args.no_renew, build_context=_context_factory(args))
         renewer.check_once()
         renewer.start()
+    if args.require_client_cert:
+        print("[SERVER] Mutual TLS: only clients with a certificate from the CA may join; nicknames are "
+              "their certificates' names", flush=True)
     if context is None:
         print("[SERVER] WARNING: --plain: NO ENCRYPTION. Every message and nickname can be read and altered by "
               "anyone on the network.", flush=True)

@@ -102,7 +102,7 @@ class LineClient:
 
     def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
         self.sock = sock
-        self.sock.settimeout(timeout)
+        self.timeout = timeout
         self._buf = b""
 
     def send(self, text: str | bytes) -> None:
@@ -111,8 +111,7 @@ class LineClient:
 
     def readline(self, timeout: float | None = None) -> str:
         """The next line (without newline); raises TimeoutError, or EOFError at end of stream."""
-        if timeout is not None:
-            self.sock.settimeout(timeout)
+        self.sock.settimeout(self.timeout if timeout is None else timeout)
         while b"\n" not in self._buf:
             chunk = self.sock.recv(65536)
             if not chunk:
@@ -141,7 +140,7 @@ class LineClient:
         try:
             while True:
                 out.append(self.readline(quiet))
-        except (TimeoutError, socket.timeout, EOFError):
+        except (TimeoutError, EOFError):
             return out
 
     def close(self) -> None:

@@ -307,7 +307,7 @@ def test_stress_concurrent_senders_every_line_exactly_once_in_order(serve: Serve
                 if not line.startswith("*"):
                     got.append(line)
             results[nick] = got
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients_n)]

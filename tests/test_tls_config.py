@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import venv
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,8 @@ def serve_process(
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    drains: list[threading.Thread] = []
+    errors: list[str] = []
     try:
         assert proc.stdout is not None
         port = None
@@ -63,8 +66,16 @@ def serve_process(
                 break
         if port is None:
             proc.kill()
-            errors = proc.stderr.read() if proc.stderr else ""
-            raise AssertionError(f"serve did not start: {''.join(seen)}{errors}")
+            err_text = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"serve did not start: {''.join(seen)}{err_text}")
+        # Keep reading: the server prints a line per connection, and sslyze makes hundreds; a full pipe
+        # would block the server in print().
+        drains = [
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True),  # type: ignore[union-attr]
+            threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True),  # type: ignore[arg-type]
+        ]
+        for drain in drains:
+            drain.start()
         yield port, proc
     finally:
         if proc.poll() is None:
@@ -76,10 +87,9 @@ def serve_process(
                 proc.wait()
                 raise AssertionError("serve did not stop within the timeout after SIGTERM") from None
         # what it logged, for the caller to check once it has stopped
-        proc.stderr_text = proc.stderr.read() if proc.stderr else ""  # type: ignore[attr-defined]
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        for drain in drains:
+            drain.join(5)
+        proc.stderr_text = "".join(errors)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")

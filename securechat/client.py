@@ -1,0 +1,717 @@
+"""The chat client: ``securechat connect HOST`` and the :class:`ChatClient` library behind it.
+
+Like the server, the client gives its socket exactly one owner: the TLS handshake runs in the
+calling thread, then a background thread drives a :class:`~securechat.conn.Connection` and alone
+touches the ``SSLSocket``; every other thread only queues bytes with ``send()``. Received lines
+land in a queue (:meth:`ChatClient.recv_line`) or go to a callback.
+
+Two front ends share the library: a prompt_toolkit terminal UI when stdin and stdout are
+terminals (incoming messages print above the input line, never through what is being typed),
+and a plain line mode for pipes and files (each stdin line is sent, each received line printed).
+
+Every failure a user can meet (wrong port, wrong CA file, certificate for another address, TLS
+against a ``--plain`` server, ...) becomes one :class:`ChatError` whose text says what to do;
+the command line prints it on one line and exits 1, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import queue
+import socket
+import ssl
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from securechat import DEFAULT_PORT, protocol, tls
+from securechat.conn import Connection, describe_error, tune_socket
+
+# Exit statuses, as securechat.cli defines them for every subcommand.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+DEFAULT_CA = Path("certs") / "ca.pem"
+
+# Connecting and the TLS handshake: a LAN answers in milliseconds, so 10 s means nobody is there.
+DEFAULT_TIMEOUT = 10.0
+
+# After /quit, how long to wait for the server's "* goodbye" and close before closing ourselves.
+QUIT_WAIT = 2.0
+
+# OpenSSL X509_V_ERR_* codes that mean "the certificate is fine but names another host/address".
+_X509_HOSTNAME_MISMATCH = 62
+_X509_IP_ADDRESS_MISMATCH = 64
+# ... and those that mean "signed by a CA we were not given" (wrong or missing ca.pem).
+_X509_UNTRUSTED = {
+    2,  # unable to get issuer certificate
+    18,  # self-signed certificate
+    19,  # self-signed certificate in chain
+    20,  # unable to get local issuer certificate
+    21,  # unable to verify the first certificate
+    7,  # certificate signature failure
+}
+_X509_EXPIRED = 10
+_X509_NOT_YET_VALID = 9
+
+# OpenSSL reasons seen when the peer answers a ClientHello with plaintext (a --plain server's
+# "* securechat: ..." greeting is not a TLS record).
+_PLAINTEXT_PEER_REASONS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG",
+                           "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL"}
+
+_CA_HELP = ("copy ca.pem from the server's certs/ folder (the server mints it on first run) and pass "
+            "--ca PATH")
+
+
+class ChatError(Exception):
+    """A failure explained for people: ``str(exc)`` is one line saying what happened and what to do."""
+
+
+class NickRefused(ChatError):
+    """The server refused the nickname; ``reason`` is its explanation."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"nickname refused: {reason}")
+        self.reason = reason
+
+
+class ServerFull(ChatError):
+    """The server has as many clients as it accepts."""
+
+
+class TLSRequired(ChatError):
+    """A plain (``--plain``) client reached a server that only speaks TLS."""
+
+
+class Disconnected(ChatError):
+    """The connection ended; ``shutdown`` is True when the server announced its own shutdown."""
+
+    def __init__(self, message: str, *, shutdown: bool = False) -> None:
+        super().__init__(message)
+        self.shutdown = shutdown
+
+
+_END = object()  # queue sentinel: the connection has ended
+
+
+class ChatClient:
+    """A connection to a securechat server.
+
+    Typical use::
+
+        client = ChatClient()
+        client.connect("127.0.0.1", 5555, ssl_context=tls.client_context("ca.pem"))
+        client.register("alice")
+        client.send("hello")
+        line = client.recv_line(timeout=5)   # "[bob] hi", "* carol joined", ... or None
+        client.close()
+
+    Received lines are delivered to ``on_line`` (called in the connection's thread) when given,
+    otherwise queued for :meth:`recv_line`. The socket is only ever touched by one thread at a time:
+    the caller's during :meth:`connect`, then the connection thread.
+    """
+
+    def __init__(self, on_line: Callable[[str], None] | None = None) -> None:
+        self.on_line = on_line
+        # Held while a line is handed over and while on_line is switched, so lines keep their order.
+        self._deliver_lock = threading.Lock()
+        self.nick: str | None = None
+        self.host = ""
+        self.port = 0
+        self.tls = False
+        self._lines: queue.Queue[object] = queue.Queue()
+        self._conn: Connection | None = None
+        self._thread: threading.Thread | None = None
+        self._ended = threading.Event()
+        self._end_reason = ""
+        self._saw_shutdown = False
+        self._last_notice = ""  # the server's last word, to explain why it closed the connection
+        self._pending_lines: list[str] = []  # lines read by register() past its answer
+
+    # -- connecting -----------------------------------------------------------------------
+
+    def connect(
+        self,
+        host: str,
+        port: int = DEFAULT_PORT,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        """Open the TCP connection and, unless ``ssl_context`` is None, complete the TLS handshake.
+
+        ``server_hostname`` is the name or address the certificate must be valid for (default:
+        ``host``). Raises :class:`ChatError` with an explanation on any failure.
+        """
+        if self._conn is not None:
+            raise RuntimeError("already connected")
+        self.host, self.port, self.tls = host, port, ssl_context is not None
+        where = f"{host}:{port}"
+        try:
+            raw = socket.create_connection((host, port), timeout=timeout)
+        except socket.gaierror as exc:
+            raise ChatError(f"cannot find the host {host!r} ({exc.strerror}): check the name, or use the "
+                            "server's IP address (the server prints it)") from None
+        except ConnectionRefusedError:
+            raise ChatError(f"connection refused by {where}: is the server running, and on that port "
+                            "(--port)?") from None
+        except TimeoutError:
+            raise ChatError(f"no answer from {where} within {timeout:g} s: is the IP address right, is the "
+                            f"server on the same network, does a firewall block TCP port {port}?") from None
+        except OSError as exc:
+            if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+                raise ChatError(f"cannot reach {where} ({describe_error(exc)}): is the IP address right and "
+                                "this machine on the same network?") from None
+            raise ChatError(f"cannot connect to {where}: {describe_error(exc)}") from None
+        tune_socket(raw)
+        sock: socket.socket | ssl.SSLSocket = raw
+        if ssl_context is not None:
+            try:
+                sock = ssl_context.wrap_socket(raw, server_hostname=server_hostname or host)
+            except ssl.SSLCertVerificationError as exc:
+                raw.close()
+                raise ChatError(_explain_verification(exc, server_hostname or host)) from None
+            except ssl.SSLError as exc:
+                raw.close()
+                if exc.reason in _PLAINTEXT_PEER_REASONS:
+                    raise ChatError(f"{where} did not answer in TLS: the server probably runs without "
+                                    "encryption "
+                                    "(--plain); connect with --plain only if you accept that anyone on the "
+                                    "network can read the chat") from None
+                raise ChatError(f"TLS handshake with {where} failed ({exc.reason or exc}): check --tls-min "
+                                "(the server may require TLS 1.3, or allow only 1.2)") from None
+            except TimeoutError:
+                raw.close()
+                raise ChatError(f"{where} accepted the connection but did not complete the TLS "
+                                "handshake within "
+                                f"{timeout:g} s: is it a securechat server?") from None
+            except OSError as exc:
+                raw.close()
+                raise ChatError(f"the server at {where} closed the connection during the TLS handshake "
+                                f"({describe_error(exc)}): is it a securechat server, with a compatible "
+                                "--tls-min?") from None
+        self._conn = Connection(sock, self._on_lines)
+        self._thread = threading.Thread(target=self._run, name=f"securechat-client-{where}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self._conn is not None
+        try:
+            self._end_reason = self._conn.run()
+        finally:
+            self._ended.set()
+            self._lines.put(_END)
+
+    def _on_lines(self, lines: list[bytes]) -> None:
+        """Connection thread: decode, sanitise (the server is not trusted with our terminal), deliver."""
+        for raw in lines:
+            line = protocol.sanitize(protocol.decode(raw))
+            if protocol.is_notice(line):
+                self._last_notice = line[len(protocol.NOTICE_PREFIX):]
+                if self._last_notice.startswith(protocol.SHUTDOWN):
+                    self._saw_shutdown = True
+            with self._deliver_lock:
+                if self.on_line is not None and self.nick is not None:
+                    self.on_line(line)
+                else:
+                    self._lines.put(line)
+
+    # -- registering ------------------------------------------------------------------------
+
+    def register(self, nick: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """Ask for ``nick``; return the nick the server accepted.
+
+        Raises :class:`NickRefused` (the connection stays open: call again with another nick),
+        :class:`ServerFull`, :class:`TLSRequired` or :class:`Disconnected`.
+        """
+        self.send(nick)
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.recv_line(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                if self.closed:
+                    self._raise_ended()
+                raise ChatError(f"no answer from the server within {timeout:g} s after sending the nickname")
+            accepted = protocol.welcome_nick(line)
+            if accepted is not None:
+                self._pending_lines.append(line)
+                with self._deliver_lock:
+                    self.nick = accepted
+                    # From here on, a callback (if any) gets the lines; hand it what is queued first.
+                    if self.on_line is not None:
+                        for held in self._drain_queue():
+                            self.on_line(held)
+                return accepted
+            self._check_refusal(line)
+            # Anything else before the welcome (the greeting) is of no interest to the caller.
+
+    def _check_refusal(self, line: str) -> None:
+        """Raise the ChatError a pre-welcome notice stands for, if any."""
+        notice = protocol.NOTICE_PREFIX
+        if line.startswith(notice + protocol.NICK_REFUSED):
+            reason = line[len(notice + protocol.NICK_REFUSED):]
+            raise NickRefused(reason.removesuffix("; send another"))
+        if line.startswith(notice + protocol.SERVER_FULL):
+            raise ServerFull(f"{line[len(notice):]}")
+        if line.startswith(notice + protocol.TLS_REQUIRED):
+            raise TLSRequired(f"{line[len(notice):]} (drop --plain and pass --ca with the server's ca.pem)")
+
+    def wait_greeting(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the server's first line and raise if it is a refusal.
+
+        A TLS or plain securechat server greets at once (or says it is full); a TLS server reached by
+        a plain client says nothing until the client speaks, so silence is not an error here.
+        """
+        line = self.recv_line(timeout)
+        if line is None:
+            if self.closed:
+                self._raise_ended()
+            return
+        self._check_refusal(line)
+        if not line.startswith(protocol.NOTICE_PREFIX + protocol.GREETING):
+            self._pending_lines.append(line)
+
+    def set_on_line(self, callback: Callable[[str], None] | None) -> None:
+        """Deliver received lines to ``callback`` (in the connection thread) from now on.
+
+        Lines already queued are passed to it first, in order. None goes back to :meth:`recv_line`.
+        """
+        with self._deliver_lock:
+            if callback is not None and self.nick is not None:
+                for held in self._drain_queue():
+                    callback(held)
+            self.on_line = callback
+
+    def _drain_queue(self) -> list[str]:
+        out = self._pending_lines
+        self._pending_lines = []
+        while True:
+            try:
+                item = self._lines.get_nowait()
+            except queue.Empty:
+                return out
+            if item is _END:
+                self._lines.put(_END)
+                return out
+            out.append(item)  # type: ignore[arg-type]
+
+    def _raise_ended(self) -> None:
+        raise Disconnected(self.end_message(), shutdown=self._saw_shutdown)
+
+    # -- chatting ---------------------------------------------------------------------------
+
+    def send(self, text: str) -> bool:
+        """Queue one line for the server (a newline is added). False once the connection is gone."""
+        if self._conn is None:
+            raise RuntimeError("not connected")
+        if self._ended.is_set() or self._conn.closing:
+            return False
+        return self._conn.send(protocol.encode(text.replace("\n", " ")))
+
+    def recv_line(self, timeout: float | None = None) -> str | None:
+        """The next received line, or None when none arrives within ``timeout`` or the connection ended.
+
+        Tell the two apart with :attr:`closed`. Lines go to ``on_line`` instead once registered with a
+        callback.
+        """
+        if self._pending_lines:
+            return self._pending_lines.pop(0)
+        try:
+            if timeout is None or timeout > 0:
+                item = self._lines.get(timeout=timeout)
+            else:
+                item = self._lines.get_nowait()
+        except queue.Empty:
+            return None
+        if item is _END:
+            self._lines.put(_END)  # every later call sees the end too
+            return None
+        return item  # type: ignore[return-value]
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has ended (for whatever reason)."""
+        return self._ended.is_set()
+
+    @property
+    def server_shut_down(self) -> bool:
+        """True when the server announced ``* server shutting down``."""
+        return self._saw_shutdown
+
+    @property
+    def last_notice(self) -> str:
+        """The text of the last server notice received (without ``* ``), e.g. ``goodbye``."""
+        return self._last_notice
+
+    @property
+    def end_reason(self) -> str:
+        """Why the connection ended, as the connection engine put it ("closed by peer", ...)."""
+        return self._end_reason
+
+    def end_message(self) -> str:
+        """One line for people about why the connection ended."""
+        if self._saw_shutdown:
+            return "the server shut down"
+        reason = self._end_reason or "closed"
+        if reason == "closed by peer":
+            if self._last_notice:
+                return f"the server closed the connection: {self._last_notice}"
+            return "the server closed the connection"
+        return f"connection to the server lost: {reason}"
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until the connection has ended; True if it has."""
+        return self._ended.wait(timeout)
+
+    def quit(self, wait: float = QUIT_WAIT) -> None:
+        """Leave politely: send ``/quit``, give the server ``wait`` seconds to close, then close."""
+        if self._conn is not None and not self._ended.is_set():
+            self.send("/quit")
+            self._ended.wait(wait)
+        self.close()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Close the connection (flushing what is queued, TLS close_notify) and wait for its thread."""
+        if self._conn is None:
+            return
+        self._conn.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._conn.abort("closing")
+                self._thread.join(1.0)
+
+    def __enter__(self) -> ChatClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _explain_verification(exc: ssl.SSLCertVerificationError, name: str) -> str:
+    code = exc.verify_code
+    if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_ADDRESS_MISMATCH):
+        option = "--ip" if _looks_like_ip(name) else "--host"
+        return (f"the server's certificate is not valid for {name!r}: connect with the name or address it "
+                f"was "
+                f"issued for, or re-issue it on the server with 'securechat gen-certs {option} {name}'")
+    if code in _X509_UNTRUSTED:
+        return ("the server's certificate is not signed by the CA in the --ca file (wrong or old ca.pem): "
+                f"{_CA_HELP}")
+    if code in (_X509_EXPIRED, _X509_NOT_YET_VALID):
+        return (f"the server's certificate {'has expired' if code == _X509_EXPIRED else 'is not valid yet'}: "
+                "check both clocks, or re-issue it with 'securechat gen-certs'")
+    return f"the server's certificate was refused ({exc.verify_message}): {_CA_HELP}"
+
+
+def _looks_like_ip(name: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, name)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+# -- display ---------------------------------------------------------------------------------
+
+# Readable on dark and light backgrounds alike; red is left out so nobody looks like an error.
+NICK_PALETTE = (
+    "ansigreen", "ansiyellow", "ansiblue", "ansimagenta", "ansicyan",
+    "ansibrightgreen", "ansibrightyellow", "ansibrightblue", "ansibrightmagenta", "ansibrightcyan",
+)  # fmt: skip
+
+NOTICE_STYLE = "italic fg:ansibrightblack"
+
+
+def nick_style(nick: str) -> str:
+    """A colour for ``nick``, the same in every run and on every machine (crc32, not hash())."""
+    key = protocol.nick_key(nick).encode("utf-8")
+    return "bold fg:" + NICK_PALETTE[zlib.crc32(key) % len(NICK_PALETTE)]
+
+
+def format_line(line: str) -> list[tuple[str, str]]:
+    """Style fragments for one received line: a notice dimmed, a chat line's sender coloured.
+
+    The text is put into fragments as literal text, so nothing in it is ever read as markup.
+    """
+    line = protocol.sanitize(line)
+    if protocol.is_notice(line):
+        return [(NOTICE_STYLE, line)]
+    sender = protocol.sender_of(line)
+    if sender is None:
+        return [("", line)]
+    close = line.index("] ")
+    head = line[1:close]  # "nick" or "nick -> other"
+    return [("", "["), (nick_style(sender), sender), ("", head[len(sender):]), ("", "] "),
+            ("", line[close + 2:])]
+
+
+def own_echo(nick: str, text: str) -> str | None:
+    """How a line the user sent looks to the others, to show locally (the server doesn't echo)."""
+    parsed = protocol.parse(text)
+    if isinstance(parsed, str):
+        return f"[{nick}] {parsed}" if parsed.strip() else None
+    if parsed.name == "me" and parsed.arg:
+        return f"[{nick}] * {parsed.arg}"
+    if parsed.name == "msg":
+        target, _, body = parsed.arg.partition(" ")
+        if target and body.strip():
+            return f"[{nick} -> {target}] {body}"
+    return None
+
+
+def _is_quit(text: str) -> bool:
+    parsed = protocol.parse(text.strip())
+    return isinstance(parsed, protocol.Command) and parsed.name == "quit"
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="securechat connect", description="Join a securechat server.")
+    p.add_argument("host", help="the server's IP address or host name")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
+    p.add_argument("--nick", help="nickname (default: asked)")
+    p.add_argument("--ca", type=Path, default=DEFAULT_CA,
+                   help="the CA certificate that signed the server's certificate; copy it from the server's "
+                   "certs/ folder (default: %(default)s)")
+    p.add_argument("--plain", action="store_true",
+                   help="connect WITHOUT encryption, to a server started with --plain")
+    p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
+                   help="oldest TLS version accepted (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="time allowed to connect and complete the handshake (default: %(default)g)")
+    return p
+
+
+def _err(message: str) -> None:
+    print(f"securechat: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``securechat connect``: 0 after leaving (or after the server shut down), 1 on any failure."""
+    args = build_parser().parse_args(argv)
+    context: ssl.SSLContext | None = None
+    if args.plain:
+        _err("WARNING: --plain: NO ENCRYPTION. Everything you type, and your nickname, can be read and "
+             "altered "
+             "by anyone on the network.")
+    else:
+        if not args.ca.is_file():
+            _err(f"CA file {str(args.ca)!r} not found: {_CA_HELP}")
+            return EXIT_FAILURE
+        try:
+            context = tls.client_context(args.ca, tls_min=args.tls_min)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            _err(f"cannot load the CA file {str(args.ca)!r} ({describe_error(exc)}): is it ca.pem? "
+                 f"{_CA_HELP}")
+            return EXIT_FAILURE
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    frontend = _Interactive(args, context) if interactive else _LineMode(args, context)
+    try:
+        return frontend.run()
+    except ChatError as exc:
+        _err(str(exc))
+        # A server that announced its shutdown ended the chat in order: not this command's failure.
+        return EXIT_OK if isinstance(exc, Disconnected) and exc.shutdown else EXIT_FAILURE
+    except KeyboardInterrupt:
+        frontend.client.quit(wait=0.5)
+        return EXIT_OK
+    finally:
+        frontend.client.close()
+
+
+class _Frontend:
+    """What both front ends share: connecting, and choosing a nickname."""
+
+    def __init__(self, args: argparse.Namespace, context: ssl.SSLContext | None) -> None:
+        self.args = args
+        self.context = context
+        self.client = ChatClient()
+
+    def connect(self) -> None:
+        args = self.args
+        self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout)
+        self.client.wait_greeting(min(1.0, self.args.timeout) if self.context is None else self.args.timeout)
+
+    def leave(self) -> int:
+        """Say /quit, let the server answer, and report how it ended.
+
+        Raises Disconnected when the server had already ended the connection for its own reasons
+        (shutdown, kicked), so that is reported rather than passed off as a normal exit.
+        """
+        if self.client.closed:
+            self.client._raise_ended()
+        self.client.quit()
+        if self.client.end_reason == "closed by peer" and self.client.last_notice != "goodbye":
+            self.client._raise_ended()
+        return EXIT_OK
+
+
+class _LineMode(_Frontend):
+    """stdin is a pipe or a file: send each line, print each received line, leave at EOF."""
+
+    def __init__(self, args: argparse.Namespace, context: ssl.SSLContext | None) -> None:
+        super().__init__(args, context)
+        self.stdin: queue.Queue[str | None] = queue.Queue()
+        self.out_lock = threading.Lock()
+
+    def _read_stdin(self) -> None:
+        # A thread, not poll() on fd 0: the seed's menu reads with input(), and sys.stdin may already
+        # hold later lines in its buffer, which only sys.stdin itself can hand over.
+        try:
+            for line in sys.stdin:
+                self.stdin.put(line.rstrip("\r\n"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            pass
+        self.stdin.put(None)
+
+    def _print(self, line: str) -> None:
+        with self.out_lock:
+            try:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass  # stdout closed (a pipe whose reader left): keep chatting silently
+
+    def _next_input(self) -> str | None:
+        """The next stdin line; None at EOF; raises Disconnected if the connection ends first."""
+        while True:
+            try:
+                return self.stdin.get(timeout=0.1)
+            except queue.Empty:
+                if self.client.closed:
+                    self.client._raise_ended()
+
+    def run(self) -> int:
+        self.connect()
+        threading.Thread(target=self._read_stdin, name="securechat-stdin", daemon=True).start()
+        nick = self.args.nick
+        if nick is None:
+            sys.stdout.write("Enter your nickname: ")
+            sys.stdout.flush()
+            nick = self._next_input()
+            if nick is None:
+                self.client.close()
+                return EXIT_OK
+            nick = nick.strip()
+        # Scripts fail loudly on a refused nick rather than feed their next lines in as nicknames.
+        self.client.register(nick, timeout=self.args.timeout)
+        self.client.set_on_line(self._print)
+        while True:
+            text = self._next_input()
+            if text is None or _is_quit(text):
+                return self.leave()
+            if not self.client.send(text):
+                self.client.wait_closed(1.0)
+                self.client._raise_ended()
+
+
+class _Interactive(_Frontend):
+    """stdin and stdout are a terminal: a prompt_toolkit input line with messages printed above it."""
+
+    def run(self) -> int:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.formatted_text import FormattedText
+        from prompt_toolkit.history import InMemoryHistory
+        from prompt_toolkit.patch_stdout import patch_stdout
+        from prompt_toolkit.shortcuts import print_formatted_text
+
+        def show(fragments: list[tuple[str, str]]) -> None:
+            print_formatted_text(FormattedText(fragments))
+
+        print(f"Connecting to {self.args.host}:{self.args.port}...", flush=True)
+        self.connect()
+        print(f"Connected ({'TLS' if self.context else 'NOT ENCRYPTED'}).", flush=True)
+        session: PromptSession[str] = PromptSession(history=InMemoryHistory())
+        nick = self._choose_nick(session, self.args.nick)
+        if nick is None:
+            return self.leave()
+        # The accepted input line is erased: the "[nick] text" echo printed above replaces it, so a
+        # message is not shown twice.
+        session.app.erase_when_done = True
+        ended = threading.Event()
+        main_left = threading.Event()
+
+        def exit_if_running() -> None:
+            # Runs in the prompt's event loop; the prompt may have ended on its own meanwhile.
+            if session.app.is_running:
+                session.app.exit(result=None)
+
+        def exit_prompt() -> None:
+            # The prompt may be between two runs; keep asking until the main thread has noticed.
+            while not main_left.is_set():
+                loop = session.app.loop
+                if session.app.is_running and loop is not None:
+                    loop.call_soon_threadsafe(exit_if_running)
+                main_left.wait(0.1)
+
+        def on_line(line: str) -> None:
+            show(format_line(line))
+
+        def watch_end() -> None:
+            self.client.wait_closed()
+            ended.set()
+            exit_prompt()
+
+        with patch_stdout(raw=False):
+            self.client.set_on_line(on_line)
+            threading.Thread(target=watch_end, name="securechat-watch", daemon=True).start()
+            try:
+                while not ended.is_set():
+                    try:
+                        me = self.client.nick or nick
+                        text = session.prompt(
+                            [(nick_style(me), me), ("", "> ")],
+                            # the connection may have ended while no prompt was running
+                            pre_run=lambda: exit_if_running() if ended.is_set() else None,
+                        )
+                    except KeyboardInterrupt:
+                        break
+                    except EOFError:
+                        break
+                    if text is None or ended.is_set():
+                        break
+                    if _is_quit(text):
+                        break
+                    if not text.strip():
+                        continue
+                    echo = own_echo(self.client.nick or nick, text)
+                    if not self.client.send(text):
+                        break
+                    if echo is not None:
+                        show(format_line(echo))
+            finally:
+                main_left.set()
+        if ended.is_set() or self.client.closed:
+            self.client.close()
+            self.client._raise_ended()
+        return self.leave()
+
+    def _choose_nick(self, session: object, nick: str | None) -> str | None:
+        """Ask (or use --nick) until the server accepts one; None when the user gives up."""
+        while True:
+            if nick is None:
+                try:
+                    nick = session.prompt("Enter your nickname: ").strip()  # type: ignore[attr-defined]
+                except (EOFError, KeyboardInterrupt):
+                    return None
+            error = protocol.nick_error(nick)
+            if error is not None:
+                # Checked here first so the answer is instant; the server checks again anyway.
+                print(f"That nickname won't do: {error}.", flush=True)
+                nick = None
+                continue
+            try:
+                return self.client.register(nick, timeout=self.args.timeout)
+            except NickRefused as exc:
+                print(f"Nickname refused: {exc.reason}. Choose another.", flush=True)
+                nick = None
