@@ -593,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", type=Path, help=f"CA that signs client certificates (default: {DEFAULT_CERT_DIR / 'ca.pem'})")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
                    help="oldest TLS version accepted (default: %(default)s; 1.2 for old clients)")
+    p.add_argument("--no-renew", action="store_true",
+                   help="never re-issue the certificate from the local CA (it is renewed when within 30 days "
+                   "of expiry if ca.key is beside it); expiry warnings stay")
     p.add_argument("--plain", action="store_true",
                    help="serve WITHOUT encryption: everything is readable by anyone on the network")
     p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
@@ -629,14 +632,21 @@ def _load_context(args: argparse.Namespace) -> ssl.SSLContext:
         if not Path(path).exists():
             raise SystemExit(f"serve: {label} file not found: {path} "
                              f"(run 'securechat gen-certs' or pass --cert/--key)")
+    return _context_factory(args)()
+
+
+def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
+    """Builds the server context from the files named by ``args`` (again after each renewal)."""
+    cert = args.cert or DEFAULT_CERT
+    key = args.key or DEFAULT_KEY
     client_ca = None
     if args.require_client_cert:
         client_ca = args.ca or DEFAULT_CERT_DIR / "ca.pem"
         if not Path(client_ca).exists():
             raise SystemExit(f"serve: CA file not found: {client_ca} (pass --ca, the CA that signed the client "
                              "certificates)")
-    return tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
-                              require_client_cert=args.require_client_cert)
+    return lambda: tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
+                                      require_client_cert=args.require_client_cert)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -674,6 +684,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # second Ctrl-C cannot interrupt it half-way with a traceback.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    renewer = None
+    if context is not None:
+        from securechat.renewal import CertRenewer
+
+        # Renews from the local CA (or warns) now and daily; swaps server.ssl_context for new handshakes.
+        renewer = CertRenewer(server, args.cert or DEFAULT_CERT, args.key or DEFAULT_KEY,
+                              auto_renew=not args.no_renew, build_context=_context_factory(args))
+        renewer.check_once()
+        renewer.start()
     if args.require_client_cert:
         print("[SERVER] Mutual TLS: only clients with a certificate from the CA may join; nicknames are "
               "their certificates' names", flush=True)
@@ -688,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = server.address
     print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
     server.serve_forever()
+    if renewer is not None:
+        renewer.stop()
     server.shutdown()
     print("[SERVER] Stopped", flush=True)
     return 0

@@ -8,10 +8,18 @@ pin a fingerprint instead (see :func:`client_context`'s ``pin`` parameter in the
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import hashlib
+import logging
+import os
 import re
 import ssl
+import sys
+import threading
 from pathlib import Path
+
+log = logging.getLogger("securechat.tls")
 
 TLS_VERSIONS = {
     "1.2": ssl.TLSVersion.TLSv1_2,
@@ -35,15 +43,148 @@ INTERMEDIATE_CIPHERS = ":".join(
 )
 
 
+# Mozilla "modern" and "intermediate" (v5.7) key exchange groups, most preferred first: X25519, then
+# the NIST curves P-256 (prime256v1) and P-384 (secp384r1). OpenSSL's default list also offers X448,
+# P-521 and the finite-field groups (ffdhe2048...), which the profiles leave out.
+MODERN_GROUPS = ("X25519", "P-256", "P-384")
+
+# OpenSSL's SSL_CTRL_SET_GROUPS_LIST (ssl.h; the same number since 1.1.0, where it replaced
+# SSL_CTRL_SET_CURVES_LIST) and SSL_CTRL_GET_MIN_PROTO_VERSION / SSL_CTRL_GET_MAX_PROTO_VERSION.
+_SSL_CTRL_SET_GROUPS_LIST = 92
+_SSL_CTRL_GET_MIN_PROTO_VERSION = 130
+_SSL_CTRL_GET_MAX_PROTO_VERSION = 131
+
+# The "cannot restrict the groups" warning is logged once per process, not for every context.
+_groups_warned = False
+_groups_lock = threading.Lock()
+_ctrl_cache: list[object] = []  # [SSL_CTX_ctrl function or None], resolved once
+
+
+def _ssl_ctx_ctrl() -> object | None:
+    """``SSL_CTX_ctrl`` from the very OpenSSL that the ``_ssl`` module uses, or None.
+
+    Loading ``libssl`` by name could pick another copy (another version, another struct layout) than
+    the one behind ``ssl``; looking the symbol up through the ``_ssl`` extension's own handle gets the
+    one it is linked against (dlsym searches a library's dependencies). On Windows the DLL lies beside
+    ``_ssl.pyd``. A build that links OpenSSL statically and hides its symbols yields None.
+    """
+    if _ctrl_cache:
+        return _ctrl_cache[0]
+    func = None
+    try:
+        import _ssl
+
+        candidates = [_ssl.__file__]
+        if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+            candidates = sorted(glob.glob(os.path.join(os.path.dirname(_ssl.__file__), "libssl*.dll")))
+        for path in candidates:
+            try:
+                func = ctypes.CDLL(path).SSL_CTX_ctrl
+                break
+            except (OSError, AttributeError):
+                continue
+        if func is not None:
+            func.restype = ctypes.c_long
+            func.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    except (ImportError, AttributeError, OSError):
+        func = None
+    _ctrl_cache.append(func)
+    return func
+
+
+def _ssl_ctx_pointer(ctx: ssl.SSLContext, ctrl) -> int | None:  # type: ignore[no-untyped-def]
+    """The ``SSL_CTX *`` behind ``ctx``, confirmed by a round trip, or None.
+
+    CPython's ``PySSLContext`` (Modules/_ssl.c, unchanged from 3.x through 3.14) starts with
+    ``PyObject_HEAD`` followed by ``SSL_CTX *ctx``; ``object.__basicsize__`` is the size of that head
+    on this very build (also for debug and free-threaded builds). The pointer is only trusted once
+    OpenSSL reports, for two different settings made through the ssl module, the protocol versions
+    that the ssl module set: a wrong pointer would not track them.
+    """
+    if sys.implementation.name != "cpython" or not isinstance(ctx, ssl.SSLContext):
+        return None
+    offset = object.__basicsize__
+    if type(ctx).__basicsize__ < offset + ctypes.sizeof(ctypes.c_void_p):
+        return None
+    pointer = ctypes.c_void_p.from_address(id(ctx) + offset).value
+    if not pointer:
+        return None
+    saved = ctx.minimum_version, ctx.maximum_version
+    try:
+        for low, high in (
+            (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3),
+            (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_3),
+        ):
+            ctx.maximum_version = high
+            ctx.minimum_version = low
+            got = (
+                ctrl(pointer, _SSL_CTRL_GET_MIN_PROTO_VERSION, 0, None),
+                ctrl(pointer, _SSL_CTRL_GET_MAX_PROTO_VERSION, 0, None),
+            )
+            if got != (low.value, high.value):
+                return None
+    finally:
+        ctx.minimum_version, ctx.maximum_version = saved
+    return pointer
+
+
+def set_groups(ctx: ssl.SSLContext, groups: tuple[str, ...] = MODERN_GROUPS) -> str | None:
+    """Restrict the key exchange groups of ``ctx`` to ``groups``; return how, or None if impossible.
+
+    Python before 3.15 has no way to set the group *list*: ``set_ecdh_curve`` takes a single curve.
+    The choice here, in order:
+
+    1. ``SSLContext.set_groups`` when the ssl module has it (CPython 3.15+).
+    2. ``SSL_CTX_ctrl(ctx, SSL_CTRL_SET_GROUPS_LIST, 0, "X25519:P-256:P-384")`` through ctypes, on the
+       ``SSL_CTX`` found by :func:`_ssl_ctx_pointer` (layout known, confirmed by a round trip) and with
+       the ``SSL_CTX_ctrl`` of the OpenSSL that ``_ssl`` is linked against. This is a stable public
+       OpenSSL API (the ``SSL_CTX_set1_groups_list`` macro); only the way to the pointer is CPython
+       specific, hence the checks.
+    3. Otherwise keep OpenSSL's defaults (still only strong groups: X25519, P-256, X448, P-521, P-384
+       and ffdhe2048+) and log one warning per process.
+
+    An ``OPENSSL_CONF`` file (``Groups = ...``) was rejected: it must be in the environment before the
+    ssl module initialises OpenSSL, it applies to every context in the process, and a system
+    configuration or an ``OPENSSL_CONF`` set by the user would silently override or be overridden.
+    """
+    global _groups_warned
+    text = ":".join(groups)
+    native = getattr(ctx, "set_groups", None)
+    if callable(native):
+        for arg in (text, list(groups)):
+            try:
+                native(arg)
+                return "set_groups"
+            except (TypeError, ValueError, ssl.SSLError):
+                continue
+    ctrl = _ssl_ctx_ctrl()
+    pointer = _ssl_ctx_pointer(ctx, ctrl) if ctrl is not None else None
+    if ctrl is not None and pointer is not None:
+        if ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, text.encode("ascii")) == 1:  # type: ignore[operator]
+            return "ctypes"
+    with _groups_lock:
+        if not _groups_warned:
+            _groups_warned = True
+            log.warning(
+                "cannot restrict TLS key exchange groups to %s with this Python/OpenSSL (%s): "
+                "OpenSSL's default groups stay enabled",
+                text,
+                ssl.OPENSSL_VERSION,
+            )
+    return None
+
+
 def _harden(ctx: ssl.SSLContext, tls_min: str) -> None:
     try:
         ctx.minimum_version = TLS_VERSIONS[tls_min]
     except KeyError:
-        raise ValueError(f"unsupported TLS version {tls_min!r}: choose one of {', '.join(TLS_VERSIONS)}") from None
+        choices = ", ".join(TLS_VERSIONS)
+        raise ValueError(f"unsupported TLS version {tls_min!r}: choose one of {choices}") from None
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     if tls_min == "1.2":
         ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+    set_groups(ctx)
 
 
 def server_context(
