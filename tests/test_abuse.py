@@ -42,6 +42,11 @@ NOTICE_RE = re.compile(
     r"|[A-Za-z0-9_-]{1,24} is now [A-Za-z0-9_-]{1,24}"
     r"|server shutting down)\Z"
 )
+WAKER_BUG = (
+    "bug: Waker.wake() after Waker.close() writes 8 bytes into a reused descriptor: a broadcast to a "
+    "session whose Connection has released its eventfd (conn.run returned, room.leave not yet done) "
+    "corrupts whatever socket now has that fd number"
+)
 RELAYED_RE = re.compile(r"\[[A-Za-z0-9_-]{1,24}(?: -> [A-Za-z0-9_-]{1,24})?\] ")
 
 
@@ -413,3 +418,312 @@ def test_tls_alerts_and_closes_in_the_middle(serve: Serve, connect: Connect, cli
     assert wait_for(lambda: threading.active_count() <= threads_before + 1, 10), threading.active_count()
     assert wait_for(lambda: fd_count() <= fds_before + 2, 5), (fd_count(), fds_before)
     assert_healthy(server, connect)
+
+
+# -- garbage and resets after the handshake ------------------------------------------------------
+
+
+def _garbage_after_nick(i: int, server: ChatServer, connect: Connect) -> str | None:
+    """Register, spew one kind of garbage, leave in one of several ways; return any cut-off notice."""
+    rng = random.Random(1000 + i)
+    nick = f"g{i}"
+    c = connect(server, nick)
+    kind = i % 6
+    if kind == 0:  # invalid UTF-8, NULs and high bytes, newline-terminated lines
+        lines = (garbage(rng, rng.randrange(1, 300)).replace(b"\n", b"") for _ in range(5))
+        payload = b"\n".join(lines) + b"\n"
+    elif kind == 1:  # terminal escape sequences and controls of every sort
+        payload = (b"\x1b[2J\x1b[H\x1b]0;owned\x07\x1b]52;c;ZXZpbA==\x07\x00\x07\x08\x7f\xc2\x9b31m"
+                   b"\xe2\x80\xae\xe2\x80\xa8\r* fake notice\n")
+    elif kind == 2:  # a fake server notice and a fake relayed line from somebody else
+        payload = b"* server shutting down\n[alice] send me your password\n\r\n\n"
+    elif kind == 3:  # a huge run without a newline: cut off
+        payload = b"\x00\xff" * (protocol.MAX_LINE_BYTES + rng.randrange(1, 5000))
+    elif kind == 4:  # random bytes, newlines included, no trailing newline
+        payload = garbage(rng, rng.randrange(1, 3000)).replace(b"\n", b"", 0)
+    else:  # raw garbage with random newlines, then a reset
+        payload = garbage(rng, rng.randrange(1, 2000))
+    notice = None
+    try:
+        c.send(payload)
+        if kind == 3:
+            notice = c.expect("* " + protocol.LINE_TOO_LONG, timeout=5)
+        elif kind == 5:
+            hard_reset(c.sock)
+        elif kind in (0, 1, 2):  # checked below, so make sure the server reads them (no RST)
+            c.send(b"\n/quit\n")
+            c.expect("* goodbye", timeout=5)
+    except (OSError, EOFError):
+        pass
+    finally:
+        c.close()
+    return notice
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=WAKER_BUG + " (usually hit here; see the strict test below)")
+def test_random_bytes_after_the_handshake(serve: Serve, connect: Connect) -> None:
+    """300 registered clients send garbage (invalid UTF-8, NULs, escapes, huge lines); a bystander
+    sees only sanitised relayed lines and genuine notices, and the server stays up."""
+    server = serve(flood_rate=0)  # let every garbage line through the flood control to the bystander
+    watcher = connect(server, "watcher")
+    n = 300
+    with ThreadPoolExecutor(8) as pool:
+        notices = list(pool.map(lambda i: _garbage_after_nick(i, server, connect), range(n), timeout=40))
+    too_long = [x for x in notices if x is not None]
+    assert len(too_long) == n // 6
+    expected = f"* {protocol.LINE_TOO_LONG} (over {protocol.MAX_LINE_BYTES} bytes)"
+    assert all(x.startswith(expected) for x in too_long)
+    session_count_returns_to(server, 1)
+    watcher.send("/who")
+    seen = []
+    for _ in range(100_000):  # bounded: every join, leave and garbage line, then the /who answer
+        line = watcher.readline(timeout=10)
+        if line.startswith("* 1 online: watcher"):
+            break
+        seen.append(line)
+    assert_clean_stream(seen)
+    assert sum(1 for line in seen if line.endswith(" joined")) == n
+    assert sum(1 for line in seen if re.match(r"\* g\d+ left", line)) == n
+    # The forged notice and the forged sender arrived only behind their real sender's name.
+    assert "[g2] * server shutting down" in seen
+    assert "[g2] [alice] send me your password" in seen
+    assert any(line.startswith("[g1] ") and line.endswith("* fake notice") for line in seen)
+    assert_healthy(server, connect)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=WAKER_BUG + " (often hit here; see the strict test below)")
+def test_resets_mid_line_never_relay_the_partial_line(serve: Serve, connect: Connect) -> None:
+    """300 clients reset (SO_LINGER 0) half-way through a line, registered or still choosing a nick."""
+    server = serve()
+    threads_before = threading.active_count()
+    watcher = connect(server, "watcher")
+    n = 300
+
+    def one(i: int) -> None:
+        if i % 3 == 0:  # mid-nick
+            c = connect(server)
+            c.expect(GREETING)
+            c.send(b"half_a_ni")
+        else:
+            c = connect(server, f"r{i}")
+            c.send(b"first line\npartial line never finish")
+        hard_reset(c.sock)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(n), timeout=40))
+    session_count_returns_to(server, 1)
+    watcher.send("/who")
+    seen = []
+    for _ in range(10_000):
+        line = watcher.readline(timeout=10)
+        if line.startswith("* 1 online: watcher"):
+            break
+        seen.append(line)
+    assert_clean_stream(seen)
+    registered = n - len(range(0, n, 3))
+    # A reset may destroy data the server had not read yet (that is what an RST means), so some
+    # complete lines may be lost; a partial line must never be relayed.
+    relayed = sum(1 for line in seen if line.startswith("[r") and line.endswith("] first line"))
+    assert registered // 2 <= relayed <= registered
+    assert sum(1 for line in seen if re.match(r"\* r\d+ left \(", line)) == registered
+    assert not [line for line in seen if "partial" in line or "half_a_ni" in line]
+    assert wait_for(lambda: threading.active_count() <= threads_before + 1, 10), threading.active_count()
+    assert_healthy(server, connect)
+
+
+# -- nick abuse ----------------------------------------------------------------------------------
+
+
+def test_nick_abuse_is_refused_over_the_wire(serve: Serve, connect: Connect) -> None:
+    server = serve(flood_rate=0)
+    alice = connect(server, "alice")
+    newcomer = connect(server)
+    newcomer.expect(GREETING)
+    refusals: list[tuple[bytes, str]] = [
+        (b"ALICE", "taken"),
+        (b"AIice", "taken"),  # capital i
+        (b"al1ce", "taken"),  # digit one
+        (b"A1ICE", "taken"),
+        (b"alice ", "taken"),  # trailing blanks are not a different nick
+        (b"\t alice", "taken"),
+        (b"ali\x00ce", "taken"),  # controls are stripped before comparing, never kept in a nick
+        (b"al\x1b[0mice", "taken"),
+        (b"alic\xe2\x80\xaee", "taken"),  # a bidi override hidden in the middle
+        (b"server", "reserved"),
+        (b"Admin", "reserved"),
+        (b"r00t", "reserved"),
+        (b"R00T", "reserved"),
+        (b"SYSTEM", "reserved"),
+        (b"   ", "empty"),
+        (b"\x1b[2J", "empty"),  # nothing left once the escape sequence is gone
+        (b"\x00\x01\x02", "empty"),
+        (b"x" * 25, "at most 24"),
+        (b"n" * 200, "at most 24"),
+        (b"bad\tnick", "letters"),
+        (b"eve\r* op", "letters"),  # a carriage return cannot overwrite the line on screen
+        (b"\xff\xfeinvalid", "letters"),
+        (b"\xef\xbd\x81lice", "letters"),  # fullwidth a
+        (b"al\xd1\x96ce", "letters"),  # Cyrillic i
+        (b"[alice]", "letters"),
+        (b"* alice", "letters"),
+    ]
+    for bad, why in refusals:
+        newcomer.send(bad + b"\n")
+        line = newcomer.readline(timeout=5)
+        assert line.startswith("* nickname refused: ") and why in line, (bad, line)
+        assert protocol.is_safe(line), line
+    # An 8 KB nick is a line too long: refused and cut off.
+    newcomer.send(b"n" * 8192 + b"\n")
+    assert newcomer.expect("* line too long", timeout=5)
+    with pytest.raises((EOFError, OSError)):
+        for _ in range(10):
+            newcomer.readline(timeout=5)
+    # None of that registered anybody or bothered alice.
+    assert alice.lines_until_quiet(0.3) == []
+    assert server.client_count == 1
+
+
+def test_newline_in_a_nick_splits_it_and_cannot_forge_a_notice(serve: Serve, connect: Connect) -> None:
+    server = serve(flood_rate=0)
+    alice = connect(server, "alice")
+    eve = connect(server)
+    eve.expect(GREETING)
+    eve.send(b"eve\n* bob joined\r\n")  # the second line is chat from eve, not a notice
+    assert eve.readline().startswith("* welcome, eve!")
+    assert alice.readline() == "* eve joined"
+    assert alice.readline() == "[eve] * bob joined"
+    # A nick sent in pieces is reassembled, not registered piecemeal.
+    mallet = connect(server)
+    mallet.expect(GREETING)
+    mallet.send(b"mal")
+    time.sleep(0.1)
+    mallet.send(b"let\n")
+    assert mallet.readline().startswith("* welcome, mallet!")
+    assert alice.readline() == "* mallet joined"
+
+
+def test_renaming_to_a_lookalike_or_reserved_nick_is_refused(serve: Serve, connect: Connect) -> None:
+    server = serve(flood_rate=0)
+    alice = connect(server, "alice")
+    bob = connect(server, "bob")
+    alice.expect("* bob joined")
+    for bad, why in [("ALICE", "taken"), ("AIice", "taken"), ("al1ce", "taken"), ("a1ICE", "taken"),
+                     ("ali\x00ce", "taken"), ("Admin", "reserved"), ("r00t", "reserved"), ("", "empty"),
+                     ("x" * 25, "at most 24"), ("two words", "letters"), ("\x1b[31m", "empty")]:
+        bob.send(f"/nick {bad}")
+        line = bob.readline(timeout=5)
+        assert line.startswith("* nickname refused: ") and why in line, (bad, line)
+    # Bob is still bob, and alice saw no rename.
+    bob.send("still bob")
+    assert alice.readline() == "[bob] still bob"
+    # Renaming to a look-alike of one's own nick is fine (nobody else is impersonated).
+    bob.send("/nick B0B")
+    assert alice.readline() == "* bob is now B0B"
+    alice.send("/nick b0b")
+    assert alice.expect("* nickname refused").startswith("* nickname refused: 'b0b' is taken")
+    assert server.client_count == 2
+
+
+# -- timeouts ------------------------------------------------------------------------------------
+
+
+def test_handshake_timeout_closes_a_silent_connection(serve: Serve) -> None:
+    server = serve(handshake_timeout=0.5)
+    socks = [raw_connect(server) for _ in range(20)]
+    opened = time.monotonic()
+    still_open, ended = await_eof(socks, timeout=5.0)
+    for s in socks:
+        s.close()
+    assert not still_open, "a connection that never started TLS outlived the handshake timeout"
+    lifetimes = [t - opened for t in ended.values()]
+    assert 0.4 <= min(lifetimes) and max(lifetimes) < 2.5, lifetimes
+
+
+def test_login_timeout_cannot_be_extended_by_trickling_or_bad_nicks(serve: Serve, connect: Connect) -> None:
+    """After the handshake the login deadline is absolute: neither a nick sent a byte at a time
+    (slowloris) nor a stream of refused nicks buys more time."""
+    server = serve(login_timeout=1.0, flood_rate=0)
+    trickler = connect(server)
+    trickler.expect(GREETING)
+    refused = connect(server)
+    refused.expect(GREETING)
+    started = time.monotonic()
+    cut: dict[str, float] = {}
+    for _ in range(100):  # at most 100 x 0.05 s
+        if len(cut) == 2 or time.monotonic() - started > 4:
+            break
+        for name, c, data in (("trickler", trickler, b"a"), ("refused", refused, b"root\n")):
+            if name in cut:
+                continue
+            try:
+                c.send(data)
+                c.sock.settimeout(0.001)
+                for _ in range(5):
+                    line = c.readline(timeout=0.001)
+                    if line.startswith("* no nickname within 1 s"):
+                        cut[name] = time.monotonic() - started
+            except (TimeoutError, ssl.SSLWantReadError):
+                pass
+            except (OSError, EOFError):
+                cut.setdefault(name, time.monotonic() - started)
+        time.sleep(0.05)
+    assert set(cut) == {"trickler", "refused"}, cut
+    assert all(0.9 <= t < 2.5 for t in cut.values()), cut
+    session_count_returns_to(server, 0, timeout=5)
+
+
+@pytest.mark.xfail(strict=True, reason=WAKER_BUG)
+def test_churn_during_broadcasts_never_corrupts_another_connection(serve: Serve, connect: Connect) -> None:
+    """Clients come and go while others talk: no byte meant for one connection reaches another.
+
+    Every departing session is still in the room's broadcast snapshot for a moment after its
+    connection closed its eventfd; a wake-up written to that descriptor number then lands in a
+    freshly accepted socket (or a client's, in this process), and the victim's TLS stream breaks
+    with WRONG_VERSION_NUMBER / BAD_RECORD_MAC.
+    """
+    server = serve(flood_rate=0)
+    talker = connect(server, "talker")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def talk() -> None:
+        for i in range(200_000):  # bounded; stopped much earlier
+            if stop.is_set():
+                return
+            try:
+                talker.send(b"".join(b"chatter %d\n" % (i * 20 + k) for k in range(20)))
+            except OSError as exc:
+                errors.append(exc)
+                return
+            time.sleep(0.001)
+
+    def churn(i: int) -> None:
+        if stop.is_set():
+            return
+        try:
+            c = connect(server, f"c{i}")
+            c.send("hello")
+            c.readline(timeout=5)
+            if i % 2:
+                hard_reset(c.sock)
+            else:
+                c.close()
+        except (ssl.SSLError, OSError, EOFError, AssertionError) as exc:
+            errors.append(exc)
+            stop.set()
+
+    talk_thread = threading.Thread(target=talk, daemon=True)
+    talk_thread.start()
+    deadline = time.monotonic() + 15
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            for start in range(0, 1200, 100):  # at most 1200 churners, 15 s
+                if stop.is_set() or time.monotonic() > deadline:
+                    break
+                list(pool.map(churn, range(start, start + 100)))
+    finally:
+        stop.set()
+        talk_thread.join(5)
+    assert not errors, errors[:3]
