@@ -14,9 +14,11 @@ import os
 import random
 import re
 import selectors
+import shutil
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -727,3 +729,133 @@ def test_churn_during_broadcasts_never_corrupts_another_connection(serve: Serve,
         stop.set()
         talk_thread.join(5)
     assert not errors, errors[:3]
+
+
+# -- keepalive, per-address limit, flood control -------------------------------------------------
+
+
+def test_tcp_keepalive_is_on_for_accepted_connections(serve: Serve, connect: Connect) -> None:
+    """``ss`` shows a keepalive timer on the server's side of every established connection."""
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("ss (iproute2) is not installed")
+    server = serve()
+    port = server.address[1]
+    alice = connect(server, "alice")
+    connect(server, "bob")
+    alice.expect("* bob joined")
+    # While a segment awaits its (delayed) ACK, ss shows the retransmission timer instead: wait
+    # (bounded) until both connections are idle.
+    rows: list[str] = []
+    for _ in range(50):
+        out = subprocess.run([ss, "-tnoH", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        rows = [row for row in out.splitlines() if row.strip()]
+        if len(rows) == 2 and all("timer:(on," not in row for row in rows):
+            break
+        time.sleep(0.1)
+    assert len(rows) == 2, rows
+    for row in rows:
+        m = re.search(r"timer:\(keepalive,(?:(\d+)min)?(\d+)(?:\.\d+)?(m?s)(?:ec)?,\d+\)", row)
+        assert m, f"no keepalive timer on the server side: {row}"
+        minutes, value, unit = int(m.group(1) or 0), int(m.group(2)), m.group(3)
+        seconds = minutes * 60 + (value / 1000 if unit == "ms" else value)
+        # tune_socket's 60 s idle time, not the kernel's 2 h default.
+        assert 0 < seconds <= 60, row
+
+
+def test_per_address_slot_frees_again_after_a_disconnect(serve: Serve, connect: Connect) -> None:
+    server = serve(max_per_ip=2)
+    alice = connect(server, "alice")
+    bob = connect(server, "bob")
+    alice.expect("* bob joined")
+    for _ in range(5):  # refusals must not use up the slot either
+        third = connect(server)
+        assert third.readline().startswith("* too many connections from 127.0.0.1")
+        third.close()
+    # A clean quit frees the slot as soon as the client has seen the end of the stream.
+    for i in range(20):
+        bob.send("/quit")
+        bob.expect("* goodbye")
+        with pytest.raises(EOFError):
+            bob.readline(timeout=5)
+        bob = connect(server)
+        line = bob.readline()
+        assert line == GREETING, f"round {i}: slot not freed after a clean quit: {line!r}"
+        bob.send(f"bob{i}")
+        assert bob.readline().startswith(f"* welcome, bob{i}!")
+        alice.expect(f"* bob{i} joined")
+    # A reset frees it too, once the server has noticed.
+    hard_reset(bob.sock)
+    alice.expect("* bob19 left (")
+    session_count_returns_to(server, 1)
+    carol = connect(server)
+    assert carol.readline() == GREETING
+    carol.send("carol")
+    assert carol.readline().startswith("* welcome, carol!")
+
+
+def test_flood_cannot_delay_a_calm_client_and_the_flooder_is_cut_off(serve: Serve, connect: Connect) -> None:
+    server = serve(flood_rate=10, flood_burst=20)  # the defaults
+    observer = connect(server, "observer")
+    flooder = connect(server, "flooder")
+    calm = connect(server, "calm")
+    observer.expect("* calm joined")
+    flooder.expect("* calm joined")
+    blast_done = threading.Event()
+
+    def blast() -> None:
+        try:
+            for r in range(50):  # 50 x 100 lines at most; the server cuts us off long before
+                flooder.send(b"".join(b"spam %d\n" % (r * 100 + k) for k in range(100)))
+        except OSError:
+            pass
+        blast_done.set()
+
+    thread = threading.Thread(target=blast, daemon=True)
+    thread.start()
+    observer.expect("[flooder] spam", timeout=5)  # the flood is on
+    sent = time.monotonic()
+    calm.send("calm line")
+    seen: list[str] = []
+    latency = None
+    for _ in range(10_000):  # bounded in count; readline bounds each wait
+        line = observer.readline(timeout=10)
+        seen.append(line)
+        if line.startswith("[calm]"):
+            latency = time.monotonic() - sent
+        if latency is not None and any(x.startswith("* flooder left") for x in seen):
+            break
+    assert "[calm] calm line" in seen
+    assert latency is not None and latency < 1.0, latency
+    assert "* flooder left (disconnected for flooding)" in seen
+    thread.join(10)
+    assert blast_done.is_set()
+    flooder_lines = flooder.lines_until_quiet(0.5)
+    slow_down = "* slow down: at most 10 lines a second"
+    assert any(line.startswith(slow_down) for line in flooder_lines), flooder_lines
+    assert "* disconnected for flooding" in flooder_lines
+    calm.send("after the flood")
+    assert observer.expect("[calm]") == "[calm] after the flood"
+    session_count_returns_to(server, 2)
+
+
+def test_flooder_lines_reaching_others_are_bounded_by_the_rate(serve: Serve, connect: Connect) -> None:
+    server = serve(flood_rate=10, flood_burst=20)
+    observer = connect(server, "observer")
+    flooder = connect(server, "flooder")
+    observer.expect("* flooder joined")
+    started = time.monotonic()
+    try:
+        flooder.send(b"".join(b"spam %d\n" % k for k in range(5000)))
+    except OSError:
+        pass
+    seen = []
+    for _ in range(6000):
+        line = observer.readline(timeout=10)
+        if line.startswith("* flooder left"):
+            break
+        seen.append(line)
+    elapsed = time.monotonic() - started
+    assert len(seen) <= 20 + 10 * elapsed + 1, (len(seen), elapsed)
+    assert seen == [f"[flooder] spam {k}" for k in range(len(seen))]
