@@ -52,11 +52,18 @@ _WOULD_BLOCK_WRITE = (ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
 
 
 class Waker:
-    """A file descriptor that another thread makes readable to wake a ``poll()``."""
+    """A file descriptor that another thread makes readable to wake a ``poll()``.
 
-    __slots__ = ("_r", "_w")
+    Senders may still hold a connection that has just ended, so :meth:`wake` and :meth:`close`
+    share a lock: once closed, the descriptor number may already belong to a newly accepted
+    socket, and eight stray bytes written there would corrupt somebody else's TLS stream.
+    """
+
+    __slots__ = ("_r", "_w", "_lock", "_closed")
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
         if hasattr(os, "eventfd"):
             # One descriptor instead of a pair: matters at thousands of connections.
             self._r = self._w = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -70,25 +77,32 @@ class Waker:
         return self._r
 
     def wake(self) -> None:
-        """Make the descriptor readable; safe from any thread."""
-        try:
-            os.write(self._w, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        except (BlockingIOError, OSError):
-            pass  # already readable (counter full) or closed: either way nothing to add
+        """Make the descriptor readable; safe from any thread, a no-op once closed."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._w, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            except OSError:
+                pass  # already readable (counter full): nothing to add
 
     def clear(self) -> None:
         """Consume the wake-ups (owner thread only)."""
         try:
             os.read(self._r, 64)
-        except (BlockingIOError, OSError):
+        except OSError:
             pass
 
     def close(self) -> None:
-        for fd in {self._r, self._w}:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in {self._r, self._w}:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 class Outbox:

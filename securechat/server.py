@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from securechat import DEFAULT_HOST, DEFAULT_PORT, protocol, tls
+from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, tls
+from securechat.console import announce
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.protocol import Command
 
@@ -53,8 +54,9 @@ THREAD_STACK_SIZE = 512 * 1024
 TLS_HANDSHAKE_RECORD = 0x16
 
 # Beyond max_clients, connections being refused still need a thread for the explanation; past this
-# many more they are closed without one.
+# many more they are closed without one. Likewise per address, beyond --max-per-ip.
 REFUSAL_HEADROOM = 64
+REFUSAL_HEADROOM_PER_IP = 8
 
 
 class State(enum.Enum):
@@ -155,6 +157,7 @@ class Session:
         self.bucket = protocol.TokenBucket(server.flood_rate, server.flood_burst, now)
         self.dropped = 0
         self.thread: threading.Thread | None = None
+        self.slot: _Slot | None = None
         self.handlers: dict[str, Callable[[str], None]] = {
             "nick": self.cmd_nick,
             "who": self.cmd_who,
@@ -176,6 +179,7 @@ class Session:
     def _ended(self, why: str) -> None:
         was_member = self.state is State.CHAT
         self.state = State.CLOSED
+        self.server._release_session(self)
         if was_member:
             # While the server shuts down everyone leaves at once; nobody needs the roll call.
             self.server.room.leave(self, _leave_reason(why), quiet=self.server.stopping)
@@ -198,11 +202,13 @@ class Session:
                     log.warning("%s %s disconnected for flooding", self.peer, self.nick)
                 continue
             self.dropped = 0
-            line = protocol.sanitize(protocol.decode(raw))
+            # Not sanitised yet: a nickname with a control character in it is refused, not
+            # quietly repaired; chat text is sanitised where it is relayed.
+            text = protocol.decode(raw)
             if self.state is State.NICK:
-                self._register(line.strip())
+                self._register(text.strip())
             else:
-                self._chat(line)
+                self._chat(text)
 
     def _register(self, nick: str) -> None:
         parsed = protocol.parse(nick)
@@ -236,17 +242,18 @@ class Session:
                    "/help lists commands")
         log.info("%s is %s%s", self.peer, nick, " (certificate)" if self.bound_nick else "")
 
-    def _chat(self, line: str) -> None:
-        parsed = protocol.parse(line)
+    def _chat(self, text: str) -> None:
+        parsed = protocol.parse(text)
         if isinstance(parsed, str):
-            if parsed.strip():
-                self.server.room.broadcast(protocol.chat(self.nick, parsed), exclude=self)
+            line = protocol.sanitize(parsed)
+            if line.strip():
+                self.server.room.broadcast(protocol.chat(self.nick, line), exclude=self)
             return
         handler = self.handlers.get(parsed.name)
         if handler is None:
-            self.reply(f"unknown command /{parsed.name}; /help lists commands")
+            self.reply(f"unknown command /{protocol.sanitize(parsed.name)}; /help lists commands")
         else:
-            handler(parsed.arg)
+            handler(parsed.arg)  # unsanitised: each handler sanitises what it relays
 
     def _on_tick(self, now: float) -> None:
         if self.state is State.NICK:
@@ -280,13 +287,14 @@ class Session:
             return
         target = self.server.room.find(target_nick)
         if target is None:
-            self.reply(f"no such nick: {target_nick}")
+            self.reply(f"no such nick: {protocol.sanitize(target_nick)}")
             return
-        target.conn.send(protocol.private(self.nick, target.nick, text))
+        target.conn.send(protocol.private(self.nick, target.nick, protocol.sanitize(text)))
 
     def cmd_me(self, arg: str) -> None:
-        if arg:
-            self.server.room.broadcast(protocol.action(self.nick, arg), exclude=self)
+        action = protocol.sanitize(arg).strip()
+        if action:
+            self.server.room.broadcast(protocol.action(self.nick, action), exclude=self)
 
     def cmd_help(self, arg: str) -> None:
         self.reply(protocol.HELP_TEXT)
@@ -350,7 +358,7 @@ class ChatServer:
         self._sessions: set[Session] = set()
         self._connections = 0  # accepted sockets with a live thread, handshaking or in session
         self._per_ip: dict[str, int] = {}
-        self._pending: set[socket.socket] = set()  # sockets still handshaking
+        self._handshaking: set[socket.socket] = set()  # sockets in their TLS handshake
         self._listener: socket.socket | None = None
         self._waker = Waker()
         self._stopping = threading.Event()
@@ -424,10 +432,12 @@ class ChatServer:
             self._stopped.wait(timeout)
         with self._lock:
             sessions = list(self._sessions)
-            pending = list(self._pending)
-        for sock in pending:  # wakes handshakes blocked in recv; touches no SSL object
+            handshaking = list(self._handshaking)
+        for sock in handshaking:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                # The plain socket's shutdown, even on an SSLSocket: a syscall on the descriptor
+                # that wakes the blocked handshake, without touching its SSL object.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
         bye = protocol.notice(protocol.SHUTDOWN)
@@ -459,65 +469,66 @@ class ChatServer:
     def _admit(self, sock: socket.socket, peer: tuple) -> None:
         ip = peer[0]
         with self._lock:
-            if self._connections >= self.max_clients + REFUSAL_HEADROOM:
+            crowd = self._per_ip.get(ip, 0)
+            if self._connections >= self.max_clients + REFUSAL_HEADROOM or (
+                    self.max_per_ip and crowd >= self.max_per_ip + REFUSAL_HEADROOM_PER_IP):
                 sock.close()
-                log.warning("refused %s: %d connections", peer, self._connections)
+                log.warning("refused %s at once: %d connections, %d from that address", peer,
+                            self._connections, crowd)
                 return
             self._connections += 1
-            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-            self._pending.add(sock)
+            self._per_ip[ip] = crowd + 1
+        slot = _Slot(self, ip)
         try:
-            thread = threading.Thread(target=self._handle, args=(sock, peer), name=f"client-{peer[0]}:{peer[1]}",
-                                      daemon=True)
+            thread = threading.Thread(target=self._handle, args=(sock, peer, slot),
+                                      name=f"client-{peer[0]}:{peer[1]}", daemon=True)
             thread.start()
         except RuntimeError as exc:  # can't start a thread: out of memory or a ulimit
             log.warning("refused %s: %s", peer, exc)
-            self._forget(sock, ip)
+            slot.release()
+            self._thread_done()
             sock.close()
 
-    def _forget(self, sock: socket.socket, ip: str) -> None:
+    def _thread_done(self) -> None:
         with self._lock:
-            self._pending.discard(sock)
             self._connections -= 1
-            left = self._per_ip.get(ip, 1) - 1
-            if left:
-                self._per_ip[ip] = left
-            else:
-                self._per_ip.pop(ip, None)
 
-    def _handle(self, raw: socket.socket, peer: tuple) -> None:
-        print(f"[NEW CLIENT] Connected from {peer[:2]}", flush=True)
-        ip = peer[0]
+    def _handle(self, raw: socket.socket, peer: tuple, slot: _Slot) -> None:
+        announce(f"[NEW CLIENT] Connected from {peer[:2]}")
         sock: socket.socket | ssl.SSLSocket | None = None
         try:
             sock = self._handshake(raw, peer)
             if sock is None:
                 return
             with self._lock:
-                self._pending.discard(raw)
-                refusal = self._refusal(ip)
+                refusal = self._refusal(slot.ip)
             if refusal:
                 _say_and_close(sock, protocol.notice(refusal))
                 log.info("refused %s: %s", peer, refusal)
                 return
             session = Session(self, sock, peer)
             session.thread = threading.current_thread()
+            session.slot = slot
             with self._lock:
                 self._sessions.add(session)
-            try:
-                if self._stopping.is_set():
-                    session.conn.close(protocol.notice(protocol.SHUTDOWN), reason=protocol.SHUTDOWN)
-                session.run()
-            finally:
-                with self._lock:
-                    self._sessions.discard(session)
+            if self._stopping.is_set():
+                session.conn.close(protocol.notice(protocol.SHUTDOWN), reason=protocol.SHUTDOWN)
+            session.run()
         except Exception:  # one client's bug must not take the server down
             log.exception("unexpected error with %s", peer)
+        finally:
+            slot.release()
             if sock is not None:
                 sock.close()
-        finally:
-            self._forget(raw, ip)
             raw.close()
+            self._thread_done()
+
+    def _release_session(self, session: Session) -> None:
+        """The session is over for everyone else: free its place before its socket lingers."""
+        with self._lock:
+            self._sessions.discard(session)
+        if session.slot is not None:
+            session.slot.release()
 
     def _refusal(self, ip: str) -> str | None:
         """Why a connection that finished its handshake may not join (caller holds the lock)."""
@@ -528,15 +539,22 @@ class ChatServer:
         return None
 
     def _handshake(self, raw: socket.socket, peer: tuple) -> socket.socket | ssl.SSLSocket | None:
-        """Tune the socket and, in TLS mode, run the handshake under the deadline."""
+        """Tune the socket and, in TLS mode, run the handshake under the deadline.
+
+        Returns the connected socket, or None after closing it.
+        """
         tune_socket(raw)
         if self.ssl_context is None:
             return raw
         deadline = time.monotonic() + self.handshake_timeout
         raw.settimeout(self.handshake_timeout)
+        sock: socket.socket | ssl.SSLSocket = raw
+        with self._lock:
+            self._handshaking.add(raw)
         try:
             first = raw.recv(1, socket.MSG_PEEK)
             if not first:
+                raw.close()
                 return None
             if first[0] != TLS_HANDSHAKE_RECORD:
                 log.info("%s spoke plaintext to the TLS port", peer)
@@ -547,15 +565,45 @@ class ChatServer:
             # Ragged EOFs raise, so a vanished peer is told apart from one that said goodbye.
             sock = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False,
                                                 suppress_ragged_eofs=False)
+            with self._lock:  # wrap_socket took over the descriptor: shutdown() must find it here
+                self._handshaking.discard(raw)
+                self._handshaking.add(sock)
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             sock.do_handshake()
             return sock
         except ssl.SSLError as exc:  # includes a refused client certificate: worth the admin's eye
             log.warning("refused TLS handshake from %s: %s", peer, describe_error(exc))
-            return None
         except (OSError, ValueError) as exc:
             log.info("handshake with %s failed: %s", peer, describe_error(exc))
-            return None
+        finally:
+            with self._lock:
+                self._handshaking.discard(raw)
+                self._handshaking.discard(sock)
+        sock.close()
+        return None
+
+
+class _Slot:
+    """A connection's place in the per-address count, given back exactly once."""
+
+    __slots__ = ("server", "ip", "_held")
+
+    def __init__(self, server: ChatServer, ip: str) -> None:
+        self.server = server
+        self.ip = ip
+        self._held = True
+
+    def release(self) -> None:
+        per_ip = self.server._per_ip
+        with self.server._lock:
+            if not self._held:
+                return
+            self._held = False
+            left = per_ip.get(self.ip, 1) - 1
+            if left > 0:
+                per_ip[self.ip] = left
+            else:
+                per_ip.pop(self.ip, None)
 
 
 def _say_and_close(sock: socket.socket | ssl.SSLSocket, data: bytes) -> None:
@@ -655,8 +703,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plain and args.require_client_cert:
         parser.error("--require-client-cert needs TLS; it cannot be combined with --plain")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    listener = console.nonblocking_logging(logging.INFO if args.verbose else logging.WARNING,
+                                           "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.stdout.start()  # now, so the process's thread count is steady from the first client on
+    try:
+        return _serve(args)
+    finally:
+        console.stdout.flush()
+        listener.stop()
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
         if args.plain:
             context = None
