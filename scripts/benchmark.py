@@ -585,6 +585,10 @@ def table(mode: str, results: dict[str, dict]) -> str:
             row.append(f"{a / b:.2f}x" if ok and key not in ("clients", "senders", "lines_per_sender", "rate",
                                                             "expected") else "")
         rows.append(row)
+        ranges = [results[n].get(key + "_range") for n in names]
+        if any(ranges):
+            rows.append([f"  {key} min..max", *("-" if r is None else f"{r[0]:g}..{r[1]:g}" for r in ranges)]
+                        + ([""] if len(names) == 2 else []))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for j, r in enumerate(rows):
@@ -623,6 +627,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="FILE", help="py-spy record the securechat server during the send phase "
                    "into FILE (.svg flame graph, .json speedscope, anything else collapsed stacks)")
     p.add_argument("--no-pin", action="store_true", help="do not pin generator and server to separate cores")
+    p.add_argument("--repeat", type=int, default=1, help="runs per server, alternating; medians are reported")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     c, s, n, r = MODE_DEFAULTS[args.mode]
@@ -633,6 +638,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.mode == "hold":
         args.senders = 1
     return args
+
+
+def run_one(name: str, certs: dict[str, str], args: argparse.Namespace, srv_cpu: int | None) -> dict:
+    """Start one server, run the mode against it, stop it."""
+    adapter = ADAPTERS[name]()
+    n = args.clients
+    if name == "ncat" and n > args.ncat_max_clients:
+        print(f"ncat: capping clients at {args.ncat_max_clients} (select() limit)", file=sys.stderr)
+        n = args.ncat_max_clients
+    server = Server(adapter, certs, max(n, 1), srv_cpu)
+    try:
+        server.wait_listening()
+        if args.mode == "handshakes":
+            return asyncio.run(run_handshakes(server, certs, args))
+        return asyncio.run(run_load(server, certs, args, n))
+    except Exception as exc:  # report what ran; one server failing must not hide the other
+        return {"server": name, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        server.stop()
+
+
+# Counters of wrong deliveries: the worst run is reported, not the median.
+WORST = {"lost", "loss_pct", "order_violations", "duplicates", "bad_lines", "lost_connections", "failed"}
+
+
+def aggregate(rs: list[dict]) -> dict:
+    """One row from repeated runs: the median of each number (the worst for error counters)."""
+    errors = [r for r in rs if "error" in r]
+    if errors:
+        return errors[0]
+    if len(rs) == 1:
+        return rs[0]
+    out = dict(rs[0])
+    for key, value in rs[0].items():
+        vals = [r.get(key) for r in rs]
+        if isinstance(value, (int, float)) and all(isinstance(v, (int, float)) for v in vals):
+            if key in WORST:
+                out[key] = max(vals)
+            else:
+                med = sorted(vals)[len(vals) // 2] if len(vals) % 2 else sum(sorted(vals)[len(vals) // 2 - 1:
+                                                                                      len(vals) // 2 + 1]) / 2
+                out[key] = round(med, 3) if isinstance(med, float) else med
+    for key in ("lines_per_s", "handshakes_per_s", "lat_p99_ms", "lat_max_ms", "reach_all_max_ms"):
+        vals = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
+        if vals:
+            out[key + "_range"] = [min(vals), max(vals)]
+    out["runs"] = len(rs)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -656,25 +709,12 @@ def main(argv: list[str] | None = None) -> int:
             certs = {"cert": args.cert, "key": args.key or args.cert, "ca": args.ca or args.cert}
         else:
             certs = make_certs(Path(tmp))
-        for name in names:
-            adapter = ADAPTERS[name]()
-            n = args.clients
-            if name == "ncat" and n > args.ncat_max_clients:
-                print(f"ncat: capping clients at {args.ncat_max_clients} (select() limit)", file=sys.stderr)
-                n = args.ncat_max_clients
-            server = Server(adapter, certs, max(n, 1), srv_cpu)
-            try:
-                server.wait_listening()
-                if args.mode == "handshakes":
-                    res = asyncio.run(run_handshakes(server, certs, args))
-                else:
-                    res = asyncio.run(run_load(server, certs, args, n))
-            except Exception as exc:  # report what ran; one server failing must not hide the other
-                res = {"server": name, "error": f"{type(exc).__name__}: {exc}"}
-            finally:
-                server.stop()
-            results[name] = res
-    report = {"mode": args.mode, "pinned": pin, "generator_cpu": gen_cpu, "server_cpu": srv_cpu, "nofile": nofile,
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for _ in range(args.repeat):  # alternate the servers, so drifting background load hits both alike
+            for name in names:
+                runs[name].append(run_one(name, certs, args, srv_cpu))
+        results = {name: aggregate(rs) for name, rs in runs.items()}
+    report = {"mode": args.mode, "loadavg_after": os.getloadavg(), "pinned": pin, "generator_cpu": gen_cpu, "server_cpu": srv_cpu, "nofile": nofile,
               "params": {k: getattr(args, k) for k in ("clients", "senders", "lines", "rate", "size")},
               "results": results}
     a, b = results.get("securechat", {}), results.get("ncat", {})
