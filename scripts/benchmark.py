@@ -178,7 +178,8 @@ ADAPTERS = {"securechat": SecurechatAdapter, "ncat": NcatAdapter}
 
 
 class Server:
-    def __init__(self, adapter: Adapter, certs: dict[str, str], max_clients: int, cpu: int | None) -> None:
+    def __init__(self, adapter: Adapter, certs: dict[str, str], max_clients: int, cpu: int | None,
+                 server_env: list[str] = ()) -> None:
         self.adapter = adapter
         self.port = free_port()
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -188,8 +189,9 @@ class Server:
             if cpu is not None:
                 os.sched_setaffinity(0, {cpu})
 
+        env = dict(os.environ, **dict(kv.split("=", 1) for kv in server_env))
         self.proc = subprocess.Popen(adapter.command(self.port, certs, max_clients), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=preexec)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=preexec, env=env)
         self.pid = self.proc.pid
 
     def wait_listening(self, timeout: float = 15.0) -> None:
@@ -627,6 +629,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="FILE", help="py-spy record the securechat server during the send phase "
                    "into FILE (.svg flame graph, .json speedscope, anything else collapsed stacks)")
     p.add_argument("--no-pin", action="store_true", help="do not pin generator and server to separate cores")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for the servers under test (e.g. MALLOC_ARENA_MAX=2); repeatable")
     p.add_argument("--repeat", type=int, default=1, help="runs per server, alternating; medians are reported")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
@@ -647,7 +651,7 @@ def run_one(name: str, certs: dict[str, str], args: argparse.Namespace, srv_cpu:
     if name == "ncat" and n > args.ncat_max_clients:
         print(f"ncat: capping clients at {args.ncat_max_clients} (select() limit)", file=sys.stderr)
         n = args.ncat_max_clients
-    server = Server(adapter, certs, max(n, 1), srv_cpu)
+    server = Server(adapter, certs, max(n, 1), srv_cpu, args.server_env)
     try:
         server.wait_listening()
         if args.mode == "handshakes":
