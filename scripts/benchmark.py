@@ -143,9 +143,26 @@ class SecurechatAdapter(Adapter):
     name = "securechat"
 
     def command(self, port: int, certs: dict[str, str], max_clients: int) -> list[str]:
-        return [sys.executable, "-m", "securechat", "serve", "--host", LOOPBACK, "--port", str(port),
-                "--cert", certs["cert"], "--key", certs["key"], "--flood-rate", "0",
-                "--max-clients", str(max(max_clients, 1000)), "--login-timeout", "300"]
+        return [
+            sys.executable,
+            "-m",
+            "securechat",
+            "serve",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(port),
+            "--cert",
+            certs["cert"],
+            "--key",
+            certs["key"],
+            "--flood-rate",
+            "0",
+            "--max-clients",
+            str(max(max_clients, 1000)),
+            "--login-timeout",
+            "300",
+        ]
 
     def on_login_line(self, client: BenchClient, line: bytes) -> bool:
         if line.startswith(b"* securechat: send your nickname"):
@@ -167,8 +184,20 @@ class NcatAdapter(Adapter):
     name = "ncat"
 
     def command(self, port: int, certs: dict[str, str], max_clients: int) -> list[str]:
-        return ["ncat", "--chat", "--ssl", "--ssl-cert", certs["cert"], "--ssl-key", certs["key"],
-                "--max-conns", str(max_clients + 16), "-l", LOOPBACK, str(port)]
+        return [
+            "ncat",
+            "--chat",
+            "--ssl",
+            "--ssl-cert",
+            certs["cert"],
+            "--ssl-key",
+            certs["key"],
+            "--max-conns",
+            str(max_clients + 16),
+            "-l",
+            LOOPBACK,
+            str(port),
+        ]
 
     def on_login_line(self, client: BenchClient, line: bytes) -> bool:
         return b"is connected as" in line
@@ -178,8 +207,14 @@ ADAPTERS = {"securechat": SecurechatAdapter, "ncat": NcatAdapter}
 
 
 class Server:
-    def __init__(self, adapter: Adapter, certs: dict[str, str], max_clients: int, cpu: int | None,
-                 server_env: list[str] = ()) -> None:
+    def __init__(
+        self,
+        adapter: Adapter,
+        certs: dict[str, str],
+        max_clients: int,
+        cpu: int | None,
+        server_env: list[str] = (),
+    ) -> None:
         self.adapter = adapter
         self.port = free_port()
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -190,8 +225,14 @@ class Server:
                 os.sched_setaffinity(0, {cpu})
 
         env = dict(os.environ, **dict(kv.split("=", 1) for kv in server_env))
-        self.proc = subprocess.Popen(adapter.command(self.port, certs, max_clients), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=preexec, env=env)
+        self.proc = subprocess.Popen(
+            adapter.command(self.port, certs, max_clients),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=preexec,
+            env=env,
+        )
         self.pid = self.proc.pid
 
     def wait_listening(self, timeout: float = 15.0) -> None:
@@ -200,7 +241,9 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.adapter.name} exited: {self.proc.stderr.read().decode(errors='replace')}")
+                raise RuntimeError(
+                    f"{self.adapter.name} exited: {self.proc.stderr.read().decode(errors='replace')}"
+                )
             with open("/proc/net/tcp") as f:
                 for line in f:
                     parts = line.split()
@@ -334,8 +377,9 @@ class BenchClient(asyncio.Protocol):
             run.last_delivery_ns = now
 
 
-async def connect_all(run: Run, adapter: Adapter, port: int, ctx: ssl.SSLContext, n: int, concurrency: int,
-                      timeout: float) -> tuple[list[BenchClient], list[float], float]:
+async def connect_all(
+    run: Run, adapter: Adapter, port: int, ctx: ssl.SSLContext, n: int, concurrency: int, timeout: float
+) -> tuple[list[BenchClient], list[float], float]:
     """Open ``n`` clients (``concurrency`` at a time) and log each in; per-client seconds and the total."""
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(concurrency)
@@ -346,8 +390,14 @@ async def connect_all(run: Run, adapter: Adapter, port: int, ctx: ssl.SSLContext
         async with sem:
             t0 = time.perf_counter_ns()
             ready = loop.create_future()
-            _, proto = await loop.create_connection(lambda: BenchClient(run, adapter, i, ready), LOOPBACK, port,
-                                                    ssl=ctx, server_hostname="localhost", ssl_handshake_timeout=60)
+            _, proto = await loop.create_connection(
+                lambda: BenchClient(run, adapter, i, ready),
+                LOOPBACK,
+                port,
+                ssl=ctx,
+                server_hostname="localhost",
+                ssl_handshake_timeout=60,
+            )
             t1 = await asyncio.wait_for(ready, timeout)
             clients.append(proto)
             times.append((t1 - t0) / 1e9)
@@ -369,8 +419,9 @@ async def wait_quiet(run: Run, quiet: float, timeout: float) -> float:
     return time.perf_counter() - t0
 
 
-async def send_lines(client: BenchClient, sid: int, lines: int, rate: float, start: float, stagger: float,
-                     pad: bytes) -> None:
+async def send_lines(
+    client: BenchClient, sid: int, lines: int, rate: float, start: float, stagger: float, pad: bytes
+) -> None:
     """Send ``lines`` marked lines, flat out (yielding every 16) or at ``rate`` lines/s."""
     write = client.transport.write
     clock = time.perf_counter_ns
@@ -396,8 +447,19 @@ def start_profiler(server: Server, path: str) -> subprocess.Popen:
     stacks ("raw"), one ``stack count`` line each, for grep and sort.
     """
     fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(Path(path).suffix, "raw")
-    cmd = ["py-spy", "record", "--pid", str(server.pid), "--rate", "250", "--format", fmt, "--output", path,
-           "--nonblocking"]
+    cmd = [
+        "py-spy",
+        "record",
+        "--pid",
+        str(server.pid),
+        "--rate",
+        "250",
+        "--format",
+        fmt,
+        "--output",
+        path,
+        "--nonblocking",
+    ]
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     proc = subprocess.Popen([py_spy, *cmd[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # py-spy needs a moment to attach
@@ -425,12 +487,18 @@ async def run_load(server: Server, certs: dict[str, str], args: argparse.Namespa
     senders = min(args.senders, n)
     run = Run(senders=max(senders, 1), lines=max(args.lines, 1), per_line=args.mode == "hold")
     ctx = ssl.create_default_context(cafile=certs["ca"])
-    res: dict = {"server": adapter.name, "clients": n, "senders": senders, "lines_per_sender": args.lines,
-                 "rate": args.rate}
+    res: dict = {
+        "server": adapter.name,
+        "clients": n,
+        "senders": senders,
+        "lines_per_sender": args.lines,
+        "rate": args.rate,
+    }
     base = server.status()
     res["rss_idle_mib"] = round(base.get("VmRSS", 0), 1)
-    clients, times, total = await connect_all(run, adapter, server.port, ctx, n, args.connect_concurrency,
-                                              args.connect_timeout)
+    clients, times, total = await connect_all(
+        run, adapter, server.port, ctx, n, args.connect_concurrency, args.connect_timeout
+    )
     times.sort()
     res["connect_total_s"] = round(total, 3)
     res["connect_per_s"] = round(n / total, 1) if total else None
@@ -450,8 +518,9 @@ async def run_load(server: Server, certs: dict[str, str], args: argparse.Namespa
     start = time.perf_counter()
     t_start_ns = time.perf_counter_ns()
     gap = 1.0 / (args.rate * senders) if args.rate > 0 else 0.0
-    await asyncio.gather(*(send_lines(clients[i], i, args.lines, args.rate, start, i * gap, pad)
-                           for i in range(senders)))
+    await asyncio.gather(
+        *(send_lines(clients[i], i, args.lines, args.rate, start, i * gap, pad) for i in range(senders))
+    )
     t_sent_ns = time.perf_counter_ns()
     # Drain: until everything arrived, or nothing new for --idle-timeout seconds.
     deadline = time.perf_counter() + args.drain_timeout
@@ -509,25 +578,45 @@ async def run_handshakes(server: Server, certs: dict[str, str], args: argparse.N
 
     async def worker() -> None:
         nonlocal done, failed
-        while time.perf_counter() < stop_at:
+        while time.perf_counter() < stop_at and server.proc.poll() is None:
             try:
-                transport, _ = await loop.create_connection(asyncio.Protocol, LOOPBACK, server.port, ssl=ctx,
-                                                            server_hostname="localhost", ssl_handshake_timeout=10)
+                transport, _ = await loop.create_connection(
+                    asyncio.Protocol,
+                    LOOPBACK,
+                    server.port,
+                    ssl=ctx,
+                    server_hostname="localhost",
+                    ssl_handshake_timeout=10,
+                )
             except (OSError, ssl.SSLError, asyncio.TimeoutError):
                 failed += 1
                 continue
             done += 1
-            transport.abort()
+            # A clean close: ncat --chat quits altogether ("getpeername ... failed. QUITTING.") when a
+            # client resets its connection before ncat has looked at it.
+            transport.close()
 
     cpu_srv0, cpu_gen0 = server.cpu(), self_cpu()
+    stop_at = time.perf_counter() + args.duration
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     elapsed = time.perf_counter() - t0
-    res = {"server": server.adapter.name, "handshakes": done, "failed": failed, "elapsed_s": round(elapsed, 2),
-           "handshakes_per_s": round(done / elapsed, 1), "server_cpu_s": round(server.cpu() - cpu_srv0, 2),
-           "gen_cpu_s": round(self_cpu() - cpu_gen0, 2)}
+    res = {
+        "server": server.adapter.name,
+        "handshakes": done,
+        "failed": failed,
+        "elapsed_s": round(elapsed, 2),
+        "handshakes_per_s": round(done / elapsed, 1),
+        "server_cpu_s": round(server.cpu() - cpu_srv0, 2),
+        "gen_cpu_s": round(self_cpu() - cpu_gen0, 2),
+    }
     await asyncio.sleep(0.5)  # let the server reap the closed connections
-    res.update(s_time(server.port, certs, args.duration, args.gen_cpu))
+    if server.proc.poll() is not None:
+        res["server_exited"] = (
+            f"after {done} handshakes: {server.proc.stderr.read().decode(errors='replace')[-200:]}"
+        )
+    else:
+        res.update(s_time(server.port, certs, args.duration, args.gen_cpu))
     st = server.status()
     res["rss_end_mib"] = round(st.get("VmRSS", 0), 1)
     res["threads_end"] = int(st.get("Threads", 0))
@@ -538,11 +627,28 @@ def s_time(port: int, certs: dict[str, str], seconds: float, cpu: int | None) ->
     """``openssl s_time -new`` against the same server: the peer figure for handshakes/s."""
     if shutil.which("openssl") is None:
         return {}
-    cmd = ["openssl", "s_time", "-connect", f"{LOOPBACK}:{port}", "-new", "-time", str(max(1, int(seconds))),
-           "-CAfile", certs["ca"]]
+    cmd = [
+        "openssl",
+        "s_time",
+        "-connect",
+        f"{LOOPBACK}:{port}",
+        "-new",
+        "-time",
+        str(max(1, int(seconds))),
+        "-CAfile",
+        certs["ca"],
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
-                          preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None)
+    try:
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=seconds + 15,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None,
+        )
+    except subprocess.TimeoutExpired:
+        return {"s_time_error": "openssl s_time hung"}
     wall = time.perf_counter() - t0
     m = re.search(r"(\d+) connections in [\d.]+s", proc.stdout)
     if not m:
@@ -554,19 +660,83 @@ def s_time(port: int, certs: dict[str, str], seconds: float, cpu: int | None) ->
 # -- reporting ---------------------------------------------------------------------------------
 
 ROWS = {
-    "throughput": ["clients", "senders", "lines_per_sender", "connect_total_s", "expected", "delivered", "lost",
-                   "order_violations", "duplicates", "lost_connections", "elapsed_s", "lines_per_s", "mib_per_s",
-                   "lat_p50_ms", "lat_p99_ms", "lat_max_ms", "server_cpu_s", "gen_cpu_s", "rss_connected_mib",
-                   "rss_peak_mib", "threads_connected"],
-    "latency": ["clients", "senders", "lines_per_sender", "rate", "connect_total_s", "expected", "delivered", "lost",
-                "order_violations", "duplicates", "lat_p50_ms", "lat_p99_ms", "lat_max_ms", "server_cpu_s",
-                "gen_cpu_s", "rss_connected_mib", "threads_connected"],
-    "hold": ["clients", "connect_total_s", "connect_per_s", "connect_p50_ms", "connect_p99_ms", "settle_s",
-             "notice_lines", "rss_idle_mib", "rss_connected_mib", "rss_peak_mib", "threads_connected", "expected",
-             "delivered", "lost", "order_violations", "reach_all_p50_ms", "reach_all_max_ms", "lat_p50_ms",
-             "server_cpu_s", "gen_cpu_s", "lost_connections"],
-    "handshakes": ["handshakes", "failed", "elapsed_s", "handshakes_per_s", "s_time_per_s", "server_cpu_s",
-                   "gen_cpu_s", "rss_end_mib", "threads_end"],
+    "throughput": [
+        "clients",
+        "senders",
+        "lines_per_sender",
+        "connect_total_s",
+        "expected",
+        "delivered",
+        "lost",
+        "order_violations",
+        "duplicates",
+        "lost_connections",
+        "elapsed_s",
+        "lines_per_s",
+        "mib_per_s",
+        "lat_p50_ms",
+        "lat_p99_ms",
+        "lat_max_ms",
+        "server_cpu_s",
+        "gen_cpu_s",
+        "rss_connected_mib",
+        "rss_peak_mib",
+        "threads_connected",
+    ],
+    "latency": [
+        "clients",
+        "senders",
+        "lines_per_sender",
+        "rate",
+        "connect_total_s",
+        "expected",
+        "delivered",
+        "lost",
+        "order_violations",
+        "duplicates",
+        "lat_p50_ms",
+        "lat_p99_ms",
+        "lat_max_ms",
+        "server_cpu_s",
+        "gen_cpu_s",
+        "rss_connected_mib",
+        "threads_connected",
+    ],
+    "hold": [
+        "clients",
+        "connect_total_s",
+        "connect_per_s",
+        "connect_p50_ms",
+        "connect_p99_ms",
+        "settle_s",
+        "notice_lines",
+        "rss_idle_mib",
+        "rss_connected_mib",
+        "rss_peak_mib",
+        "threads_connected",
+        "expected",
+        "delivered",
+        "lost",
+        "order_violations",
+        "reach_all_p50_ms",
+        "reach_all_max_ms",
+        "lat_p50_ms",
+        "server_cpu_s",
+        "gen_cpu_s",
+        "lost_connections",
+    ],
+    "handshakes": [
+        "handshakes",
+        "failed",
+        "elapsed_s",
+        "handshakes_per_s",
+        "s_time_per_s",
+        "server_exited",
+        "server_cpu_s",
+        "gen_cpu_s",
+        "rss_end_mib",
+        "threads_end",
+    ],
 }
 
 # Ratio securechat/ncat, and whether bigger is better (for the arrow in the table).
@@ -580,24 +750,40 @@ def table(mode: str, results: dict[str, dict]) -> str:
         vals = [results[n].get(key) for n in names]
         if all(v is None for v in vals):
             continue
-        row = [key, *("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v) for v in vals)]
+        row = [
+            key,
+            *(
+                "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v).split(":")[0][:32]
+                for v in vals
+            ),
+        ]
         if len(names) == 2:
             a, b = vals
             ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
-            row.append(f"{a / b:.2f}x" if ok and key not in ("clients", "senders", "lines_per_sender", "rate",
-                                                            "expected") else "")
+            row.append(
+                f"{a / b:.2f}x"
+                if ok and key not in ("clients", "senders", "lines_per_sender", "rate", "expected")
+                else ""
+            )
         rows.append(row)
         ranges = [results[n].get(key + "_range") for n in names]
         if any(ranges):
-            rows.append([f"  {key} min..max", *("-" if r is None else f"{r[0]:g}..{r[1]:g}" for r in ranges)]
-                        + ([""] if len(names) == 2 else []))
+            rows.append(
+                [f"  {key} min..max", *("-" if r is None else f"{r[0]:g}..{r[1]:g}" for r in ranges)]
+                + ([""] if len(names) == 2 else [])
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for j, r in enumerate(rows):
-        out.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                                     enumerate(zip(r, widths))) + " |")
+        out.append(
+            "| "
+            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+            + " |"
+        )
         if j == 0:
-            out.append("|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + "|")
+            out.append(
+                "|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + "|"
+            )
     return "\n".join(out)
 
 
@@ -605,32 +791,56 @@ def table(mode: str, results: dict[str, dict]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--mode", choices=list(MODE_DEFAULTS), default="throughput")
     p.add_argument("--server", choices=["securechat", "ncat", "both"], default="both")
     p.add_argument("--clients", type=int, help="connected clients (mode default)")
     p.add_argument("--senders", type=int, help="clients that send (mode default)")
     p.add_argument("--lines", type=int, help="lines each sender sends (mode default)")
     p.add_argument("--rate", type=float, help="lines/s per sender; 0 = flat out (mode default)")
-    p.add_argument("--size", type=int, default=48, help="approximate bytes per sent line (default: %(default)s)")
+    p.add_argument(
+        "--size", type=int, default=48, help="approximate bytes per sent line (default: %(default)s)"
+    )
     p.add_argument("--duration", type=float, default=5.0, help="handshakes mode: seconds per server")
     p.add_argument("--concurrency", type=int, default=4, help="handshakes mode: handshakes in flight")
     p.add_argument("--connect-concurrency", type=int, default=64, help="connections being opened at once")
-    p.add_argument("--connect-timeout", type=float, default=300.0, help="seconds allowed to connect all clients")
-    p.add_argument("--settle-timeout", type=float, default=120.0, help="seconds allowed for join notices to settle")
-    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds allowed for delivery after sending")
-    p.add_argument("--idle-timeout", type=float, default=5.0, help="give up draining after this long with nothing")
-    p.add_argument("--ncat-max-clients", type=int, default=NCAT_MAX_CLIENTS,
-                   help="cap on clients against ncat, whose select() loop stops at 1024 descriptors")
+    p.add_argument(
+        "--connect-timeout", type=float, default=300.0, help="seconds allowed to connect all clients"
+    )
+    p.add_argument(
+        "--settle-timeout", type=float, default=120.0, help="seconds allowed for join notices to settle"
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=60.0, help="seconds allowed for delivery after sending"
+    )
+    p.add_argument(
+        "--idle-timeout", type=float, default=5.0, help="give up draining after this long with nothing"
+    )
+    p.add_argument(
+        "--ncat-max-clients",
+        type=int,
+        default=NCAT_MAX_CLIENTS,
+        help="cap on clients against ncat, whose select() loop stops at 1024 descriptors",
+    )
     p.add_argument("--cert", help="server certificate chain (PEM); default: mint a throwaway ECDSA one")
     p.add_argument("--key", help="server key (PEM)")
     p.add_argument("--ca", help="CA that signed --cert")
-    p.add_argument("--profile", metavar="FILE", help="py-spy record the securechat server during the send phase "
-                   "into FILE (.svg flame graph, .json speedscope, anything else collapsed stacks)")
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="py-spy record the securechat server during the send phase "
+        "into FILE (.svg flame graph, .json speedscope, anything else collapsed stacks)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin generator and server to separate cores")
-    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="environment variable for the servers under test (e.g. MALLOC_ARENA_MAX=2); repeatable")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable for the servers under test (e.g. MALLOC_ARENA_MAX=2); repeatable",
+    )
     p.add_argument("--repeat", type=int, default=1, help="runs per server, alternating; medians are reported")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
@@ -681,8 +891,11 @@ def aggregate(rs: list[dict]) -> dict:
             if key in WORST:
                 out[key] = max(vals)
             else:
-                med = sorted(vals)[len(vals) // 2] if len(vals) % 2 else sum(sorted(vals)[len(vals) // 2 - 1:
-                                                                                      len(vals) // 2 + 1]) / 2
+                med = (
+                    sorted(vals)[len(vals) // 2]
+                    if len(vals) % 2
+                    else sum(sorted(vals)[len(vals) // 2 - 1 : len(vals) // 2 + 1]) / 2
+                )
                 out[key] = round(med, 3) if isinstance(med, float) else med
     for key in ("lines_per_s", "handshakes_per_s", "lat_p99_ms", "lat_max_ms", "reach_all_max_ms"):
         vals = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
@@ -718,19 +931,34 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 runs[name].append(run_one(name, certs, args, srv_cpu))
         results = {name: aggregate(rs) for name, rs in runs.items()}
-    report = {"mode": args.mode, "loadavg_after": os.getloadavg(), "pinned": pin, "generator_cpu": gen_cpu, "server_cpu": srv_cpu, "nofile": nofile,
-              "params": {k: getattr(args, k) for k in ("clients", "senders", "lines", "rate", "size")},
-              "results": results}
+    report = {
+        "mode": args.mode,
+        "loadavg_after": os.getloadavg(),
+        "pinned": pin,
+        "generator_cpu": gen_cpu,
+        "server_cpu": srv_cpu,
+        "nofile": nofile,
+        "params": {k: getattr(args, k) for k in ("clients", "senders", "lines", "rate", "size")},
+        "results": results,
+    }
     a, b = results.get("securechat", {}), results.get("ncat", {})
     ratios = {}
-    for key in HIGHER_BETTER | {"lat_p50_ms", "lat_p99_ms", "lat_max_ms", "rss_connected_mib", "reach_all_max_ms"}:
+    for key in HIGHER_BETTER | {
+        "lat_p50_ms",
+        "lat_p99_ms",
+        "lat_max_ms",
+        "rss_connected_mib",
+        "reach_all_max_ms",
+    }:
         if isinstance(a.get(key), (int, float)) and isinstance(b.get(key), (int, float)) and b[key]:
             ratios[key] = round(a[key] / b[key], 2)
     report["ratios_securechat_over_ncat"] = ratios
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"mode={args.mode} pinned={pin} (generator cpu {gen_cpu}, server cpu {srv_cpu}) nofile={nofile}")
+        print(
+            f"mode={args.mode} pinned={pin} (generator cpu {gen_cpu}, server cpu {srv_cpu}) nofile={nofile}"
+        )
         for name, res in results.items():
             if "error" in res:
                 print(f"{name}: ERROR {res['error']}")

@@ -12,22 +12,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
 
 
 def run_benchmark(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", "--no-pin", *args], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--json", "--no-pin", *args], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout)
 
 
 def test_throughput_smoke() -> None:
     server = "both" if shutil.which("ncat") else "securechat"
-    report = run_benchmark("--mode", "throughput", "--server", server, "--clients", "5", "--senders", "2",
-                           "--lines", "20", "--idle-timeout", "3")
+    report = run_benchmark(
+        "--mode",
+        "throughput",
+        "--server",
+        server,
+        "--clients",
+        "5",
+        "--senders",
+        "2",
+        "--lines",
+        "20",
+        "--idle-timeout",
+        "3",
+    )
     assert report["mode"] == "throughput"
     for name, res in report["results"].items():
         assert "error" not in res, res
