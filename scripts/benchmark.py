@@ -777,7 +777,9 @@ def table(mode: str, results: dict[str, dict]) -> str:
     for j, r in enumerate(rows):
         out.append(
             "| "
-            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+            + " | ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
             + " |"
         )
         if j == 0:
