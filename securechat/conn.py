@@ -105,6 +105,11 @@ class Waker:
                     pass
 
 
+# Wake-ups owed by a thread while it runs ``on_lines``: a batch of lines broadcast to N members
+# costs each member one eventfd write (one GIL release) for the whole batch, not one per line.
+_owed = threading.local()
+
+
 class Outbox:
     """A bounded queue of bytes for one connection, filled by any thread, drained by its owner.
 
@@ -138,7 +143,11 @@ class Outbox:
                 wake = not self._signalled
                 self._signalled = True
         if wake:  # one wake-up per batch: the owner takes everything queued at once
-            self.waker.wake()
+            owed = getattr(_owed, "wakers", None)
+            if owed is None:
+                self.waker.wake()
+            else:
+                owed.append(self.waker)
         return not self.overflowed
 
     def take(self) -> bytes:
@@ -342,7 +351,13 @@ class Connection:
                         self.on_too_long()
                         break
                     if lines:
-                        self.on_lines(lines)
+                        _owed.wakers = owed = []
+                        try:
+                            self.on_lines(lines)
+                        finally:
+                            _owed.wakers = None
+                            for waker in owed:
+                                waker.wake()
                     if self.closing:
                         break
                 else:
