@@ -205,6 +205,9 @@ class Connection:
     call :meth:`send`, :meth:`close` and :meth:`abort`.
     """
 
+    __slots__ = ("sock", "outbox", "buffer", "on_lines", "on_tick", "on_too_long", "deadline", "_closing",
+                 "_close_reason", "_aborted")
+
     def __init__(
         self,
         sock: AnySocket,

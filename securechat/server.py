@@ -1,10 +1,12 @@
 """The chat server: one thread per client, each the sole owner of its connection.
 
-The accept loop only accepts: it never reads, writes or handshakes, so a client that connects and
-never speaks cannot delay anybody. Every accepted socket gets its own thread, which does the TLS
-handshake under a deadline, registers a nick, and then drives its :class:`~securechat.conn.Connection`.
-A chat line is formatted once and handed to every other member's bounded outbox by the
-:class:`Room`; the sender never writes to another client's socket and never waits for one.
+The accept loop only accepts: it never reads, writes or handshakes. A TLS connection's handshake
+runs non-blocking, under a deadline, in one of a few handshake threads (:mod:`securechat.handshake`),
+so a client that connects and never speaks delays nobody and costs no thread; once the handshake is
+done the connection gets a thread of its own, which registers a nick and then drives its
+:class:`~securechat.conn.Connection`. A chat line is formatted once and handed to every other
+member's bounded outbox by the :class:`Room`; the sender never writes to another client's socket
+and never waits for one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import enum
 import logging
+import os
 import select
 import signal
 import socket
@@ -26,6 +29,7 @@ from types import FrameType
 from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, tls
 from securechat.console import announce
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
+from securechat.handshake import Handshaker
 from securechat.protocol import Command
 
 log = logging.getLogger("securechat.server")
@@ -50,8 +54,8 @@ FLOOD_DISCONNECT = 100
 # thousand times over.
 THREAD_STACK_SIZE = 512 * 1024
 
-# TLS records start with content type 22 (handshake); anything else is not a TLS client.
-TLS_HANDSHAKE_RECORD = 0x16
+# Handshake threads: OpenSSL releases the GIL for the handshake's cryptography, so one per core.
+HANDSHAKE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 # Beyond max_clients, connections being refused still need a thread for the explanation; past this
 # many more they are closed without one. Likewise per address, beyond --max-per-ip.
@@ -138,6 +142,9 @@ class Room:
 class Session:
     """One client's life on the server: nick registration, then chat. Runs in its own thread."""
 
+    # Thousands of these live at once: no per-instance __dict__.
+    __slots__ = ("server", "peer", "nick", "bound_nick", "state", "conn", "bucket", "dropped", "thread", "slot")
+
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
         self.peer = peer
@@ -158,14 +165,6 @@ class Session:
         self.dropped = 0
         self.thread: threading.Thread | None = None
         self.slot: _Slot | None = None
-        self.handlers: dict[str, Callable[[str], None]] = {
-            "nick": self.cmd_nick,
-            "who": self.cmd_who,
-            "msg": self.cmd_msg,
-            "me": self.cmd_me,
-            "help": self.cmd_help,
-            "quit": self.cmd_quit,
-        }
 
     def __repr__(self) -> str:
         return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
@@ -249,11 +248,11 @@ class Session:
             if line.strip():
                 self.server.room.broadcast(protocol.chat(self.nick, line), exclude=self)
             return
-        handler = self.handlers.get(parsed.name)
+        handler = COMMANDS.get(parsed.name)
         if handler is None:
             self.reply(f"unknown command /{protocol.sanitize(parsed.name)}; /help lists commands")
         else:
-            handler(parsed.arg)  # unsanitised: each handler sanitises what it relays
+            handler(self, parsed.arg)  # unsanitised: each handler sanitises what it relays
 
     def _on_tick(self, now: float) -> None:
         if self.state is State.NICK:
@@ -301,6 +300,17 @@ class Session:
 
     def cmd_quit(self, arg: str) -> None:
         self.conn.close(protocol.notice("goodbye"))
+
+
+# Command name (without the slash) -> handler: the whole command set, in one table.
+COMMANDS: dict[str, Callable[[Session, str], None]] = {
+    "nick": Session.cmd_nick,
+    "who": Session.cmd_who,
+    "msg": Session.cmd_msg,
+    "me": Session.cmd_me,
+    "help": Session.cmd_help,
+    "quit": Session.cmd_quit,
+}
 
 
 def certificate_nick(sock: socket.socket | ssl.SSLSocket) -> str | None:
@@ -356,9 +366,10 @@ class ChatServer:
         self.room = Room()
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
-        self._connections = 0  # accepted sockets with a live thread, handshaking or in session
+        self._connections = 0  # accepted sockets not yet done with: handshaking, refused or in session
         self._per_ip: dict[str, int] = {}
-        self._handshaking: set[socket.socket] = set()  # sockets in their TLS handshake
+        self._handshakers: list[Handshaker] = []
+        self._next_handshaker = 0
         self._listener: socket.socket | None = None
         self._waker = Waker()
         self._stopping = threading.Event()
@@ -383,9 +394,21 @@ class ChatServer:
         host, port = self._listener.getsockname()[:2]
         return host, port
 
+    def _start_handshakers(self) -> None:
+        threading.stack_size(THREAD_STACK_SIZE)
+        if self.ssl_context is not None and not self._handshakers:
+            self._handshakers = [
+                Handshaker(self._current_context, self.handshake_timeout, self._handshake_done,
+                           self._plaintext_on_tls_port, self._handshake_failed, name=f"securechat-handshake-{i}")
+                for i in range(HANDSHAKE_THREADS)
+            ]
+            for handshaker in self._handshakers:
+                handshaker.start()
+
     def start(self) -> tuple[str, int]:
         """Bind and serve from a background thread; return the bound address."""
         address = self.bind()
+        self._start_handshakers()
         self._thread = threading.Thread(target=self.serve_forever, name="securechat-accept", daemon=True)
         self._thread.start()
         return address
@@ -395,7 +418,7 @@ class ChatServer:
         if self._listener is None:
             self.bind()
         assert self._listener is not None
-        threading.stack_size(THREAD_STACK_SIZE)
+        self._start_handshakers()
         listener = self._listener
         listener.setblocking(False)
         poller = select.poll()
@@ -430,16 +453,10 @@ class ChatServer:
             self._thread.join(timeout)
         else:
             self._stopped.wait(timeout)
+        for handshaker in self._handshakers:
+            handshaker.stop()
         with self._lock:
             sessions = list(self._sessions)
-            handshaking = list(self._handshaking)
-        for sock in handshaking:
-            try:
-                # The plain socket's shutdown, even on an SSLSocket: a syscall on the descriptor
-                # that wakes the blocked handshake, without touching its SSL object.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
         bye = protocol.notice(protocol.SHUTDOWN)
         for session in sessions:
             session.conn.close(bye, reason=protocol.SHUTDOWN)
@@ -466,7 +483,12 @@ class ChatServer:
         """Sessions past the handshake."""
         return len(self._sessions)
 
+    def _current_context(self) -> ssl.SSLContext:
+        assert self.ssl_context is not None
+        return self.ssl_context
+
     def _admit(self, sock: socket.socket, peer: tuple) -> None:
+        """Count a new connection in and pass it on; runs in the accept loop, so it never waits."""
         ip = peer[0]
         with self._lock:
             crowd = self._per_ip.get(ip, 0)
@@ -478,34 +500,67 @@ class ChatServer:
                 return
             self._connections += 1
             self._per_ip[ip] = crowd + 1
+        announce(f"[NEW CLIENT] Connected from {peer[:2]}")
         slot = _Slot(self, ip)
         try:
-            thread = threading.Thread(target=self._handle, args=(sock, peer, slot),
-                                      name=f"client-{peer[0]}:{peer[1]}", daemon=True)
-            thread.start()
+            tune_socket(sock)
+        except OSError:  # reset before we got to it
+            self._handshake_failed(peer, slot)
+            sock.close()
+            return
+        if self._handshakers:
+            handshaker = self._handshakers[self._next_handshaker]
+            self._next_handshaker = (self._next_handshaker + 1) % len(self._handshakers)
+            handshaker.submit(sock, peer, slot)
+        else:
+            self._start(self._run_session, sock, peer, slot)
+
+    def _start(self, target: Callable[..., None], sock: socket.socket | ssl.SSLSocket, peer: tuple,
+               slot: _Slot, *args: object) -> None:
+        """Give a connection (and the ownership of its socket) to a thread of its own."""
+        try:
+            threading.Thread(target=target, args=(sock, peer, slot, *args), name=f"client-{peer[0]}:{peer[1]}",
+                             daemon=True).start()
         except RuntimeError as exc:  # can't start a thread: out of memory or a ulimit
             log.warning("refused %s: %s", peer, exc)
-            slot.release()
-            self._thread_done()
             sock.close()
+            self._handshake_failed(peer, slot)
 
-    def _thread_done(self) -> None:
+    def _handshake_failed(self, peer: tuple, slot: object) -> None:
+        """A connection ended before it had a thread (the socket is already closed)."""
+        assert isinstance(slot, _Slot)
+        slot.release()
+        self._connection_done()
+
+    def _connection_done(self) -> None:
         with self._lock:
             self._connections -= 1
 
-    def _handle(self, raw: socket.socket, peer: tuple, slot: _Slot) -> None:
-        announce(f"[NEW CLIENT] Connected from {peer[:2]}")
-        sock: socket.socket | ssl.SSLSocket | None = None
+    def _plaintext_on_tls_port(self, raw: socket.socket, peer: tuple, slot: object) -> None:
+        assert isinstance(slot, _Slot)
+        notice = (f"{protocol.TLS_REQUIRED}: connect with 'securechat connect HOST' "
+                  f"or 'openssl s_client -connect HOST:{self.address[1]}'")
+        self._start(self._run_refusal, raw, peer, slot, notice)
+
+    def _handshake_done(self, sock: ssl.SSLSocket, peer: tuple, slot: object) -> None:
+        assert isinstance(slot, _Slot)
+        with self._lock:
+            refusal = self._refusal(slot.ip)
+        if refusal:
+            self._start(self._run_refusal, sock, peer, slot, refusal)
+        else:
+            self._start(self._run_session, sock, peer, slot)
+
+    def _run_refusal(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, slot: _Slot, text: str) -> None:
         try:
-            sock = self._handshake(raw, peer)
-            if sock is None:
-                return
-            with self._lock:
-                refusal = self._refusal(slot.ip)
-            if refusal:
-                _say_and_close(sock, protocol.notice(refusal))
-                log.info("refused %s: %s", peer, refusal)
-                return
+            log.info("refused %s: %s", peer, text)
+            _say_and_close(sock, protocol.notice(text))
+        finally:
+            slot.release()
+            self._connection_done()
+
+    def _run_session(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, slot: _Slot) -> None:
+        try:
             session = Session(self, sock, peer)
             session.thread = threading.current_thread()
             session.slot = slot
@@ -518,10 +573,8 @@ class ChatServer:
             log.exception("unexpected error with %s", peer)
         finally:
             slot.release()
-            if sock is not None:
-                sock.close()
-            raw.close()
-            self._thread_done()
+            sock.close()
+            self._connection_done()
 
     def _release_session(self, session: Session) -> None:
         """The session is over for everyone else: free its place before its socket lingers."""
@@ -536,50 +589,6 @@ class ChatServer:
             return f"{protocol.SERVER_FULL} ({self.max_clients} clients); try again later"
         if self.max_per_ip and self._per_ip.get(ip, 0) > self.max_per_ip:
             return f"too many connections from {ip} (at most {self.max_per_ip}); try again later"
-        return None
-
-    def _handshake(self, raw: socket.socket, peer: tuple) -> socket.socket | ssl.SSLSocket | None:
-        """Tune the socket and, in TLS mode, run the handshake under the deadline.
-
-        Returns the connected socket, or None after closing it.
-        """
-        tune_socket(raw)
-        if self.ssl_context is None:
-            return raw
-        deadline = time.monotonic() + self.handshake_timeout
-        raw.settimeout(self.handshake_timeout)
-        sock: socket.socket | ssl.SSLSocket = raw
-        with self._lock:
-            self._handshaking.add(raw)
-        try:
-            first = raw.recv(1, socket.MSG_PEEK)
-            if not first:
-                raw.close()
-                return None
-            if first[0] != TLS_HANDSHAKE_RECORD:
-                log.info("%s spoke plaintext to the TLS port", peer)
-                _say_and_close(raw, protocol.notice(
-                    f"{protocol.TLS_REQUIRED}: connect with 'securechat connect HOST' "
-                    f"or 'openssl s_client -connect HOST:{self.address[1]}'"))
-                return None
-            # Ragged EOFs raise, so a vanished peer is told apart from one that said goodbye.
-            sock = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False,
-                                                suppress_ragged_eofs=False)
-            with self._lock:  # wrap_socket took over the descriptor: shutdown() must find it here
-                self._handshaking.discard(raw)
-                self._handshaking.add(sock)
-            sock.settimeout(max(0.1, deadline - time.monotonic()))
-            sock.do_handshake()
-            return sock
-        except ssl.SSLError as exc:  # includes a refused client certificate: worth the admin's eye
-            log.warning("refused TLS handshake from %s: %s", peer, describe_error(exc))
-        except (OSError, ValueError) as exc:
-            log.info("handshake with %s failed: %s", peer, describe_error(exc))
-        finally:
-            with self._lock:
-                self._handshaking.discard(raw)
-                self._handshaking.discard(sock)
-        sock.close()
         return None
 
 
