@@ -28,10 +28,10 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -877,10 +877,10 @@ def issue_server_cert(
 # command line
 
 
-def _arg(check):  # type: ignore[no-untyped-def]
+def _arg(check: Callable[[str], Any]) -> Callable[[str], Any]:
     """Turn a validator's ValueError into argparse's usage error (exit status 2)."""
 
-    def convert(text: str):  # type: ignore[no-untyped-def]
+    def convert(text: str) -> Any:
         try:
             return check(text)
         except ValueError as exc:

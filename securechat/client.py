@@ -270,7 +270,7 @@ class ChatClient:
                                 "--tls-min?") from None
             if verify is not None:
                 try:
-                    verify(sock)  # type: ignore[arg-type]
+                    verify(sock)
                 except identity.IdentityError as exc:
                     sock.close()
                     raise IdentityRefused(f"refusing {where}: {exc}") from None
@@ -901,7 +901,7 @@ class _Interactive(_Frontend):
         def exit_if_running() -> None:
             # Runs in the prompt's event loop; the prompt may have ended on its own meanwhile.
             if session.app.is_running:
-                session.app.exit(result=None)
+                session.app.exit()
 
         def exit_prompt() -> None:
             # The prompt may be between two runs; keep asking until the main thread has noticed.

@@ -23,11 +23,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Union
 
 from securechat.protocol import MAX_LINE_BYTES, LineBuffer, LineTooLong
 
-AnySocket = Union[socket.socket, ssl.SSLSocket]
+AnySocket = socket.socket | ssl.SSLSocket
 
 # About 250 screenfuls of chat: plenty for a reader that is merely busy, and small enough that a
 # thousand stuck readers cost the server no more than a gigabyte at the very worst.
@@ -354,7 +353,8 @@ class Connection:
                         self.on_too_long()
                         break
                     if lines:
-                        _owed.wakers = owed = []
+                        owed: list[Waker] = []
+                        _owed.wakers = owed
                         try:
                             self.on_lines(lines)
                         finally:

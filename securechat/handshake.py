@@ -14,6 +14,8 @@ never a thread, and delays nobody: one stalled handshake never blocks another.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import select
 import socket
@@ -31,6 +33,26 @@ log = logging.getLogger("securechat.server")
 
 # TLS records start with content type 22 (handshake); anything else is not a TLS client.
 TLS_HANDSHAKE_RECORD = 0x16
+
+# After a burst of handshakes, hand freed memory back to the system at most this often.
+TRIM_INTERVAL = 1.0
+
+
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's ``malloc_trim(0)``, or a no-op elsewhere.
+
+    A handshake allocates tens of KiB that it frees at the end, interleaved with the ~14 KiB an
+    established connection keeps; after a connection storm glibc holds on to the holes (about
+    2.6 KiB a connection at 3000 connections, measured with mallinfo2). Trimming returns whole
+    free pages without moving anything.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
 
 
 @dataclass(slots=True)
@@ -73,6 +95,8 @@ class Handshaker:
         # In submission order, which with one timeout for all is deadline order.
         self._pending: dict[int, Pending] = {}
         self._stopping = False
+        self._done_since_trim = 0
+        self._trim = _malloc_trim()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -102,6 +126,7 @@ class Handshaker:
         waker_fd = self._waker.fileno()
         poller.register(waker_fd, select.POLLIN)
         pending = self._pending
+        last_trim = 0.0
         try:
             while not self._stopping:
                 timeout = None
@@ -127,6 +152,10 @@ class Handshaker:
                         break
                     log.info("handshake with %s failed: timed out", p.peer)
                     self._fail(fd, p, poller)
+                if self._done_since_trim and not pending and now - last_trim >= TRIM_INTERVAL:
+                    self._trim()
+                    self._done_since_trim = 0
+                    last_trim = now
         finally:
             while self._inbox:
                 p = self._inbox.popleft()
@@ -186,4 +215,5 @@ class Handshaker:
             self._fail(fd, p, poller)
         else:
             self._forget(fd, poller)
+            self._done_since_trim += 1
             self.on_done(p.sock, p.peer, p.token)

@@ -67,7 +67,7 @@ def presented_identities(sock: ssl.SSLSocket) -> list[str]:
     if not certs[0].not_valid_before_utc <= now <= certs[0].not_valid_after_utc:
         raise IdentityError(f"the server's certificate is not valid now (valid {certs[0].not_valid_before_utc:%Y-%m-%d}"
                             f" to {certs[0].not_valid_after_utc:%Y-%m-%d})")
-    for child, parent, der in zip(certs, certs[1:], chain[1:]):
+    for child, parent, der in zip(certs, certs[1:], chain[1:], strict=False):
         try:
             child.verify_directly_issued_by(parent)
         except (ValueError, TypeError, InvalidSignature):

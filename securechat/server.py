@@ -11,6 +11,7 @@ and never waits for one.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import enum
 import logging
@@ -27,8 +28,8 @@ from pathlib import Path
 from types import FrameType
 
 from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, tls
-from securechat.console import announce
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
+from securechat.console import announce
 from securechat.handshake import Handshaker
 from securechat.protocol import Command
 
@@ -43,6 +44,10 @@ HANDSHAKE_TIMEOUT = 10.0
 
 # From handshake to accepted nickname; a person typing a nick needs seconds, not minutes.
 LOGIN_TIMEOUT = 30.0
+
+# Joins and leaves are announced while at most this many are online. Beyond, they are noise, and
+# quadratic: 5000 people joining one by one would be 12.5 million notices.
+ANNOUNCE_LIMIT = 200
 
 # Flood control: a fast typist sends a line or two a second; pasting 20 lines at once is fine.
 FLOOD_RATE = 10.0
@@ -79,10 +84,14 @@ class Room:
     an immutable snapshot, so senders never hold the lock while delivering.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, announce_limit: int = ANNOUNCE_LIMIT) -> None:
+        self.announce_limit = announce_limit
         self._lock = threading.Lock()
         self._by_key: dict[str, Session] = {}
         self._members: tuple[Session, ...] = ()
+
+    def _announcing(self) -> bool:
+        return not self.announce_limit or len(self._members) <= self.announce_limit
 
     def __len__(self) -> int:
         return len(self._members)
@@ -96,7 +105,8 @@ class Room:
             self._by_key[key] = session
             self._members = (*self._members, session)
             session.nick = nick
-        self.broadcast(protocol.notice(f"{nick} joined"), exclude=session)
+        if self._announcing():
+            self.broadcast(protocol.notice(f"{nick} joined"), exclude=session)
         return None
 
     def rename(self, session: Session, new: str) -> str | None:
@@ -114,13 +124,17 @@ class Room:
         return None
 
     def leave(self, session: Session, why: str, *, quiet: bool = False) -> None:
-        """Remove a member and, unless ``quiet``, tell the others ``* nick left (why)``."""
+        """Remove a member and, unless ``quiet``, tell the others ``* nick left (why)``.
+
+        In a room over the announce limit an ordinary departure (no ``why``) goes unannounced,
+        like an arrival; a disconnection with a reason is always told.
+        """
         with self._lock:
             if self._by_key.get(protocol.nick_key(session.nick)) is not session:
                 return
             del self._by_key[protocol.nick_key(session.nick)]
             self._members = tuple(m for m in self._members if m is not session)
-        if not quiet:
+        if not quiet and (why or self._announcing()):
             self.broadcast(protocol.notice(f"{session.nick} left ({why})" if why else f"{session.nick} left"))
 
     def broadcast(self, data: bytes, exclude: Session | None = None) -> None:
@@ -143,7 +157,7 @@ class Session:
     """One client's life on the server: nick registration, then chat. Runs in its own thread."""
 
     # Thousands of these live at once: no per-instance __dict__.
-    __slots__ = ("server", "peer", "nick", "bound_nick", "state", "conn", "bucket", "dropped", "thread", "slot")
+    __slots__ = ("server", "peer", "nick", "bound_nick", "state", "conn", "bucket", "dropped", "slot")
 
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -163,7 +177,6 @@ class Session:
         self.conn.deadline = now + server.login_timeout if server.login_timeout > 0 else None
         self.bucket = protocol.TokenBucket(server.flood_rate, server.flood_burst, now)
         self.dropped = 0
-        self.thread: threading.Thread | None = None
         self.slot: _Slot | None = None
 
     def __repr__(self) -> str:
@@ -352,6 +365,7 @@ class ChatServer:
         flood_rate: float = FLOOD_RATE,
         flood_burst: float = FLOOD_BURST,
         outbox_limit: int = OUTBOX_LIMIT,
+        announce_limit: int = ANNOUNCE_LIMIT,
     ) -> None:
         self.host = host
         self.port = port
@@ -363,7 +377,7 @@ class ChatServer:
         self.flood_rate = flood_rate
         self.flood_burst = flood_burst
         self.outbox_limit = outbox_limit
-        self.room = Room()
+        self.room = Room(announce_limit)
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
         self._connections = 0  # accepted sockets not yet done with: handshaking, refused or in session
@@ -374,6 +388,8 @@ class ChatServer:
         self._waker = Waker()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self._threads = 0  # connection threads alive (sessions and refusals)
+        self._threads_done = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -391,8 +407,8 @@ class ChatServer:
     @property
     def address(self) -> tuple[str, int]:
         assert self._listener is not None, "bind() first"
-        host, port = self._listener.getsockname()[:2]
-        return host, port
+        name = self._listener.getsockname()
+        return str(name[0]), int(name[1])
 
     def _start_handshakers(self) -> None:
         threading.stack_size(THREAD_STACK_SIZE)
@@ -460,10 +476,8 @@ class ChatServer:
         bye = protocol.notice(protocol.SHUTDOWN)
         for session in sessions:
             session.conn.close(bye, reason=protocol.SHUTDOWN)
-        deadline = time.monotonic() + timeout
-        for session in sessions:
-            if session.thread is not None:
-                session.thread.join(max(0.0, deadline - time.monotonic()))
+        with self._threads_done:
+            self._threads_done.wait_for(lambda: self._threads == 0, timeout)
         self._waker.close()
 
     def __enter__(self) -> ChatServer:
@@ -517,14 +531,37 @@ class ChatServer:
 
     def _start(self, target: Callable[..., None], sock: socket.socket | ssl.SSLSocket, peer: tuple,
                slot: _Slot, *args: object) -> None:
-        """Give a connection (and the ownership of its socket) to a thread of its own."""
+        """Give a connection (and the ownership of its socket) to a thread of its own.
+
+        A bare ``_thread`` thread: a ``threading.Thread`` object, with its events and locks, costs
+        another 2.6 KiB a connection, and the server keeps its own count for :meth:`shutdown`.
+        """
+        with self._lock:
+            self._threads += 1
         try:
-            threading.Thread(target=target, args=(sock, peer, slot, *args), name=f"client-{peer[0]}:{peer[1]}",
-                             daemon=True).start()
+            _thread.start_new_thread(self._thread_main, (target, (sock, peer, slot, *args)))
         except RuntimeError as exc:  # can't start a thread: out of memory or a ulimit
             log.warning("refused %s: %s", peer, exc)
             sock.close()
             self._handshake_failed(peer, slot)
+            self._thread_ended()
+
+    def _thread_main(self, target: Callable[..., None], args: tuple[object, ...]) -> None:
+        try:
+            target(*args)
+        finally:
+            self._thread_ended()
+
+    def _thread_ended(self) -> None:
+        with self._threads_done:
+            self._threads -= 1
+            if not self._threads:
+                self._threads_done.notify_all()
+
+    @property
+    def thread_count(self) -> int:
+        """Connection threads alive: sessions, and connections being told why they are refused."""
+        return self._threads
 
     def _handshake_failed(self, peer: tuple, slot: object) -> None:
         """A connection ended before it had a thread (the socket is already closed)."""
@@ -562,7 +599,6 @@ class ChatServer:
     def _run_session(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, slot: _Slot) -> None:
         try:
             session = Session(self, sock, peer)
-            session.thread = threading.current_thread()
             session.slot = slot
             with self._lock:
                 self._sessions.add(session)
@@ -647,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-client-cert", action="store_true",
                    help="mutual TLS: only clients with a certificate signed by --ca may join, and each one's "
                    "nickname is its certificate's name (mint them with 'securechat gen-certs --client NAME')")
-    p.add_argument("--ca", type=Path, help=f"CA that signs client certificates (default: {DEFAULT_CERT_DIR / 'ca.pem'})")
+    p.add_argument("--ca", type=Path,
+                   help=f"CA that signs client certificates (default: {DEFAULT_CERT_DIR / 'ca.pem'})")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
                    help="oldest TLS version accepted (default: %(default)s; 1.2 for old clients)")
     p.add_argument("--no-renew", action="store_true",
@@ -668,6 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lines a second each client may send on average, 0 for no limit (default: %(default)g)")
     p.add_argument("--flood-burst", type=float, default=FLOOD_BURST, metavar="LINES",
                    help="lines a client may send at once before the rate applies (default: %(default)g)")
+    p.add_argument("--announce-limit", type=int, default=ANNOUNCE_LIMIT, metavar="N",
+                   help="announce joins and leaves while at most N people are online, 0 for always "
+                   "(default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
     return p
 
@@ -736,7 +776,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     server = ChatServer(args.host, args.port, context, max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
-                        flood_rate=args.flood_rate, flood_burst=args.flood_burst)
+                        flood_rate=args.flood_rate, flood_burst=args.flood_burst,
+                        announce_limit=args.announce_limit)
     try:
         server.bind()
     except OSError as exc:

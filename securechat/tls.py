@@ -18,6 +18,7 @@ import ssl
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("securechat.tls")
 
@@ -92,7 +93,7 @@ def _ssl_ctx_ctrl() -> object | None:
     return func
 
 
-def _ssl_ctx_pointer(ctx: ssl.SSLContext, ctrl) -> int | None:  # type: ignore[no-untyped-def]
+def _ssl_ctx_pointer(ctx: ssl.SSLContext, ctrl: Any) -> int | None:
     """The ``SSL_CTX *`` behind ``ctx``, confirmed by a round trip, or None.
 
     CPython's ``PySSLContext`` (Modules/_ssl.c, unchanged from 3.x through 3.14) starts with

@@ -51,6 +51,11 @@ RELAYED_RE = re.compile(r"\[[A-Za-z0-9_-]{1,24}(?: -> [A-Za-z0-9_-]{1,24})?\] ")
 # -- helpers -------------------------------------------------------------------------------------
 
 
+def os_threads() -> int:
+    """Every thread of this process, the server's bare connection threads included."""
+    return len(os.listdir("/proc/self/task"))
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     """Poll ``predicate`` until it holds or ``timeout`` passes (bounded in time and count)."""
     deadline = time.monotonic() + timeout
@@ -165,7 +170,7 @@ def garbage(rng: random.Random, n: int) -> bytes:
 def test_random_bytes_before_the_handshake(serve: Serve, connect: Connect) -> None:
     """300 connections send random bytes instead of a ClientHello, some dressed up as TLS records."""
     server = serve(handshake_timeout=1.0)
-    threads_before, fds_before = threading.active_count(), fd_count()
+    threads_before, fds_before = os_threads(), fd_count()
     rng = random.Random(5)
     n = 300
     for batch in range(0, n, 50):
@@ -203,7 +208,7 @@ def test_random_bytes_before_the_handshake(serve: Serve, connect: Connect) -> No
         for s in socks:
             s.close()
     session_count_returns_to(server, 0)
-    assert wait_for(lambda: threading.active_count() <= threads_before + 1, 10), threading.active_count()
+    assert wait_for(lambda: os_threads() <= threads_before + 1, 10), os_threads()
     assert wait_for(lambda: fd_count() <= fds_before + 2, 5), (fd_count(), fds_before)
     assert_healthy(server, connect)
 
@@ -238,7 +243,7 @@ def test_truncated_client_hello_then_stall_is_closed_by_the_handshake_timeout(
 ) -> None:
     """300 connections send part of a real ClientHello and stall: each is closed after ~0.5 s."""
     server = serve(handshake_timeout=0.5)
-    threads_before = threading.active_count()
+    threads_before = os_threads()
     rng = random.Random(11)
     socks = []
     opened: dict[int, float] = {}
@@ -260,7 +265,7 @@ def test_truncated_client_hello_then_stall_is_closed_by_the_handshake_timeout(
     # ... and nobody long after it (generous: 300 threads time out at once on 2 cores).
     assert max(lifetimes) < 3.0, max(lifetimes)
     session_count_returns_to(server, 0)
-    assert wait_for(lambda: threading.active_count() <= threads_before + 1, 10)
+    assert wait_for(lambda: os_threads() <= threads_before + 1, 10)
     assert_healthy(server, connect)
 
 
@@ -304,7 +309,7 @@ def test_truncated_handshakes_closed_or_reset_are_cleaned_up(
     serve: Serve, connect: Connect, client_ctx: ssl.SSLContext
 ) -> None:
     server = serve(handshake_timeout=5)
-    threads_before, fds_before = threading.active_count(), fd_count()
+    threads_before, fds_before = os_threads(), fd_count()
     rng = random.Random(13)
     for i in range(300):
         hello = client_hello(client_ctx)[3]
@@ -318,7 +323,7 @@ def test_truncated_handshakes_closed_or_reset_are_cleaned_up(
         else:
             s.close()
     # With a 5 s handshake timeout, only noticing the close (not the timeout) gets us back in time.
-    assert wait_for(lambda: threading.active_count() <= threads_before + 1, 4), threading.active_count()
+    assert wait_for(lambda: os_threads() <= threads_before + 1, 4), os_threads()
     assert wait_for(lambda: fd_count() <= fds_before + 2, 2), (fd_count(), fds_before)
     session_count_returns_to(server, 0)
     assert_healthy(server, connect)
@@ -401,7 +406,7 @@ def test_tls_alerts_and_closes_in_the_middle(serve: Serve, connect: Connect, cli
                                              cert_files: dict[str, Path]) -> None:
     """Several hundred alerts, resets and closes at every point of the TLS conversation."""
     server = serve(handshake_timeout=2.0)
-    threads_before, fds_before = threading.active_count(), fd_count()
+    threads_before, fds_before = os_threads(), fd_count()
     tls12 = ssl.create_default_context(cafile=str(cert_files["ca"]))
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
     port = server.address[1]
@@ -413,7 +418,7 @@ def test_tls_alerts_and_closes_in_the_middle(serve: Serve, connect: Connect, cli
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(n), timeout=40))
     session_count_returns_to(server, 0)
-    assert wait_for(lambda: threading.active_count() <= threads_before + 1, 10), threading.active_count()
+    assert wait_for(lambda: os_threads() <= threads_before + 1, 10), os_threads()
     assert wait_for(lambda: fd_count() <= fds_before + 2, 5), (fd_count(), fds_before)
     assert_healthy(server, connect)
 
@@ -493,7 +498,7 @@ def test_random_bytes_after_the_handshake(serve: Serve, connect: Connect) -> Non
 def test_resets_mid_line_never_relay_the_partial_line(serve: Serve, connect: Connect) -> None:
     """300 clients reset (SO_LINGER 0) half-way through a line, registered or still choosing a nick."""
     server = serve()
-    threads_before = threading.active_count()
+    threads_before = os_threads()
     watcher = connect(server, "watcher")
     n = 300
 
@@ -525,7 +530,7 @@ def test_resets_mid_line_never_relay_the_partial_line(serve: Serve, connect: Con
     assert registered // 2 <= relayed <= registered
     assert sum(1 for line in seen if re.match(r"\* r\d+ left \(", line)) == registered
     assert not [line for line in seen if "partial" in line or "half_a_ni" in line]
-    assert wait_for(lambda: threading.active_count() <= threads_before + 1, 10), threading.active_count()
+    assert wait_for(lambda: os_threads() <= threads_before + 1, 10), os_threads()
     assert_healthy(server, connect)
 
 
@@ -905,7 +910,7 @@ def test_threads_and_descriptors_return_to_baseline_in_process(serve: Serve, con
     assert_healthy(server, connect, "0")
     session_count_returns_to(server, 0)
     time.sleep(0.2)  # let the warm-up sessions' threads finish after their goodbyes
-    threads_before, fds_before = threading.active_count(), fd_count()
+    threads_before, fds_before = os_threads(), fd_count()
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: _cycle(i, server, connect), range(300), timeout=60))
     # Some never-handshaking sockets held open until the server's handshake timeout.
@@ -915,7 +920,7 @@ def test_threads_and_descriptors_return_to_baseline_in_process(serve: Serve, con
         s.close()
     assert not still_open
     session_count_returns_to(server, 0)
-    assert wait_for(lambda: threading.active_count() <= threads_before, 10), (threading.active_count(),
+    assert wait_for(lambda: os_threads() <= threads_before, 10), (os_threads(),
                                                                             threads_before)
     assert wait_for(lambda: fd_count() <= fds_before + 2, 5), (fd_count(), fds_before)
     assert_healthy(server, connect, "1")

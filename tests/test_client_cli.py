@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from tests.test_client import Certs, Served, StartServer, certs, expect, peer, start_server, tls_server  # noqa: F401
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

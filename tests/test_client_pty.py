@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from tests.test_client import Certs, Served, certs, expect, peer, start_server, tls_server  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith(("linux", "darwin")), reason="needs a POSIX pty")

@@ -328,3 +328,18 @@ def test_stress_concurrent_senders_every_line_exactly_once_in_order(serve: Serve
     clients[0].send("after the storm")
     assert clients[1].expect("[user0] after") == "[user0] after the storm"
     assert server.client_count == clients_n
+
+
+def test_big_rooms_do_not_announce_every_arrival(serve: Serve, connect: Connect) -> None:
+    server = serve(announce_limit=2)
+    alice = connect(server, "alice")
+    connect(server, "bob")
+    assert alice.readline() == "* bob joined"
+    carol = connect(server, "carol")  # the third: over the limit
+    dave = connect(server, "dave")
+    carol.send("/quit")
+    carol.expect("* goodbye")
+    _reset(dave)  # a departure with a reason is always told
+    assert alice.expect("* ").startswith("* dave left (")
+    alice.send("/who")
+    assert alice.readline() == "* 2 online: alice, bob"
