@@ -132,9 +132,11 @@ class Room:
         with self._lock:
             if self._by_key.get(protocol.nick_key(session.nick)) is not session:
                 return
+            # Counted with the leaver, as its arrival was: who joined unannounced leaves so.
+            announcing = self._announcing()
             del self._by_key[protocol.nick_key(session.nick)]
             self._members = tuple(m for m in self._members if m is not session)
-        if not quiet and (why or self._announcing()):
+        if not quiet and (why or announcing):
             self.broadcast(protocol.notice(f"{session.nick} left ({why})" if why else f"{session.nick} left"))
 
     def broadcast(self, data: bytes, exclude: Session | None = None) -> None:
@@ -387,6 +389,7 @@ class ChatServer:
         self._listener: socket.socket | None = None
         self._waker = Waker()
         self._stopping = threading.Event()
+        self._signalled = False
         self._stopped = threading.Event()
         self._threads = 0  # connection threads alive (sessions and refusals)
         self._threads_done = threading.Condition(self._lock)
@@ -429,8 +432,12 @@ class ChatServer:
         self._thread.start()
         return address
 
-    def serve_forever(self) -> None:
-        """Accept until :meth:`stop` (or a signal handler calling it)."""
+    def serve_forever(self, signal_fd: int | None = None) -> None:
+        """Accept until :meth:`stop` (or a signal handler calling it).
+
+        ``signal_fd`` is the read end of :func:`signal.set_wakeup_fd`'s pipe: a signal delivered to
+        any other thread wakes the loop, so the main thread runs its Python handler at once.
+        """
         if self._listener is None:
             self.bind()
         assert self._listener is not None
@@ -440,10 +447,17 @@ class ChatServer:
         poller = select.poll()
         poller.register(listener, select.POLLIN)
         poller.register(self._waker.fileno(), select.POLLIN)
+        if signal_fd is not None:
+            poller.register(signal_fd, select.POLLIN)
         try:
-            while not self._stopping.is_set():
-                poller.poll()
-                while not self._stopping.is_set():
+            while not self._stop_requested():
+                for fd, _ in poller.poll():
+                    if fd == signal_fd:
+                        try:
+                            os.read(fd, 512)  # the handler itself runs in this thread, now
+                        except OSError:
+                            pass
+                while not self._stop_requested():
                     try:
                         sock, peer = listener.accept()
                     except (BlockingIOError, InterruptedError):
@@ -458,9 +472,20 @@ class ChatServer:
             self._stopped.set()
 
     def stop(self) -> None:
-        """Ask the accept loop to end; safe from a signal handler or any thread."""
+        """Ask the accept loop to end; safe from any thread."""
         self._stopping.set()
         self._waker.wake()
+
+    def stop_from_signal(self) -> None:
+        """Ask the accept loop to end, from a signal handler.
+
+        Takes no lock: the handler runs in the main thread between two bytecodes, possibly while
+        that very thread holds one. ``serve_forever(signal_fd=...)`` makes its poll() return.
+        """
+        self._signalled = True
+
+    def _stop_requested(self) -> bool:
+        return self._signalled or self._stopping.is_set()
 
     def shutdown(self, timeout: float = 1.5) -> None:
         """Stop accepting, tell every client the server is going, close them all cleanly."""
@@ -785,12 +810,18 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        server.stop()
+        server.stop_from_signal()
 
     # Both signals only wake the accept loop; the shutdown then runs in the main thread, so a
-    # second Ctrl-C cannot interrupt it half-way with a traceback.
+    # second Ctrl-C cannot interrupt it half-way with a traceback. The kernel may deliver a signal
+    # to any thread, and Python runs handlers only in the main one: the wakeup pipe makes sure
+    # the main thread's poll() returns.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal_r, signal_w = os.pipe()
+    os.set_blocking(signal_r, False)
+    os.set_blocking(signal_w, False)
+    signal.set_wakeup_fd(signal_w, warn_on_full_buffer=False)
     renewer = None
     if context is not None:
         from securechat.renewal import CertRenewer
@@ -813,7 +844,10 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"[SERVER] CA SHA-256 fingerprint: {prints[-1]}", flush=True)
     host, port = server.address
     print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
-    server.serve_forever()
+    server.serve_forever(signal_fd=signal_r)
+    signal.set_wakeup_fd(-1)
+    os.close(signal_r)
+    os.close(signal_w)
     if renewer is not None:
         renewer.stop()
     server.shutdown()
