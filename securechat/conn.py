@@ -42,6 +42,13 @@ READS_PER_ROUND = 16
 # How long a closing connection may take to flush what it still owes its peer.
 CLOSE_FLUSH_SECONDS = 1.5
 
+_NOTHING = memoryview(b"")
+
+
+def _view(data: bytes) -> memoryview:
+    return memoryview(data) if data else _NOTHING
+
+
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _POLLERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
@@ -288,7 +295,7 @@ class Connection:
         poller.register(waker_fd, _POLLIN)
         mask = _POLLIN
         poller.register(fd, mask)
-        pending = memoryview(b"")  # taken from the outbox, not yet accepted by the socket
+        pending = _NOTHING  # taken from the outbox, not yet accepted by the socket
         more_to_read = False
         write_waits_for_read = False
         read_waits_for_write = False
@@ -369,9 +376,7 @@ class Connection:
                     more_to_read = True
 
             if not pending:
-                taken = outbox.take()
-                if taken:
-                    pending = memoryview(taken)
+                pending = _view(outbox.take())
             if pending and not read_waits_for_write:
                 while pending:
                     try:
@@ -384,11 +389,9 @@ class Connection:
                     except OSError as exc:
                         raise ConnectionClosed(describe_error(exc)) from None
                     outbox.written(n)
-                    pending = pending[n:]
-                    if not pending:
-                        taken = outbox.take()
-                        if taken:
-                            pending = memoryview(taken)
+                    # Even an empty slice keeps the whole buffer alive: drop it once written, or
+                    # an idle connection holds on to its last (possibly 1 MiB) batch.
+                    pending = pending[n:] if n < len(pending) else _view(outbox.take())
 
             if self._closing is not None:
                 if not pending and not outbox.backlog:

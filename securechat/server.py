@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
 from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, tls
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
@@ -335,7 +336,8 @@ def certificate_nick(sock: socket.socket | ssl.SSLSocket) -> str | None:
     cert = sock.getpeercert()
     if not cert:
         return None
-    for rdn in cert.get("subject", ()):
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]", cert.get("subject", ()))
+    for rdn in subject:
         for key, value in rdn:
             if key == "commonName":
                 return str(value)
