@@ -375,6 +375,17 @@ def _permitted(nc: x509.NameConstraints | None, value: str | IPAddress) -> bool:
     return not permitted or any(matches(g) for g in permitted)
 
 
+def _ncat_aliases(addrs: Iterable[IPAddress]) -> list[str]:
+    """IPv4 addresses written as DNS names.
+
+    ``ncat --ssl-verify`` (7.9x) matches only dNSName entries and the CN, so connecting it to
+    ``192.168.1.20`` fails against a certificate that names the address as an iPAddress, as it
+    should. The address is therefore also listed as a dNSName; clients that follow RFC 6125 keep
+    using the iPAddress entry.
+    """
+    return [str(a) for a in addrs if a.version == 4]
+
+
 def _ca_constraints(names: Sequence[str], addrs: Sequence[IPAddress]) -> x509.NameConstraints:
     """Private suffixes and networks, plus whatever named names/addresses they do not already cover."""
     dns = list(PRIVATE_DNS_SUFFIXES)
@@ -385,6 +396,11 @@ def _ca_constraints(names: Sequence[str], addrs: Sequence[IPAddress]) -> x509.Na
     for addr in addrs:
         if not any(addr in net for net in nets):
             nets.append(ipaddress.ip_network(addr))  # a single address: /32 or /128
+    # The dNSName twins of the server's IPv4 addresses (see _ncat_aliases): an IP literal is no
+    # registrable domain, so permitting it as a DNS name vouches for nothing else.
+    for alias in _ncat_aliases([ipaddress.ip_address("127.0.0.1"), *addrs]):
+        if alias not in dns:
+            dns.append(alias)
     return x509.NameConstraints(
         permitted_subtrees=[x509.DNSName(n) for n in dns] + [x509.IPAddress(n) for n in nets],
         excluded_subtrees=None,
@@ -506,7 +522,10 @@ def _build_server(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName(n) for n in names] + [x509.IPAddress(a) for a in addrs]
+                [x509.DNSName(n) for n in names]
+                # Only the aliases this CA's constraints allow: an older CA predates them.
+                + [x509.DNSName(a) for a in _ncat_aliases(addrs) if _permitted(_constraints(ca_cert), a)]
+                + [x509.IPAddress(a) for a in addrs]
             ),
             critical=False,
         )

@@ -114,6 +114,19 @@ def test_third_party_clients_chat_with_each_other(first: str, second: str, serve
         b.close()
 
 
+def test_ncat_verifies_the_server_by_ip_address(server: ChatServer, minted: certs.MintResult) -> None:
+    """ncat checks only dNSName entries: the minted certificate lists 127.0.0.1 as one too."""
+    _needs("ncat")
+    client = LineProcess(["ncat", "--ssl", "--ssl-verify", "--ssl-trustfile", str(minted.ca_cert), "127.0.0.1",
+                          str(server.address[1])])
+    try:
+        client.expect("* securechat: send your nickname")
+        client.send("byip")
+        client.expect("* welcome, byip!")
+    finally:
+        client.close()
+
+
 def test_openssl_refuses_a_server_outside_its_ca(server: ChatServer, tmp_path: Path) -> None:
     _needs("openssl")
     other = certs.mint(tmp_path / "other")
