@@ -453,7 +453,9 @@ def tune_socket(sock: socket.socket, *, keepalive_idle: int = 60, keepalive_inte
     """TCP_NODELAY (chat lines are small and latency matters) and keepalive (dead peers are found).
 
     With the defaults a peer that vanished without a FIN or RST is detected within
-    ``idle + interval * count`` = 2 minutes.
+    ``idle + interval * count`` = 2 minutes; TCP_USER_TIMEOUT gives the same bound while data is
+    waiting for an acknowledgement, when keepalive is silent and retransmissions alone would take
+    about 15 minutes to give up.
     """
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -462,6 +464,8 @@ def tune_socket(sock: socket.socket, *, keepalive_idle: int = 60, keepalive_inte
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive_idle)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive_interval)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive_count)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            (keepalive_idle + keepalive_interval * keepalive_count) * 1000)
     except OSError as exc:  # pragma: no cover - e.g. a socket already reset by the peer
         if exc.errno not in (errno.EINVAL, errno.ENOTCONN, errno.ECONNRESET):
             raise

@@ -346,3 +346,19 @@ def test_big_rooms_do_not_announce_every_arrival(serve: Serve, connect: Connect)
     assert alice.expect("* ").startswith("* dave left (")
     alice.send("/who")
     assert alice.readline() == "* 2 online: alice, bob"
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux socket options")
+def test_accepted_sockets_find_dead_peers_within_two_minutes(serve: Serve, connect: Connect) -> None:
+    server = serve()
+    connect(server, "alice")
+    (session,) = server._sessions
+    sock = session.conn.sock  # options only: a syscall on the descriptor, not the SSL object
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    idle = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+    probes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) * sock.getsockopt(
+        socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+    assert idle + probes <= 120
+    # The same bound while unacknowledged data is outstanding (keepalive is silent then).
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == (idle + probes) * 1000
