@@ -400,13 +400,17 @@ class ChatServer:
     # -- lifecycle -----------------------------------------------------------------------
 
     def bind(self) -> tuple[str, int]:
-        """Create the listening socket; return the address actually bound (port 0 picks one)."""
+        """Create the listening socket and start the handshake threads; return the address bound.
+
+        Port 0 picks a free port. Once this returns, connections queue until :meth:`serve_forever`.
+        """
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.host, self.port))
         listener.listen(min(socket.SOMAXCONN, 4096))
         self._listener = listener
+        self._start_handshakers()
         return self.address
 
     @property
@@ -429,7 +433,6 @@ class ChatServer:
     def start(self) -> tuple[str, int]:
         """Bind and serve from a background thread; return the bound address."""
         address = self.bind()
-        self._start_handshakers()
         self._thread = threading.Thread(target=self.serve_forever, name="securechat-accept", daemon=True)
         self._thread.start()
         return address
@@ -443,7 +446,6 @@ class ChatServer:
         if self._listener is None:
             self.bind()
         assert self._listener is not None
-        self._start_handshakers()
         listener = self._listener
         listener.setblocking(False)
         poller = select.poll()

@@ -976,6 +976,9 @@ def serve_process(cert_files: dict[str, Path], tmp_path: Path) -> Callable[..., 
                 time.sleep(0.05)
         else:
             raise AssertionError("securechat serve did not start listening")
+        if stdout is None:  # listening comes a moment before ready: wait for the line that says so
+            log = tmp_path / f"serve-{port}.out"
+            assert wait_for(lambda: b"Waiting for connections" in log.read_bytes(), 10), log.read_text()
         return ServeProcess(proc, port)
 
     yield start
