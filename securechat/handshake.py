@@ -116,9 +116,6 @@ class Handshaker:
             self._thread.join(timeout)
         self._waker.close()
 
-    def __len__(self) -> int:
-        return len(self._pending) + len(self._inbox)
-
     # -- the handshake thread -------------------------------------------------------------
 
     def _run(self) -> None:

@@ -182,9 +182,6 @@ class Command:
     arg: str
 
 
-QUIT_WORDS = frozenset({"exit", "/quit"})
-
-
 def parse(line: str) -> Command | str:
     """Turn a decoded, sanitised line into a :class:`Command` or the chat text to relay.
 

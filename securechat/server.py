@@ -94,9 +94,6 @@ class Room:
     def _announcing(self) -> bool:
         return not self.announce_limit or len(self._members) <= self.announce_limit
 
-    def __len__(self) -> int:
-        return len(self._members)
-
     def join(self, session: Session, nick: str) -> str | None:
         """Add ``session`` as ``nick``; return why not, or None."""
         key = protocol.nick_key(nick)
@@ -151,9 +148,6 @@ class Room:
 
     def nicks(self) -> list[str]:
         return sorted((m.nick for m in self._members), key=str.casefold)
-
-    def members(self) -> tuple[Session, ...]:
-        return self._members
 
 
 class Session:
