@@ -149,11 +149,15 @@ class LineClient:
 
 @pytest.fixture
 def serve(server_ctx: ssl.SSLContext) -> Iterator[Callable[..., ChatServer]]:
-    """Start a ChatServer on 127.0.0.1 port 0 (TLS unless ``tls=False``); shut down afterwards."""
+    """Start a ChatServer on 127.0.0.1 port 0; shut down afterwards.
+
+    TLS with the trustme certificate, unless ``tls=False`` (plain) or another ``context`` is given.
+    """
     servers: list[ChatServer] = []
 
-    def start(tls: bool = True, **options: object) -> ChatServer:
-        server = ChatServer(LOOPBACK, 0, server_ctx if tls else None, **options)  # type: ignore[arg-type]
+    def start(tls: bool = True, context: ssl.SSLContext | None = None, **options: object) -> ChatServer:
+        ctx = context if context is not None else server_ctx if tls else None
+        server = ChatServer(LOOPBACK, 0, ctx, **options)  # type: ignore[arg-type]
         server.start()
         servers.append(server)
         return server

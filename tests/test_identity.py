@@ -6,7 +6,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,17 +23,9 @@ def minted(tmp_path: Path) -> certs.MintResult:
     return certs.mint(tmp_path / "certs")
 
 
-def _serve(certfile: Path, keyfile: Path) -> ChatServer:
-    server = ChatServer(LOOPBACK, 0, tls.server_context(certfile, keyfile))
-    server.start()
-    return server
-
-
 @pytest.fixture
-def server(minted: certs.MintResult) -> Iterator[ChatServer]:
-    s = _serve(minted.server_cert, minted.server_key)
-    yield s
-    s.shutdown()
+def server(minted: certs.MintResult, serve: Callable[..., ChatServer]) -> ChatServer:
+    return serve(context=tls.server_context(minted.server_cert, minted.server_key))
 
 
 def _handshake(server: ChatServer) -> ssl.SSLSocket:
@@ -69,19 +61,16 @@ def test_malformed_pin_is_refused() -> None:
 
 
 def test_a_public_ca_certificate_in_a_forged_chain_does_not_satisfy_a_ca_pin(
-        minted: certs.MintResult, tmp_path: Path) -> None:
+        minted: certs.MintResult, tmp_path: Path, serve: Callable[..., ChatServer]) -> None:
     """An impostor can send anybody's CA certificate along; it must also have signed the leaf."""
     impostor = trustme.CA().issue_cert("localhost")
     chain = tmp_path / "forged.pem"
     chain.write_bytes(impostor.cert_chain_pems[0].bytes() + minted.ca_cert.read_bytes())
     key = tmp_path / "forged.key"
     impostor.private_key_pem.write_to_path(str(key))
-    server = _serve(chain, key)
-    try:
-        with _handshake(server) as sock, pytest.raises(IdentityError, match="does not match"):
-            identity.check_pin(sock, minted.ca_fingerprint)
-    finally:
-        server.shutdown()
+    server = serve(context=tls.server_context(chain, key))
+    with _handshake(server) as sock, pytest.raises(IdentityError, match="does not match"):
+        identity.check_pin(sock, minted.ca_fingerprint)
 
 
 def test_tofu_first_contact_then_match_then_renewal_is_not_a_change(

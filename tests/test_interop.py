@@ -7,14 +7,13 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from securechat import certs, tls
 from securechat.server import ChatServer
-from tests.conftest import LOOPBACK
 
 
 class LineProcess:
@@ -59,11 +58,8 @@ def minted(tmp_path_factory: pytest.TempPathFactory) -> certs.MintResult:
 
 
 @pytest.fixture
-def server(minted: certs.MintResult) -> Iterator[ChatServer]:
-    s = ChatServer(LOOPBACK, 0, tls.server_context(minted.server_cert, minted.server_key))
-    s.start()
-    yield s
-    s.shutdown()
+def server(minted: certs.MintResult, serve: Callable[..., ChatServer]) -> ChatServer:
+    return serve(context=tls.server_context(minted.server_cert, minted.server_key))
 
 
 def _needs(tool: str) -> None:

@@ -10,7 +10,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -54,19 +54,14 @@ def short_lived(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def server_for(request: pytest.FixtureRequest) -> Iterator[Callable[[Path], ChatServer]]:
-    servers: list[ChatServer] = []
+def server_for(serve: Callable[..., ChatServer]) -> Callable[[Path], ChatServer]:
+    """A server for the certificate in ``cert_dir`` (conftest's ``serve`` shuts it down)."""
 
     def start(cert_dir: Path) -> ChatServer:
         ctx = tls.server_context(cert_dir / "server.pem", cert_dir / "server.key")
-        server = ChatServer(LOOPBACK, 0, ctx, login_timeout=0)
-        server.start()
-        servers.append(server)
-        return server
+        return serve(context=ctx, login_timeout=0)
 
-    yield start
-    for server in servers:
-        server.shutdown()
+    return start
 
 
 def join(server: ChatServer, ca: Path, nick: str) -> tuple[LineClient, str]:
