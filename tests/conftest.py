@@ -14,6 +14,7 @@ import trustme
 
 from securechat import tls
 from securechat.server import ChatServer
+from tests.redis_server import redis_server  # noqa: F401  (fixture: a real redis-server on loopback)
 
 LOOPBACK = "127.0.0.1"
 
