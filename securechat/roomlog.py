@@ -15,6 +15,9 @@ Either way a caller sees the same contract: ``append`` never blocks on I/O, ever
 entry reaches ``deliver`` exactly once, in the room's order (which keeps each sender's order),
 and ``read_after``/``read_before`` page through what is stored.
 
+Rooms are named by their display name (``"lobby"``, ``"dev"``; ``"@nick"`` for one person's private
+messages); a back-end keys its storage by :func:`room_key`, so ``Dev`` and ``dev`` are one room.
+
 Ids are Redis Stream ids, ``"<milliseconds>-<sequence>"``, for every back-end, so a client's
 "last id seen" means the same thing whichever back-end (or server) it reconnects to. Compare them
 with :func:`id_key`, never as strings.
@@ -26,6 +29,7 @@ import abc
 import re
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,8 +101,13 @@ class RoomLog(abc.ABC):
         """
 
     @abc.abstractmethod
-    def append(self, room: str, kind: str, sender: str, text: str, target: str = "") -> None:
-        """Add a line to ``room``. Never blocks on storage or the network."""
+    def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True) -> None:
+        """Add a line to ``room``. Never blocks on storage or the network.
+
+        ``store=False`` (a private message to someone online): deliver it, but keep it out of
+        history. A shared back-end may pass it through its shared storage to deliver it, as long as
+        it does not keep it there.
+        """
 
     @abc.abstractmethod
     def read_after(self, room: str, after_id: str | None, limit: int) -> list[Entry]:
@@ -111,3 +120,193 @@ class RoomLog(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Stop; a graceful close writes everything appended so far."""
+
+    # -- optional: what a back-end without storage answers -----------------------------------
+
+    @property
+    def stores(self) -> bool:
+        """True when ``read_after``/``read_before`` can return anything (history is on)."""
+        return True
+
+    def last_id(self, room: str) -> str | None:
+        """The newest id in ``room``, or None when it has none."""
+        newest = self.read_before(room, None, 1)
+        return newest[-1].id if newest else None
+
+    def marks(self, person: str) -> dict[str, str]:
+        """A person's read positions: room -> last id they were given (empty when not kept).
+
+        ``person`` is a certificate name (mutual TLS), the only identity that survives a
+        reconnection; the rooms in it are also the rooms the person was in.
+        """
+        return {}
+
+    def set_marks(self, person: str, marks: dict[str, str]) -> None:
+        """Replace a person's read positions (written like a line: after delivery, never blocking).
+
+        Without storage they are not kept: a no-op.
+        """
+        return None
+
+
+def room_key(name: str) -> str:
+    """The form in which two room names are compared: ``#`` dropped, case and look-alikes folded.
+
+    The same folding as nicknames (see :func:`securechat.protocol.nick_key`), so ``#Dev``,
+    ``dev`` and ``DEV`` are one room and ``#d3v``-style look-alikes cannot pose as another.
+    """
+    if name.startswith("#"):
+        name = name[1:]
+    return unicodedata.normalize("NFKC", name).casefold().translate(_LOOKALIKE)
+
+
+# As protocol._LOOKALIKE (kept here so a back-end needs nothing but this module).
+_LOOKALIKE = str.maketrans({"i": "l", "1": "l", "0": "o"})
+
+
+class _Channel:
+    """One room's order in an embedded log: the lock held while an id is given and delivered."""
+
+    __slots__ = ("lock", "ms", "seq")
+
+    def __init__(self, last: tuple[int, int] = (0, 0)) -> None:
+        self.lock = threading.Lock()
+        self.ms, self.seq = last
+
+
+class LocalLog(RoomLog):
+    """The embedded log without storage (``--no-history``, and the library default).
+
+    Ids are assigned per room in-process and each entry is delivered synchronously inside
+    :meth:`append`, under the room's lock, so every member sees a room's lines in id order.
+    Subclasses store entries by overriding :meth:`_store`, which runs under that same lock right
+    before delivery (so a reader that waits for storage never misses a delivered line).
+    """
+
+    def __init__(self) -> None:
+        self._deliver: Deliver | None = None
+        self._channels: dict[str, _Channel] = {}
+        self._channels_lock = threading.Lock()
+        # Every "@nick" room shares one channel: ids still increase within each of them, and the
+        # table does not grow with every person ever messaged.
+        self._private = _Channel()
+
+    def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    @property
+    def stores(self) -> bool:
+        return False
+
+    def _channel(self, room: str) -> _Channel:
+        if room.startswith("@"):
+            return self._private
+        channel = self._channels.get(room)
+        if channel is None:
+            key = room_key(room)
+            with self._channels_lock:
+                channel = self._channels.get(key)
+                if channel is None:
+                    last = self.last_id(room)
+                    channel = self._channels[key] = _Channel(id_key(last) if last else (0, 0))
+                # Also under the exact spelling, so the next append skips room_key().
+                self._channels[room] = channel
+        return channel
+
+    def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True) -> None:
+        deliver = self._deliver
+        channel = self._channel(room)
+        with channel.lock:
+            ts = time.time()
+            ms = int(ts * 1000)
+            if ms > channel.ms:
+                channel.ms, channel.seq = ms, 0
+            else:  # same millisecond, or the wall clock stepped back: keep increasing
+                channel.seq += 1
+            entry = Entry(room, f"{channel.ms}-{channel.seq}", ts, kind, sender, text, target)
+            if store:
+                self._store(entry)
+            if deliver is not None:
+                deliver(entry)
+
+    def _store(self, entry: Entry) -> None:
+        """Keep ``entry`` (called under the room's lock, before delivery; must not block)."""
+
+    def read_after(self, room: str, after_id: str | None, limit: int) -> list[Entry]:
+        return []
+
+    def read_before(self, room: str, before_id: str | None, limit: int) -> list[Entry]:
+        return []
+
+    def last_id(self, room: str) -> str | None:
+        return None
+
+    def close(self) -> None:
+        self._deliver = None
+
+
+class Directory(abc.ABC):
+    """Who is online, across every server sharing the rooms (one server: just this one).
+
+    The room code keeps its own sessions; a directory answers for the others. The embedded
+    default (:class:`LocalDirectory`) knows only local people, so every answer is "no one else".
+    A shared back-end claims nicks atomically (with a TTL it refreshes), and reports the people
+    and rooms of the other servers.
+    """
+
+    @abc.abstractmethod
+    def claim(self, nick: str) -> bool:
+        """Reserve ``nick`` (compare with ``protocol.nick_key``) for this server; False if another holds it."""
+
+    @abc.abstractmethod
+    def release(self, nick: str) -> None:
+        """Give up a nick this server claimed."""
+
+    @abc.abstractmethod
+    def online(self, nick: str) -> bool:
+        """True when ``nick`` is connected to another server."""
+
+    @abc.abstractmethod
+    def joined(self, room: str, nick: str) -> None:
+        """``nick`` (on this server) is now in ``room``."""
+
+    @abc.abstractmethod
+    def parted(self, room: str, nick: str) -> None:
+        """``nick`` (on this server) left ``room``."""
+
+    @abc.abstractmethod
+    def members(self, room: str) -> list[str]:
+        """The nicks in ``room`` on the other servers."""
+
+    @abc.abstractmethod
+    def rooms(self) -> dict[str, int]:
+        """Room display name -> member count on the other servers."""
+
+    def everyone(self) -> list[str]:
+        """Nicks online on the other servers."""
+        return []
+
+
+class LocalDirectory(Directory):
+    """One server alone: nobody is anywhere else."""
+
+    def claim(self, nick: str) -> bool:
+        return True
+
+    def release(self, nick: str) -> None:
+        pass
+
+    def online(self, nick: str) -> bool:
+        return False
+
+    def joined(self, room: str, nick: str) -> None:
+        pass
+
+    def parted(self, room: str, nick: str) -> None:
+        pass
+
+    def members(self, room: str) -> list[str]:
+        return []
+
+    def rooms(self) -> dict[str, int]:
+        return {}

@@ -5,8 +5,9 @@ runs non-blocking, under a deadline, in one of a few handshake threads (:mod:`se
 so a client that connects and never speaks delays nobody and costs no thread; once the handshake is
 done the connection gets a thread of its own, which registers a nick and then drives its
 :class:`~securechat.conn.Connection`. A chat line is formatted once and handed to every other
-member's bounded outbox by the :class:`Room`; the sender never writes to another client's socket
-and never waits for one.
+member's bounded outbox by :class:`~securechat.rooms.Rooms` (through the room log, which gives it
+an id and stores it after delivery); the sender never writes to another client's socket and never
+waits for one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, d
 from securechat.console import announce
 from securechat.handshake import Handshaker
 from securechat.protocol import Command
+from securechat.roomlog import RoomLog, room_key
+from securechat.rooms import ANNOUNCE_LIMIT, DEFAULT_ROOM, GRACE_SECONDS, REPLAY_LINES, Room, Rooms, parse_positions
+from securechat.rooms import room_error as rooms_error
 
 log = logging.getLogger("securechat.server")
 
@@ -45,10 +49,6 @@ HANDSHAKE_TIMEOUT = 10.0
 
 # From handshake to accepted nickname; a person typing a nick needs seconds, not minutes.
 LOGIN_TIMEOUT = 30.0
-
-# Joins and leaves are announced while at most this many are online. Beyond, they are noise, and
-# quadratic: 5000 people joining one by one would be 12.5 million notices.
-ANNOUNCE_LIMIT = 200
 
 # Flood control: a fast typist sends a line or two a second; pasting 20 lines at once is fine.
 FLOOD_RATE = 10.0
@@ -77,84 +77,13 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class Room:
-    """The members of the chat and delivery to them.
-
-    The only object that knows who is connected, so another delivery back-end (several rooms,
-    several servers) can replace it without touching the connection code. Broadcasting iterates
-    an immutable snapshot, so senders never hold the lock while delivering.
-    """
-
-    def __init__(self, announce_limit: int = ANNOUNCE_LIMIT) -> None:
-        self.announce_limit = announce_limit
-        self._lock = threading.Lock()
-        self._by_key: dict[str, Session] = {}
-        self._members: tuple[Session, ...] = ()
-
-    def _announcing(self) -> bool:
-        return not self.announce_limit or len(self._members) <= self.announce_limit
-
-    def join(self, session: Session, nick: str) -> str | None:
-        """Add ``session`` as ``nick``; return why not, or None."""
-        key = protocol.nick_key(nick)
-        with self._lock:
-            if key in self._by_key:
-                return f"{nick!r} is taken"
-            self._by_key[key] = session
-            self._members = (*self._members, session)
-            session.nick = nick
-        if self._announcing():
-            self.broadcast(protocol.notice(f"{nick} joined"), exclude=session)
-        return None
-
-    def rename(self, session: Session, new: str) -> str | None:
-        """Rename a member; return why not, or None."""
-        old = session.nick
-        key = protocol.nick_key(new)
-        with self._lock:
-            holder = self._by_key.get(key)
-            if holder is not None and holder is not session:
-                return f"{new!r} is taken"
-            del self._by_key[protocol.nick_key(old)]
-            self._by_key[key] = session
-            session.nick = new
-        self.broadcast(protocol.notice(f"{old} is now {new}"), exclude=None)
-        return None
-
-    def leave(self, session: Session, why: str, *, quiet: bool = False) -> None:
-        """Remove a member and, unless ``quiet``, tell the others ``* nick left (why)``.
-
-        In a room over the announce limit an ordinary departure (no ``why``) goes unannounced,
-        like an arrival; a disconnection with a reason is always told.
-        """
-        with self._lock:
-            if self._by_key.get(protocol.nick_key(session.nick)) is not session:
-                return
-            # Counted with the leaver, as its arrival was: who joined unannounced leaves so.
-            announcing = self._announcing()
-            del self._by_key[protocol.nick_key(session.nick)]
-            self._members = tuple(m for m in self._members if m is not session)
-        if not quiet and (why or announcing):
-            self.broadcast(protocol.notice(f"{session.nick} left ({why})" if why else f"{session.nick} left"))
-
-    def broadcast(self, data: bytes, exclude: Session | None = None) -> None:
-        """Queue ``data`` for every member but ``exclude``. Never blocks on a member."""
-        for member in self._members:
-            if member is not exclude:
-                member.conn.send(data)
-
-    def find(self, nick: str) -> Session | None:
-        return self._by_key.get(protocol.nick_key(nick))
-
-    def nicks(self) -> list[str]:
-        return sorted((m.nick for m in self._members), key=str.casefold)
-
-
 class Session:
     """One client's life on the server: nick registration, then chat. Runs in its own thread."""
 
     # Thousands of these live at once: no per-instance __dict__.
-    __slots__ = ("server", "peer", "nick", "bound_nick", "state", "conn", "bucket", "dropped", "slot")
+    __slots__ = ("server", "peer", "nick", "bound_nick", "person", "state", "conn", "bucket", "dropped", "slot",
+                 "joined", "current", "tagged", "token", "quitting", "paged", "held_private", "private_mark",
+                 "dropped_at")
 
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -162,6 +91,8 @@ class Session:
         self.nick = ""
         # With mutual TLS the certificate's CN *is* the nickname: not chosen, not changeable.
         self.bound_nick = certificate_nick(sock)
+        # ... and names a person, whose read positions and offline messages are kept.
+        self.person = self.bound_nick or None
         self.state = State.NICK
         self.conn = Connection(
             sock,
@@ -175,6 +106,15 @@ class Session:
         self.bucket = protocol.TokenBucket(server.flood_rate, server.flood_burst, now)
         self.dropped = 0
         self.slot: _Slot | None = None
+        self.joined: list[Room] = []
+        self.current: Room | None = None
+        self.tagged = False  # "@id=...;room=... " in front of room lines (/session)
+        self.token = ""  # resume token, once asked for
+        self.quitting = False  # left with /quit: nothing to hold
+        self.paged: dict[str, str] = {}  # room key -> oldest id /history has shown
+        self.held_private: list[bytes] | None = None  # private lines that came while dropped
+        self.private_mark: str | None = None  # newest stored private message given
+        self.dropped_at: dict[str, str | None] = {}  # room key -> last id when the connection dropped
 
     def __repr__(self) -> str:
         return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
@@ -189,9 +129,13 @@ class Session:
         was_member = self.state is State.CHAT
         self.state = State.CLOSED
         self.server._release_session(self)
+        rooms = self.server.rooms
         if was_member:
-            # While the server shuts down everyone leaves at once; nobody needs the roll call.
-            self.server.room.leave(self, _leave_reason(why), quiet=self.server.stopping)
+            if self.server.stopping:
+                # While the server shuts down everyone leaves at once; nobody needs the roll call.
+                rooms.unregister(self, "", quiet=True)
+            elif self.quitting or not rooms.hold(self, _held_expired):
+                rooms.unregister(self, _leave_reason(why))
         log.info("%s %s disconnected: %s", self.peer, self.nick or "(no nick)", why)
 
     def reply(self, text: str) -> None:
@@ -224,9 +168,12 @@ class Session:
         if isinstance(parsed, Command) and parsed.name == "quit":
             self.cmd_quit("")
             return
+        if isinstance(parsed, Command) and parsed.name == "resume":
+            self._resume(parsed.arg)
+            return
         if self.bound_nick is not None:
             return self._register_bound(nick, self.bound_nick)
-        error = protocol.nick_error(nick) or self.server.room.join(self, nick)
+        error = protocol.nick_error(nick) or self.server.rooms.register(self, nick)
         if error:
             self.reply(protocol.NICK_REFUSED + error + "; send another")
             return
@@ -235,7 +182,7 @@ class Session:
     def _register_bound(self, asked: str, nick: str) -> None:
         """Join under the certificate's name, whatever nick line was sent."""
         error = protocol.nick_error(nick)
-        if error is None and self.server.room.join(self, nick) is not None:
+        if error is None and self.server.rooms.register(self, nick) is not None:
             error = f"{nick!r} is already connected"
         if error:
             self.conn.close(protocol.notice(f"{protocol.NICK_REFUSED}{error} (your certificate names you "
@@ -246,17 +193,36 @@ class Session:
     def _welcome(self, nick: str, aside: str) -> None:
         self.state = State.CHAT
         self.conn.deadline = None
-        nicks = self.server.room.nicks()
+        nicks = self.server.rooms.nicks()
         self.reply(f"{protocol.WELCOME}{nick}!{aside} {len(nicks)} online: {', '.join(nicks)}. "
                    "/help lists commands")
         log.info("%s is %s%s", self.peer, nick, " (certificate)" if self.bound_nick else "")
+        self.server.rooms.enter_default(self)
+
+    def _resume(self, arg: str) -> None:
+        """``/resume TOKEN ROOM=ID ...``: take back a dropped session within its grace period."""
+        token, *positions = arg.split()
+        rooms = self.server.rooms
+        old = rooms.resume(self, token, self.person) if token else None
+        if old is None:
+            self.reply(f"{protocol.RESUME_REFUSED}unknown or expired session; send your nickname")
+            return
+        self.state = State.CHAT
+        self.conn.deadline = None
+        self.tagged, self.token = True, old.token
+        self.paged, self.private_mark, self.dropped_at = old.paged, old.private_mark, old.dropped_at
+        nicks = rooms.nicks()
+        self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
+                   "/help lists commands")
+        log.info("%s resumed %s", self.peer, self.nick)
+        rooms.rejoin(self, old, parse_positions(positions))
 
     def _chat(self, text: str) -> None:
         parsed = protocol.parse(text)
         if isinstance(parsed, str):
             line = protocol.sanitize(parsed)
             if line.strip():
-                self.server.room.broadcast(protocol.chat(self.nick, line), exclude=self)
+                self.server.rooms.say(self, line)
             return
         handler = COMMANDS.get(parsed.name)
         if handler is None:
@@ -281,41 +247,99 @@ class Session:
         if self.bound_nick is not None:
             self.reply(f"{protocol.NICK_REFUSED}your nickname is bound to your certificate ({self.bound_nick})")
             return
-        error = protocol.nick_error(arg) or self.server.room.rename(self, arg)
+        error = protocol.nick_error(arg) or self.server.rooms.rename(self, arg)
         if error:
             self.reply(protocol.NICK_REFUSED + error)
 
     def cmd_who(self, arg: str) -> None:
-        nicks = self.server.room.nicks()
-        self.reply(f"{len(nicks)} online: {', '.join(nicks)}")
+        name = arg.strip() or (self.current.name if self.current else "")
+        if not name:
+            self.reply("you are in no room: /who NAME, or /join NAME")
+            return
+        nicks = self.server.rooms.who(name) if rooms_error(name) is None else None
+        if nicks is None:
+            self.reply(f"no room #{protocol.sanitize(name.lstrip('#'))}")
+        elif room_key(name) == room_key(DEFAULT_ROOM):  # the seed's one-room answer, unchanged
+            self.reply(f"{len(nicks)} online: {', '.join(nicks)}")
+        else:
+            self.reply(f"{len(nicks)} in #{name.lstrip('#')}: {', '.join(nicks)}")
+
+    def cmd_join(self, arg: str) -> None:
+        name = arg.strip()
+        if not name:
+            where = ", ".join(f"#{r.name}" for r in self.joined) or "no room"
+            self.reply(f"you are in {where}" + (f"; talking in #{self.current.name}" if self.current else "")
+                       + "; /join NAME joins or switches")
+            return
+        error = rooms_error(name)
+        if error:
+            self.reply(error)
+            return
+        self.server.rooms.join(self, name)
+
+    def cmd_part(self, arg: str) -> None:
+        name = arg.strip()
+        error = rooms_error(name) if name else None
+        if error:
+            self.reply(error)
+            return
+        self.server.rooms.part(self, name)
+
+    def cmd_rooms(self, arg: str) -> None:
+        listing = self.server.rooms.rooms()
+        self.reply(f"{len(listing)} room{'s' if len(listing) != 1 else ''}: "
+                   + ", ".join(f"#{name} ({count})" for name, count in listing))
+
+    def cmd_history(self, arg: str) -> None:
+        word = arg.split()[0] if arg.split() else ""
+        if word and not (word.isascii() and word.isdigit() and int(word) > 0):
+            self.reply("usage: /history [N] (N lines further back)")
+            return
+        self.server.rooms.history(self, int(word) if word else REPLAY_LINES)
+
+    def cmd_session(self, arg: str) -> None:
+        """Opt in to ids on room lines and to resuming after a dropped connection."""
+        self.tagged = True
+        if not self.token:
+            self.token = self.server.rooms.new_token()
+        grace = self.server.rooms.grace
+        self.reply(f"{protocol.SESSION}{self.token} {grace:g}")
 
     def cmd_msg(self, arg: str) -> None:
         target_nick, _, text = arg.partition(" ")
         if not target_nick or not text.strip():
             self.reply("usage: /msg NICK text")
             return
-        target = self.server.room.find(target_nick)
-        if target is None:
-            self.reply(f"no such nick: {protocol.sanitize(target_nick)}")
-            return
-        target.conn.send(protocol.private(self.nick, target.nick, protocol.sanitize(text)))
+        error = self.server.rooms.private(self, target_nick, protocol.sanitize(text))
+        if error:
+            self.reply(error)
 
     def cmd_me(self, arg: str) -> None:
         action = protocol.sanitize(arg).strip()
         if action:
-            self.server.room.broadcast(protocol.action(self.nick, action), exclude=self)
+            self.server.rooms.say(self, action, "action")
 
     def cmd_help(self, arg: str) -> None:
         self.reply(protocol.HELP_TEXT)
 
     def cmd_quit(self, arg: str) -> None:
+        self.quitting = True
         self.conn.close(protocol.notice("goodbye"))
+
+
+def _held_expired(member: object) -> None:
+    log.info("%s did not come back in time", getattr(member, "nick", "?"))
 
 
 # Command name (without the slash) -> handler: the whole command set, in one table.
 COMMANDS: dict[str, Callable[[Session, str], None]] = {
     "nick": Session.cmd_nick,
     "who": Session.cmd_who,
+    "join": Session.cmd_join,
+    "part": Session.cmd_part,
+    "rooms": Session.cmd_rooms,
+    "history": Session.cmd_history,
+    "session": Session.cmd_session,
     "msg": Session.cmd_msg,
     "me": Session.cmd_me,
     "help": Session.cmd_help,
@@ -364,6 +388,10 @@ class ChatServer:
         flood_burst: float = FLOOD_BURST,
         outbox_limit: int = OUTBOX_LIMIT,
         announce_limit: int = ANNOUNCE_LIMIT,
+        roomlog: RoomLog | None = None,
+        replay: int = REPLAY_LINES,
+        grace: float = GRACE_SECONDS,
+        offline_messages: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -375,7 +403,8 @@ class ChatServer:
         self.flood_rate = flood_rate
         self.flood_burst = flood_burst
         self.outbox_limit = outbox_limit
-        self.room = Room(announce_limit)
+        self.rooms = Rooms(roomlog, announce_limit=announce_limit, replay=replay, grace=grace,
+                           offline_messages=offline_messages)
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
         self._connections = 0  # accepted sockets not yet done with: handshaking, refused or in session
@@ -404,6 +433,7 @@ class ChatServer:
         listener.bind((self.host, self.port))
         listener.listen(min(socket.SOMAXCONN, 4096))
         self._listener = listener
+        self.rooms.start()
         self._start_handshakers()
         return self.address
 
@@ -502,6 +532,7 @@ class ChatServer:
         with self._threads_done:
             self._threads_done.wait_for(lambda: self._threads == 0, timeout)
         self._waker.close()
+        self.rooms.close()  # after the sessions: a graceful stop stores every line said
 
     def __enter__(self) -> ChatServer:
         return self
