@@ -43,7 +43,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from securechat import protocol
-from securechat.roomlog import KINDS, Deliver, Entry, RoomLog, id_key
+from securechat.roomlog import KINDS, Deliver, Directory, Entry, RoomLog, id_key
+from securechat.roomlog import room_key as roomlog_room_key
 
 log = logging.getLogger("securechat.redis")
 
@@ -88,6 +89,10 @@ CLOSE_FLUSH_SECONDS = 5.0
 # costs one pipelined round trip every 5 s.
 PRESENCE_TTL = 15.0
 
+# Directory calls run on a session's thread (a login, /who): Redis answers in under a millisecond,
+# so a second means it is gone, and then the directory answers for this server alone.
+DIRECTORY_TIMEOUT = 1.0
+
 # Private messages waiting for one server; a person reads them in real time, so this only bounds
 # a server that is gone.
 INBOX_CAP = 10_000
@@ -113,6 +118,24 @@ for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, unpack(fields))
 return id
+"""
+
+# A private message for someone online (not stored): to the inbox of the server holding the nick,
+# once per (origin, seq). KEYS: the nick's key, seq key; ARGV: seq, seq ttl ms, inbox key prefix,
+# inbox cap, then fields. Returns the holder's origin, or false (nobody holds it, or seen already).
+_ROUTE_LUA = """
+local seq = tonumber(ARGV[1])
+local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
+if seq <= last then return false end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local holder = redis.call('GET', KEYS[1])
+if not holder then return false end
+local origin = string.match(holder, '^([^\t]*)\t')
+if not origin then return false end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', ARGV[3] .. origin, 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+return origin
 """
 
 # Keeps a nick alive if this server still holds it, or takes it back if it is free (Redis was
@@ -144,28 +167,34 @@ redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """
 
-# Who is in a room now (expired memberships are dropped on the way).
-_WHO_LUA = _NOW_MS_LUA + """
+# The live members of a sorted set scored by expiry (expired ones are dropped on the way); with
+# ARGV[1] non-empty, first marks ARGV[1] alive for ARGV[2] ms. KEYS: the set.
+_ALIVE_LUA = _NOW_MS_LUA + """
+if ARGV[1] ~= '' then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
-# Every live room with its member count: {key, display name, count, ...}. ARGV[1] is the prefix of
-# the who: keys.
+# Every live room with how many of its members are on other servers: {display name, count, ...}.
+# KEYS: rooms, roomnames; ARGV: the prefix of the who: keys, this server's origin.
 _ROOMS_LUA = _NOW_MS_LUA + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local suffix = '\t' .. ARGV[2]
 local out = {}
 for _, key in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local who = ARGV[1] .. key
   redis.call('ZREMRANGEBYSCORE', who, '-inf', now)
-  local n = redis.call('ZCARD', who)
-  if n == 0 then
+  local members = redis.call('ZRANGE', who, 0, -1)
+  if #members == 0 then
     redis.call('ZREM', KEYS[1], key)
     redis.call('HDEL', KEYS[2], key)
   else
-    out[#out + 1] = key
+    local others = 0
+    for _, m in ipairs(members) do
+      if string.sub(m, -#suffix) ~= suffix then others = others + 1 end
+    end
     out[#out + 1] = redis.call('HGET', KEYS[2], key) or key
-    out[#out + 1] = n
+    out[#out + 1] = others
   end
 end
 return out
@@ -303,11 +332,12 @@ class _Backoff:
 class _Pending:
     """One of this server's lines on its way through Redis."""
 
-    __slots__ = ("seq", "entry", "echoed")
+    __slots__ = ("seq", "entry", "store", "echoed")
 
-    def __init__(self, seq: int, entry: Entry) -> None:
+    def __init__(self, seq: int, entry: Entry, store: bool) -> None:
         self.seq = seq
         self.entry = entry  # with a provisional id, used only if it must be delivered locally
+        self.store = store  # False: a private message routed to its recipient's server, kept nowhere
         self.echoed = False  # delivered locally already (Redis was unreachable): skip it when read back
 
 
@@ -333,7 +363,8 @@ class RedisRoomLog(RoomLog):
         *,
         history_lines: int = HISTORY_LINES,
         history_seconds: float = 0.0,
-        room_key: Callable[[str], str] = str,
+        room_key: Callable[[str], str] = roomlog_room_key,
+        nick_key: Callable[[str], str] = protocol.nick_key,
         queue_limit: int = QUEUE_LIMIT,
         log_cap: int = LOG_CAP,
     ) -> None:
@@ -342,9 +373,9 @@ class RedisRoomLog(RoomLog):
         self.history_lines = max(1, history_lines)
         self.history_seconds = history_seconds
         self.room_key = room_key
+        self.nick_key = nick_key
         self.queue_limit = queue_limit
         self.log_cap = log_cap
-        self.on_private: Callable[[Entry], None] | None = None  # set by RedisDirectory
         self._deliver: Deliver | None = None
         # One lock orders everything about this server's own lines: append, the switch to local
         # delivery and the reader's skipping of lines already shown. Reentrant: deliver may append.
@@ -357,6 +388,7 @@ class RedisRoomLog(RoomLog):
         self._writer_ok = True
         self._reader_ok = True
         self._unshared = 0  # lines delivered only here because the queue was full
+        self._marks: dict[str, dict[str, str]] = {}  # person -> read positions not yet written
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -392,11 +424,16 @@ class RedisRoomLog(RoomLog):
         for thread in self._threads:
             thread.start()
 
-    def append(self, room: str, kind: str, sender: str, text: str, target: str = "") -> None:
-        """Queue a line for Redis; never blocks on it (see the class docstring for outages)."""
+    def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True) -> None:
+        """Queue a line for Redis; never blocks on it (see the class docstring for outages).
+
+        ``store=False`` (a private message to someone online): it goes to the inbox stream of the
+        server holding ``target``, and is kept in no room's history.
+        """
         with self._lock:
             self._seq += 1
-            pending = _Pending(self._seq, Entry(room, "", time.time(), kind, sender, text, target, self.origin))
+            entry = Entry(room, "", time.time(), kind, sender, text, target, self.origin)
+            pending = _Pending(self._seq, entry, store or kind != "private")
             if len(self._queue) >= self.queue_limit:
                 # Redis has not taken lines for a long while: deliver here, never share this one.
                 self._degrade("the queue of lines for Redis is full")
@@ -421,6 +458,25 @@ class RedisRoomLog(RoomLog):
         """The last ``limit`` stored entries of ``room`` before ``before_id``, oldest first."""
         end = "+" if before_id is None else f"({before_id}"
         return self._read_range(room, lambda c, k: list(reversed(c.xrevrange(k, end, "-", count=limit))))
+
+    def marks(self, person: str) -> dict[str, str]:
+        """A person's read positions (mutual TLS), kept in Redis for every server."""
+        with self._lock:
+            waiting = self._marks.get(person)
+        if waiting is not None:
+            return dict(waiting)
+        assert self._client is not None, "start() first"
+        try:
+            return dict(self._client.hgetall(self.config.key("marks", person)))
+        except _errors() as exc:
+            log.error("read positions unavailable while Redis is unreachable: %s", describe_redis_error(exc))
+            return {}
+
+    def set_marks(self, person: str, marks: dict[str, str]) -> None:
+        """Replace a person's read positions; written by the writer thread, never blocking."""
+        with self._lock:
+            self._marks[person] = dict(marks)
+        self._wake.set()
 
     def close(self) -> None:
         """Write what is queued (for up to CLOSE_FLUSH_SECONDS if Redis is away), then stop."""
@@ -488,17 +544,20 @@ class RedisRoomLog(RoomLog):
     def _write_loop(self) -> None:
         errors = _errors()
         client = self.config.client(single=True)
-        script = client.register_script(_APPEND_LUA)
+        append = client.register_script(_APPEND_LUA)
+        route = client.register_script(_ROUTE_LUA)
         backoff = _Backoff()
         deadline: float | None = None
         trimmed = time.monotonic()
         written_rooms: set[str] = set()
         batch: list[_Pending] = []
+        marks: dict[str, dict[str, str]] = {}
         while True:
-            if not batch:
+            if not batch and not marks:
                 with self._lock:
                     batch = [self._queue[i] for i in range(min(WRITE_BATCH, len(self._queue)))]
-                if not batch:
+                    marks, self._marks = self._marks, {}
+                if not batch and not marks:
                     if self._stop.is_set():
                         break
                     self._wake.wait(1.0)
@@ -514,28 +573,47 @@ class RedisRoomLog(RoomLog):
             try:
                 pipe = client.pipeline(transaction=False)
                 for pending in batch:
-                    entry = pending.entry
-                    room_stream = self.config.key("room", self.room_key(entry.room))
-                    written_rooms.add(room_stream)
-                    script(keys=[self._log_key, room_stream, self._seq_key],
-                           args=[pending.seq, self.log_cap, self.history_lines, SEQ_TTL_MS,
-                                 "r", entry.room, "k", entry.kind, "s", entry.sender, "t", entry.text,
-                                 "g", entry.target, "o", self.origin, "q", pending.seq, "ts", repr(entry.ts)],
-                           client=pipe)
-                pipe.execute()
+                    self._queue_write(pipe, pending, append, route, written_rooms)
+                for person, positions in marks.items():
+                    key = self.config.key("marks", person)
+                    pipe.delete(key)
+                    if positions:
+                        pipe.hset(key, mapping=positions)
+                results = pipe.execute()
             except errors as exc:
                 self._set_health(writer=False, why=describe_redis_error(exc))
                 backoff.wait(self._stop if deadline is None else threading.Event())
                 continue
             with self._lock:
-                for _ in batch:
+                for pending, result in zip(batch, results, strict=False):
                     self._queue.popleft()
+                    if not pending.store and result != self.origin:
+                        # Routed to another server's inbox (or to nobody): it never comes back here.
+                        self._pending.pop(pending.seq, None)
+                for person, positions in marks.items():
+                    self._marks.setdefault(person, positions)  # unless newer ones came meanwhile
+                    if self._marks[person] is positions:
+                        del self._marks[person]
             self.written += len(batch)
-            batch = []
+            batch, marks = [], {}
             if backoff.delay:
                 backoff.reset()
             self._set_health(writer=True)
         client.close()
+
+    def _queue_write(self, pipe: Any, pending: _Pending, append: Any, route: Any, rooms: set[str]) -> None:
+        """Add one line's script call to the pipeline."""
+        entry = pending.entry
+        fields = ["r", entry.room, "k", entry.kind, "s", entry.sender, "t", entry.text, "g", entry.target,
+                  "o", self.origin, "q", pending.seq, "ts", repr(entry.ts)]
+        if not pending.store:
+            route(keys=[self.config.key("nick", self.nick_key(entry.target)), self._seq_key],
+                  args=[pending.seq, SEQ_TTL_MS, self.config.key("inbox", ""), INBOX_CAP, *fields], client=pipe)
+            return
+        room_stream = self.config.key("room", self.room_key(entry.room))
+        rooms.add(room_stream)
+        append(keys=[self._log_key, room_stream, self._seq_key],
+               args=[pending.seq, self.log_cap, self.history_lines, SEQ_TTL_MS, *fields], client=pipe)
 
     def _trim(self, client: Any, rooms: set[str]) -> None:
         """Drop history older than history_seconds from the rooms this server wrote to."""
@@ -571,10 +649,7 @@ class RedisRoomLog(RoomLog):
             for stream, items in reply or ():
                 for entry_id, fields in items:
                     positions[stream] = entry_id
-                    if stream == self._log_key:
-                        self._receive(entry_id, fields)
-                    else:
-                        self._receive_private(entry_id, fields)
+                    self._receive(entry_id, fields)
             self._set_health(reader=True)
         client.close()
 
@@ -592,18 +667,14 @@ class RedisRoomLog(RoomLog):
             log.warning("skipped a malformed entry %s in the Redis log", entry_id)
             return
         with self._lock:
-            self._last = max(self._last, id_key(entry_id))
+            if entry.room[:1] != "@":  # inbox ids come from another stream
+                self._last = max(self._last, id_key(entry_id))
             if entry.origin == self.origin:
                 pending = self._pending.pop(_int(fields.get("q")), None)
                 if pending is not None and pending.echoed:
                     return  # shown here while Redis was away
             assert self._deliver is not None
             self._deliver(entry)
-
-    def _receive_private(self, entry_id: str, fields: dict[str, str]) -> None:
-        entry = _decode(entry_id, fields)
-        if entry is not None and self.on_private is not None:
-            self.on_private(entry)
 
     # -- history ---------------------------------------------------------------------------
 
@@ -652,39 +723,31 @@ def _decode(entry_id: str, fields: dict[str, str]) -> Entry | None:
     )
 
 
-class DirectoryUnavailable(Exception):
-    """Redis is unreachable: the directory cannot answer for the cluster right now."""
-
-
-class RedisDirectory:
-    """Who is online where, across every server on one Redis.
+class RedisDirectory(Directory):
+    """Who is online where, across every server on one Redis (the rooms' :class:`Directory`).
 
     - Nicks are unique across servers: :meth:`claim` is ``SET NX PX``; the owning server refreshes
       its nicks every TTL/3 and releases them only if it still holds them (Lua compare-and-delete),
       so a server that dies loses its nicks within the TTL, and a slow one never deletes a nick
       someone else has taken since.
-    - Room memberships are sorted sets scored by expiry (Redis's clock): :meth:`who` and
-      :meth:`rooms` see everyone on every server, and a dead server's people vanish within the TTL.
-    - :meth:`route_private` sends a private message to the server holding the nick, through that
-      server's inbox stream, read by its :class:`RedisRoomLog`'s reader.
+    - Room memberships and the online list are sorted sets scored by expiry (Redis's clock, so the
+      servers' clocks may differ), members ``nick<TAB>origin``: :meth:`members`, :meth:`rooms` and
+      :meth:`everyone` report the other servers' people, and a dead server's vanish within the TTL.
 
-    Calls are blocking round trips made on the caller's (session) thread; while Redis is known to be
-    unreachable they fail at once with :class:`DirectoryUnavailable` instead of waiting.
-    ``on_lost(nick)`` is called (heartbeat thread) if a nick this server held was taken elsewhere,
-    which only happens after Redis lost its data or this server was cut off for longer than the TTL.
+    Calls are blocking round trips on the caller's (session) thread, bounded by a short timeout;
+    while Redis is known to be unreachable they answer at once for this server alone: a claim is
+    granted (local chat goes on; the refresh takes the nick in Redis when it is back, and logs if
+    another server took it meanwhile), and nobody is reported elsewhere.
     """
 
-    def __init__(self, config: RedisConfig, roomlog: RedisRoomLog | None = None, *,
-                 ttl: float = PRESENCE_TTL, nick_key: Callable[[str], str] = protocol.nick_key,
-                 room_key: Callable[[str], str] = str) -> None:
+    def __init__(self, config: RedisConfig, *, ttl: float = PRESENCE_TTL,
+                 nick_key: Callable[[str], str] = protocol.nick_key,
+                 room_key: Callable[[str], str] = roomlog_room_key) -> None:
         self.config = config
         self.origin = config.origin
         self.ttl_ms = max(1000, int(ttl * 1000))
         self.nick_key = nick_key
         self.room_key = room_key
-        self.roomlog = roomlog
-        self.on_lost: Callable[[str], None] | None = None
-        self.on_private: Callable[[Entry], None] | None = None
         self._lock = threading.Lock()
         self._nicks: dict[str, str] = {}  # nick key -> display, held by this server
         self._members: dict[str, dict[str, str]] = {}  # room key -> {nick key: display}
@@ -698,15 +761,25 @@ class RedisDirectory:
     def _value(self, display: str) -> str:
         return f"{self.origin}\t{display}"
 
+    def _member(self, display: str) -> str:
+        return f"{display}\t{self.origin}"
+
+    def _others(self, members: list[str]) -> list[str]:
+        """Display nicks of the ``nick<TAB>origin`` members that are not this server's."""
+        out = []
+        for member in members:
+            display, _, origin = member.rpartition("\t")
+            if origin != self.origin and display:
+                out.append(protocol.sanitize(display))
+        return out
+
     def start(self) -> None:
         """Connect and start the refresh thread (RedisStartError if Redis cannot be used)."""
         self.config.check()
-        self._client = self.config.client()
+        self._client = self.config.client(timeout=DIRECTORY_TIMEOUT)
         for name, source in (("refresh", _REFRESH_NICK_LUA), ("release", _RELEASE_NICK_LUA),
-                             ("touch", _TOUCH_LUA), ("who", _WHO_LUA), ("rooms", _ROOMS_LUA)):
+                             ("touch", _TOUCH_LUA), ("alive", _ALIVE_LUA), ("rooms", _ROOMS_LUA)):
             self._scripts[name] = self._client.register_script(source)
-        if self.roomlog is not None:
-            self.roomlog.on_private = self._private_arrived
         self._thread = threading.Thread(target=self._heartbeat_loop, name="securechat-redis-presence", daemon=True)
         self._thread.start()
 
@@ -714,57 +787,62 @@ class RedisDirectory:
         """Stop refreshing and release this server's nicks and memberships."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(COMMAND_TIMEOUT + 1)
+            self._thread.join(DIRECTORY_TIMEOUT + 1)
         with self._lock:
             nicks = dict(self._nicks)
             members = {room: dict(m) for room, m in self._members.items()}
+        if self._client is None:
+            return
         with contextlib.suppress(*_errors()):
-            pipe = self._pipe()
+            pipe = self._client.pipeline(transaction=False)
             for room, people in members.items():
                 if people:
-                    pipe.zrem(self.config.key("who", room), *people.values())
+                    pipe.zrem(self.config.key("who", room), *(self._member(d) for d in people.values()))
+            if nicks:
+                pipe.zrem(self.config.key("online"), *(self._member(d) for d in nicks.values()))
             for key, display in nicks.items():
                 self._scripts["release"](keys=[self.config.key("nick", key)], args=[self._value(display)], client=pipe)
             pipe.execute()
-        if self._client is not None:
-            self._client.close()
+        self._client.close()
 
-    # -- calls from sessions ---------------------------------------------------------------
-
-    def _pipe(self) -> Any:
-        assert self._client is not None, "start() first"
-        return self._client.pipeline(transaction=False)
+    @property
+    def available(self) -> bool:
+        """False while Redis is known to be unreachable."""
+        return self._ok
 
     def _call(self, fn: Callable[[], Any]) -> Any:
-        """Run one round trip; DirectoryUnavailable (at once while Redis is known to be down)."""
+        """One round trip; DirectoryUnavailable (at once while Redis is known to be down)."""
         if not self._ok:
             raise DirectoryUnavailable("Redis is unreachable")
         try:
             return fn()
         except _errors() as exc:
             self._ok = False
-            log.warning("nick directory: Redis unreachable: %s", describe_redis_error(exc))
+            log.warning("nick directory: Redis unreachable (%s): this server answers for itself until it is back",
+                        describe_redis_error(exc))
             raise DirectoryUnavailable(describe_redis_error(exc)) from None
 
-    def claim(self, nick: str) -> str | None:
-        """Take ``nick`` for this server; return why not (taken elsewhere, Redis away), or None."""
+    # -- the Directory seam ----------------------------------------------------------------
+
+    def claim(self, nick: str) -> bool:
+        """Take ``nick`` for this server; False if another server holds it."""
         key = self.nick_key(nick)
-        value = self._value(nick)
         redis_key = self.config.key("nick", key)
-        assert self._client is not None, "start() first"
+        value = self._value(nick)
         client = self._client
         try:
             if not self._call(lambda: client.set(redis_key, value, nx=True, px=self.ttl_ms)):
                 holder = self._call(lambda: client.get(redis_key)) or ""
                 if not holder.startswith(f"{self.origin}\t"):
-                    return f"{nick!r} is taken"
-                # Already ours (a session resuming on this server): take the new spelling.
-                self._call(lambda: client.set(redis_key, value, px=self.ttl_ms))
+                    return False
+                self._call(lambda: client.set(redis_key, value, px=self.ttl_ms))  # ours: the new spelling
+            self._call(lambda: self._scripts["alive"](keys=[self.config.key("online")],
+                                                       args=[self._member(nick), self.ttl_ms]))
         except DirectoryUnavailable:
-            return "the nick directory (Redis) is unreachable; try again in a moment"
+            pass  # granted locally; the refresh claims it in Redis when it is back
         with self._lock:
             self._nicks[key] = nick
-        return None
+        return True
 
     def release(self, nick: str) -> None:
         """Give ``nick`` up (if this server still holds it) and leave every room with it."""
@@ -772,33 +850,25 @@ class RedisDirectory:
         with self._lock:
             display = self._nicks.pop(key, nick)
             rooms = [room for room, people in self._members.items() if people.pop(key, None) is not None]
+            for room in rooms:
+                if not self._members[room]:
+                    del self._members[room]
+
+        def run() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for room in rooms:
+                pipe.zrem(self.config.key("who", room), self._member(display))
+            pipe.zrem(self.config.key("online"), self._member(display))
+            self._scripts["release"](keys=[self.config.key("nick", key)], args=[self._value(display)], client=pipe)
+            pipe.execute()
+
         with contextlib.suppress(DirectoryUnavailable):
-            def run() -> None:
-                pipe = self._pipe()
-                for room in rooms:
-                    pipe.zrem(self.config.key("who", room), display)
-                self._scripts["release"](keys=[self.config.key("nick", key)], args=[self._value(display)],
-                                         client=pipe)
-                pipe.execute()
             self._call(run)
 
-    def rename(self, old: str, new: str) -> str | None:
-        """Claim ``new``, move ``old``'s memberships to it and release ``old``; why not, or None."""
-        error = self.claim(new)
-        if error is not None:
-            return error
-        old_key, new_key = self.nick_key(old), self.nick_key(new)
-        with self._lock:
-            rooms = [(room, self._room_names.get(room, room)) for room, people in self._members.items()
-                     if old_key in people]
-        if old_key != new_key:
-            self.release(old)
-        else:  # a new spelling of the same nick: the claim is ours already, the memberships move
-            for _, name in rooms:
-                self.parted(name, old)
-        for _, name in rooms:
-            self.joined(name, new)
-        return None
+    def online(self, nick: str) -> bool:
+        """True when another server holds ``nick``."""
+        where = self.locate(nick)
+        return where is not None and where[0] != self.origin
 
     def joined(self, room: str, nick: str) -> None:
         """``nick`` (held by this server) is in ``room`` now."""
@@ -807,7 +877,7 @@ class RedisDirectory:
             self._members.setdefault(room_key, {})[key] = nick
             self._room_names.setdefault(room_key, room)
         with contextlib.suppress(DirectoryUnavailable):
-            self._call(lambda: self._touch(None, room_key, nick))
+            self._call(lambda: self._touch(self._client, room_key, nick))
 
     def parted(self, room: str, nick: str) -> None:
         """``nick`` left ``room``."""
@@ -819,88 +889,82 @@ class RedisDirectory:
                 self._members.pop(room_key, None)
                 self._room_names.pop(room_key, None)
         with contextlib.suppress(DirectoryUnavailable):
-            self._call(lambda: self._client.zrem(self.config.key("who", room_key), display))
+            self._call(lambda: self._client.zrem(self.config.key("who", room_key), self._member(display)))
 
-    def who(self, room: str) -> list[str]:
-        """Everyone in ``room`` on every server, sorted; DirectoryUnavailable while Redis is away."""
-        names = self._call(lambda: self._scripts["who"](keys=[self.config.key("who", self.room_key(room))]))
-        return sorted(names, key=str.casefold)
+    def members(self, room: str) -> list[str]:
+        """The people in ``room`` on the other servers (none known while Redis is away)."""
+        try:
+            found = self._call(lambda: self._scripts["alive"](keys=[self.config.key("who", self.room_key(room))],
+                                                               args=["", 0]))
+        except DirectoryUnavailable:
+            return []
+        return sorted(self._others(found), key=str.casefold)
 
-    def rooms(self) -> list[tuple[str, int]]:
-        """Every room with people in it, on any server: (name, count), sorted by name."""
-        flat = self._call(lambda: self._scripts["rooms"](
-            keys=[self.config.key("rooms"), self.config.key("roomnames")], args=[self.config.key("who", "")]))
-        out = [(str(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
-        return sorted(out, key=lambda item: item[0].casefold())
+    def rooms(self) -> dict[str, int]:
+        """Room display name -> how many people are in it on the other servers."""
+        try:
+            flat = self._call(lambda: self._scripts["rooms"](
+                keys=[self.config.key("rooms"), self.config.key("roomnames")],
+                args=[self.config.key("who", ""), self.origin]))
+        except DirectoryUnavailable:
+            return {}
+        out: dict[str, int] = {}
+        for i in range(0, len(flat) - 1, 2):
+            if int(flat[i + 1]) > 0:
+                out[protocol.sanitize(str(flat[i]))] = int(flat[i + 1])
+        return out
+
+    def everyone(self) -> list[str]:
+        """Nicks online on the other servers."""
+        try:
+            found = self._call(lambda: self._scripts["alive"](keys=[self.config.key("online")], args=["", 0]))
+        except DirectoryUnavailable:
+            return []
+        return sorted(self._others(found), key=str.casefold)
 
     def locate(self, nick: str) -> tuple[str, str] | None:
-        """(server origin, display nick) of whoever holds ``nick``, or None."""
-        value = self._call(lambda: self._client.get(self.config.key("nick", self.nick_key(nick))))
+        """(server origin, display nick) of whoever holds ``nick``, or None (also while Redis is away)."""
+        try:
+            value = self._call(lambda: self._client.get(self.config.key("nick", self.nick_key(nick))))
+        except DirectoryUnavailable:
+            return None
         if not value or "\t" not in value:
             return None
         origin, _, display = value.partition("\t")
         return origin, display
-
-    def route_private(self, sender: str, target: str, text: str) -> str | None:
-        """Send a private message to the server holding ``target``.
-
-        Returns the target's display nick if it was sent to another server, "" if the target is on
-        this server (deliver it yourself), None if nobody holds the nick. DirectoryUnavailable while
-        Redis is away.
-        """
-        where = self.locate(target)
-        if where is None:
-            return None
-        origin, display = where
-        if origin == self.origin:
-            return ""
-        fields = {"r": f"@{display}", "k": "private", "s": sender, "t": text, "g": display, "o": self.origin,
-                  "ts": repr(time.time())}
-        self._call(lambda: self._client.xadd(
-            self.config.key("inbox", origin), fields, maxlen=INBOX_CAP, approximate=True))
-        return display
-
-    def _private_arrived(self, entry: Entry) -> None:
-        with self._lock:
-            here = self.nick_key(entry.target) in self._nicks
-        if here and self.on_private is not None:
-            self.on_private(entry)
-
-    @property
-    def available(self) -> bool:
-        """False while Redis is known to be unreachable."""
-        return self._ok
 
     # -- heartbeat -------------------------------------------------------------------------
 
     def _touch(self, pipe: Any, room_key: str, nick: str) -> Any:
         return self._scripts["touch"](
             keys=[self.config.key("who", room_key), self.config.key("rooms"), self.config.key("roomnames")],
-            args=[nick, self.ttl_ms, room_key, self._room_names.get(room_key, room_key)], client=pipe)
+            args=[self._member(nick), self.ttl_ms, room_key, self._room_names.get(room_key, room_key)], client=pipe)
 
     def refresh(self) -> None:
         """Refresh every nick and membership this server holds (one pipelined round trip)."""
         with self._lock:
             nicks = list(self._nicks.items())
             members = [(room, display) for room, people in self._members.items() for display in people.values()]
-        pipe = self._pipe()
+        pipe = self._client.pipeline(transaction=False)
         for key, display in nicks:
             self._scripts["refresh"](keys=[self.config.key("nick", key)], args=[self._value(display), self.ttl_ms],
                                      client=pipe)
+        for _, display in nicks:
+            self._scripts["alive"](keys=[self.config.key("online")], args=[self._member(display), self.ttl_ms],
+                                   client=pipe)
         for room, display in members:
             self._touch(pipe, room, display)
         pipe.expire(self.config.key("inbox", self.origin), max(1, self.ttl_ms // 1000) * 4)
         results = pipe.execute()
-        lost = [display for (key, display), ok in zip(nicks, results[:len(nicks)], strict=True) if not ok]
-        for display in lost:
-            log.warning("nick %s was taken on another server while this one was cut off from Redis", display)
-            if self.on_lost is not None:
-                self.on_lost(display)
+        for (_, display), ok in zip(nicks, results[:len(nicks)], strict=True):
+            if not ok:
+                log.warning("nick %s was taken on another server while this one was cut off from Redis; "
+                            "both have it until one leaves", display)
 
     def _heartbeat_loop(self) -> None:
         errors = _errors()
         interval = self.ttl_ms / 3000
-        while not self._stop.wait(interval if self._ok else min(interval, 1.0)):
+        while not self._stop.wait(interval if self._ok else min(interval, 0.5)):
             try:
                 self.refresh()
             except errors as exc:
@@ -911,3 +975,7 @@ class RedisDirectory:
             if not self._ok:
                 log.warning("nick directory: Redis is back")
             self._ok = True
+
+
+class DirectoryUnavailable(Exception):
+    """Redis is unreachable: the directory cannot answer for the cluster right now."""
