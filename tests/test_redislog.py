@@ -484,6 +484,7 @@ def test_private_messages_go_to_the_server_holding_the_nick_and_are_not_kept(red
         ("@bob", "private", "alice", "bob", "psst"), ("@bob", "private", "carol", "bob", "local one")]
     log_a.append("lobby", "chat", "alice", "after")  # everything before it has been routed by now
     inbox_c.wait_for(lambda es: len(es) == 1)
+    inbox_a.wait_for(lambda es: len(es) == 1)
     assert [e.text for e in inbox_a.entries] == ["after"] and [e.text for e in inbox_c.entries] == ["after"]
     assert log_a.read_after("@bob", None, 10) == []  # not kept in any history
     raw = redis_py.Redis.from_url(redis.url, decode_responses=True)
