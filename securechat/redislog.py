@@ -28,6 +28,7 @@ crash of Redis itself). Redis Cluster is not supported: the script touches sever
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import logging
@@ -123,6 +124,7 @@ return id
 # A private message for someone online (not stored): to the inbox of the server holding the nick,
 # once per (origin, seq). KEYS: the nick's key, seq key; ARGV: seq, seq ttl ms, inbox key prefix,
 # inbox cap, then fields. Returns the holder's origin, or false (nobody holds it, or seen already).
+# The recipient's name is written as the holder spells it.
 _ROUTE_LUA = """
 local seq = tonumber(ARGV[1])
 local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
@@ -130,10 +132,16 @@ if seq <= last then return false end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 local holder = redis.call('GET', KEYS[1])
 if not holder then return false end
-local origin = string.match(holder, '^([^\t]*)\t')
+local origin, display = string.match(holder, '^([^\t]*)\t(.*)$')
 if not origin then return false end
 local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV, 2 do
+  local name, value = ARGV[i], ARGV[i + 1]
+  -- the recipient as its holder spells it, whatever case the sender typed
+  if name == 'g' then value = display elseif name == 'r' then value = '@' .. display end
+  fields[#fields + 1] = name
+  fields[#fields + 1] = value
+end
 redis.call('XADD', ARGV[3] .. origin, 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
 return origin
 """
@@ -812,7 +820,7 @@ class RedisDirectory(Directory):
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """One round trip; DirectoryUnavailable (at once while Redis is known to be down)."""
-        if not self._ok:
+        if not self._ok or self._stop.is_set():
             raise DirectoryUnavailable("Redis is unreachable")
         try:
             return fn()
@@ -979,3 +987,40 @@ class RedisDirectory(Directory):
 
 class DirectoryUnavailable(Exception):
     """Redis is unreachable: the directory cannot answer for the cluster right now."""
+
+
+# -- securechat serve --redis ----------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``serve``'s options for sharing rooms through Redis."""
+    group = parser.add_argument_group(
+        "several servers, one chat (Redis)",
+        "Servers started with the same --redis share rooms, history, nicknames, /who, /rooms and /msg. "
+        "Needs pip install 'securechat[redis]'.")
+    group.add_argument("--redis", metavar="URL",
+                       help="share rooms through this Redis: redis://HOST:6379/0, or rediss://:PASSWORD@HOST:6380/0 "
+                       "for TLS with a password (use both anywhere but loopback: it carries every line)")
+    group.add_argument("--redis-ca", metavar="FILE",
+                       help="with rediss://: the CA certificate that signed Redis's (default: the system's CAs)")
+    group.add_argument("--presence-ttl", type=float, default=PRESENCE_TTL, metavar="SECONDS",
+                       help="a killed server's people leave /who within this time (default: %(default)g)")
+
+
+def open_from_args(args: argparse.Namespace) -> tuple[RedisRoomLog, RedisDirectory] | None:
+    """The shared room log and directory ``--redis`` asks for (None without it); the directory is started.
+
+    Raises RedisStartError (one line) if Redis cannot be used.
+    """
+    if not getattr(args, "redis", None):
+        return None
+    if args.presence_ttl < 1:
+        raise RedisStartError("--presence-ttl must be at least 1 second")
+    config = RedisConfig(args.redis, ca_file=args.redis_ca)
+    config.check()
+    lines = getattr(args, "history_lines", None)
+    days = getattr(args, "history_days", None)
+    roomlog = RedisRoomLog(config, history_lines=lines or HISTORY_LINES,
+                           history_seconds=(days or 0) * 86400.0)
+    directory = RedisDirectory(config, ttl=args.presence_ttl)
+    directory.start()
+    return roomlog, directory

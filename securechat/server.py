@@ -29,12 +29,12 @@ from pathlib import Path
 from types import FrameType
 from typing import cast
 
-from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, tls
+from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, redislog, tls
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.console import announce
 from securechat.handshake import Handshaker
 from securechat.protocol import Command
-from securechat.roomlog import RoomLog, room_key
+from securechat.roomlog import Directory, RoomLog, room_key
 from securechat.rooms import ANNOUNCE_LIMIT, DEFAULT_ROOM, GRACE_SECONDS, REPLAY_LINES, Room, Rooms, parse_positions
 from securechat.rooms import room_error as rooms_error
 
@@ -389,6 +389,7 @@ class ChatServer:
         outbox_limit: int = OUTBOX_LIMIT,
         announce_limit: int = ANNOUNCE_LIMIT,
         roomlog: RoomLog | None = None,
+        directory: Directory | None = None,
         replay: int = REPLAY_LINES,
         grace: float = GRACE_SECONDS,
         offline_messages: bool = False,
@@ -403,7 +404,7 @@ class ChatServer:
         self.flood_rate = flood_rate
         self.flood_burst = flood_burst
         self.outbox_limit = outbox_limit
-        self.rooms = Rooms(roomlog, announce_limit=announce_limit, replay=replay, grace=grace,
+        self.rooms = Rooms(roomlog, directory, announce_limit=announce_limit, replay=replay, grace=grace,
                            offline_messages=offline_messages)
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
@@ -763,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="announce joins and leaves while at most N people are online, 0 for always "
                    "(default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
+    redislog.add_arguments(p)
     return p
 
 
@@ -828,15 +830,28 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, ssl.SSLError, ValueError) as exc:
         print(f"serve: cannot load the certificate: {describe_error(exc)}", file=sys.stderr)
         return 1
+    try:
+        cluster = redislog.open_from_args(args)  # --redis: rooms shared with the other servers
+    except redislog.RedisStartError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 1
+    roomlog, directory = cluster if cluster is not None else (None, None)
     server = ChatServer(args.host, args.port, context, max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
                         flood_rate=args.flood_rate, flood_burst=args.flood_burst,
-                        announce_limit=args.announce_limit)
+                        announce_limit=args.announce_limit, roomlog=roomlog, directory=directory)
     try:
         server.bind()
-    except OSError as exc:
-        print(f"serve: cannot listen on {args.host}:{args.port}: {describe_error(exc)}", file=sys.stderr)
+    except (OSError, redislog.RedisStartError) as exc:
+        why = str(exc) if isinstance(exc, redislog.RedisStartError) else \
+            f"cannot listen on {args.host}:{args.port}: {describe_error(exc)}"
+        print(f"serve: {why}", file=sys.stderr)
+        if directory is not None:
+            directory.close()
         return 1
+    if directory is not None:
+        print(f"[SERVER] Sharing rooms through Redis at {redislog.redact(args.redis)} "
+              f"(this server is {directory.origin})", flush=True)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop_from_signal()
@@ -880,6 +895,8 @@ def _serve(args: argparse.Namespace) -> int:
     if renewer is not None:
         renewer.stop()
     server.shutdown()
+    if directory is not None:
+        directory.close()
     print("[SERVER] Stopped", flush=True)
     return 0
 
