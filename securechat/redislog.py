@@ -109,6 +109,8 @@ TRIM_EVERY = 60.0
 _MAX_FIELD = protocol.MAX_LINE_BYTES
 
 # Writes the line to the firehose and to its room with the same id, once per (origin, seq).
+# KEYS: log, room stream, seq key; ARGV: seq, log cap, room cap (0: none, -1: no history), seq ttl
+# ms, then the fields.
 _APPEND_LUA = """
 local seq = tonumber(ARGV[1])
 local last = tonumber(redis.call('GET', KEYS[3]) or '-1')
@@ -117,7 +119,12 @@ redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
 local fields = {}
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, unpack(fields))
+local cap = tonumber(ARGV[3])
+if cap > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', cap, id, unpack(fields))
+elseif cap == 0 then
+  redis.call('XADD', KEYS[2], id, unpack(fields))
+end
 return id
 """
 
@@ -371,6 +378,7 @@ class RedisRoomLog(RoomLog):
         *,
         history_lines: int = HISTORY_LINES,
         history_seconds: float = 0.0,
+        history: bool = True,
         room_key: Callable[[str], str] = roomlog_room_key,
         nick_key: Callable[[str], str] = protocol.nick_key,
         queue_limit: int = QUEUE_LIMIT,
@@ -378,8 +386,9 @@ class RedisRoomLog(RoomLog):
     ) -> None:
         self.config = config
         self.origin = config.origin
-        self.history_lines = max(1, history_lines)
-        self.history_seconds = history_seconds
+        self.history_lines = max(0, history_lines)  # 0: no limit by count
+        self.history_seconds = history_seconds  # 0: no limit by age
+        self.history = history  # False (--no-history): rooms' streams are not written at all
         self.room_key = room_key
         self.nick_key = nick_key
         self.queue_limit = queue_limit
@@ -502,6 +511,11 @@ class RedisRoomLog(RoomLog):
     # -- state -----------------------------------------------------------------------------
 
     @property
+    def stores(self) -> bool:
+        """False under --no-history: nothing is kept, nothing replayed."""
+        return self.history
+
+    @property
     def degraded(self) -> bool:
         """True while lines are delivered locally because Redis is unreachable."""
         return self._degraded
@@ -570,10 +584,10 @@ class RedisRoomLog(RoomLog):
                         break
                     self._wake.wait(1.0)
                     self._wake.clear()
-                    if self.history_seconds and time.monotonic() - trimmed > TRIM_EVERY:
-                        trimmed = time.monotonic()
-                        self._trim(client, written_rooms)
                     continue
+            if self.history_seconds and time.monotonic() - trimmed > TRIM_EVERY:
+                trimmed = time.monotonic()
+                self._trim(client, written_rooms)
             if self._stop.is_set():
                 deadline = deadline or time.monotonic() + CLOSE_FLUSH_SECONDS
                 if time.monotonic() > deadline:
@@ -621,7 +635,8 @@ class RedisRoomLog(RoomLog):
         room_stream = self.config.key("room", self.room_key(entry.room))
         rooms.add(room_stream)
         append(keys=[self._log_key, room_stream, self._seq_key],
-               args=[pending.seq, self.log_cap, self.history_lines, SEQ_TTL_MS, *fields], client=pipe)
+               args=[pending.seq, self.log_cap, self.history_lines if self.history else -1, SEQ_TTL_MS, *fields],
+               client=pipe)
 
     def _trim(self, client: Any, rooms: set[str]) -> None:
         """Drop history older than history_seconds from the rooms this server wrote to."""
@@ -1017,10 +1032,9 @@ def open_from_args(args: argparse.Namespace) -> tuple[RedisRoomLog, RedisDirecto
         raise RedisStartError("--presence-ttl must be at least 1 second")
     config = RedisConfig(args.redis, ca_file=args.redis_ca)
     config.check()
-    lines = getattr(args, "history_lines", None)
-    days = getattr(args, "history_days", None)
-    roomlog = RedisRoomLog(config, history_lines=lines or HISTORY_LINES,
-                           history_seconds=(days or 0) * 86400.0)
+    roomlog = RedisRoomLog(config, history_lines=getattr(args, "history_lines", HISTORY_LINES),
+                           history_seconds=getattr(args, "history_days", 0.0) * 86400.0,
+                           history=not getattr(args, "no_history", False))
     directory = RedisDirectory(config, ttl=args.presence_ttl)
     directory.start()
     return roomlog, directory

@@ -306,12 +306,16 @@ class Rooms:
         self.directory.joined(room.name, member.nick)
         if confirm:  # not at login: the welcome line says it
             member.conn.send(protocol.notice(f"you joined #{room.name} ({count} here); now talking in #{room.name}"))
+        # Read before telling the room: the replay ends with what was said before this arrival.
+        if after is None:
+            entries = self._read(room, None, self.replay, before=True)
+            if entries:
+                member.paged[room.key] = entries[0].id  # /history goes on from there
+        else:
+            entries = self._read(room, after, MAX_CATCHUP, before=False)
         if not self.announce_limit or count <= self.announce_limit:
             self.log.append(room.name, "join", member.nick, "")
-        if after is None:
-            self._catch_up(member, room, self._read(room, None, self.replay, before=True), "history")
-        else:
-            self._catch_up(member, room, self._read(room, after, MAX_CATCHUP, before=False), "missed")
+        self._catch_up(member, room, entries, "history" if after is None else "missed")
 
     def _read(self, room: Room, anchor: str | None, limit: int, *, before: bool) -> list[Entry]:
         if limit <= 0 or not self.log.stores:

@@ -33,9 +33,19 @@ from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, redislog, 
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.console import announce
 from securechat.handshake import Handshaker
+from securechat.history import DEFAULT_DAYS, DEFAULT_LINES, default_data_dir
 from securechat.protocol import Command
 from securechat.roomlog import Directory, RoomLog, room_key
-from securechat.rooms import ANNOUNCE_LIMIT, DEFAULT_ROOM, GRACE_SECONDS, REPLAY_LINES, Room, Rooms, parse_positions
+from securechat.rooms import (
+    ANNOUNCE_LIMIT,
+    DEFAULT_ROOM,
+    GRACE_SECONDS,
+    MAX_HISTORY_PAGE,
+    REPLAY_LINES,
+    Room,
+    Rooms,
+    parse_positions,
+)
 from securechat.rooms import room_error as rooms_error
 
 log = logging.getLogger("securechat.server")
@@ -434,7 +444,6 @@ class ChatServer:
         listener.bind((self.host, self.port))
         listener.listen(min(socket.SOMAXCONN, 4096))
         self._listener = listener
-        self.rooms.start()
         self._start_handshakers()
         return self.address
 
@@ -471,6 +480,7 @@ class ChatServer:
         if self._listener is None:
             self.bind()
         assert self._listener is not None
+        self.rooms.start()  # here, not in bind(): the caller may set rooms.log once the port is known
         listener = self._listener
         listener.setblocking(False)
         poller = select.poll()
@@ -534,6 +544,14 @@ class ChatServer:
             self._threads_done.wait_for(lambda: self._threads == 0, timeout)
         self._waker.close()
         self.rooms.close()  # after the sessions: a graceful stop stores every line said
+
+    def abandon(self) -> None:
+        """Undo :meth:`bind` for a server that will not serve after all."""
+        for handshaker in self._handshakers:
+            handshaker.stop()
+        if self._listener is not None:
+            self._listener.close()
+        self._waker.close()
 
     def __enter__(self) -> ChatServer:
         return self
@@ -763,6 +781,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-limit", type=int, default=ANNOUNCE_LIMIT, metavar="N",
                    help="announce joins and leaves while at most N people are online, 0 for always "
                    "(default: %(default)s)")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="where history is kept, in history-PORT.sqlite3 (mode 0600; default: "
+                   "$XDG_DATA_HOME/securechat, else ~/.local/share/securechat). History is stored UNENCRYPTED")
+    p.add_argument("--no-history", action="store_true",
+                   help="keep no history at all: no replay on joining, no /history, no catch-up after a drop")
+    p.add_argument("--history-days", type=float, default=DEFAULT_DAYS, metavar="DAYS",
+                   help="forget lines older than this, 0 for never (default: %(default)g)")
+    p.add_argument("--history-lines", type=int, default=DEFAULT_LINES, metavar="N",
+                   help="keep at most the last N lines of each room, 0 for no limit (default: %(default)s)")
+    p.add_argument("--replay", type=int, default=REPLAY_LINES, metavar="N",
+                   help="lines of history shown on joining a room (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=GRACE_SECONDS, metavar="SECONDS",
+                   help="how long a dropped securechat client's nick and rooms are held for it to resume, "
+                   "0 for not at all (default: %(default)g)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
     redislog.add_arguments(p)
     return p
@@ -808,6 +840,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plain and args.require_client_cert:
         parser.error("--require-client-cert needs TLS; it cannot be combined with --plain")
+    for name in ("history_days", "history_lines", "replay", "grace"):
+        value = getattr(args, name)
+        if value < 0 or value != value:  # NaN too
+            parser.error(f"--{name.replace('_', '-')} cannot be negative")
+    if args.replay > MAX_HISTORY_PAGE:
+        parser.error(f"--replay is at most {MAX_HISTORY_PAGE} lines")
     listener = console.nonblocking_logging(logging.INFO if args.verbose else logging.WARNING,
                                            "%(asctime)s %(levelname)s %(name)s: %(message)s")
     console.stdout.start()  # now, so the process's thread count is steady from the first client on
@@ -839,19 +877,37 @@ def _serve(args: argparse.Namespace) -> int:
     server = ChatServer(args.host, args.port, context, max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
                         flood_rate=args.flood_rate, flood_burst=args.flood_burst,
-                        announce_limit=args.announce_limit, roomlog=roomlog, directory=directory)
+                        announce_limit=args.announce_limit, replay=args.replay, grace=args.grace,
+                        offline_messages=args.require_client_cert and not args.no_history,
+                        roomlog=roomlog, directory=directory)
     try:
         server.bind()
-    except (OSError, redislog.RedisStartError) as exc:
-        why = str(exc) if isinstance(exc, redislog.RedisStartError) else \
-            f"cannot listen on {args.host}:{args.port}: {describe_error(exc)}"
-        print(f"serve: {why}", file=sys.stderr)
+    except OSError as exc:
+        print(f"serve: cannot listen on {args.host}:{args.port}: {describe_error(exc)}", file=sys.stderr)
         if directory is not None:
             directory.close()
         return 1
-    if directory is not None:
-        print(f"[SERVER] Sharing rooms through Redis at {redislog.redact(args.redis)} "
-              f"(this server is {directory.origin})", flush=True)
+    history_path = None
+    if directory is not None:  # --redis: Redis keeps the shared history
+        try:
+            server.rooms.start()
+        except redislog.RedisStartError as exc:
+            print(f"serve: {exc}", file=sys.stderr)
+            server.abandon()
+            directory.close()
+            return 1
+    elif not args.no_history:
+        from securechat.history import DB_NAME, HistoryError, SqliteLog
+
+        # One file per port: two servers on one machine are two chats (and a port-0 test server
+        # gets a file of its own).
+        history_path = (args.data or default_data_dir()) / DB_NAME.format(port=server.address[1])
+        try:
+            server.rooms.log = SqliteLog(history_path, days=args.history_days, lines=args.history_lines)
+        except HistoryError as exc:
+            print(f"serve: history: {exc}", file=sys.stderr)
+            server.abandon()
+            return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop_from_signal()
@@ -878,6 +934,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.require_client_cert:
         print("[SERVER] Mutual TLS: only clients with a certificate from the CA may join; nicknames are "
               "their certificates' names", flush=True)
+    if directory is not None:
+        print(f"[SERVER] Sharing rooms and history through Redis at {redislog.redact(args.redis)} "
+              f"(this server is {directory.origin})", flush=True)
+    elif history_path is None:
+        print("[SERVER] History is off (--no-history)", flush=True)
+    else:
+        print(f"[SERVER] History (unencrypted) in {history_path}", flush=True)
     if context is None:
         print("[SERVER] WARNING: --plain: NO ENCRYPTION. Every message and nickname can be read and altered by "
               "anyone on the network.", flush=True)
