@@ -316,8 +316,8 @@ class Rooms:
             entries = self._read(room, None, self.replay, before=True)
             if entries:
                 member.paged[room.key] = entries[0].id  # /history goes on from there
-        else:
-            entries = self._read(room, after, MAX_CATCHUP, before=False)
+        else:  # what it missed: not its own lines
+            entries = [e for e in self._read(room, after, MAX_CATCHUP, before=False) if e.sender != member.nick]
         if not self.announce_limit or count <= self.announce_limit:
             self.log.append(room.name, "join", member.nick, "")
         self._catch_up(member, room, entries, "history" if after is None else "missed")
@@ -647,8 +647,7 @@ class Rooms:
         for room in list(member.joined):
             # Without an id from the client (it saw no line there), from where the drop happened.
             after = positions.get(room.key) or old.dropped_at.get(room.key)
-            entries = [e for e in self._read(room, after, MAX_CATCHUP, before=False)
-                       if not (e.kind in _EXCLUDE_SENDER and e.sender == member.nick)]
+            entries = [e for e in self._read(room, after, MAX_CATCHUP, before=False) if e.sender != member.nick]
             self._catch_up(member, room, entries, "missed")
 
 
