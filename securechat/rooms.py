@@ -86,6 +86,7 @@ class Member(Protocol):
     held_private: list[bytes] | None  # private lines that came while dropped (None: connected)
     private_mark: str | None  # the newest stored private message given to it
     dropped_at: dict[str, str | None]  # room key -> the room's last id when its connection dropped
+    replaced: bool  # a resumed connection took over from this one
 
 
 def room_error(name: str) -> str | None:
@@ -165,6 +166,8 @@ class Rooms:
         self._lock = threading.Lock()
         self._nicks: dict[str, Member] = {}  # nick_key -> member (held sessions included)
         self._held: dict[str, _Held] = {}  # resume token -> a dropped session waiting for its client
+        self._tokens: dict[str, Member] = {}  # resume token -> its member, connected or held
+        self._resume_lock = threading.Lock()  # holding, expiring and resuming one at a time
         self._rooms: dict[str, Room] = {}  # room_key -> room
         self._by_name: dict[str, Room] = {}  # exact display name -> room (the fast path)
         self._started = False
@@ -226,6 +229,8 @@ class Rooms:
             self._leave_room(member, room, why, quiet=quiet)
         member.current = None
         with self._lock:
+            if member.token and self._tokens.get(member.token) is member:
+                del self._tokens[member.token]
             key = protocol.nick_key(member.nick)
             if self._nicks.get(key) is not member:
                 return
@@ -311,8 +316,8 @@ class Rooms:
             entries = self._read(room, None, self.replay, before=True)
             if entries:
                 member.paged[room.key] = entries[0].id  # /history goes on from there
-        else:
-            entries = self._read(room, after, MAX_CATCHUP, before=False)
+        else:  # what it missed: not its own lines
+            entries = [e for e in self._read(room, after, MAX_CATCHUP, before=False) if e.sender != member.nick]
         if not self.announce_limit or count <= self.announce_limit:
             self.log.append(room.name, "join", member.nick, "")
         self._catch_up(member, room, entries, "history" if after is None else "missed")
@@ -333,7 +338,9 @@ class Rooms:
         now = time.time()
         send = member.conn.send
         if entries:
-            send(protocol.notice(f"{how} of #{room.name}: {len(entries)} line{'s' if len(entries) != 1 else ''}"))
+            plural = "s" if len(entries) != 1 else ""
+            send(protocol.notice(f"history of #{room.name}: {len(entries)} line{plural}" if how == "history"
+                                 else f"missed in #{room.name}: {len(entries)} line{plural}"))
             for entry in entries:
                 send(self._replayed(member, entry, how, now))
         with room.lock:
@@ -536,36 +543,50 @@ class Rooms:
         except Exception as exc:
             log.error("cannot keep the read positions of %s: %s", member.person, exc)
 
-    def new_token(self) -> str:
-        """A fresh resume token: unguessable, and nothing else."""
-        return secrets.token_urlsafe(18)
+    def new_token(self, member: Member) -> str:
+        """Give ``member`` a resume token (once): unguessable, and nothing else."""
+        with self._lock:
+            if not member.token:
+                member.token = secrets.token_urlsafe(18)
+                self._tokens[member.token] = member
+        return member.token
+
+    def _detach(self, member: Member) -> None:
+        """Stop delivering to ``member`` but keep its nick and rooms (its lines stay in the log)."""
+        self._save_marks(member)
+        member.dropped_at = {room.key: room.last_id for room in member.joined}
+        member.held_private = []
+        for room in member.joined:
+            with room.lock:
+                room.members = tuple(m for m in room.members if m is not member)
+                room.catching.pop(member, None)
 
     def hold(self, member: Member, on_expiry: _Expiry) -> bool:
         """``member``'s connection dropped: keep its nick and rooms for :attr:`grace` seconds.
 
         Only a member that asked for a token (/session) is held. It leaves the rooms' delivery
         (its lines are read back from the log on resume) but not the rooms, and nobody is told
-        anything unless the grace period runs out.
+        anything unless the grace period runs out. False when it is not held (then unregister it).
         """
-        if not member.token or self.grace <= 0:
-            return False
-        self._save_marks(member)
-        member.dropped_at = {room.key: room.last_id for room in member.joined}
-        for room in member.joined:
-            with room.lock:
-                room.members = tuple(m for m in room.members if m is not member)
-                room.catching.pop(member, None)
-        member.held_private = []
-        timer = threading.Timer(self.grace, self._expire, (member.token,))
-        timer.daemon = True
-        with self._lock:
-            self._held[member.token] = _Held(member, timer, on_expiry)
-        timer.start()
+        with self._resume_lock:
+            if member.replaced:  # a new connection already took over: nothing left to do
+                return True
+            if not member.token or self.grace <= 0:
+                return False
+            self._detach(member)
+            timer = threading.Timer(self.grace, self._expire, (member.token,))
+            timer.daemon = True
+            with self._lock:
+                self._held[member.token] = _Held(member, timer, on_expiry)
+            timer.start()
         return True
 
     def _expire(self, token: str) -> None:
-        with self._lock:
-            held = self._held.pop(token, None)
+        with self._resume_lock:
+            with self._lock:
+                held = self._held.pop(token, None)
+                if held is not None:
+                    self._tokens.pop(token, None)
         if held is None:
             return
         member = held.member
@@ -583,16 +604,29 @@ class Rooms:
         held.on_expiry(member)
 
     def resume(self, member: Member, token: str, person: str | None) -> Member | None:
-        """Take over the held session ``token`` (same certificate, under mutual TLS): the old member, or None."""
-        with self._lock:
-            held = self._held.get(token)
-            if held is None or held.member.person != person:
-                return None
-            del self._held[token]
-            old = held.member
-            member.nick = old.nick
-            self._nicks[protocol.nick_key(old.nick)] = member
-        held.timer.cancel()
+        """Take over session ``token``: the old member, or None when there is no such session.
+
+        The old one is either held (its connection dropped) or still connected: a connection that
+        died silently (Wi-Fi gone) looks alive to the server for up to two minutes, and the
+        returning client must not wait for that. Under mutual TLS it must be the same certificate.
+        """
+        with self._resume_lock:
+            with self._lock:
+                old = self._tokens.get(token)
+                if old is None or old.person != person:
+                    return None
+                held = self._held.pop(token, None)
+            if held is not None:
+                held.timer.cancel()
+            else:
+                self._detach(old)
+                old.replaced = True
+                old.conn.abort("resumed from another connection")
+            with self._lock:
+                member.nick = old.nick
+                member.token = token
+                self._tokens[token] = member
+                self._nicks[protocol.nick_key(old.nick)] = member
         return old
 
     def rejoin(self, member: Member, old: Member, positions: dict[str, str]) -> None:
@@ -613,8 +647,7 @@ class Rooms:
         for room in list(member.joined):
             # Without an id from the client (it saw no line there), from where the drop happened.
             after = positions.get(room.key) or old.dropped_at.get(room.key)
-            entries = [e for e in self._read(room, after, MAX_CATCHUP, before=False)
-                       if not (e.kind in _EXCLUDE_SENDER and e.sender == member.nick)]
+            entries = [e for e in self._read(room, after, MAX_CATCHUP, before=False) if e.sender != member.nick]
             self._catch_up(member, room, entries, "missed")
 
 

@@ -93,7 +93,7 @@ class Session:
     # Thousands of these live at once: no per-instance __dict__.
     __slots__ = ("server", "peer", "nick", "bound_nick", "person", "state", "conn", "bucket", "dropped", "slot",
                  "joined", "current", "tagged", "token", "quitting", "paged", "held_private", "private_mark",
-                 "dropped_at")
+                 "dropped_at", "replaced")
 
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -125,6 +125,7 @@ class Session:
         self.held_private: list[bytes] | None = None  # private lines that came while dropped
         self.private_mark: str | None = None  # newest stored private message given
         self.dropped_at: dict[str, str | None] = {}  # room key -> last id when the connection dropped
+        self.replaced = False  # a resumed connection took over this session
 
     def __repr__(self) -> str:
         return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
@@ -140,6 +141,9 @@ class Session:
         self.state = State.CLOSED
         self.server._release_session(self)
         rooms = self.server.rooms
+        if self.replaced:
+            log.info("%s %s: taken over by a resumed connection", self.peer, self.nick)
+            return
         if was_member:
             if self.server.stopping:
                 # While the server shuts down everyone leaves at once; nobody needs the roll call.
@@ -310,10 +314,8 @@ class Session:
     def cmd_session(self, arg: str) -> None:
         """Opt in to ids on room lines and to resuming after a dropped connection."""
         self.tagged = True
-        if not self.token:
-            self.token = self.server.rooms.new_token()
-        grace = self.server.rooms.grace
-        self.reply(f"{protocol.SESSION}{self.token} {grace:g}")
+        token = self.server.rooms.new_token(self)
+        self.reply(f"{protocol.SESSION}{token} {self.server.rooms.grace:g}")
 
     def cmd_msg(self, arg: str) -> None:
         target_nick, _, text = arg.partition(" ")
