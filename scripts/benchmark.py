@@ -14,6 +14,10 @@ Modes (defaults in brackets; every option can override them):
   sends M [5] lines 0.5 s apart and the time for each line to reach all N-1 others is reported.
 * ``handshakes``: full TLS handshakes per second for --duration seconds [5] with --concurrency
   [4] in flight, next to ``openssl s_time -new`` against the same server.
+* ``cluster``: one securechat server alone, then 1, 2 and 3 servers (--cluster-sizes) sharing their
+  rooms through one redis-server (``serve --redis``), N [100] clients spread round-robin over them,
+  S [10] senders x M [200] lines flat out; then a light load (4 senders at 10 lines/s) for the
+  latency of a line that crosses servers. Needs ``redis-server`` and redis-py.
 
 Every relayed line carries ``~B|sender|seq|send_ns|``, so each receiver checks loss, order and
 duplicates per sender, and latency is receive time minus send time (one clock, one process).
@@ -53,6 +57,7 @@ MODE_DEFAULTS = {
     "latency": (20, 4, 100, 10.0),
     "hold": (5000, 1, 5, 2.0),
     "handshakes": (0, 0, 0, 0.0),
+    "cluster": (100, 10, 200, 0.0),
 }
 
 # ncat's broker loop uses select() (FD_SETSIZE 1024); here it resets connections from ~1000 clients.
@@ -289,6 +294,8 @@ class Run:
     last_delivery_ns: int = 0
     lost_connections: int = 0
     latencies: list[int] = field(default_factory=list)
+    servers: int = 1  # cluster mode: clients (and senders) are spread round-robin over this many servers
+    cross: list[int] = field(default_factory=list)  # latencies of lines that crossed servers
     line_max: dict[tuple[int, int], int] = field(default_factory=dict)
     stopping: bool = False
 
@@ -298,6 +305,7 @@ class BenchClient(asyncio.Protocol):
         self.run = run
         self.adapter = adapter
         self.idx = idx
+        self.server_idx = idx % run.servers  # which server it is connected to (cluster mode)
         self.ready = ready
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.buf = b""
@@ -368,6 +376,8 @@ class BenchClient(asyncio.Protocol):
                 last[sid] = seq
             delivered += 1
             lat.append(now - t)
+            if sid % run.servers != self.server_idx:
+                run.cross.append(now - t)
             if run.per_line:
                 key = (sid, seq)
                 if run.line_max.get(key, 0) < now - t:
@@ -378,9 +388,14 @@ class BenchClient(asyncio.Protocol):
 
 
 async def connect_all(
-    run: Run, adapter: Adapter, port: int, ctx: ssl.SSLContext, n: int, concurrency: int, timeout: float
+    run: Run, adapter: Adapter, port: int | list[int], ctx: ssl.SSLContext, n: int, concurrency: int,
+    timeout: float,
 ) -> tuple[list[BenchClient], list[float], float]:
-    """Open ``n`` clients (``concurrency`` at a time) and log each in; per-client seconds and the total."""
+    """Open ``n`` clients (``concurrency`` at a time) and log each in; per-client seconds and the total.
+
+    With a list of ports, client i connects to ``port[i % len(port)]`` (cluster mode).
+    """
+    ports = [port] if isinstance(port, int) else port
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(concurrency)
     clients: list[BenchClient] = []
@@ -393,7 +408,7 @@ async def connect_all(
             _, proto = await loop.create_connection(
                 lambda: BenchClient(run, adapter, i, ready),
                 LOOPBACK,
-                port,
+                ports[i % len(ports)],
                 ssl=ctx,
                 server_hostname="localhost",
                 ssl_handshake_timeout=60,
@@ -485,7 +500,8 @@ async def run_load(server: Server, certs: dict[str, str], args: argparse.Namespa
     """Connect ``n`` clients, send, drain, and measure; the result row for one server."""
     adapter = server.adapter
     senders = min(args.senders, n)
-    run = Run(senders=max(senders, 1), lines=max(args.lines, 1), per_line=args.mode == "hold")
+    spread = len(server.port) if isinstance(server.port, list) else 1
+    run = Run(senders=max(senders, 1), lines=max(args.lines, 1), per_line=args.mode == "hold", servers=spread)
     ctx = ssl.create_default_context(cafile=certs["ca"])
     res: dict = {
         "server": adapter.name,
@@ -557,6 +573,12 @@ async def run_load(server: Server, certs: dict[str, str], args: argparse.Namespa
         rss_peak_mib=round(st.get("VmHWM", 0), 1),
         threads_end=int(st.get("Threads", 0)),
     )
+    if spread > 1:
+        cross = sorted(run.cross)
+        res["cross_lines"] = len(cross)
+        res["cross_p50_ms"] = round(pct(cross, 50) / 1e6, 2)
+        res["cross_p99_ms"] = round(pct(cross, 99) / 1e6, 2)
+        res["cross_max_ms"] = round(cross[-1] / 1e6, 2) if cross else None
     if run.per_line:
         per_line = sorted(run.line_max.values())
         res["reach_all_max_ms"] = round(per_line[-1] / 1e6, 2) if per_line else None
@@ -737,6 +759,34 @@ ROWS = {
         "rss_end_mib",
         "threads_end",
     ],
+    "cluster": [
+        "servers",
+        "clients",
+        "senders",
+        "lines_per_sender",
+        "expected",
+        "delivered",
+        "lost",
+        "order_violations",
+        "duplicates",
+        "lines_per_s",
+        "vs_alone",
+        "lat_p50_ms",
+        "lat_p99_ms",
+        "cross_p50_ms",
+        "cross_p99_ms",
+        "light_lost",
+        "light_order_violations",
+        "light_lat_p50_ms",
+        "light_lat_p99_ms",
+        "light_cross_p50_ms",
+        "light_cross_p99_ms",
+        "light_cross_max_ms",
+        "server_cpu_s",
+        "redis_cpu_s",
+        "gen_cpu_s",
+        "rss_connected_mib",
+    ],
 }
 
 # Ratio securechat/ncat, and whether bigger is better (for the arrow in the table).
@@ -745,7 +795,8 @@ HIGHER_BETTER = {"lines_per_s", "mib_per_s", "handshakes_per_s", "connect_per_s"
 
 def table(mode: str, results: dict[str, dict]) -> str:
     names = list(results)
-    rows = [["metric", *names] + (["sc/ncat"] if len(names) == 2 else [])]
+    pair = len(names) == 2 and mode != "cluster"  # the securechat/ncat ratio column
+    rows = [["metric", *names] + (["sc/ncat"] if pair else [])]
     for key in ROWS[mode]:
         vals = [results[n].get(key) for n in names]
         if all(v is None for v in vals):
@@ -757,7 +808,7 @@ def table(mode: str, results: dict[str, dict]) -> str:
                 for v in vals
             ),
         ]
-        if len(names) == 2:
+        if pair:
             a, b = vals
             ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
             row.append(
@@ -770,7 +821,7 @@ def table(mode: str, results: dict[str, dict]) -> str:
         if any(ranges):
             rows.append(
                 [f"  {key} min..max", *("-" if r is None else f"{r[0]:g}..{r[1]:g}" for r in ranges)]
-                + ([""] if len(names) == 2 else [])
+                + ([""] if pair else [])
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
@@ -787,6 +838,139 @@ def table(mode: str, results: dict[str, dict]) -> str:
                 "|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + "|"
             )
     return "\n".join(out)
+
+
+# -- cluster mode: several servers sharing their rooms through Redis -------------------------------
+
+
+class ClusterAdapter(SecurechatAdapter):
+    """securechat serve with its history in a throwaway directory, and ``--redis URL`` when shared."""
+
+    def __init__(self, data_dir: str, redis_url: str | None) -> None:
+        self.data_dir = data_dir
+        self.redis_url = redis_url
+
+    def command(self, port: int, certs: dict[str, str], max_clients: int) -> list[str]:
+        extra = ["--data", self.data_dir]
+        if self.redis_url:
+            extra += ["--redis", self.redis_url]
+        return [*super().command(port, certs, max_clients), *extra]
+
+
+class RedisProc:
+    """A throwaway redis-server on a free loopback port (AOF, fsync every second, as in production)."""
+
+    def __init__(self, directory: Path, cpu: int | None) -> None:
+        self.port = free_port()
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("cluster mode needs redis-server (Debian package redis-server)")
+
+        def preexec() -> None:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+
+        self.proc = subprocess.Popen(
+            [binary, "--bind", LOOPBACK, "--port", str(self.port), "--dir", str(directory), "--save", "",
+             "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", str(directory / "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
+        self.pid = self.proc.pid
+        hexport = ":%04X" % self.port
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with open("/proc/net/tcp") as f:
+                if any(line.split()[1].endswith(hexport) and line.split()[3] == "0A" for line in f):
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class ServerGroup:
+    """Several servers measured as one: ``port`` is the list clients are spread over."""
+
+    def __init__(self, servers: list[Server], redis: RedisProc | None) -> None:
+        self.servers = servers
+        self.redis = redis
+        self.adapter = servers[0].adapter
+        self.port = [s.port for s in servers]
+        self.pid = servers[0].pid
+
+    def status(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for server in self.servers:
+            for key, value in server.status().items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def cpu(self) -> float:
+        return sum(s.cpu() for s in self.servers)
+
+    def redis_cpu(self) -> float:
+        return proc_cpu(self.redis.pid) if self.redis is not None else 0.0
+
+
+def run_cluster(size: int, shared: bool, certs: dict[str, str], args: argparse.Namespace,
+                srv_cpu: int | None, tmp: Path, light: bool) -> dict:
+    """Start ``size`` servers (sharing through a fresh Redis when ``shared``), run one load, stop."""
+    phase = argparse.Namespace(**vars(args))
+    if light:
+        phase.senders, phase.lines, phase.rate = args.light_senders, args.light_lines, args.light_rate
+    work = Path(tempfile.mkdtemp(dir=tmp))
+    redis = RedisProc(work, srv_cpu) if shared else None
+    servers: list[Server] = []
+    try:
+        for i in range(size):
+            data = work / f"data{i}"
+            data.mkdir()
+            adapter = ClusterAdapter(str(data), redis.url if redis else None)
+            servers.append(Server(adapter, certs, max(args.clients, 1), srv_cpu, args.server_env))
+        for server in servers:
+            server.wait_listening()
+        group = ServerGroup(servers, redis)
+        redis_cpu0 = group.redis_cpu()
+        res = asyncio.run(run_load(group, certs, phase, args.clients))  # type: ignore[arg-type]
+        res["redis_cpu_s"] = round(group.redis_cpu() - redis_cpu0, 2) if redis else None
+        return res
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        for server in servers:
+            server.stop()
+        if redis is not None:
+            redis.stop()
+
+
+def cluster_main(args: argparse.Namespace, certs: dict[str, str], srv_cpu: int | None, tmp: Path) -> dict:
+    """One server alone, then each cluster size; each config: a flat-out run and a light one."""
+    configs = [("1 alone", 1, False)] + [(f"{k} + Redis", k, True) for k in args.cluster_sizes]
+    results: dict[str, dict] = {}
+    for name, size, shared in configs:
+        runs = [run_cluster(size, shared, certs, args, srv_cpu, tmp, light=False) for _ in range(args.repeat)]
+        res = aggregate(runs)
+        light = run_cluster(size, shared, certs, args, srv_cpu, tmp, light=True)
+        if "error" in light:
+            res.setdefault("error", "light load: " + light["error"])
+        for key in ("lat_p50_ms", "lat_p99_ms", "lat_max_ms", "cross_p50_ms", "cross_p99_ms", "cross_max_ms",
+                    "lost", "order_violations", "duplicates"):
+            if key in light:
+                res["light_" + key] = light[key]
+        res["servers"] = size
+        results[name] = res
+    alone = results["1 alone"].get("lines_per_s")
+    for res in results.values():
+        if isinstance(alone, (int, float)) and alone and isinstance(res.get("lines_per_s"), (int, float)):
+            res["vs_alone"] = round(res["lines_per_s"] / alone, 2)
+    return results
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -844,6 +1028,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="environment variable for the servers under test (e.g. MALLOC_ARENA_MAX=2); repeatable",
     )
     p.add_argument("--repeat", type=int, default=1, help="runs per server, alternating; medians are reported")
+    p.add_argument("--cluster-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 3],
+                   metavar="N,N", help="cluster mode: numbers of servers sharing through Redis (default: 1,2,3)")
+    p.add_argument("--light-senders", type=int, default=4, help="cluster mode, light load: senders")
+    p.add_argument("--light-lines", type=int, default=30, help="cluster mode, light load: lines each")
+    p.add_argument("--light-rate", type=float, default=10.0, help="cluster mode, light load: lines/s each")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     c, s, n, r = MODE_DEFAULTS[args.mode]
@@ -909,6 +1098,7 @@ def aggregate(rs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    loadavg_before = os.getloadavg()
     nofile = raise_nofile()
     names = ["securechat", "ncat"] if args.server == "both" else [args.server]
     if "ncat" in names and shutil.which("ncat") is None:
@@ -928,11 +1118,14 @@ def main(argv: list[str] | None = None) -> int:
             certs = {"cert": args.cert, "key": args.key or args.cert, "ca": args.ca or args.cert}
         else:
             certs = make_certs(Path(tmp))
+        if args.mode == "cluster":
+            names = []
+            results = cluster_main(args, certs, srv_cpu, Path(tmp))
         runs: dict[str, list[dict]] = {name: [] for name in names}
         for _ in range(args.repeat):  # alternate the servers, so drifting background load hits both alike
             for name in names:
                 runs[name].append(run_one(name, certs, args, srv_cpu))
-        results = {name: aggregate(rs) for name, rs in runs.items()}
+        results.update({name: aggregate(rs) for name, rs in runs.items()})
     report = {
         "mode": args.mode,
         "loadavg_after": os.getloadavg(),
@@ -941,6 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_cpu": srv_cpu,
         "nofile": nofile,
         "params": {k: getattr(args, k) for k in ("clients", "senders", "lines", "rate", "size")},
+        "loadavg_before": loadavg_before,
         "results": results,
     }
     a, b = results.get("securechat", {}), results.get("ncat", {})
@@ -959,7 +1153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(
-            f"mode={args.mode} pinned={pin} (generator cpu {gen_cpu}, server cpu {srv_cpu}) nofile={nofile}"
+            f"mode={args.mode} pinned={pin} (generator cpu {gen_cpu}, server cpu {srv_cpu}) nofile={nofile} "
+            f"loadavg before {loadavg_before[0]:.2f} after {os.getloadavg()[0]:.2f}"
         )
         for name, res in results.items():
             if "error" in res:

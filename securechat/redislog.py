@@ -566,8 +566,10 @@ class RedisRoomLog(RoomLog):
     def _write_loop(self) -> None:
         errors = _errors()
         client = self.config.client(single=True)
-        append = client.register_script(_APPEND_LUA)
-        route = client.register_script(_ROUTE_LUA)
+        # EVALSHA straight into the pipeline: redis-py's Script objects would ask SCRIPT EXISTS
+        # before every pipeline, a second round trip per batch. NOSCRIPT (Redis restarted) reloads.
+        shas: dict[str, str] = {}
+        no_script = _redis().exceptions.NoScriptError
         backoff = _Backoff()
         deadline: float | None = None
         trimmed = time.monotonic()
@@ -593,9 +595,11 @@ class RedisRoomLog(RoomLog):
                 if time.monotonic() > deadline:
                     break
             try:
+                if not shas:
+                    shas = {"append": client.script_load(_APPEND_LUA), "route": client.script_load(_ROUTE_LUA)}
                 pipe = client.pipeline(transaction=False)
                 for pending in batch:
-                    self._queue_write(pipe, pending, append, route, written_rooms)
+                    self._queue_write(pipe, pending, shas, written_rooms)
                 for person, positions in marks.items():
                     key = self.config.key("marks", person)
                     pipe.delete(key)
@@ -603,6 +607,9 @@ class RedisRoomLog(RoomLog):
                         pipe.hset(key, mapping=positions)
                 results = pipe.execute()
             except errors as exc:
+                if isinstance(exc, no_script):  # a restarted Redis: load the scripts, send again (written once)
+                    shas = {}
+                    continue
                 self._set_health(writer=False, why=describe_redis_error(exc))
                 backoff.wait(self._stop if deadline is None else threading.Event())
                 continue
@@ -623,20 +630,19 @@ class RedisRoomLog(RoomLog):
             self._set_health(writer=True)
         client.close()
 
-    def _queue_write(self, pipe: Any, pending: _Pending, append: Any, route: Any, rooms: set[str]) -> None:
+    def _queue_write(self, pipe: Any, pending: _Pending, shas: dict[str, str], rooms: set[str]) -> None:
         """Add one line's script call to the pipeline."""
         entry = pending.entry
         fields = ["r", entry.room, "k", entry.kind, "s", entry.sender, "t", entry.text, "g", entry.target,
                   "o", self.origin, "q", pending.seq, "ts", repr(entry.ts)]
         if not pending.store:
-            route(keys=[self.config.key("nick", self.nick_key(entry.target)), self._seq_key],
-                  args=[pending.seq, SEQ_TTL_MS, self.config.key("inbox", ""), INBOX_CAP, *fields], client=pipe)
+            pipe.evalsha(shas["route"], 2, self.config.key("nick", self.nick_key(entry.target)), self._seq_key,
+                         pending.seq, SEQ_TTL_MS, self.config.key("inbox", ""), INBOX_CAP, *fields)
             return
         room_stream = self.config.key("room", self.room_key(entry.room))
         rooms.add(room_stream)
-        append(keys=[self._log_key, room_stream, self._seq_key],
-               args=[pending.seq, self.log_cap, self.history_lines if self.history else -1, SEQ_TTL_MS, *fields],
-               client=pipe)
+        pipe.evalsha(shas["append"], 3, self._log_key, room_stream, self._seq_key,
+                     pending.seq, self.log_cap, self.history_lines if self.history else -1, SEQ_TTL_MS, *fields)
 
     def _trim(self, client: Any, rooms: set[str]) -> None:
         """Drop history older than history_seconds from the rooms this server wrote to."""

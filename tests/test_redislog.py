@@ -513,3 +513,18 @@ def test_read_positions_are_kept_for_every_server(redis_server, cluster) -> None
     while b.marks("alice") != {"dev": "9-0"}:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_scripts_flushed_from_redis_are_loaded_again(redis_server, cluster) -> None:
+    import redis as redis_py
+
+    redis = redis_server()
+    a, inbox = cluster(redis.url)
+    a.append("lobby", "chat", "alice", "one")
+    inbox.wait_for(lambda es: len(es) == 1)
+    raw = redis_py.Redis.from_url(redis.url)
+    raw.script_flush()  # what a restarted Redis without persistence looks like to the writer
+    raw.close()
+    a.append("lobby", "chat", "alice", "two")
+    assert [e.text for e in inbox.wait_for(lambda es: len(es) == 2)] == ["one", "two"]
+    assert not a.degraded
