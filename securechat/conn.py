@@ -14,6 +14,7 @@ Both the server's sessions and the client use it, over TLS or plain TCP alike.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -22,7 +23,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from securechat.protocol import MAX_LINE_BYTES, LineBuffer, LineTooLong
 
@@ -114,6 +115,26 @@ class Waker:
 # Wake-ups owed by a thread while it runs ``on_lines``: a batch of lines broadcast to N members
 # costs each member one eventfd write (one GIL release) for the whole batch, not one per line.
 _owed = threading.local()
+
+
+@contextlib.contextmanager
+def batched_wakeups() -> Iterator[None]:
+    """Within it, every outbox this thread fills is woken once, at the end, as during ``on_lines``.
+
+    For a thread that delivers a batch of lines it did not read from a socket (a shared room log's
+    reader): without it, each line would wake each member's thread again.
+    """
+    if getattr(_owed, "wakers", None) is not None:  # already batching (nested)
+        yield
+        return
+    owed: list[Waker] = []
+    _owed.wakers = owed
+    try:
+        yield
+    finally:
+        _owed.wakers = None
+        for waker in owed:
+            waker.wake()
 
 
 class Outbox:

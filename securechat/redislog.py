@@ -44,6 +44,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from securechat import protocol
+from securechat.conn import batched_wakeups
 from securechat.roomlog import KINDS, Deliver, Directory, Entry, RoomLog, id_key
 from securechat.roomlog import room_key as roomlog_room_key
 
@@ -675,10 +676,11 @@ class RedisRoomLog(RoomLog):
                 continue
             if backoff.delay:
                 backoff.reset()
-            for stream, items in reply or ():
-                for entry_id, fields in items:
-                    positions[stream] = entry_id
-                    self._receive(entry_id, fields)
+            with batched_wakeups():  # each member's thread is woken once per batch, not once per line
+                for stream, items in reply or ():
+                    for entry_id, fields in items:
+                        positions[stream] = entry_id
+                        self._receive(entry_id, fields)
             self._set_health(reader=True)
         client.close()
 
