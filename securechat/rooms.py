@@ -25,7 +25,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from securechat import protocol
@@ -128,7 +128,7 @@ def tag(entry: Entry) -> str:
 class Room:
     """One room's members. ``members`` is an immutable snapshot, replaced under ``lock``."""
 
-    __slots__ = ("name", "key", "lock", "members", "catching", "last_id")
+    __slots__ = ("name", "key", "lock", "members", "catching", "last_id", "fast", "slow")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -138,6 +138,23 @@ class Room:
         # Members being given history: their live lines wait here until the history is out.
         self.catching: dict[Member, list[Entry]] = {}
         self.last_id: str | None = None  # the newest id delivered here
+        # The members split for delivery (rebuilt under ``lock`` on every change, which is rare):
+        # plain clients typing into this room get the one shared line, (nick, send) each, with
+        # nothing else looked at per line; the others (tagged, typing elsewhere, being given
+        # history) are formatted one by one.
+        self.fast: tuple[tuple[str, Callable[[bytes], bool]], ...] = ()
+        self.slow: tuple[Member, ...] = ()
+
+    def rebuild(self) -> None:
+        """Recompute :attr:`fast` and :attr:`slow` (caller holds :attr:`lock`)."""
+        fast = []
+        slow = []
+        for m in self.members:
+            if m.current is self and not m.tagged and m not in self.catching:
+                fast.append((m.nick, m.conn.send))
+            else:
+                slow.append(m)
+        self.fast, self.slow = tuple(fast), tuple(slow)
 
     def __repr__(self) -> str:
         return f"<Room #{self.name} {len(self.members)}>"
@@ -187,6 +204,17 @@ class Rooms:
             h.timer.cancel()
         self.log.close()
 
+    def _changed(self, member: Member, *also: Room) -> None:
+        """``member``'s nick, current room or tags changed: rebuild the delivery lists it is in."""
+        for room in {*member.joined, *also}:
+            with room.lock:
+                room.rebuild()
+
+    def tag(self, member: Member) -> None:
+        """``member`` asked for tags (/session) on every room line from now on."""
+        member.tagged = True
+        self._changed(member)
+
     # -- nicknames -------------------------------------------------------------------------
 
     def register(self, member: Member, nick: str) -> str | None:
@@ -214,6 +242,7 @@ class Rooms:
             del self._nicks[protocol.nick_key(old)]
             self._nicks[key] = member
             member.nick = new
+        self._changed(member)
         if protocol.nick_key(old) != key:
             self.directory.release(old)
         for room in list(member.joined):
@@ -292,7 +321,8 @@ class Rooms:
         key = room_key(name)
         for followed in member.joined:
             if followed.key == key:
-                member.current = followed
+                previous, member.current = member.current, followed
+                self._changed(member, *([previous] if previous else []))
                 member.conn.send(protocol.notice(f"now talking in #{followed.name}"))
                 return
         if len(member.joined) >= MAX_JOINED:
@@ -302,12 +332,17 @@ class Rooms:
         if room is None:
             member.conn.send(protocol.notice(f"too many rooms on this server ({MAX_ROOMS}); join an existing one"))
             return
+        previous = member.current
+        member.current = room
         with room.lock:
             room.members = (*room.members, member)
             room.catching[member] = []
             count = len(room.members)
+            room.rebuild()
         member.joined.append(room)
-        member.current = room
+        if previous is not None:
+            with previous.lock:
+                previous.rebuild()
         self.directory.joined(room.name, member.nick)
         if confirm:  # not at login: the welcome line says it
             member.conn.send(protocol.notice(f"you joined #{room.name} ({count} here); now talking in #{room.name}"))
@@ -345,6 +380,7 @@ class Rooms:
                 send(self._replayed(member, entry, how, now))
         with room.lock:
             waiting = room.catching.pop(member, [])
+            room.rebuild()
             if entries:
                 send(protocol.notice(f"now live in #{room.name}"))
             last = id_key(entries[-1].id) if entries else None
@@ -388,10 +424,13 @@ class Rooms:
             announcing = not self.announce_limit or len(room.members) <= self.announce_limit
             room.members = tuple(m for m in room.members if m is not member)
             room.catching.pop(member, None)
+            room.rebuild()
         if room in member.joined:
             member.joined.remove(room)
         if member.current is room:
             member.current = member.joined[-1] if member.joined else None
+            if member.current is not None:
+                self._changed(member)
         self.directory.parted(room.name, member.nick)
         if not quiet and (why or announcing):
             self.log.append(room.name, "part", member.nick, why)
@@ -479,14 +518,18 @@ class Rooms:
         there: bytes | None = None
         with room.lock:
             room.last_id = entry.id
+            for nick, send in room.fast:
+                if nick != exclude:
+                    send(here)
+            if not room.slow:
+                return
             catching = room.catching
-            for member in room.members:
+            for member in room.slow:
                 if member.nick == exclude:
                     continue
-                if catching and member in catching:
+                if member in catching:
                     catching[member].append(entry)
-                    continue
-                if member.tagged:
+                elif member.tagged:
                     member.conn.send(self._live(member, room, entry))
                 elif member.current is room:
                     member.conn.send(here)
@@ -560,6 +603,7 @@ class Rooms:
             with room.lock:
                 room.members = tuple(m for m in room.members if m is not member)
                 room.catching.pop(member, None)
+                room.rebuild()
 
     def hold(self, member: Member, on_expiry: _Expiry) -> bool:
         """``member``'s connection dropped: keep its nick and rooms for :attr:`grace` seconds.
@@ -590,17 +634,18 @@ class Rooms:
         if held is None:
             return
         member = held.member
+        # The nick is free before anyone is told it left.
+        with self._lock:
+            key = protocol.nick_key(member.nick)
+            if self._nicks.get(key) is member:
+                del self._nicks[key]
+        self.directory.release(member.nick)
         rooms = list(member.joined)
         member.joined.clear()
         for room in rooms:
             self.directory.parted(room.name, member.nick)
             self.log.append(room.name, "part", member.nick, "connection lost")
             self._drop_if_empty(room)
-        with self._lock:
-            key = protocol.nick_key(member.nick)
-            if self._nicks.get(key) is member:
-                del self._nicks[key]
-        self.directory.release(member.nick)
         held.on_expiry(member)
 
     def resume(self, member: Member, token: str, person: str | None) -> Member | None:
@@ -639,6 +684,7 @@ class Rooms:
             with live.lock:
                 live.members = (*live.members, member)
                 live.catching[member] = []
+                live.rebuild()
             member.joined.append(live)
             if current is room:
                 member.current = live

@@ -313,7 +313,7 @@ class Session:
 
     def cmd_session(self, arg: str) -> None:
         """Opt in to ids on room lines and to resuming after a dropped connection."""
-        self.tagged = True
+        self.server.rooms.tag(self)
         token = self.server.rooms.new_token(self)
         self.reply(f"{protocol.SESSION}{token} {self.server.rooms.grace:g}")
 
