@@ -164,6 +164,10 @@ def room_key(name: str) -> str:
 _LOOKALIKE = str.maketrans({"i": "l", "1": "l", "0": "o"})
 
 
+# Room names an embedded log remembers (keys and spellings): ten times the rooms a server may hold.
+MAX_CHANNEL_NAMES = 10_000
+
+
 class _Channel:
     """One room's order in an embedded log: the lock held while an id is given and delivered."""
 
@@ -209,8 +213,10 @@ class LocalLog(RoomLog):
                 if channel is None:
                     last = self.last_id(room)
                     channel = self._channels[key] = _Channel(id_key(last) if last else (0, 0))
-                # Also under the exact spelling, so the next append skips room_key().
-                self._channels[room] = channel
+                # Also under the exact spelling, so the next append skips room_key() (bounded: a
+                # client cycling through spellings of one name must not grow the table for ever).
+                if len(self._channels) < MAX_CHANNEL_NAMES:
+                    self._channels[room] = channel
         return channel
 
     def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True) -> None:

@@ -301,14 +301,13 @@ class Rooms:
         with what it missed, and its stored private messages."""
         marks = self.log.marks(member.person) if member.person else {}
         rooms = {name: mark for name, mark in marks.items() if not name.startswith("@")}
-        if member.person:
-            self._offline_messages(member, marks.get("@" + member.nick))
         if not rooms:
             self.join(member, DEFAULT_ROOM, confirm=False)
-            return
         for name, mark in rooms.items():
             if room_error(name) is None and len(member.joined) < MAX_JOINED:
                 self.join(member, name, after=mark, confirm=False)
+        if member.person and self._offline_messages(member, marks.get("@" + member.nick)):
+            self._save_marks(member)  # now, so even a crash of the server never gives them twice
 
     def join(self, member: Member, name: str, *, after: str | None = None, confirm: bool = True) -> None:
         """Join ``name`` (created on first join) and make it the current room; replies to ``member``.
@@ -427,6 +426,7 @@ class Rooms:
             room.rebuild()
         if room in member.joined:
             member.joined.remove(room)
+        member.paged.pop(room.key, None)
         if member.current is room:
             member.current = member.joined[-1] if member.joined else None
             if member.current is not None:
@@ -446,6 +446,7 @@ class Rooms:
 
     def who(self, name: str) -> list[str] | None:
         """The members of room ``name`` everywhere, sorted; None when there is no such room here."""
+        name = name.removeprefix("#")
         room = self._room(name, create=False)
         here = [m.nick for m in room.members] if room is not None else []
         there = self.directory.members(name)
@@ -550,23 +551,24 @@ class Rooms:
             return
         target.conn.send(data)
 
-    def _offline_messages(self, member: Member, mark: str | None) -> None:
-        """Give a returning person the private messages kept for it while it was away."""
+    def _offline_messages(self, member: Member, mark: str | None) -> bool:
+        """Give a returning person the private messages kept for it while it was away; True if any."""
         if not self.log.stores:
-            return
+            return False
         try:
             entries = self.log.read_after("@" + member.nick, mark, MAX_CATCHUP)
         except Exception as exc:
             log.error("cannot read the messages kept for %s: %s", member.nick, exc)
-            return
+            return False
         if not entries:
-            return
+            return False
         now = time.time()
         member.conn.send(protocol.notice(f"{len(entries)} private message{'s' if len(entries) != 1 else ''} "
                                          "while you were away:"))
         for entry in entries:
             member.conn.send(protocol.encode(f"(missed {_clock(entry.ts, now)}) {render(entry)}"))
         member.private_mark = entries[-1].id
+        return True
 
     # -- read positions and resuming -------------------------------------------------------
 
