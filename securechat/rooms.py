@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from securechat import protocol
+from securechat.conn import OUTBOX_LIMIT
 from securechat.roomlog import Directory, Entry, LocalDirectory, LocalLog, RoomLog, id_key, room_key
 
 if TYPE_CHECKING:
@@ -57,6 +58,10 @@ MAX_HISTORY_PAGE = 200
 
 # Most missed lines replayed per room on resuming; beyond, /history pages further.
 MAX_CATCHUP = 5000
+
+# Bytes of replayed lines a join or resume may queue at once, in all its rooms together: half of a
+# client's outbox (conn.OUTBOX_LIMIT, 1 MiB), leaving the rest for live lines meanwhile.
+REPLAY_BYTES = OUTBOX_LIMIT // 2
 
 # Joins and leaves are announced in rooms of at most this many members (0: always). Beyond, they
 # are noise, and quadratic: 5000 people joining one by one would be 12.5 million notices.
@@ -303,13 +308,15 @@ class Rooms:
         rooms = {name: mark for name, mark in marks.items() if not name.startswith("@")}
         if not rooms:
             self.join(member, DEFAULT_ROOM, confirm=False)
+        share = REPLAY_BYTES // max(1, len(rooms))
         for name, mark in rooms.items():
             if room_error(name) is None and len(member.joined) < MAX_JOINED:
-                self.join(member, name, after=mark, confirm=False)
+                self.join(member, name, after=mark, confirm=False, budget=share)
         if member.person and self._offline_messages(member, marks.get("@" + member.nick)):
             self._save_marks(member)  # now, so even a crash of the server never gives them twice
 
-    def join(self, member: Member, name: str, *, after: str | None = None, confirm: bool = True) -> None:
+    def join(self, member: Member, name: str, *, after: str | None = None, confirm: bool = True,
+             budget: int = REPLAY_BYTES) -> None:
         """Join ``name`` (created on first join) and make it the current room; replies to ``member``.
 
         With ``after`` (an id), the lines after it are replayed as missed instead of the last
@@ -350,11 +357,11 @@ class Rooms:
             entries = self._read(room, None, self.replay, before=True)
             if entries:
                 member.paged[room.key] = entries[0].id  # /history goes on from there
-        else:  # what it missed: not its own lines
-            entries = [e for e in self._read(room, after, MAX_CATCHUP, before=False) if e.sender != member.nick]
+        else:
+            entries = self._missed(member, room, after)
         if not self.announce_limit or count <= self.announce_limit:
             self.log.append(room.name, "join", member.nick, "")
-        self._catch_up(member, room, entries, "history" if after is None else "missed")
+        self._catch_up(member, room, entries, "history" if after is None else "missed", budget)
 
     def _read(self, room: Room, anchor: str | None, limit: int, *, before: bool) -> list[Entry]:
         if limit <= 0 or not self.log.stores:
@@ -367,16 +374,48 @@ class Rooms:
             log.error("cannot read the history of #%s: %s", room.name, exc)
             return []
 
-    def _catch_up(self, member: Member, room: Room, entries: list[Entry], how: str) -> None:
-        """Send ``entries`` as history or missed lines, then the live lines that arrived meanwhile."""
+    def _missed(self, member: Member, room: Room, after: str | None) -> list[Entry]:
+        """What ``member`` missed in ``room`` after id ``after`` (not its own lines), oldest first.
+
+        Beyond :data:`MAX_CATCHUP` lines, the newest ones: a gap before the live lines would be
+        worse than one further back, which /history can page through.
+        """
+        entries = self._read(room, after, MAX_CATCHUP, before=False)
+        if len(entries) >= MAX_CATCHUP:
+            entries = self._read(room, None, MAX_CATCHUP, before=True)
+            if entries:
+                member.paged[room.key] = entries[0].id
+        return [e for e in entries if e.sender != member.nick]
+
+    def _catch_up(self, member: Member, room: Room, entries: list[Entry], how: str,
+                  budget: int = REPLAY_BYTES) -> None:
+        """Send ``entries`` as history or missed lines, then the live lines that arrived meanwhile.
+
+        At most ``budget`` bytes of them, the newest: the member's thread is the one sending, so
+        nothing drains its outbox meanwhile, and overflowing it would cut the member off.
+        """
         now = time.time()
         send = member.conn.send
-        if entries:
+        lines = [self._replayed(member, entry, how, now) for entry in entries]
+        skipped = 0
+        if sum(map(len, lines)) > budget:
+            keep = 0
+            for data in reversed(lines):
+                budget -= len(data)
+                if budget < 0:
+                    break
+                keep += 1
+            skipped = len(lines) - keep
+            lines, entries = lines[skipped:], entries[skipped:]
+            if entries:
+                member.paged[room.key] = entries[0].id
+        if entries or skipped:
             plural = "s" if len(entries) != 1 else ""
-            send(protocol.notice(f"history of #{room.name}: {len(entries)} line{plural}" if how == "history"
-                                 else f"missed in #{room.name}: {len(entries)} line{plural}"))
-            for entry in entries:
-                send(self._replayed(member, entry, how, now))
+            more = f" ({skipped} earlier not shown: /history pages back)" if skipped else ""
+            send(protocol.notice(f"history of #{room.name}: {len(entries)} line{plural}{more}" if how == "history"
+                                 else f"missed in #{room.name}: {len(entries)} line{plural}{more}"))
+            for data in lines:
+                send(data)
         with room.lock:
             waiting = room.catching.pop(member, [])
             room.rebuild()
@@ -692,11 +731,11 @@ class Rooms:
                 member.current = live
         for data in old.held_private or []:
             member.conn.send(data)
+        share = REPLAY_BYTES // max(1, len(member.joined))
         for room in list(member.joined):
             # Without an id from the client (it saw no line there), from where the drop happened.
             after = positions.get(room.key) or old.dropped_at.get(room.key)
-            entries = [e for e in self._read(room, after, MAX_CATCHUP, before=False) if e.sender != member.nick]
-            self._catch_up(member, room, entries, "missed")
+            self._catch_up(member, room, self._missed(member, room, after), "missed", share)
 
 
 class _Expiry(Protocol):

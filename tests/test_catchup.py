@@ -245,6 +245,7 @@ def test_a_chatclient_resumes_through_a_relay(serve: Serve, connect: Connect, tm
     assert client.send("typed while away")  # not sent, and said so; the client stays up
     assert "* not connected (reconnecting...): line not sent" in lines
     bob.send("during")
+    bob.send("/msg reader psst")  # kept for the held session
     bob.send("/join dev")
     bob.send("in dev")
     time.sleep(0.3)
@@ -254,6 +255,7 @@ def test_a_chatclient_resumes_through_a_relay(serve: Serve, connect: Connect, tm
     missed = [line for line in lines if line.startswith("(missed")]
     assert [re.sub(r"^\(missed \d\d:\d\d\) ", "", line) for line in missed] == [
         "#lobby [bob] during", "* bob joined", "[bob] in dev"]
+    assert "[bob -> reader] psst" in lines
     assert not client.closed
     client.send("back")  # in #dev still, the room it was typing into
     assert bob.expect("[reader]") == "[reader] back"
