@@ -35,7 +35,7 @@ from securechat.console import announce
 from securechat.handshake import Handshaker
 from securechat.history import DEFAULT_DAYS, DEFAULT_LINES, default_data_dir
 from securechat.protocol import Command
-from securechat.roomlog import RoomLog, room_key
+from securechat.roomlog import Directory, RoomLog, room_key
 from securechat.rooms import (
     ANNOUNCE_LIMIT,
     DEFAULT_ROOM,
@@ -401,6 +401,7 @@ class ChatServer:
         outbox_limit: int = OUTBOX_LIMIT,
         announce_limit: int = ANNOUNCE_LIMIT,
         roomlog: RoomLog | None = None,
+        directory: Directory | None = None,
         replay: int = REPLAY_LINES,
         grace: float = GRACE_SECONDS,
         offline_messages: bool = False,
@@ -415,7 +416,9 @@ class ChatServer:
         self.flood_rate = flood_rate
         self.flood_burst = flood_burst
         self.outbox_limit = outbox_limit
-        self.rooms = Rooms(roomlog, announce_limit=announce_limit, replay=replay, grace=grace,
+        # Who is in which room; lines go through ``roomlog`` (default: LocalLog, no history) and
+        # the people on other servers come from ``directory`` (default: nobody else).
+        self.rooms = Rooms(roomlog, directory, announce_limit=announce_limit, replay=replay, grace=grace,
                            offline_messages=offline_messages)
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
