@@ -21,6 +21,27 @@ messages); a back-end keys its storage by :func:`room_key`, so ``Dev`` and ``dev
 Ids are Redis Stream ids, ``"<milliseconds>-<sequence>"``, for every back-end, so a client's
 "last id seen" means the same thing whichever back-end (or server) it reconnects to. Compare them
 with :func:`id_key`, never as strings.
+
+What :class:`securechat.rooms.Rooms` relies on, for whoever writes a back-end:
+
+- ``deliver(entry)`` may run on any thread, concurrently for different rooms; the room code locks
+  per room. For one room, entries must arrive in id order (the stream's order). An entry for a room
+  nobody on this server is in is simply dropped by the room code.
+- Kinds: ``chat``/``action``/``join`` go to every member but their sender (compared by nick),
+  ``part``/``notice`` to every member. ``private`` entries live in room ``"@" + target`` with
+  ``target`` set; the room code hands them to the local session called ``target``, if any.
+  ``append(..., store=False)`` (a private message to someone online) must be delivered but not kept;
+  ``store=True`` on a ``private`` entry (mutual TLS, recipient offline) keeps it for
+  ``read_after("@nick", mark, ...)`` at the recipient's next login.
+- Replay without gaps or duplicates: the room code adds a member (buffering its live entries),
+  *then* reads the stored history, and drops buffered entries whose id is not newer than the last
+  one read. So every entry delivered after ``append`` returned must also be found by a read that
+  starts later: the embedded log stores before delivering and flushes before reading; a stream is
+  readable as soon as ``XADD`` returns.
+- Read positions (``marks``/``set_marks``, mutual TLS only) are per certificate name, so a person
+  who comes back on another server finds them too.
+- :class:`Directory` is the other half of a shared back-end: nick claims across servers, and the
+  people and rooms on the other servers for ``/who``, ``/rooms`` and ``/msg``.
 """
 
 from __future__ import annotations
@@ -164,6 +185,10 @@ def room_key(name: str) -> str:
 _LOOKALIKE = str.maketrans({"i": "l", "1": "l", "0": "o"})
 
 
+# Room names an embedded log remembers (keys and spellings): ten times the rooms a server may hold.
+MAX_CHANNEL_NAMES = 10_000
+
+
 class _Channel:
     """One room's order in an embedded log: the lock held while an id is given and delivered."""
 
@@ -209,8 +234,10 @@ class LocalLog(RoomLog):
                 if channel is None:
                     last = self.last_id(room)
                     channel = self._channels[key] = _Channel(id_key(last) if last else (0, 0))
-                # Also under the exact spelling, so the next append skips room_key().
-                self._channels[room] = channel
+                # Also under the exact spelling, so the next append skips room_key() (bounded: a
+                # client cycling through spellings of one name must not grow the table for ever).
+                if len(self._channels) < MAX_CHANNEL_NAMES:
+                    self._channels[room] = channel
         return channel
 
     def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True) -> None:

@@ -25,10 +25,11 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from securechat import protocol
+from securechat.conn import OUTBOX_LIMIT
 from securechat.roomlog import Directory, Entry, LocalDirectory, LocalLog, RoomLog, id_key, room_key
 
 if TYPE_CHECKING:
@@ -57,6 +58,10 @@ MAX_HISTORY_PAGE = 200
 
 # Most missed lines replayed per room on resuming; beyond, /history pages further.
 MAX_CATCHUP = 5000
+
+# Bytes of replayed lines a join or resume may queue at once, in all its rooms together: half of a
+# client's outbox (conn.OUTBOX_LIMIT, 1 MiB), leaving the rest for live lines meanwhile.
+REPLAY_BYTES = OUTBOX_LIMIT // 2
 
 # Joins and leaves are announced in rooms of at most this many members (0: always). Beyond, they
 # are noise, and quadratic: 5000 people joining one by one would be 12.5 million notices.
@@ -128,7 +133,7 @@ def tag(entry: Entry) -> str:
 class Room:
     """One room's members. ``members`` is an immutable snapshot, replaced under ``lock``."""
 
-    __slots__ = ("name", "key", "lock", "members", "catching", "last_id")
+    __slots__ = ("name", "key", "lock", "members", "catching", "last_id", "fast", "slow")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -138,6 +143,23 @@ class Room:
         # Members being given history: their live lines wait here until the history is out.
         self.catching: dict[Member, list[Entry]] = {}
         self.last_id: str | None = None  # the newest id delivered here
+        # The members split for delivery (rebuilt under ``lock`` on every change, which is rare):
+        # plain clients typing into this room get the one shared line, (nick, send) each, with
+        # nothing else looked at per line; the others (tagged, typing elsewhere, being given
+        # history) are formatted one by one.
+        self.fast: tuple[tuple[str, Callable[[bytes], bool]], ...] = ()
+        self.slow: tuple[Member, ...] = ()
+
+    def rebuild(self) -> None:
+        """Recompute :attr:`fast` and :attr:`slow` (caller holds :attr:`lock`)."""
+        fast = []
+        slow = []
+        for m in self.members:
+            if m.current is self and not m.tagged and m not in self.catching:
+                fast.append((m.nick, m.conn.send))
+            else:
+                slow.append(m)
+        self.fast, self.slow = tuple(fast), tuple(slow)
 
     def __repr__(self) -> str:
         return f"<Room #{self.name} {len(self.members)}>"
@@ -187,6 +209,17 @@ class Rooms:
             h.timer.cancel()
         self.log.close()
 
+    def _changed(self, member: Member, *also: Room) -> None:
+        """``member``'s nick, current room or tags changed: rebuild the delivery lists it is in."""
+        for room in {*member.joined, *also}:
+            with room.lock:
+                room.rebuild()
+
+    def tag(self, member: Member) -> None:
+        """``member`` asked for tags (/session) on every room line from now on."""
+        member.tagged = True
+        self._changed(member)
+
     # -- nicknames -------------------------------------------------------------------------
 
     def register(self, member: Member, nick: str) -> str | None:
@@ -214,6 +247,7 @@ class Rooms:
             del self._nicks[protocol.nick_key(old)]
             self._nicks[key] = member
             member.nick = new
+        self._changed(member)
         if protocol.nick_key(old) != key:
             self.directory.release(old)
         for room in list(member.joined):
@@ -272,16 +306,17 @@ class Rooms:
         with what it missed, and its stored private messages."""
         marks = self.log.marks(member.person) if member.person else {}
         rooms = {name: mark for name, mark in marks.items() if not name.startswith("@")}
-        if member.person:
-            self._offline_messages(member, marks.get("@" + member.nick))
         if not rooms:
             self.join(member, DEFAULT_ROOM, confirm=False)
-            return
+        share = REPLAY_BYTES // max(1, len(rooms))
         for name, mark in rooms.items():
             if room_error(name) is None and len(member.joined) < MAX_JOINED:
-                self.join(member, name, after=mark, confirm=False)
+                self.join(member, name, after=mark, confirm=False, budget=share)
+        if member.person and self._offline_messages(member, marks.get("@" + member.nick)):
+            self._save_marks(member)  # now, so even a crash of the server never gives them twice
 
-    def join(self, member: Member, name: str, *, after: str | None = None, confirm: bool = True) -> None:
+    def join(self, member: Member, name: str, *, after: str | None = None, confirm: bool = True,
+             budget: int = REPLAY_BYTES) -> None:
         """Join ``name`` (created on first join) and make it the current room; replies to ``member``.
 
         With ``after`` (an id), the lines after it are replayed as missed instead of the last
@@ -292,7 +327,8 @@ class Rooms:
         key = room_key(name)
         for followed in member.joined:
             if followed.key == key:
-                member.current = followed
+                previous, member.current = member.current, followed
+                self._changed(member, *([previous] if previous else []))
                 member.conn.send(protocol.notice(f"now talking in #{followed.name}"))
                 return
         if len(member.joined) >= MAX_JOINED:
@@ -302,12 +338,17 @@ class Rooms:
         if room is None:
             member.conn.send(protocol.notice(f"too many rooms on this server ({MAX_ROOMS}); join an existing one"))
             return
+        previous = member.current
+        member.current = room
         with room.lock:
             room.members = (*room.members, member)
             room.catching[member] = []
             count = len(room.members)
+            room.rebuild()
         member.joined.append(room)
-        member.current = room
+        if previous is not None:
+            with previous.lock:
+                previous.rebuild()
         self.directory.joined(room.name, member.nick)
         if confirm:  # not at login: the welcome line says it
             member.conn.send(protocol.notice(f"you joined #{room.name} ({count} here); now talking in #{room.name}"))
@@ -316,11 +357,11 @@ class Rooms:
             entries = self._read(room, None, self.replay, before=True)
             if entries:
                 member.paged[room.key] = entries[0].id  # /history goes on from there
-        else:  # what it missed: not its own lines
-            entries = [e for e in self._read(room, after, MAX_CATCHUP, before=False) if e.sender != member.nick]
+        else:
+            entries = self._missed(member, room, after)
         if not self.announce_limit or count <= self.announce_limit:
             self.log.append(room.name, "join", member.nick, "")
-        self._catch_up(member, room, entries, "history" if after is None else "missed")
+        self._catch_up(member, room, entries, "history" if after is None else "missed", budget)
 
     def _read(self, room: Room, anchor: str | None, limit: int, *, before: bool) -> list[Entry]:
         if limit <= 0 or not self.log.stores:
@@ -333,18 +374,51 @@ class Rooms:
             log.error("cannot read the history of #%s: %s", room.name, exc)
             return []
 
-    def _catch_up(self, member: Member, room: Room, entries: list[Entry], how: str) -> None:
-        """Send ``entries`` as history or missed lines, then the live lines that arrived meanwhile."""
+    def _missed(self, member: Member, room: Room, after: str | None) -> list[Entry]:
+        """What ``member`` missed in ``room`` after id ``after`` (not its own lines), oldest first.
+
+        Beyond :data:`MAX_CATCHUP` lines, the newest ones: a gap before the live lines would be
+        worse than one further back, which /history can page through.
+        """
+        entries = self._read(room, after, MAX_CATCHUP, before=False)
+        if len(entries) >= MAX_CATCHUP:
+            entries = self._read(room, None, MAX_CATCHUP, before=True)
+            if entries:
+                member.paged[room.key] = entries[0].id
+        return [e for e in entries if e.sender != member.nick]
+
+    def _catch_up(self, member: Member, room: Room, entries: list[Entry], how: str,
+                  budget: int = REPLAY_BYTES) -> None:
+        """Send ``entries`` as history or missed lines, then the live lines that arrived meanwhile.
+
+        At most ``budget`` bytes of them, the newest: the member's thread is the one sending, so
+        nothing drains its outbox meanwhile, and overflowing it would cut the member off.
+        """
         now = time.time()
         send = member.conn.send
-        if entries:
+        lines = [self._replayed(member, entry, how, now) for entry in entries]
+        skipped = 0
+        if sum(map(len, lines)) > budget:
+            keep = 0
+            for data in reversed(lines):
+                budget -= len(data)
+                if budget < 0:
+                    break
+                keep += 1
+            skipped = len(lines) - keep
+            lines, entries = lines[skipped:], entries[skipped:]
+            if entries:
+                member.paged[room.key] = entries[0].id
+        if entries or skipped:
             plural = "s" if len(entries) != 1 else ""
-            send(protocol.notice(f"history of #{room.name}: {len(entries)} line{plural}" if how == "history"
-                                 else f"missed in #{room.name}: {len(entries)} line{plural}"))
-            for entry in entries:
-                send(self._replayed(member, entry, how, now))
+            more = f" ({skipped} earlier not shown: /history pages back)" if skipped else ""
+            send(protocol.notice(f"history of #{room.name}: {len(entries)} line{plural}{more}" if how == "history"
+                                 else f"missed in #{room.name}: {len(entries)} line{plural}{more}"))
+            for data in lines:
+                send(data)
         with room.lock:
             waiting = room.catching.pop(member, [])
+            room.rebuild()
             if entries:
                 send(protocol.notice(f"now live in #{room.name}"))
             last = id_key(entries[-1].id) if entries else None
@@ -388,10 +462,14 @@ class Rooms:
             announcing = not self.announce_limit or len(room.members) <= self.announce_limit
             room.members = tuple(m for m in room.members if m is not member)
             room.catching.pop(member, None)
+            room.rebuild()
         if room in member.joined:
             member.joined.remove(room)
+        member.paged.pop(room.key, None)
         if member.current is room:
             member.current = member.joined[-1] if member.joined else None
+            if member.current is not None:
+                self._changed(member)
         self.directory.parted(room.name, member.nick)
         if not quiet and (why or announcing):
             self.log.append(room.name, "part", member.nick, why)
@@ -407,6 +485,7 @@ class Rooms:
 
     def who(self, name: str) -> list[str] | None:
         """The members of room ``name`` everywhere, sorted; None when there is no such room here."""
+        name = name.removeprefix("#")
         room = self._room(name, create=False)
         here = [m.nick for m in room.members] if room is not None else []
         there = self.directory.members(name)
@@ -479,14 +558,18 @@ class Rooms:
         there: bytes | None = None
         with room.lock:
             room.last_id = entry.id
+            for nick, send in room.fast:
+                if nick != exclude:
+                    send(here)
+            if not room.slow:
+                return
             catching = room.catching
-            for member in room.members:
+            for member in room.slow:
                 if member.nick == exclude:
                     continue
-                if catching and member in catching:
+                if member in catching:
                     catching[member].append(entry)
-                    continue
-                if member.tagged:
+                elif member.tagged:
                     member.conn.send(self._live(member, room, entry))
                 elif member.current is room:
                     member.conn.send(here)
@@ -507,23 +590,24 @@ class Rooms:
             return
         target.conn.send(data)
 
-    def _offline_messages(self, member: Member, mark: str | None) -> None:
-        """Give a returning person the private messages kept for it while it was away."""
+    def _offline_messages(self, member: Member, mark: str | None) -> bool:
+        """Give a returning person the private messages kept for it while it was away; True if any."""
         if not self.log.stores:
-            return
+            return False
         try:
             entries = self.log.read_after("@" + member.nick, mark, MAX_CATCHUP)
         except Exception as exc:
             log.error("cannot read the messages kept for %s: %s", member.nick, exc)
-            return
+            return False
         if not entries:
-            return
+            return False
         now = time.time()
         member.conn.send(protocol.notice(f"{len(entries)} private message{'s' if len(entries) != 1 else ''} "
                                          "while you were away:"))
         for entry in entries:
             member.conn.send(protocol.encode(f"(missed {_clock(entry.ts, now)}) {render(entry)}"))
         member.private_mark = entries[-1].id
+        return True
 
     # -- read positions and resuming -------------------------------------------------------
 
@@ -560,6 +644,7 @@ class Rooms:
             with room.lock:
                 room.members = tuple(m for m in room.members if m is not member)
                 room.catching.pop(member, None)
+                room.rebuild()
 
     def hold(self, member: Member, on_expiry: _Expiry) -> bool:
         """``member``'s connection dropped: keep its nick and rooms for :attr:`grace` seconds.
@@ -590,17 +675,18 @@ class Rooms:
         if held is None:
             return
         member = held.member
+        # The nick is free before anyone is told it left.
+        with self._lock:
+            key = protocol.nick_key(member.nick)
+            if self._nicks.get(key) is member:
+                del self._nicks[key]
+        self.directory.release(member.nick)
         rooms = list(member.joined)
         member.joined.clear()
         for room in rooms:
             self.directory.parted(room.name, member.nick)
             self.log.append(room.name, "part", member.nick, "connection lost")
             self._drop_if_empty(room)
-        with self._lock:
-            key = protocol.nick_key(member.nick)
-            if self._nicks.get(key) is member:
-                del self._nicks[key]
-        self.directory.release(member.nick)
         held.on_expiry(member)
 
     def resume(self, member: Member, token: str, person: str | None) -> Member | None:
@@ -639,16 +725,17 @@ class Rooms:
             with live.lock:
                 live.members = (*live.members, member)
                 live.catching[member] = []
+                live.rebuild()
             member.joined.append(live)
             if current is room:
                 member.current = live
         for data in old.held_private or []:
             member.conn.send(data)
+        share = REPLAY_BYTES // max(1, len(member.joined))
         for room in list(member.joined):
             # Without an id from the client (it saw no line there), from where the drop happened.
             after = positions.get(room.key) or old.dropped_at.get(room.key)
-            entries = [e for e in self._read(room, after, MAX_CATCHUP, before=False) if e.sender != member.nick]
-            self._catch_up(member, room, entries, "missed")
+            self._catch_up(member, room, self._missed(member, room, after), "missed", share)
 
 
 class _Expiry(Protocol):

@@ -313,7 +313,7 @@ class Session:
 
     def cmd_session(self, arg: str) -> None:
         """Opt in to ids on room lines and to resuming after a dropped connection."""
-        self.tagged = True
+        self.server.rooms.tag(self)
         token = self.server.rooms.new_token(self)
         self.reply(f"{protocol.SESSION}{token} {self.server.rooms.grace:g}")
 
@@ -416,6 +416,8 @@ class ChatServer:
         self.flood_rate = flood_rate
         self.flood_burst = flood_burst
         self.outbox_limit = outbox_limit
+        # Who is in which room; lines go through ``roomlog`` (default: LocalLog, no history) and
+        # the people on other servers come from ``directory`` (default: nobody else).
         self.rooms = Rooms(roomlog, directory, announce_limit=announce_limit, replay=replay, grace=grace,
                            offline_messages=offline_messages)
         self._lock = threading.Lock()

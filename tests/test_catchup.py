@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -244,6 +245,7 @@ def test_a_chatclient_resumes_through_a_relay(serve: Serve, connect: Connect, tm
     assert client.send("typed while away")  # not sent, and said so; the client stays up
     assert "* not connected (reconnecting...): line not sent" in lines
     bob.send("during")
+    bob.send("/msg reader psst")  # kept for the held session
     bob.send("/join dev")
     bob.send("in dev")
     time.sleep(0.3)
@@ -253,6 +255,7 @@ def test_a_chatclient_resumes_through_a_relay(serve: Serve, connect: Connect, tm
     missed = [line for line in lines if line.startswith("(missed")]
     assert [re.sub(r"^\(missed \d\d:\d\d\) ", "", line) for line in missed] == [
         "#lobby [bob] during", "* bob joined", "[bob] in dev"]
+    assert "[bob -> reader] psst" in lines
     assert not client.closed
     client.send("back")  # in #dev still, the room it was typing into
     assert bob.expect("[reader]") == "[reader] back"
@@ -321,3 +324,54 @@ def test_resume_state_strips_tags_and_tracks_the_newest_id() -> None:
 def test_backoff_goes_from_one_second_to_thirty() -> None:
     delays = backoff()
     assert [next(delays) for _ in range(8)] == [1, 2, 4, 8, 16, 30, 30, 30]
+
+
+def test_after_the_grace_period_the_client_registers_again_and_rejoins(
+        serve: Serve, connect: Connect, relay: Callable[[tuple[str, int]], Relay], tmp_path: Path,
+        chat_client: Callable[..., tuple[ChatClient, list[str]]]) -> None:
+    server = serve(roomlog=SqliteLog(tmp_path / "h.sqlite3"), grace=0.3)
+    r = relay(server.address)
+    client, lines = chat_client(r.port, "alice")
+    client.send("/join dev")
+    _wait_for(lambda: any(line.startswith("* you joined #dev") for line in lines))
+    r.cut()
+    _wait_for(lambda: server.rooms.find("alice") is None)  # the grace period ran out
+    r.restore()
+    _wait_for(lambda: any(line.startswith("* reconnected, but the server had forgotten") for line in lines))
+    _wait_for(lambda: server.rooms.who("dev") == ["alice"])
+    bob = connect(server, "bob")
+    bob.send("/join dev")
+    bob.send("hello again")
+    _wait_for(lambda: "[bob] hello again" in lines)
+    assert not client.closed
+
+
+@pytest.mark.slow
+def test_ctrl_c_quits_while_reconnecting(serve: Serve, relay: Callable[[tuple[str, int]], Relay],
+                                         cert_files: dict[str, Path]) -> None:
+    server = serve()
+    r = relay(server.address)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "securechat", "connect", LOOPBACK, "--port", str(r.port), "--ca", str(cert_files["ca"]),
+         "--nick", "alice"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line.rstrip("\n"))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        _wait_for(lambda: any(s.token for s in [server.rooms.find("alice")] if s is not None))
+        r.cut()  # and it stays cut
+        _wait_for(lambda: any("reconnecting..." in line for line in out))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=5) == 0
+        assert "Traceback" not in proc.communicate(timeout=5)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)

@@ -410,3 +410,24 @@ def test_cli_negative_retention_is_a_usage_error(option: str) -> None:
                           text=True, timeout=20)
     assert proc.returncode == 2
     assert f"{option} cannot be negative" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_replay_never_overflows_the_joiners_queue(logged: Callable[..., ChatServer], connect: Connect) -> None:
+    server = logged(flood_rate=0, replay=200)
+    alice = connect(server, "alice")
+    big = "y" * 3900
+    for i in range(200):  # 800 KB of history: more than half a client's 1 MiB queue
+        alice.send(f"{i} {big}")
+    _sync(alice)
+    bob = connect(server, "bob")
+    header = bob.readline()
+    m = re.match(r"\* history of #lobby: (\d+) lines \((\d+) earlier not shown: /history pages back\)\Z", header)
+    assert m, header
+    shown, skipped = int(m[1]), int(m[2])
+    assert shown + skipped == 200 and 100 < shown < 140
+    replayed = [bob.readline() for _ in range(shown)]
+    assert _replayed(replayed)[-1] == f"[alice] 199 {big}"
+    assert bob.readline() == "* now live in #lobby"
+    bob.send("/history 5")  # pages on from the oldest shown
+    assert bob.readline() == "* history of #lobby: 5 earlier lines"
+    assert _replayed([bob.readline()])[0] == f"[alice] {skipped - 5} {big}"

@@ -88,7 +88,7 @@ def test_a_message_to_someone_offline_waits_for_their_next_login(mtls: Callable[
     server = mtls()  # and it survives a restart
     bob = person(server, "bob")
     seen = bob.lines_until_quiet()
-    assert seen[0] == "* 1 private message while you were away:"
+    assert "* 1 private message while you were away:" in seen
     assert _missed(seen) == ["[alice -> bob] see you tomorrow"]
     _leave(bob)
     bob = person(server, "bob")
@@ -148,3 +148,25 @@ def test_without_mutual_tls_a_message_to_someone_offline_is_refused(serve: Calla
     alice = connect(server, "alice")
     alice.send("/msg nobody hello")
     assert alice.readline() == "* no such nick: nobody"
+
+
+def test_a_session_token_is_useless_with_another_certificate(mtls: Callable[..., ChatServer],
+                                                             person: Callable[[ChatServer, str], LineClient],
+                                                             cert_files: dict[str, Path],
+                                                             people: trustme.CA) -> None:
+    server = mtls()
+    alice = person(server, "alice")
+    alice.send("/session")
+    token = alice.expect("* session ").split()[2]
+    ctx = tls.client_context(cert_files["ca"])
+    people.issue_cert(common_name="mallory").configure_cert(ctx)
+    mallory = LineClient(ctx.wrap_socket(socket.create_connection((LOOPBACK, server.address[1]), timeout=10),
+                                         server_hostname="localhost"))
+    try:
+        mallory.expect("* securechat")
+        mallory.send(f"/resume {token}")
+        assert mallory.readline() == "* resume refused: unknown or expired session; send your nickname"
+        alice.send("/who")
+        assert alice.expect("* ").startswith("* 1 online: alice")  # alice was not taken over
+    finally:
+        mallory.close()
