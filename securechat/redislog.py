@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -90,6 +91,10 @@ CLOSE_FLUSH_SECONDS = 5.0
 # (three times per TTL). 15 s: a killed server's people leave /who within 15 s, and a refresh
 # costs one pipelined round trip every 5 s.
 PRESENCE_TTL = 15.0
+
+# How long a resume token stays valid after its server stops refreshing it: the rooms' default
+# grace period (--grace passes the server's).
+SESSION_GRACE = 60.0
 
 # Directory calls run on a session's thread (a login, /who): Redis answers in under a millisecond,
 # so a second means it is gone, and then the directory answers for this server alone.
@@ -771,7 +776,7 @@ class RedisDirectory(Directory):
     another server took it meanwhile), and nobody is reported elsewhere.
     """
 
-    def __init__(self, config: RedisConfig, *, ttl: float = PRESENCE_TTL,
+    def __init__(self, config: RedisConfig, *, ttl: float = PRESENCE_TTL, grace: float = SESSION_GRACE,
                  nick_key: Callable[[str], str] = protocol.nick_key,
                  room_key: Callable[[str], str] = roomlog_room_key) -> None:
         self.config = config
@@ -783,6 +788,9 @@ class RedisDirectory(Directory):
         self._nicks: dict[str, str] = {}  # nick key -> display, held by this server
         self._members: dict[str, dict[str, str]] = {}  # room key -> {nick key: display}
         self._room_names: dict[str, str] = {}  # room key -> display
+        self._sessions: dict[str, tuple[str, str]] = {}  # resume token -> (nick key, person)
+        # A session record outlives its server by the grace period (plus the time to notice it died).
+        self.session_ttl_ms = int((grace + ttl) * 1000)
         self._ok = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -884,9 +892,15 @@ class RedisDirectory(Directory):
             for room in rooms:
                 if not self._members[room]:
                     del self._members[room]
+            # The session is over (quit, or its grace period ran out): nobody may resume it.
+            tokens = [token for token, (k, _) in self._sessions.items() if k == key]
+            for token in tokens:
+                del self._sessions[token]
 
         def run() -> None:
             pipe = self._client.pipeline(transaction=False)
+            for token in tokens:
+                pipe.delete(self._session_key(token))
             for room in rooms:
                 pipe.zrem(self.config.key("who", room), self._member(display))
             pipe.zrem(self.config.key("online"), self._member(display))
@@ -953,6 +967,52 @@ class RedisDirectory(Directory):
             return []
         return sorted(self._others(found), key=str.casefold)
 
+    # -- resuming on another server ----------------------------------------------------------
+
+    def _session_key(self, token: str) -> str:
+        # Hashed: whoever can list Redis's keys cannot lift a token from them.
+        return self.config.key("session", hashlib.sha256(token.encode()).hexdigest()[:32])
+
+    def _write_session(self, pipe: Any, token: str, display: str, person: str) -> None:
+        key = self._session_key(token)
+        pipe.hset(key, mapping={"nick": display, "person": person, "origin": self.origin})
+        pipe.pexpire(key, self.session_ttl_ms)
+
+    def remember_session(self, token: str, nick: str, person: str | None) -> None:
+        """Record ``token`` -> ``nick`` so another server can resume the session if this one dies."""
+        with self._lock:
+            self._sessions[token] = (self.nick_key(nick), person or "")
+
+        def run() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            self._write_session(pipe, token, nick, person or "")
+            pipe.execute()
+
+        with contextlib.suppress(DirectoryUnavailable):
+            self._call(run)
+
+    def session_nick(self, token: str, person: str | None) -> str | None:
+        """The nick of a session another server gave ``token`` (under mutual TLS, the same person's)."""
+        try:
+            record = self._call(lambda: self._client.hgetall(self._session_key(token)))
+        except DirectoryUnavailable:
+            return None
+        if not record or record.get("origin") == self.origin or record.get("person", "") != (person or ""):
+            return None
+        nick = str(record.get("nick", ""))
+        return nick if protocol.nick_error(nick) is None else None
+
+    def take_over(self, nick: str) -> bool:
+        """Claim ``nick`` here whoever holds it now (the session's token was shown)."""
+        key = self.nick_key(nick)
+        with contextlib.suppress(DirectoryUnavailable):
+            self._call(lambda: self._client.set(self.config.key("nick", key), self._value(nick), px=self.ttl_ms))
+            self._call(lambda: self._scripts["alive"](keys=[self.config.key("online")],
+                                                       args=[self._member(nick), self.ttl_ms]))
+        with self._lock:
+            self._nicks[key] = nick
+        return True
+
     def locate(self, nick: str) -> tuple[str, str] | None:
         """(server origin, display nick) of whoever holds ``nick``, or None (also while Redis is away)."""
         try:
@@ -976,6 +1036,8 @@ class RedisDirectory(Directory):
         with self._lock:
             nicks = list(self._nicks.items())
             members = [(room, display) for room, people in self._members.items() for display in people.values()]
+            sessions = [(token, self._nicks[k], person) for token, (k, person) in self._sessions.items()
+                        if k in self._nicks]
         pipe = self._client.pipeline(transaction=False)
         for key, display in nicks:
             self._scripts["refresh"](keys=[self.config.key("nick", key)], args=[self._value(display), self.ttl_ms],
@@ -986,6 +1048,8 @@ class RedisDirectory(Directory):
         for room, display in members:
             self._touch(pipe, room, display)
         pipe.expire(self.config.key("inbox", self.origin), max(1, self.ttl_ms // 1000) * 4)
+        for token, display, person in sessions:
+            self._write_session(pipe, token, display, person)
         results = pipe.execute()
         for (_, display), ok in zip(nicks, results[:len(nicks)], strict=True):
             if not ok:
@@ -1043,6 +1107,6 @@ def open_from_args(args: argparse.Namespace) -> tuple[RedisRoomLog, RedisDirecto
     roomlog = RedisRoomLog(config, history_lines=getattr(args, "history_lines", HISTORY_LINES),
                            history_seconds=getattr(args, "history_days", 0.0) * 86400.0,
                            history=not getattr(args, "no_history", False))
-    directory = RedisDirectory(config, ttl=args.presence_ttl)
+    directory = RedisDirectory(config, ttl=args.presence_ttl, grace=getattr(args, "grace", SESSION_GRACE))
     directory.start()
     return roomlog, directory

@@ -313,6 +313,20 @@ class Directory(abc.ABC):
         """Nicks online on the other servers."""
         return []
 
+    # -- resuming on another server (optional: a shared back-end) ------------------------------
+
+    def remember_session(self, token: str, nick: str, person: str | None) -> None:
+        """A resume token was given to ``nick`` here: another server may be asked to resume it."""
+        return None
+
+    def session_nick(self, token: str, person: str | None) -> str | None:
+        """The nick of a session started on another server with ``token`` (same ``person``), or None."""
+        return None
+
+    def take_over(self, nick: str) -> bool:
+        """Claim ``nick`` for this server even if another holds it (its owner proved it with a token)."""
+        return self.claim(nick)
+
 
 class LocalDirectory(Directory):
     """One server alone: nobody is anywhere else."""

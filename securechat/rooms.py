@@ -250,6 +250,8 @@ class Rooms:
         self._changed(member)
         if protocol.nick_key(old) != key:
             self.directory.release(old)
+        if member.token:  # a shared directory resumes it on another server under the new nick
+            self.directory.remember_session(member.token, new, member.person)
         for room in list(member.joined):
             self.directory.parted(room.name, old)
             self.directory.joined(room.name, new)
@@ -633,6 +635,7 @@ class Rooms:
             if not member.token:
                 member.token = secrets.token_urlsafe(18)
                 self._tokens[member.token] = member
+        self.directory.remember_session(member.token, member.nick, member.person)
         return member.token
 
     def _detach(self, member: Member) -> None:
@@ -715,6 +718,36 @@ class Rooms:
                 self._nicks[protocol.nick_key(old.nick)] = member
         return old
 
+    def adopt(self, member: Member, token: str, person: str | None) -> bool:
+        """Take over a session that another server gave ``token`` (a shared back-end; that server is gone).
+
+        The directory knows the token's nick, which is taken over here; then :meth:`rejoin_rooms`.
+        False (nothing done) when the token is unknown everywhere.
+        """
+        nick = self.directory.session_nick(token, person)
+        if nick is None:
+            return False
+        key = protocol.nick_key(nick)
+        with self._lock:
+            if key in self._nicks or token in self._tokens:
+                return False  # here already: resume() is the way back
+            if not self.directory.take_over(nick):
+                return False
+            self._nicks[key] = member
+            self._tokens[token] = member
+            member.nick, member.token = nick, token
+        self.directory.remember_session(token, nick, person)
+        return True
+
+    def rejoin_rooms(self, member: Member, rooms: list[tuple[str, str]]) -> None:
+        """An adopted member joins ``rooms`` again (``(name, last id seen)``), each with what it missed."""
+        self.tag(member)
+        share = REPLAY_BYTES // max(1, len(rooms))
+        for name, after in rooms[:MAX_JOINED]:
+            self.join(member, name, after=after, confirm=False, budget=share)
+        if not member.joined:
+            self.join(member, DEFAULT_ROOM, confirm=False)
+
     def rejoin(self, member: Member, old: Member, positions: dict[str, str]) -> None:
         """Put a resumed ``member`` back in ``old``'s rooms with what it missed (after its ids)."""
         rooms, current = list(old.joined), old.current
@@ -749,6 +782,21 @@ class _Held:
         self.member = member
         self.timer = timer
         self.on_expiry = on_expiry
+
+
+def parse_rooms(words: Iterable[str]) -> list[tuple[str, str]]:
+    """``ROOM=ID`` words from ``/resume`` -> [(room name, id)], in order; anything malformed is ignored."""
+    out: list[tuple[str, str]] = []
+    for word in words:
+        name, _, entry_id = word.partition("=")
+        name = name[1:] if name.startswith("#") else name
+        try:
+            id_key(entry_id)
+        except ValueError:
+            continue
+        if room_error(name) is None and len(out) < MAX_JOINED:
+            out.append((name, entry_id))
+    return out
 
 
 def parse_positions(words: Iterable[str]) -> dict[str, str]:

@@ -45,6 +45,7 @@ from securechat.rooms import (
     Room,
     Rooms,
     parse_positions,
+    parse_rooms,
 )
 from securechat.rooms import room_error as rooms_error
 
@@ -218,6 +219,16 @@ class Session:
         token, *positions = arg.split()
         rooms = self.server.rooms
         old = rooms.resume(self, token, self.person) if token else None
+        if old is None and token and rooms.adopt(self, token, self.person):
+            # A session from another server sharing these rooms (--redis): back in its rooms, caught up.
+            self.state = State.CHAT
+            self.conn.deadline = None
+            nicks = rooms.nicks()
+            self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
+                       "/help lists commands")
+            log.info("%s resumed %s from another server", self.peer, self.nick)
+            rooms.rejoin_rooms(self, parse_rooms(positions))
+            return
         if old is None:
             self.reply(f"{protocol.RESUME_REFUSED}unknown or expired session; send your nickname")
             return

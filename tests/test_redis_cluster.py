@@ -274,3 +274,46 @@ def test_a_killed_server_vanishes_and_its_people_move_to_another(redis_server, s
     alice.expect("* bob joined")
     bob.send("back")
     assert alice.expect("[bob]") == "[bob] back"
+
+
+@pytest.mark.slow
+def test_a_session_resumes_on_another_server_when_its_own_is_killed(redis_server, serve_proc, client_ctx) -> None:
+    redis = redis_server()
+    a = serve_proc("--redis", redis.url, "--presence-ttl", "5")
+    b = serve_proc("--redis", redis.url, "--presence-ttl", "5")
+    alice = _join(a.port, client_ctx, "alice")
+    anna = _join(a.port, client_ctx, "anna")
+    bob = _join(b.port, client_ctx, "bob")
+    alice.expect("* bob joined")
+    bob.send("/session")
+    token = bob.expect("* session ").split()[2]
+    alice.send("seen by bob")
+    tagged = bob.expect(lambda line: "seen by bob" in line)
+    last_id = re.match(r"@id=([0-9]+-[0-9]+);room=lobby \[alice\] seen by bob\Z", tagged)
+    assert last_id is not None, tagged
+    b.proc.kill()
+    b.proc.wait()
+    bob.close()
+    for i in range(3):
+        alice.send(f"missed {i}")
+    anna.expect("[alice] missed 2")  # said, and so stored, before bob is back
+    # bob's client comes back on A with its token and the last id it saw: same nick, what it missed, once.
+    raw = socket.create_connection((LOOPBACK, a.port), timeout=10)
+    back = LineClient(client_ctx.wrap_socket(raw, server_hostname="localhost"))
+    back.expect("* securechat")
+    back.send(f"/resume {token} lobby={last_id[1]}")
+    assert back.expect("* welcome").startswith("* welcome, bob! (resumed)")
+    missed = [back.expect(lambda line: "[alice]" in line) for _ in range(3)]
+    assert [re.sub(r"^@id=[0-9-]+;room=lobby \(missed \d\d:\d\d\) ", "", line) for line in missed] == [
+        "[alice] missed 0", "[alice] missed 1", "[alice] missed 2"]
+    assert not [line for line in back.lines_until_quiet(0.5) if "[alice]" in line]  # nothing twice
+    alice.send("/who")
+    assert alice.expect("* 3 online") == "* 3 online: alice, anna, bob"
+    back.send("I am back")
+    assert alice.expect("[bob]") == "[bob] I am back"
+    # The token is bob's alone: a second use while bob is here is refused.
+    raw = socket.create_connection((LOOPBACK, a.port), timeout=10)
+    thief = LineClient(client_ctx.wrap_socket(raw, server_hostname="localhost"))
+    thief.expect("* securechat")
+    thief.send("/resume not-the-token lobby=1-0")
+    assert thief.expect("* resume refused") == "* resume refused: unknown or expired session; send your nickname"
