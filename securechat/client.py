@@ -549,6 +549,11 @@ class ChatClient:
         return self._ended.is_set()
 
     @property
+    def reconnecting(self) -> bool:
+        """True while a dropped connection is being re-established (see :mod:`securechat.session`)."""
+        return self._phase != _LIVE and not self._ended.is_set()
+
+    @property
     def server_shut_down(self) -> bool:
         """True when the server announced ``* server shutting down``."""
         return self._saw_shutdown
@@ -922,6 +927,9 @@ class _Frontend:
         Raises Disconnected when the server had already ended the connection for its own reasons
         (shutdown, kicked), so that is reported rather than passed off as a normal exit.
         """
+        if self.client.reconnecting:  # leaving while the network is down: nothing to say goodbye to
+            self.client.close()
+            return EXIT_OK
         if self.client.closed:
             self.client._raise_ended()
         self.client.quit()

@@ -297,8 +297,28 @@ class Rooms:
                 self._by_name[name] = room
         return room
 
-    def _drop_if_empty(self, room: Room) -> None:
+    def _add(self, name: str, member: Member) -> tuple[Room, int] | None:
+        """Put ``member`` in room ``name`` (created if need be, None past MAX_ROOMS), catching up.
+
+        Under the registry lock, so a room being emptied at that moment cannot be dropped with
+        the newcomer in it (lock order: registry, then room).
+        """
+        key = room_key(name)
         with self._lock:
+            room = self._rooms.get(key)
+            if room is None:
+                if len(self._rooms) >= MAX_ROOMS:
+                    return None
+                room = self._rooms[key] = Room(name)
+                self._by_name[name] = room
+            with room.lock:
+                room.members = (*room.members, member)
+                room.catching[member] = []
+                room.rebuild()
+                return room, len(room.members)
+
+    def _drop_if_empty(self, room: Room) -> None:
+        with self._lock, room.lock:
             if not room.members and not room.catching and self._rooms.get(room.key) is room:
                 del self._rooms[room.key]
                 self._by_name.pop(room.name, None)
@@ -336,17 +356,13 @@ class Rooms:
         if len(member.joined) >= MAX_JOINED:
             member.conn.send(protocol.notice(f"you follow {MAX_JOINED} rooms already: /part one first"))
             return
-        room = self._room(name, create=True)
-        if room is None:
+        added = self._add(name, member)
+        if added is None:
             member.conn.send(protocol.notice(f"too many rooms on this server ({MAX_ROOMS}); join an existing one"))
             return
+        room, count = added
         previous = member.current
         member.current = room
-        with room.lock:
-            room.members = (*room.members, member)
-            room.catching[member] = []
-            count = len(room.members)
-            room.rebuild()
         member.joined.append(room)
         if previous is not None:
             with previous.lock:
@@ -752,16 +768,13 @@ class Rooms:
         """Put a resumed ``member`` back in ``old``'s rooms with what it missed (after its ids)."""
         rooms, current = list(old.joined), old.current
         old.joined.clear()
-        member.current = current
         for room in rooms:
-            live: Room = self._room(room.name, create=True) or room
-            with live.lock:
-                live.members = (*live.members, member)
-                live.catching[member] = []
-                live.rebuild()
-            member.joined.append(live)
-            if current is room:
-                member.current = live
+            added = self._add(room.name, member)  # the room may have emptied and gone meanwhile
+            if added is None:
+                continue
+            member.joined.append(added[0])
+            if current is room or member.current is None:
+                member.current = added[0]
         for data in old.held_private or []:
             member.conn.send(data)
         share = REPLAY_BYTES // max(1, len(member.joined))

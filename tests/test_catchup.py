@@ -375,3 +375,52 @@ def test_ctrl_c_quits_while_reconnecting(serve: Serve, relay: Callable[[tuple[st
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a Linux pty")
+def test_the_interactive_client_shows_reconnecting_and_ctrl_c_still_quits(
+        serve: Serve, relay: Callable[[tuple[str, int]], Relay], cert_files: dict[str, Path]) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    server = serve()
+    r = relay(server.address)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "securechat", "connect", LOOPBACK, "--port", str(r.port), "--ca", str(cert_files["ca"]),
+         "--nick", "alice"], stdin=slave, stdout=slave, stderr=slave, start_new_session=True, close_fds=True,
+        env={**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1", "PYTHONUNBUFFERED": "1"})
+    os.close(slave)
+    screen = bytearray()
+
+    def pump() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            screen.extend(data)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        _wait_for(lambda: any(s.token for s in [server.rooms.find("alice")] if s is not None))
+        r.cut()
+        _wait_for(lambda: b"reconnecting..." in screen)
+        r.restore()
+        _wait_for(lambda: b"(resumed)" in screen)
+        r.cut()  # and once more, for good
+        _wait_for(lambda: screen.count(b"reconnecting...") >= 2)
+        os.write(master, b"\x03")
+        assert proc.wait(timeout=8) == 0
+        assert b"Traceback" not in screen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
