@@ -199,6 +199,7 @@ class ChatClient:
         self.nick: str | None = None
         self.host = ""
         self.port = 0
+        self.servers: list[tuple[str, int]] = []  # this chat's servers (several with serve --redis)
         self.tls = False
         self._lines: queue.Queue[object] = queue.Queue()
         self._conn: Connection | None = None
@@ -220,8 +221,12 @@ class ChatClient:
         server_hostname: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         verify: Callable[[ssl.SSLSocket], None] | None = None,
+        alternates: Sequence[tuple[str, int]] = (),
     ) -> None:
         """Open the TCP connection and, unless ``ssl_context`` is None, complete the TLS handshake.
+
+        ``alternates``: other servers of the same chat (``serve --redis``), ``(host, port)`` each,
+        tried in order when ``host`` does not answer, now and when reconnecting.
 
         ``server_hostname`` is the name or address the certificate must be valid for (default:
         ``host``). ``verify`` (TLS only) is called with the socket right after the handshake, before
@@ -232,10 +237,10 @@ class ChatClient:
         if self._conn is not None:
             raise RuntimeError("already connected")
         self.host, self.port, self.tls = host, port, ssl_context is not None
+        self.servers = [(host, port), *alternates]
         self._connect_args = {"ssl_context": ssl_context, "server_hostname": server_hostname, "timeout": timeout,
                               "verify": verify}
-        sock = self._open(host, port, ssl_context=ssl_context, server_hostname=server_hostname, timeout=timeout,
-                          verify=verify)
+        sock = self._open_any()
         self._conn = Connection(sock, self._on_lines)
         self._thread = threading.Thread(target=self._run, name=f"securechat-client-{host}:{port}", daemon=True)
         self._thread.start()
@@ -313,6 +318,27 @@ class ChatClient:
                     raise
         return sock
 
+    def _open_any(self) -> socket.socket | ssl.SSLSocket:
+        """A socket to the current server, else to the next of :attr:`servers` that answers (which
+        becomes the current one); the current server's ChatError when none does."""
+        start = self.servers.index((self.host, self.port)) if (self.host, self.port) in self.servers else 0
+        first: ChatError | None = None
+        for i in range(len(self.servers)):
+            host, port = self.servers[(start + i) % len(self.servers)]
+            try:
+                sock = self._open(host, port, **self._connect_args)  # type: ignore[arg-type]
+            except (IdentityRefused, CertificateRefused):
+                raise  # a server that is not ours, or refuses us: never fall through to another
+            except ChatError as exc:
+                first = first or exc
+                continue
+            self.host, self.port = host, port
+            return sock
+        assert first is not None
+        if len(self.servers) > 1:
+            raise ChatError(f"{first} (and none of the other {len(self.servers) - 1} servers answered)")
+        raise first
+
     def _run(self) -> None:
         try:
             while True:
@@ -352,7 +378,7 @@ class ChatClient:
         delay = next(self._delays)
         while not self._closing.wait(delay):
             try:
-                sock = self._open(self.host, self.port, **self._connect_args)  # type: ignore[arg-type]
+                sock = self._open_any()  # this server first, then the others of the chat
             except (IdentityRefused, CertificateRefused) as exc:  # trying again will not help
                 self._notify(f"* cannot reconnect: {exc}")
                 return False
@@ -739,7 +765,9 @@ def _pin_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="securechat connect", description="Join a securechat server.")
-    p.add_argument("host", help="the server's IP address or host name")
+    p.add_argument("host", help="the server's IP address or host name; several servers of one chat (serve "
+                   "--redis) separated by commas, each HOST or HOST:PORT ([v6]:PORT): the first that answers "
+                   "is used, the others when it goes away")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
     p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
     trust = p.add_argument_group(
@@ -767,6 +795,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="time allowed to connect and complete the handshake (default: %(default)g)")
     return p
+
+
+# Servers in one "connect a,b,c": a handful of machines, not a list to scan.
+MAX_SERVERS = 16
+
+
+def parse_servers(text: str, default_port: int) -> list[tuple[str, int]]:
+    """``"a,b:5556,[::1]:5557"`` -> ``[("a", default_port), ("b", 5556), ("::1", 5557)]``; ValueError if malformed."""
+    servers: list[tuple[str, int]] = []
+    for item in (part.strip() for part in text.split(",")):
+        host, port = item, default_port
+        if item.startswith("["):  # [v6] or [v6]:port
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError(f"not HOST, HOST:PORT or [IPv6]:PORT: {item!r}")
+                port = _port(rest[1:], item)
+        elif item.count(":") == 1:
+            host, _, number = item.partition(":")
+            port = _port(number, item)
+        if not host:
+            raise ValueError(f"no host in {text!r}")
+        servers.append((host, port))
+    if len(servers) > MAX_SERVERS:
+        raise ValueError(f"at most {MAX_SERVERS} servers")
+    return servers
+
+
+def _port(text: str, item: str) -> int:
+    if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
+        raise ValueError(f"bad port in {item!r}")
+    return int(text)
 
 
 def _err(message: str) -> None:
@@ -868,6 +928,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``securechat connect``: 0 after leaving (or after the server shut down), 1 on any failure."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        servers = parse_servers(args.host, args.port)
+    except ValueError as exc:
+        parser.error(str(exc))
+    (args.host, args.port), args.alternates = servers[0], servers[1:]
     if args.key is not None and args.cert is None:
         parser.error("--key needs --cert (your client certificate)")
     if args.plain and (args.cert or args.pin or args.tofu or args.ca):
@@ -918,7 +983,7 @@ class _Frontend:
     def connect(self) -> None:
         args = self.args
         self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout,
-                            verify=self.verify)
+                            verify=self.verify, alternates=getattr(args, "alternates", ()))
         self.client.wait_greeting(min(1.0, self.args.timeout) if self.context is None else self.args.timeout)
 
     def leave(self) -> int:

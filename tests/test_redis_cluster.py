@@ -317,3 +317,75 @@ def test_a_session_resumes_on_another_server_when_its_own_is_killed(redis_server
     thief.expect("* securechat")
     thief.send("/resume not-the-token lobby=1-0")
     assert thief.expect("* resume refused") == "* resume refused: unknown or expired session; send your nickname"
+
+
+@pytest.mark.slow
+def test_the_client_moves_to_the_next_server_of_connect_a_b_and_catches_up(redis_server, serve_proc, client_ctx,
+                                                                          cert_files: dict[str, Path]) -> None:
+    redis = redis_server()
+    a = serve_proc("--redis", redis.url)
+    b = serve_proc("--redis", redis.url)
+    alice = _join(a.port, client_ctx, "alice")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "securechat", "connect", f"{LOOPBACK}:{b.port},{LOOPBACK}:{a.port}",
+         "--ca", str(cert_files["ca"]), "--nick", "reader"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line.rstrip("\n"))
+
+    def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, out
+            time.sleep(0.05)
+
+    import threading
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        alice.expect("* reader joined")  # on B, the first server of the list
+        alice.send("before")
+        wait_for(lambda: "[alice] before" in out)
+        time.sleep(0.3)  # the client has asked for its session token by now
+        b.proc.kill()
+        b.proc.wait()
+        for i in range(3):
+            alice.send(f"while moving {i}")
+        wait_for(lambda: any(line.startswith("* welcome, reader! (resumed)") for line in out))
+        wait_for(lambda: sum("while moving" in line for line in out) == 3)
+        time.sleep(0.5)
+        moving = [line for line in out if "while moving" in line]
+        assert [re.sub(r"^\(missed \d\d:\d\d\) ", "", line) for line in moving] == [
+            f"[alice] while moving {i}" for i in range(3)]
+        assert any(line.startswith("* connection lost") and "reconnecting" in line for line in out)
+        assert out.count("[alice] before") == 1
+        assert proc.stdin is not None
+        proc.stdin.write("on A now\n")
+        proc.stdin.flush()
+        assert alice.expect("[reader]") == "[reader] on A now"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+
+def test_connect_parses_a_list_of_servers() -> None:
+    from securechat.client import parse_servers
+
+    assert parse_servers("a,b:6000,[::1]:7000,[::1], c ", 5555) == [
+        ("a", 5555), ("b", 6000), ("::1", 7000), ("::1", 5555), ("c", 5555)]
+    assert parse_servers("::1", 5555) == [("::1", 5555)]
+    for bad in ("a,,b", "a:0", "a:x", "[::1]x", ":5555", "a:70000"):
+        with pytest.raises(ValueError):
+            parse_servers(bad, 5555)
+
+
+def test_connect_with_a_bad_server_list_is_a_usage_error() -> None:
+    proc = subprocess.run([sys.executable, "-m", "securechat", "connect", "a,b:x"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2
+    assert "bad port in 'b:x'" in proc.stderr and "Traceback" not in proc.stderr
