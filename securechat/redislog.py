@@ -710,7 +710,10 @@ class RedisRoomLog(RoomLog):
                 if pending is not None and pending.echoed:
                     return  # shown here while Redis was away
             assert self._deliver is not None
-            self._deliver(entry)
+            try:
+                self._deliver(entry)
+            except Exception:  # the room code's bug must not stop delivery for everyone
+                log.exception("delivering %s failed", entry_id)
 
     # -- history ---------------------------------------------------------------------------
 
@@ -1066,6 +1069,9 @@ class RedisDirectory(Directory):
                 if self._ok:
                     log.warning("nick directory: Redis unreachable: %s", describe_redis_error(exc))
                 self._ok = False
+                continue
+            except Exception:  # a bug must not stop the refreshes: this server's people would vanish
+                log.exception("nick directory: refresh failed")
                 continue
             if not self._ok:
                 log.warning("nick directory: Redis is back")

@@ -528,3 +528,51 @@ def test_scripts_flushed_from_redis_are_loaded_again(redis_server, cluster) -> N
     a.append("lobby", "chat", "alice", "two")
     assert [e.text for e in inbox.wait_for(lambda es: len(es) == 2)] == ["one", "two"]
     assert not a.degraded
+
+
+def test_no_history_shares_live_lines_and_keeps_none(redis_server, cluster) -> None:
+    import redis as redis_py
+
+    redis = redis_server()
+    a, _ = cluster(redis.url, history=False)
+    b, inbox_b = cluster(redis.url, history=False)
+    assert not a.stores
+    a.append("lobby", "chat", "alice", "live only")
+    assert inbox_b.wait_for(lambda es: len(es) == 1)[0].text == "live only"
+    assert b.read_after("lobby", None, 10) == []
+    raw = redis_py.Redis.from_url(redis.url)
+    assert not raw.exists("securechat:room:lobby")
+    raw.close()
+
+
+def test_history_lines_zero_keeps_every_line(redis_server, cluster) -> None:
+    redis = redis_server()
+    a, inbox = cluster(redis.url, history_lines=0)
+    for i in range(250):
+        a.append("lobby", "chat", "alice", str(i))
+    inbox.wait_for(lambda es: len(es) == 250)
+    assert len(a.read_after("lobby", None, 1000)) == 250
+
+
+def test_a_failing_deliver_does_not_stop_the_reader(redis_server, caplog) -> None:
+    redis = redis_server()
+    got: list[str] = []
+
+    def deliver(entry: Entry) -> None:
+        if entry.text == "boom":
+            raise RuntimeError("a bug in the room code")
+        got.append(entry.text)
+
+    roomlog = RedisRoomLog(RedisConfig(redis.url))
+    roomlog.start(deliver)
+    try:
+        with caplog.at_level(logging.ERROR, logger="securechat.redis"):
+            for text in ("one", "boom", "two"):
+                roomlog.append("lobby", "chat", "alice", text)
+            deadline = time.monotonic() + 10
+            while got != ["one", "two"]:
+                assert time.monotonic() < deadline, got
+                time.sleep(0.02)
+        assert any("delivering" in r.message for r in caplog.records)
+    finally:
+        roomlog.close()
