@@ -121,7 +121,7 @@ class Session:
         self.current: Room | None = None
         self.tagged = False  # "@id=...;room=... " in front of room lines (/session)
         self.token = ""  # resume token, once asked for
-        self.quitting = False  # left with /quit: nothing to hold
+        self.quitting = False  # left with /quit, or put out by the server: nothing to hold
         self.paged: dict[str, str] = {}  # room key -> oldest id /history has shown
         self.held_private: list[bytes] | None = None  # private lines that came while dropped
         self.private_mark: str | None = None  # newest stored private message given
@@ -166,6 +166,7 @@ class Session:
                 if self.dropped == 1:
                     self.reply(f"slow down: at most {self.server.flood_rate:g} lines a second; lines dropped")
                 if self.dropped >= FLOOD_DISCONNECT:
+                    self.quitting = True  # put out, not dropped: no session to hold
                     self.conn.close(protocol.notice("disconnected for flooding"), reason="disconnected for flooding")
                     log.warning("%s %s disconnected for flooding", self.peer, self.nick)
                 continue
@@ -262,6 +263,7 @@ class Session:
                             reason="no nickname in time")
 
     def _on_too_long(self) -> None:
+        self.quitting = True
         limit = protocol.MAX_LINE_BYTES
         self.conn.close(protocol.notice(f"{protocol.LINE_TOO_LONG} (over {limit} bytes); goodbye"),
                         reason=f"{protocol.LINE_TOO_LONG}: over {limit} bytes")
