@@ -263,6 +263,8 @@ def describe_redis_error(exc: BaseException) -> str:
         return "Redis requires a password: put it in the URL (redis://:PASSWORD@host:port/0)"
     if "certificate verify failed" in lowered:
         return f"Redis's TLS certificate is not trusted (pass --redis-ca FILE): {text}"
+    if lowered.startswith("timeout"):
+        return f"no answer within {CONNECT_TIMEOUT:g} s: is Redis listening there (and rediss:// only if TLS)? ({text})"
     if "wrong version number" in lowered or "record layer failure" in lowered:
         return f"TLS does not match: is the URL rediss:// for a plain Redis port, or the other way round? ({text})"
     return text
@@ -294,10 +296,16 @@ class RedisConfig:
     def client(self, *, timeout: float = COMMAND_TIMEOUT, single: bool = False) -> Any:
         """A new client. ``single``: one connection, for a thread that owns it."""
         redis_mod = _redis()
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         options: dict[str, Any] = {
             "decode_responses": True,
             "socket_timeout": timeout,
-            "socket_connect_timeout": CONNECT_TIMEOUT,
+            "socket_connect_timeout": min(timeout, CONNECT_TIMEOUT),
+            # No silent retries inside redis-py: each caller decides (backoff, or answering for
+            # this server alone), and a timeout means what it says.
+            "retry": Retry(NoBackoff(), 0),
             "socket_keepalive": True,
             "client_name": f"securechat-{self.origin}"[:60],
             # RESP2: the reply shapes every redis-py from 5.0 on parses the same way.
@@ -318,7 +326,7 @@ class RedisConfig:
     def check(self) -> None:
         """Connect and PING once; RedisStartError with one line if Redis cannot be used."""
         redis_mod = _redis()
-        client = self.client()
+        client = self.client(timeout=CONNECT_TIMEOUT)
         try:
             client.ping()
             version = str(client.info("server").get("redis_version", "0"))

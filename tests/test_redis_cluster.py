@@ -389,3 +389,18 @@ def test_connect_with_a_bad_server_list_is_a_usage_error() -> None:
                           timeout=30)
     assert proc.returncode == 2
     assert "bad port in 'b:x'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_redis_port_that_never_answers_is_one_line_at_start(serve_proc) -> None:
+    pytest.importorskip("redis")
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never says a word
+        silent.bind((LOOPBACK, 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        served = serve_proc("--redis", f"redis://{LOOPBACK}:{port}/0", ready=False)
+        started = time.monotonic()
+        out, err = served.proc.communicate(timeout=30)
+    assert served.proc.returncode == 1 and time.monotonic() - started < 10
+    assert err.startswith(f"serve: cannot use Redis at redis://{LOOPBACK}:{port}/0: no answer within 3 s")
+    assert err.count("\n") == 1 and "Traceback" not in err
