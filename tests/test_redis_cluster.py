@@ -404,3 +404,24 @@ def test_a_redis_port_that_never_answers_is_one_line_at_start(serve_proc) -> Non
     assert served.proc.returncode == 1 and time.monotonic() - started < 10
     assert err.startswith(f"serve: cannot use Redis at redis://{LOOPBACK}:{port}/0: no answer within 3 s")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_two_serve_processes_share_a_chat_through_redis_over_tls_with_a_password(redis_server, serve_proc,
+                                                                                client_ctx) -> None:
+    import trustme
+
+    redis_ca = trustme.CA()
+    redis = redis_server(password="s3cret", tls=redis_ca.issue_cert("127.0.0.1"), ca=redis_ca)
+    a = serve_proc("--redis", redis.url, "--redis-ca", str(redis.ca_file))
+    b = serve_proc("--redis", redis.url, "--redis-ca", str(redis.ca_file))
+    alice = _join(a.port, client_ctx, "alice")
+    bob = _join(b.port, client_ctx, "bob")
+    alice.expect("* bob joined")
+    bob.send("over rediss://")
+    assert alice.expect("[bob]") == "[bob] over rediss://"
+    # Without the CA, the same URL is refused in one line.
+    served = serve_proc("--redis", redis.url, ready=False)
+    out, err = served.proc.communicate(timeout=30)
+    assert served.proc.returncode == 1
+    assert err.startswith("serve: cannot use Redis at rediss://:***@127.0.0.1:") and "not trusted" in err
+    assert "s3cret" not in out + err
