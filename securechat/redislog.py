@@ -1107,6 +1107,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a killed server's people leave /who within this time (default: %(default)g)")
 
 
+def usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the Redis options as given (a usage error), or None."""
+    if args.redis is None:
+        if args.redis_ca is not None:
+            return "--redis-ca needs --redis"
+        return None
+    if urlsplit(args.redis).scheme not in ("redis", "rediss"):
+        return f"--redis wants a redis:// or rediss:// URL, not {redact(args.redis)!r}"
+    if args.redis_ca is not None and urlsplit(args.redis).scheme != "rediss":
+        return "--redis-ca needs a rediss:// (TLS) URL"
+    if args.presence_ttl < 1:
+        return "--presence-ttl must be at least 1 second"
+    return None
+
+
 def open_from_args(args: argparse.Namespace) -> tuple[RedisRoomLog, RedisDirectory] | None:
     """The shared room log and directory ``--redis`` asks for (None without it); the directory is started.
 
@@ -1114,8 +1129,6 @@ def open_from_args(args: argparse.Namespace) -> tuple[RedisRoomLog, RedisDirecto
     """
     if not getattr(args, "redis", None):
         return None
-    if args.presence_ttl < 1:
-        raise RedisStartError("--presence-ttl must be at least 1 second")
     config = RedisConfig(args.redis, ca_file=args.redis_ca)
     config.check()
     roomlog = RedisRoomLog(config, history_lines=getattr(args, "history_lines", HISTORY_LINES),

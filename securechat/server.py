@@ -857,6 +857,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plain and args.require_client_cert:
         parser.error("--require-client-cert needs TLS; it cannot be combined with --plain")
+    redis_error = redislog.usage_error(args)
+    if redis_error:
+        parser.error(redis_error)
     for name in ("history_days", "history_lines", "replay", "grace"):
         value = getattr(args, name)
         if value < 0 or value != value:  # NaN too

@@ -425,3 +425,16 @@ def test_two_serve_processes_share_a_chat_through_redis_over_tls_with_a_password
     assert served.proc.returncode == 1
     assert err.startswith("serve: cannot use Redis at rediss://:***@127.0.0.1:") and "not trusted" in err
     assert "s3cret" not in out + err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--redis", "http://127.0.0.1:6379"], "--redis wants a redis:// or rediss:// URL, not 'http://127.0.0.1:6379'"),
+    (["--redis-ca", "ca.pem"], "--redis-ca needs --redis"),
+    (["--redis", "redis://127.0.0.1:6379/0", "--redis-ca", "ca.pem"], "--redis-ca needs a rediss:// (TLS) URL"),
+    (["--redis", "redis://127.0.0.1:6379/0", "--presence-ttl", "0.5"], "--presence-ttl must be at least 1 second"),
+])
+def test_bad_redis_options_are_usage_errors(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "securechat", "serve", "--plain", "--port", "0", *args],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(f"error: {message}") and "Traceback" not in proc.stderr
