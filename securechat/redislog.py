@@ -413,6 +413,7 @@ class RedisRoomLog(RoomLog):
         self._lock = threading.RLock()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._pending: dict[int, _Pending] = {}  # by seq: appended, not yet read back
+        self._echoed = 0  # how many of _pending were delivered locally (while Redis was away)
         self._seq = 0
         self._last = (0, 0)  # the newest id delivered, stream or provisional
         self._degraded = False
@@ -548,6 +549,8 @@ class RedisRoomLog(RoomLog):
     def _echo(self, pending: _Pending) -> None:
         """Deliver one of this server's lines locally, now (lock held)."""
         pending.echoed = True
+        if pending.seq in self._pending:
+            self._echoed += 1  # one more to skip when it comes back from Redis
         assert self._deliver is not None
         self._deliver(replace(pending.entry, id=self._provisional_id()))
 
@@ -569,7 +572,7 @@ class RedisRoomLog(RoomLog):
                 self._reader_ok = reader
             if not (self._writer_ok and self._reader_ok):
                 self._degrade(why)
-            elif self._degraded and not any(p.echoed for p in self._pending.values()):
+            elif self._degraded and not self._echoed:
                 # Everything shown locally has come back from Redis: one order again.
                 self._degraded = False
                 self._unshared = 0
@@ -632,7 +635,8 @@ class RedisRoomLog(RoomLog):
                     self._queue.popleft()
                     if not pending.store and result != self.origin:
                         # Routed to another server's inbox (or to nobody): it never comes back here.
-                        self._pending.pop(pending.seq, None)
+                        if self._pending.pop(pending.seq, None) is not None and pending.echoed:
+                            self._echoed -= 1
                 for person, positions in marks.items():
                     self._marks.setdefault(person, positions)  # unless newer ones came meanwhile
                     if self._marks[person] is positions:
@@ -716,6 +720,7 @@ class RedisRoomLog(RoomLog):
             if entry.origin == self.origin:
                 pending = self._pending.pop(_int(fields.get("q")), None)
                 if pending is not None and pending.echoed:
+                    self._echoed -= 1
                     return  # shown here while Redis was away
             assert self._deliver is not None
             try:
