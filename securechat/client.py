@@ -360,6 +360,9 @@ class ChatClient:
                 delay = next(self._delays)
                 self._notify(f"* still reconnecting ({exc}); next try in {delay:g} s")
                 continue
+            if self._closing.is_set():  # close() came while connecting
+                sock.close()
+                return False
             self._conn = Connection(sock, self._on_lines)
             self._phase = _RESUMING
             self._conn.send(protocol.encode(self.resume.resume_line()))

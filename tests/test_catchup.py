@@ -407,7 +407,8 @@ def test_the_interactive_client_shows_reconnecting_and_ctrl_c_still_quits(
                 return
             screen.extend(data)
 
-    threading.Thread(target=pump, daemon=True).start()
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
     try:
         _wait_for(lambda: any(s.token for s in [server.rooms.find("alice")] if s is not None))
         r.cut()
@@ -423,4 +424,7 @@ def test_the_interactive_client_shows_reconnecting_and_ctrl_c_still_quits(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        # Only once the reader is gone: a read on a closed descriptor number that a new socket
+        # has reused would steal that socket's bytes.
+        pumping.join(5)
         os.close(master)
