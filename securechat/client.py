@@ -40,7 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from securechat import DEFAULT_PORT, identity, protocol, tls
+from securechat import DEFAULT_PORT, certdir, identity, options, protocol, tls
 from securechat.conn import Connection, describe_error, tune_socket
 
 # Exit statuses, as securechat.cli defines them for every subcommand.
@@ -615,9 +615,9 @@ def _pin_arg(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="securechat connect", description="Join a securechat server.")
-    p.add_argument("host", help="the server's IP address or host name")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
+    p = options.Parser(prog=PROG, description="Join a securechat server.")
+    p.add_argument("host", type=options.host, help="the server's IP address or host name")
+    p.add_argument("--port", type=options.port, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
     p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
     trust = p.add_argument_group(
         "recognising the server (one of)").add_mutually_exclusive_group()
@@ -641,13 +641,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connect WITHOUT encryption, to a server started with --plain")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
                    help="oldest TLS version accepted (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--timeout", type=options.duration(), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="time allowed to connect and complete the handshake (default: %(default)g)")
     return p
 
 
+PROG = "securechat connect"
+
+
 def _err(message: str) -> None:
-    print(f"securechat: {message}", file=sys.stderr, flush=True)
+    options.print_error(PROG, message)
 
 
 def _no_password() -> bytes:
@@ -696,6 +699,10 @@ def load_client_certificate(ctx: ssl.SSLContext, cert: Path, key: Path | None) -
     except Exception:  # ValueError, or UnsupportedAlgorithm for exotic keys
         raise ChatError(f"{str(key)!r} is not a PEM private key: pass the client-NAME.key file that goes "
                         f"with {str(cert)!r} with --key") from None
+    try:
+        certdir.check_key_and_dir(key)  # a key others can read (or swap) is not only yours
+    except certdir.UnsafePermissions as exc:
+        raise ChatError(str(exc)) from None
     try:
         ctx.load_cert_chain(str(cert), str(key), password=_no_password)
     except ssl.SSLError as exc:

@@ -15,14 +15,13 @@ import argparse
 import datetime
 import os
 import ssl
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from securechat import tls
+from securechat import options, tls
 
 
 class IdentityError(Exception):
@@ -148,7 +147,7 @@ class KnownHosts:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = options.Parser(
         prog="securechat fingerprint",
         description="Print the SHA-256 fingerprint of certificate files, to compare with what a server shows "
         "(or to pass to 'securechat connect --pin').")
@@ -157,15 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``securechat fingerprint FILE...``: 0, or 1 if a file could not be read."""
+    """``securechat fingerprint FILE...``: 0, or 1 if a file could not be read (or stdout written)."""
+    prog = "securechat fingerprint"
     args = build_parser().parse_args(argv)
     status = 0
     for path in args.files:
         try:
             fp = tls.file_fingerprint(path)
         except (OSError, ValueError) as exc:
-            print(f"fingerprint: {path}: {exc.strerror if isinstance(exc, OSError) else exc}", file=sys.stderr)
+            options.print_error(prog, f"{path}: {exc.strerror if isinstance(exc, OSError) else exc}")
             status = 1
             continue
-        print(fp if len(args.files) == 1 else f"{fp}  {path}")
+        if not options.write_stdout(prog, (fp if len(args.files) == 1 else f"{fp}  {path}") + "\n"):
+            return 1
     return status
