@@ -36,6 +36,8 @@ LOCK_NAME = ".lock"
 # too). A directory: write for group or others, which would let them replace files in it.
 KEY_FORBIDDEN = 0o077
 DIR_FORBIDDEN = 0o022
+# A PEM key (RSA-8192 with its chain beside it) is a few KiB; the marker is looked for in this much.
+MAX_KEY_FILE = 1 << 20
 
 __all__ = ["LOCK_NAME", "UnsafePermissions", "check_dir", "check_key", "locked"]
 
@@ -53,8 +55,20 @@ def _quote(path: Path) -> str:
     return shlex.quote(str(path))
 
 
+def _holds_private_key(path: Path) -> bool:
+    """Whether ``path`` has a PEM private key block (a certificate passed as --key is the loader's business)."""
+    try:
+        with open(path, "rb") as fh:
+            return b"PRIVATE KEY-----" in fh.read(MAX_KEY_FILE)
+    except OSError:
+        return False
+
+
 def check_key(path: str | Path) -> None:
-    """Refuse a private key file that group or others may access (missing files are the caller's business)."""
+    """Refuse a file holding a private key that group or others may access.
+
+    Missing, unreadable or key-less files are left to the code that loads them, which says so.
+    """
     path = Path(path)
     if not _enforced():
         return
@@ -62,7 +76,7 @@ def check_key(path: str | Path) -> None:
         st = os.stat(path)
     except OSError:
         return
-    if stat.S_ISREG(st.st_mode) and st.st_mode & KEY_FORBIDDEN:
+    if stat.S_ISREG(st.st_mode) and st.st_mode & KEY_FORBIDDEN and _holds_private_key(path):
         raise UnsafePermissions(
             f"private key {path} is accessible by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"run: chmod 600 {_quote(path)}"

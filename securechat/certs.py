@@ -1051,15 +1051,18 @@ def _mint_locked(out_dir: Path, *, hosts: list[str], ips: list[str | IPAddress],
                   now=now, server=server, keep_names=not reset_names)
 
 
-def mint_if_missing(out_dir: str | Path) -> MintResult | None:
+def mint_if_missing(out_dir: str | Path, check: Callable[[Path], None] | None = None) -> MintResult | None:
     """``serve``'s first run: mint a CA and server certificate unless ``server.pem`` exists, under the lock.
 
     Two servers started at once in one directory mint one set between them; the second finds it.
+    ``check(out_dir)`` runs under the lock before minting, to refuse what is there in the caller's words.
     """
     out_dir = Path(out_dir)
     with _locked_dir(out_dir):
         if (out_dir / SERVER_CERT).exists():
             return None
+        if check is not None:
+            check(out_dir)
         return _mint_locked(out_dir, hosts=[], ips=[], clients=[], days=DEFAULT_DAYS, key_type="ec",
                             force=False, reset_names=False, now=_now(None))
 
@@ -1120,7 +1123,7 @@ def build_parser(prog: str = "securechat gen-certs") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=options.path,
         default=Path("certs"),
         metavar="DIR",
         help="directory to write into (default: certs)",

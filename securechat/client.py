@@ -621,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
     trust = p.add_argument_group(
         "recognising the server (one of)").add_mutually_exclusive_group()
-    trust.add_argument("--ca", type=Path, default=None,
+    trust.add_argument("--ca", type=options.path, default=None,
                        help="the CA certificate that signed the server's certificate; copy it from the "
                        f"server's certs/ folder (default: {DEFAULT_CA})")
     trust.add_argument("--pin", type=_pin_arg, metavar="FINGERPRINT",
@@ -631,10 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="trust on first use: remember the server's fingerprint at first contact (in "
                        f"{identity.known_hosts_path()}) and refuse the connection if it ever changes")
     mine = p.add_argument_group("proving who you are (servers started with --require-client-cert)")
-    mine.add_argument("--cert", type=Path, metavar="PEM",
+    mine.add_argument("--cert", type=options.path, metavar="PEM",
                       help="your client certificate (client-NAME.pem from 'securechat gen-certs --client "
                       "NAME'); its name is your nickname on such servers")
-    mine.add_argument("--key", type=Path, metavar="KEY",
+    mine.add_argument("--key", type=options.path, metavar="KEY",
                       help="the private key of --cert (default: the .key file next to it, else --cert "
                       "itself)")
     p.add_argument("--plain", action="store_true",

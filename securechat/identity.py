@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="securechat fingerprint",
         description="Print the SHA-256 fingerprint of certificate files, to compare with what a server shows "
         "(or to pass to 'securechat connect --pin').")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="PEM certificate file")
+    p.add_argument("files", nargs="+", type=options.path, metavar="FILE", help="PEM certificate file")
     return p
 
 

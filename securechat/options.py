@@ -26,6 +26,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any, NoReturn
 
 # Exit statuses shared by every subcommand (cli.py re-exports them).
@@ -183,6 +184,18 @@ def _host(text: str) -> str:
 
 #: a host name or IP address (a listen address for serve, the server for connect)
 host = _type("host", _host)
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("an empty path: name a file")  # Path("") would silently mean "."
+    if "\0" in text:
+        raise ValueError(f"{text!r} contains a NUL byte, which no file name can")
+    return Path(text)
+
+
+#: a file or directory name (not empty; whether it exists is checked where it is used)
+path = _type("path", _path)
 
 
 # -- stdout that may go away --------------------------------------------------------------

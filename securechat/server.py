@@ -706,12 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default: %(default)s, every interface)")
     p.add_argument("--port", type=options.listen_port, default=DEFAULT_PORT,
                    help="TCP port, 0 for any free one (default: %(default)s)")
-    p.add_argument("--cert", type=Path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
-    p.add_argument("--key", type=Path, help=f"server private key, PEM (default: {DEFAULT_KEY})")
+    p.add_argument("--cert", type=options.path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
+    p.add_argument("--key", type=options.path, help=f"server private key, PEM (default: {DEFAULT_KEY})")
     p.add_argument("--require-client-cert", action="store_true",
                    help="mutual TLS: only clients with a certificate signed by --ca may join, and each one's "
                    "nickname is its certificate's name (mint them with 'securechat gen-certs --client NAME')")
-    p.add_argument("--ca", type=Path,
+    p.add_argument("--ca", type=options.path,
                    help=f"CA that signs client certificates (default: {DEFAULT_CERT_DIR / 'ca.pem'})")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
                    help="oldest TLS version accepted (default: %(default)s; 1.2 for old clients)")
@@ -769,7 +769,11 @@ def _load_context(args: argparse.Namespace) -> ssl.SSLContext:
             return _context_factory(args)()
     except certdir.UnsafePermissions as exc:
         raise StartError(str(exc)) from None
-    except (OSError, ssl.SSLError, ValueError) as exc:
+    except ssl.SSLError as exc:
+        why = ("the key does not belong to the certificate" if exc.reason == "KEY_VALUES_MISMATCH" else
+               f"they are not a PEM certificate chain and its private key (OpenSSL: {exc.reason or exc})")
+        raise StartError(f"cannot load the certificate {cert} with key {key}: {why}") from None
+    except (OSError, ValueError) as exc:
         raise StartError(f"cannot load the certificate {cert} with key {key}: {describe_error(exc)}") from None
 
 
@@ -781,12 +785,20 @@ def _first_run(certs: ModuleType) -> None:
                          "--cert/--key")
     if DEFAULT_CERT.exists():
         return
-    if (directory / certs.CA_CERT).exists() and not (directory / certs.CA_KEY).exists():
-        raise StartError(f"{directory}/ holds {certs.CA_CERT} but no {certs.CA_KEY} and no {DEFAULT_CERT.name}: "
-                         "that is a client's copy of the CA. Run the server where the CA was minted, copy "
-                         f"{DEFAULT_CERT.name} and {DEFAULT_KEY.name} here, or pass --cert/--key")
+
+    def refuse_partial_set(directory: Path) -> None:  # runs under the lock: no other minter is half-way
+        present = [name for name in (certs.CA_CERT, certs.CA_KEY, DEFAULT_KEY.name) if (directory / name).exists()]
+        if present == [certs.CA_CERT]:
+            raise StartError(f"{directory}/ holds {certs.CA_CERT} but no {certs.CA_KEY} and no "
+                             f"{DEFAULT_CERT.name}: that is a client's copy of the CA. Run the server where the CA "
+                             f"was minted, copy {DEFAULT_CERT.name} and {DEFAULT_KEY.name} here, or pass --cert/--key")
+        if present and present != [certs.CA_CERT, certs.CA_KEY]:  # a CA alone is fine: the certificate is issued
+            raise StartError(f"{directory}/ holds an incomplete set ({', '.join(present)}; no "
+                             f"{DEFAULT_CERT.name}): restore the missing files, pass --cert/--key, or start over "
+                             "with 'securechat gen-certs --force' (clients must then get the new ca.pem)")
+
     try:
-        result = certs.mint_if_missing(directory)
+        result = certs.mint_if_missing(directory, refuse_partial_set)
     except certs.CertError as exc:
         raise StartError(f"cannot mint a certificate in {directory}/: {exc}") from None
     except OSError as exc:
