@@ -70,12 +70,15 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(status)
 
     def print_help(self, file: Any = None) -> None:
-        # ``--help | head -1`` or ``--help > /dev/full`` must not end in a traceback either.
+        # ``--help > /dev/full`` fails in one line (argparse itself would swallow the error and exit 0).
+        out = file or sys.stdout
         try:
-            super().print_help(file)
-            (file or sys.stdout).flush()
-        except (OSError, ValueError):
+            out.write(self.format_help())
+            out.flush()
+        except (OSError, ValueError) as exc:
             silence_stdout()
+            print_error(self.prog, f"cannot write to standard output ({_stdout_error(exc)})")
+            raise SystemExit(EXIT_FAILURE) from None
 
 
 def _type(name: str, check: Callable[[str], Any]) -> Callable[[str], Any]:
