@@ -38,8 +38,9 @@ from collections.abc import Callable
 log = logging.getLogger("securechat.server")
 
 # Unauthenticated connections at once. On a LAN a few dozen people log in at the same moment at
-# most; 512 is ten times a whole lab reconnecting after a restart, and bounds what silent sockets
-# cost: a descriptor and ~15 KiB each in a handshake, a thread each in the nickname phase.
+# most; 512 is ten times that, and bounds what silent connections cost: a silent socket is a
+# descriptor and a table entry; a session at the nickname prompt a thread and ~33 KiB (measured),
+# so a full pool of those is 512 threads and ~17 MiB.
 MAX_PENDING = 512
 
 # Pending connections from one address. A classroom of 60 behind one NAT, all at the nickname
