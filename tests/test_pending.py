@@ -9,6 +9,7 @@ so the per-address cap and the global pool are exercised separately, all on loop
 
 from __future__ import annotations
 
+import logging
 import resource
 import select
 import socket
@@ -320,6 +321,61 @@ def test_per_address_cap_on_pending_connections_is_on_by_default(
         close_all([c.sock for c in clients])
     finally:
         close_all(crowd + [neighbour])
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_a_session_at_the_nickname_prompt_is_evicted_like_a_handshake(
+    serve: Serve, client_ctx: ssl.SSLContext, tls: bool
+) -> None:
+    """Past the handshake (or with --plain, from the start) a pending connection has a session
+    thread; evicting it ends that thread, and the pool's count follows every step."""
+    server = serve(tls=tls, max_pending=3, max_pending_per_ip=0)
+    port = server.address[1]
+
+    def prompt(src: str) -> LineClient:
+        client = LineClient(silent_tls(port, src, client_ctx) if tls else silent_tcp(port, src))
+        client.expect(GREETING)
+        return client
+
+    waiting = [prompt(f"127.0.9.{i}") for i in range(1, 4)]
+    try:
+        assert len(server.pending) == 3 and server.thread_count == 3
+        newest = prompt("127.0.9.4")
+        assert await_closed(waiting[0].sock), "the oldest session at the nickname prompt was not closed"
+        assert not any(closed_by_server(c.sock) for c in waiting[1:])
+        assert wait_for(lambda: server.thread_count == 3, 5), server.thread_count
+        # A refused nick keeps the connection pending; an accepted one leaves the pool.
+        newest.send("server")
+        assert newest.expect("* nickname refused").startswith("* nickname refused")
+        assert len(server.pending) == 3
+        newest.send("dora")
+        newest.expect("* welcome, dora!")
+        assert len(server.pending) == 2 and server.pending.evicted == 1
+        close_all([c.sock for c in [*waiting, newest]])
+    finally:
+        close_all([c.sock for c in waiting])
+
+
+def test_repeated_trouble_is_one_line_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    from securechat.pending import Throttle
+
+    now = [100.0]
+    throttle = Throttle(logging.getLogger("test.throttle"), interval=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.throttle"):
+        for i in range(1000):
+            throttle("emfile", f"accept failed #{i}")
+        assert [r.getMessage() for r in caplog.records] == ["accept failed #0"]
+        assert throttle.due() == 10.0
+        now[0] += 10.0
+        throttle.flush()
+        assert caplog.records[-1].getMessage() == "accept failed #999 (and 999 like it in the last 10 s)"
+        assert throttle.due() is None
+        now[0] += 1.0
+        throttle("emfile", "again")  # within the interval of the flushed line: counted
+        now[0] += 30.0
+        throttle("emfile", "later")
+        assert caplog.records[-1].getMessage() == "later (1 more like it in the last 31 s)"
+        assert len(caplog.records) == 3
 
 
 def test_pending_pool_options_are_validated() -> None:
