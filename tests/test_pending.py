@@ -415,7 +415,7 @@ def serve_process(cert_files: dict[str, Path], tmp_path: Path) -> Iterator[Calla
     """``securechat serve`` as a real process on 127.0.0.1; ``nofile`` caps its descriptors."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(*extra: str, nofile: int | None = None) -> ServeProcess:
+    def start(*extra: str, nofile: tuple[int, int] | None = None) -> ServeProcess:
         port = _free_port()
         log = tmp_path / f"serve-{port}.log"
         cmd = [sys.executable, "-m", "securechat", "serve", "--host", LOOPBACK, "--port", str(port),
@@ -423,7 +423,7 @@ def serve_process(cert_files: dict[str, Path], tmp_path: Path) -> Iterator[Calla
 
         def limit() -> None:
             if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
 
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -541,7 +541,7 @@ def test_out_of_descriptors_is_one_log_line_and_the_server_keeps_serving(
 ) -> None:
     """A serve process with 128 descriptors, flooded with silent TLS sessions: no tracebacks
     (today's main logs one per connection), one line about it, and real clients still chat."""
-    server = serve_process(nofile=128)
+    server = serve_process(nofile=(128, 128))
     port = server.port
     silent: list[socket.socket] = []
     try:
@@ -559,3 +559,17 @@ def test_out_of_descriptors_is_one_log_line_and_the_server_keeps_serving(
     assert "Traceback" not in text, text[-3000:]
     trouble = [line for line in text.splitlines() if "too many open files" in line]
     assert len(trouble) == 1, trouble
+    # ... and it said at start that 128 would not be enough for the limits it runs with.
+    assert "only 128 file descriptors allowed (ulimit -n)" in text
+
+
+def test_serve_raises_its_descriptor_limit_to_the_hard_one(
+    serve_process: Callable[..., ServeProcess]
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip(f"needs a finite hard RLIMIT_NOFILE above 256 (it is {hard})")
+    server = serve_process(nofile=(256, hard))
+    limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
+    row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert row.split()[3:5] == [str(hard), str(hard)], row
