@@ -17,6 +17,7 @@ import _thread
 import argparse
 import enum
 import errno
+import functools
 import logging
 import os
 import select
@@ -34,7 +35,7 @@ from typing import cast
 from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, tls
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.console import announce
-from securechat.handshake import Handshaker, Pending
+from securechat.handshake import Handshaker
 from securechat.pending import MAX_PENDING, MAX_PENDING_PER_ADDRESS, PendingPool, Throttle, Ticket, address_key
 from securechat.protocol import Command
 
@@ -604,10 +605,7 @@ class ChatServer:
         if self._handshakers:
             handshaker = self._handshakers[self._next_handshaker]
             self._next_handshaker = (self._next_handshaker + 1) % len(self._handshakers)
-            admission.handshaker = handshaker
-            admission.handle = handshaker.submit(sock, peer, admission)
-            if admission.evicted:  # evicted before the handle existed: evict() could not cancel it
-                handshaker.cancel(admission.handle)
+            admission.hand_to(functools.partial(handshaker.cancel, handshaker.submit(sock, peer, admission)))
         elif not self._start(self._run_session, sock, peer, admission):
             admission.ticket.release()
 
@@ -714,9 +712,7 @@ class ChatServer:
                     return
             assert session is not None
             session.admission = admission
-            admission.conn = session.conn
-            if admission.evicted:  # evicted before the connection existed: evict() could not abort it
-                session.conn.abort(EVICTED)
+            admission.hand_to(functools.partial(session.conn.abort, EVICTED))
             with self._lock:
                 self._sessions.add(session)
             if self._stopping.is_set():
@@ -764,32 +760,35 @@ class ChatServer:
 
 
 class _Admission:
-    """A connection on its way in: its pending place, and who owns its socket now (to evict it).
+    """A connection on its way in: its pending place, and how to ask its socket's owner to close it.
 
-    Ownership moves from the accept loop to a handshake thread to a session thread; :meth:`evict`
-    can come from any thread at any moment, so each hand-over sets its owner and then checks
-    ``evicted``, while :meth:`evict` sets ``evicted`` and then looks for the owner: whichever
-    comes second acts.
+    Ownership moves from the accept loop to a handshake thread to a session thread (or an
+    enrollment); :meth:`evict` can come from any thread at any moment. So each new owner calls
+    :meth:`hand_to` (which installs its ``stop`` and then checks ``evicted``) while :meth:`evict`
+    sets ``evicted`` and then calls the installed ``stop``: whichever comes second acts, and
+    ``stop`` may run twice, so it must be idempotent (Handshaker.cancel, Connection.abort are).
     """
 
-    __slots__ = ("peer", "ticket", "handshaker", "handle", "conn", "evicted")
+    __slots__ = ("peer", "ticket", "_stop", "evicted")
 
     def __init__(self, peer: tuple) -> None:
         self.peer = peer
         self.ticket: Ticket
-        self.handshaker: Handshaker | None = None
-        self.handle: Pending | None = None
-        self.conn: Connection | None = None
+        self._stop: Callable[[], None] | None = None
         self.evicted = False
+
+    def hand_to(self, stop: Callable[[], None]) -> None:
+        """The socket has a new owner; ``stop()`` asks it, from any thread, to close the connection."""
+        self._stop = stop
+        if self.evicted:
+            stop()
 
     def evict(self) -> None:
         """The pending pool needs this place: ask the socket's owner to close it (any thread)."""
         self.evicted = True
-        conn, handle, handshaker = self.conn, self.handle, self.handshaker
-        if conn is not None:
-            conn.abort(EVICTED)
-        elif handle is not None and handshaker is not None:
-            handshaker.cancel(handle)
+        stop = self._stop
+        if stop is not None:
+            stop()
 
 
 class _Slot:
