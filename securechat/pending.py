@@ -26,6 +26,8 @@ Usage, for anything that accepts connections before it knows who is on the other
         ...
 
 ``release()`` is idempotent, and must also be called when the connection ends unauthenticated.
+Inside the server an ``_Admission`` carries the ticket from owner to owner (accept loop, handshake
+thread, session or enrollment thread): each new owner calls ``admission.hand_to(stop)``.
 """
 
 from __future__ import annotations
