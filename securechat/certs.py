@@ -1178,8 +1178,9 @@ def build_parser(prog: str = "securechat gen-certs") -> argparse.ArgumentParser:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="replace the CA and everything it signed (server and client keys and certificates) instead "
-        "of reusing it; clients must then get the new ca.pem",
+        help="mint a new CA instead of reusing it, with a new server key and certificate and new keys for "
+        "the --client names given; clients must then get the new ca.pem, and other client certificates "
+        "stop working (they are listed)",
     )
     return parser
 

@@ -770,6 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _err(str(exc))
             return EXIT_FAILURE
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if not interactive:  # a pipe or file that fails (> /dev/full, | head -1): say so once, keep chatting
+        options.guard_stdout(PROG)
     frontend = _Interactive(args, context, verify) if interactive else _LineMode(args, context, verify)
     try:
         return frontend.run()

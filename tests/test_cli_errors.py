@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 
 from securechat import certs, cli, options
+from securechat.server import ChatServer
+from tests.conftest import LineClient
 
 LOOPBACK = "127.0.0.1"
 SECURECHAT = [sys.executable, "-m", "securechat"]
@@ -232,7 +234,6 @@ def test_serve_with_odd_certs_directories(tmp_path: Path, layout: str, words: st
 
 def _client_joins(port: int, ca: Path) -> None:
     from securechat import tls
-    from tests.conftest import LineClient
 
     raw = socket.create_connection((LOOPBACK, port), timeout=10)
     client = LineClient(tls.client_context(ca).wrap_socket(raw, server_hostname="localhost"))
@@ -318,3 +319,33 @@ def test_one_shot_commands_with_stdout_on_a_full_disk_fail_in_one_line(tmp_path:
 
 def test_the_error_convention_is_documented_in_one_place() -> None:
     assert options.error_line("securechat serve", "a\nb") == "securechat serve: a b"
+
+
+@pytest.mark.parametrize("stdout", ["/dev/full", "closed pipe"])
+def test_line_mode_client_without_a_working_stdout_still_chats(
+        serve: Callable[..., ChatServer], connect: Callable[..., LineClient], cert_files: dict[str, Path],
+        stdout: str) -> None:
+    """`connect ... > /dev/full`: the nickname prompt cannot be written; one line, and the chat goes on."""
+    server = serve()
+    port = server.address[1]
+    bob = connect(server)
+    bob.send("bob")
+    bob.expect("* welcome, bob!")
+    argv = [*SECURECHAT, "connect", LOOPBACK, "--port", str(port), "--ca", str(cert_files["ca"])]
+    if stdout == "/dev/full":
+        out: int = os.open("/dev/full", os.O_WRONLY)
+    else:
+        read_end, out = os.pipe()
+        os.close(read_end)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(out)
+    assert proc.stdin is not None
+    proc.stdin.write("alice\nhello from alice\n")
+    proc.stdin.flush()
+    bob.expect("[alice] hello from alice")
+    _, err = proc.communicate("", timeout=30)
+    assert proc.returncode == 0, err
+    why = "no space left on device" if stdout == "/dev/full" else "broken pipe"
+    assert err == f"securechat connect: cannot write to standard output ({why}); carrying on without it\n"
