@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -256,21 +257,41 @@ def test_connect_refuses_a_client_key_others_can_read(minted: Path) -> None:
         assert "refused" not in result.stderr
 
 
-def test_renewal_refuses_a_loose_ca_key_and_keeps_serving(minted: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("loose", ["ca.key", "directory"])
+def test_renewal_refuses_a_loose_ca_key_or_directory_and_keeps_serving(
+        minted: Path, caplog: pytest.LogCaptureFixture, loose: str) -> None:
     class Holder:
         ssl_context: ssl.SSLContext | None = None
 
     holder = Holder()
     soon = certs.cert_not_after(minted / "server.pem") - dt.timedelta(days=1)
     renewer = CertRenewer(holder, minted / "server.pem", minted / "server.key", now=lambda: soon)
-    (minted / "ca.key").chmod(0o640)
+    target, mode, fix = ((minted / "ca.key", 0o640, "chmod 600") if loose == "ca.key" else
+                         (minted, 0o770, "chmod go-w"))
+    good = stat.S_IMODE(target.stat().st_mode)
+    target.chmod(mode)
     before = (minted / "server.pem").read_bytes()
     with caplog.at_level(logging.WARNING, logger="securechat.renewal"):
         assert renewer.check_once() is Outcome.FAILED
-    assert "chmod 600" in caplog.text and "ca.key" in caplog.text
+    assert fix in caplog.text and str(target) in caplog.text
     assert (minted / "server.pem").read_bytes() == before
-    (minted / "ca.key").chmod(0o600)
+    target.chmod(good)
     assert renewer.check_once() is Outcome.RENEWED
+
+
+def test_connect_refuses_a_client_key_in_a_directory_others_can_write(minted: Path) -> None:
+    minted.chmod(0o777)
+    result = run([*SECURECHAT, "connect", LOOPBACK, "--port", str(_free_port()), "--ca", str(minted / "ca.pem"),
+                  "--cert", str(minted / "client-alice.pem")], cwd=minted.parent)
+    assert_one_line(result, "securechat connect: ", "mode 0777", f"run: chmod go-w {minted}")
+
+
+def test_serve_first_run_refuses_to_mint_into_a_directory_others_can_write(tmp_path: Path) -> None:
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs").chmod(0o777)
+    result = run([*SECURECHAT, "serve", "--host", LOOPBACK, "--port", "0"], cwd=tmp_path)
+    assert_one_line(result, "securechat serve: ", "cannot mint", "run: chmod go-w certs")
+    assert [p.name for p in (tmp_path / "certs").iterdir()] == []
 
 
 # -- what gen-certs may touch ------------------------------------------------------------------------

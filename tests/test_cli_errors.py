@@ -349,3 +349,11 @@ def test_line_mode_client_without_a_working_stdout_still_chats(
     assert proc.returncode == 0, err
     why = "no space left on device" if stdout == "/dev/full" else "broken pipe"
     assert err == f"securechat connect: cannot write to standard output ({why}); carrying on without it\n"
+
+
+def test_a_name_lookup_failure_is_described_in_words() -> None:
+    """`serve --host` with a name that does not resolve said "unknown error -2" (os.strerror of EAI_NONAME)."""
+    from securechat.conn import describe_error
+
+    text = describe_error(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    assert text == "no such host name or address (Name or service not known)"
