@@ -837,9 +837,11 @@ def _serve(args: argparse.Namespace) -> int:
               "anyone on the network.", flush=True)
     else:
         prints = tls.file_fingerprints(args.cert or DEFAULT_CERT)
-        print(f"[SERVER] TLS certificate SHA-256 fingerprint: {prints[0]}", flush=True)
-        if len(prints) > 1:  # the chain's CA: what --tofu remembers, and a --pin that survives renewal
-            print(f"[SERVER] CA SHA-256 fingerprint: {prints[-1]}", flush=True)
+        # Which is which: the CA's is what --tofu remembers, and the --pin that survives renewal.
+        print(f"[SERVER] Server certificate SHA-256 fingerprint{'' if len(prints) > 1 else ' (for --pin)'}: "
+              f"{prints[0]}", flush=True)
+        if len(prints) > 1:
+            print(f"[SERVER] CA SHA-256 fingerprint (for --pin): {prints[-1]}", flush=True)
     host, port = server.address
     print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
     server.serve_forever(signal_fd=signal_r)

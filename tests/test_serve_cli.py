@@ -74,8 +74,8 @@ def _join(port: int, ca: Path, nick: str) -> LineClient:
 def test_first_run_mints_certificates_then_serves_and_sigterm_exits_cleanly(run_serve, tmp_path: Path) -> None:
     served = run_serve()
     served.wait_for("[SERVER] No certificate in certs/")
-    fingerprint = served.wait_for("[SERVER] TLS certificate SHA-256 fingerprint: ").rsplit(" ", 1)[1]
-    ca_fingerprint = served.wait_for("[SERVER] CA SHA-256 fingerprint: ").rsplit(" ", 1)[1]
+    fingerprint = served.wait_for("[SERVER] Server certificate SHA-256 fingerprint").rsplit(" ", 1)[1]
+    ca_fingerprint = served.wait_for("[SERVER] CA SHA-256 fingerprint").rsplit(" ", 1)[1]
     assert ca_fingerprint == tls.file_fingerprint(tmp_path / "certs" / "ca.pem")
     assert served.wait_for("[SERVER] Waiting for connections on") == \
         f"[SERVER] Waiting for connections on {LOOPBACK}:{served.port}"
