@@ -810,12 +810,14 @@ def _serve(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop_from_signal()
 
-    # Both signals only wake the accept loop; the shutdown then runs in the main thread, so a
+    # These signals only wake the accept loop; the shutdown then runs in the main thread, so a
     # second Ctrl-C cannot interrupt it half-way with a traceback. The kernel may deliver a signal
     # to any thread, and Python runs handlers only in the main one: the wakeup pipe makes sure
-    # the main thread's poll() returns.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # the main thread's poll() returns. SIGHUP (the terminal closed, the ssh session dropped)
+    # would otherwise kill the server without a word to anyone: it is a shutdown like SIGTERM.
+    for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, on_signal)
     signal_r, signal_w = os.pipe()
     os.set_blocking(signal_r, False)
     os.set_blocking(signal_w, False)
