@@ -56,6 +56,15 @@ DEFAULT_TIMEOUT = 10.0
 # After /quit, how long to wait for the server's "* goodbye" and close before closing ourselves.
 QUIT_WAIT = 2.0
 
+# What a server may make the client hold (issue 10: a hostile server drove one to 500 MiB).
+# Before it accepts a nickname a securechat server sends its greeting and one answer per nickname
+# tried: 64 lines is far beyond that, so more means a hostile or confused server.
+MAX_LINES_BEFORE_WELCOME = 64
+# Received lines left unread by a recv_line() caller: at most 4096 * MAX_LINE_BYTES = 16 MiB.
+MAX_QUEUED_LINES = 4096
+# Lines typed or piped ahead of the connection in line mode; reading stdin waits beyond that.
+MAX_STDIN_LINES = 1024
+
 # OpenSSL X509_V_ERR_* codes that mean "the certificate is fine but names another host/address".
 _X509_HOSTNAME_MISMATCH = 62
 _X509_IP_ADDRESS_MISMATCH = 64
@@ -198,6 +207,8 @@ class ChatClient:
         self._saw_shutdown = False
         self._last_notice = ""  # the server's last word, to explain why it closed the connection
         self._pending_lines: list[str] = []  # lines read by register() past its answer
+        self._overflow = ""  # why the client hung up on a server that sent too much, if it did
+        self._welcomed = False  # a welcome line has arrived (connection thread)
 
     # -- connecting -----------------------------------------------------------------------
 
@@ -322,8 +333,24 @@ class ChatClient:
             with self._deliver_lock:
                 if self.on_line is not None and self.nick is not None:
                     self.on_line(line)
+                elif self._lines.qsize() >= (MAX_QUEUED_LINES if self._welcomed else MAX_LINES_BEFORE_WELCOME):
+                    self._hang_up_flooded()
+                    return
                 else:
+                    # A busy room may follow the welcome before register() has read it.
+                    self._welcomed = self._welcomed or protocol.welcome_nick(line) is not None
                     self._lines.put(line)
+
+    def _hang_up_flooded(self) -> None:
+        """Connection thread: the server sent more than the client keeps; end the connection."""
+        assert self._conn is not None
+        if not self._welcomed:
+            self._overflow = (f"the server sent more than {MAX_LINES_BEFORE_WELCOME} lines before accepting a "
+                              "nickname: it is not a securechat server, or a hostile one; disconnected")
+        else:
+            self._overflow = (f"more than {MAX_QUEUED_LINES} received lines were left unread; disconnected "
+                              "(read them with recv_line(), or pass on_line)")
+        self._conn.abort("flooded")
 
     # -- registering ------------------------------------------------------------------------
 
@@ -335,9 +362,9 @@ class ChatClient:
         """
         self.send(nick)
         deadline = time.monotonic() + timeout
-        while True:
+        for _ in range(MAX_LINES_BEFORE_WELCOME):
             line = self.recv_line(max(0.0, deadline - time.monotonic()))
-            if line is None:
+            if line is None or time.monotonic() > deadline:
                 if self.closed:
                     self._raise_ended()
                 raise ChatError(f"no answer from the server within {timeout:g} s after sending the nickname")
@@ -353,6 +380,9 @@ class ChatClient:
                 return accepted
             self._check_refusal(line)
             # Anything else before the welcome (the greeting) is of no interest to the caller.
+        self.close(timeout=0.5)
+        raise ChatError(f"the server sent {MAX_LINES_BEFORE_WELCOME} lines without answering the nickname: it "
+                        "is not a securechat server, or a hostile one; disconnected")
 
     def _check_refusal(self, line: str) -> None:
         """Raise the ChatError a pre-welcome notice stands for, if any."""
@@ -473,6 +503,8 @@ class ChatClient:
         """One line for people about why the connection ended."""
         if self._saw_shutdown:
             return "the server shut down"
+        if self._overflow:
+            return self._overflow
         reason = self._end_reason or "closed"
         refusal = explain_alert(reason.removeprefix("TLS error: "))
         if refusal is not None:
@@ -846,7 +878,7 @@ class _LineMode(_Frontend):
     def __init__(self, args: argparse.Namespace, context: ssl.SSLContext | None,
                  trust: identity.ServerTrust | None = None) -> None:
         super().__init__(args, context, trust)
-        self.stdin: queue.Queue[str | None] = queue.Queue()
+        self.stdin: queue.Queue[str | None] = queue.Queue(MAX_STDIN_LINES)
         self.out_lock = threading.Lock()
 
     def _read_stdin(self) -> None:
