@@ -253,6 +253,11 @@ class ChatClient:
                 ssl_context = trust.context(trust.choose(chain))
             except identity.IdentityError as exc:
                 raise IdentityRefused(f"refusing {where}: {exc}") from None
+            # What OpenSSL does not check is checked on the probe's leaf too, so that a client
+            # certificate is not sent to such a server (it is checked again after the handshake).
+            problem = tls.server_leaf_problem(chain[0])
+            if problem is not None and problem != tls.UNPARSEABLE:  # OpenSSL says more on those
+                raise IdentityRefused(f"refusing {where}: the server's certificate was refused: {problem}")
         raw = self._open(host, port, timeout)
         sock: socket.socket | ssl.SSLSocket = raw
         if ssl_context is not None:
@@ -278,8 +283,7 @@ class ChatClient:
             if problem is not None:
                 sock.close()
                 if trust is not None:
-                    raise IdentityRefused(f"refusing {where}: the certificate the server presented is signed by "
-                                          f"the pinned {trust.anchor_kind}, but {problem}")
+                    raise IdentityRefused(f"refusing {where}: the server's certificate was refused: {problem}")
                 raise ChatError(f"the server's certificate was refused: {problem}")
             if trust is not None:
                 try:

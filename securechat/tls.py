@@ -233,6 +233,9 @@ def client_context(
     return ctx
 
 
+UNPARSEABLE = "it cannot be parsed"
+
+
 def server_leaf_problem(der: bytes) -> str | None:
     """What makes a certificate that OpenSSL verified unfit to be a server's, or None.
 
@@ -251,7 +254,7 @@ def server_leaf_problem(der: bytes) -> str | None:
     except x509.ExtensionNotFound:
         is_ca = False
     except Exception:  # ValueError, InvalidVersion, ...: what OpenSSL took, cryptography could not
-        return "it cannot be parsed"
+        return UNPARSEABLE
     if is_ca:
         return "it is a CA certificate, not a server certificate"
     try:
@@ -259,7 +262,7 @@ def server_leaf_problem(der: bytes) -> str | None:
     except x509.ExtensionNotFound:
         return "it does not say it is for TLS servers (no extendedKeyUsage serverAuth)"
     except Exception:
-        return "it cannot be parsed"
+        return UNPARSEABLE
     if ExtendedKeyUsageOID.SERVER_AUTH not in usages:
         return "it is not a server certificate (no extendedKeyUsage serverAuth: a client certificate?)"
     return None

@@ -401,7 +401,7 @@ def test_pin_mismatch_is_refused_before_anything_is_sent(pki: Pki, env: dict[str
     assert recorder.close() == b"alice\n"
 
 
-def test_library_pin_verifier(pki: Pki, serve: Callable[..., ChatServer]) -> None:
+def test_library_pin_trust(pki: Pki, serve: Callable[..., ChatServer]) -> None:
     server = serve()
     with pytest.raises(IdentityRefused, match="expected"):
         ChatClient().connect(LOOPBACK, server.address[1], trust=identity.PinTrust("00" * 32), timeout=5)
@@ -464,7 +464,7 @@ def test_tofu_first_contact_match_and_change(pki: Pki, serve: Callable[..., Chat
     assert known_hosts.read_text() == f"127.0.0.1:{port} {fp}\n"  # still the original
 
 
-def test_library_tofu_verifier(pki: Pki, serve: Callable[..., ChatServer], tmp_path: Path) -> None:
+def test_library_tofu_trust(pki: Pki, serve: Callable[..., ChatServer], tmp_path: Path) -> None:
     # The library with an explicit KnownHosts file; the first-contact callback is told where.
     server = serve()
     told: list[tuple[str, str, Path, str]] = []

@@ -136,10 +136,11 @@ class Impostor:
         try:
             conn.settimeout(10)
             with self.ctx.wrap_socket(conn, server_side=True) as sock:
+                if sock.getpeercert():  # the handshake is over: a client certificate, if one was shown
+                    self.client_certs.append(sock.getpeercert())
                 sock.sendall(GREETING)
                 while chunk := sock.recv(4096):
                     data += chunk
-                    self.client_certs.append(sock.getpeercert())
         except (OSError, ssl.SSLError):
             pass
         self.received.append(data)
@@ -258,12 +259,15 @@ def test_the_real_server_certificate_is_accepted(mode: str, real: RealCerts, env
     """The control: the same client, the real server.pem: the nickname and the line do arrive."""
     server = Impostor(real.path("server.pem"), real.path("server.key"), client_ca=real.path("ca.pem"))
     try:
-        result = connect(server.port, mode, real, env, tmp_path, "--timeout", "1")
+        result = connect(server.port, mode, real, env, tmp_path, "--timeout", "1",
+                         "--cert", real.path("client-alice.pem"), "--key", real.path("client-alice.key"))
     finally:
         received = server.close()
     assert "Traceback" not in result.stderr
     assert received == b"alice\n", (received, result.stderr)  # it never welcomes: the client gives up
     assert server.connections == 2  # the probe (which sent nothing) and the real connection
+    # alice's certificate went to the verified connection only, not to the probe.
+    assert [dict(c["subject"][-1])["commonName"] for c in server.client_certs] == ["alice"]  # type: ignore[index]
 
 
 def _der(tag: int, body: bytes) -> bytes:
@@ -316,3 +320,29 @@ def test_a_malformed_certificate_is_one_line(mode: str, real: RealCerts, env: di
         received = impostor.close()
     assert_refused(result, impostor.port, "format error in certificate's notBefore field")
     assert received == b""
+
+
+@pytest.mark.parametrize("damage", ["other lines", "this server's line"])
+def test_non_utf8_known_hosts_through_the_command_line(damage: str, real: RealCerts, env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    """A byte that is not UTF-8 in known_hosts: skipped on others' lines, one clear line on ours."""
+    server = Impostor(real.path("server.pem"), real.path("server.key"), client_ca=real.path("ca.pem"))
+    known_hosts(env).parent.mkdir(parents=True)
+    ours = f"{LOOPBACK}:{server.port} ".encode()
+    if damage == "other lines":
+        known_hosts(env).write_bytes(b"\xff\xfe\x00garbage\n" + ours + real.ca_fingerprint.encode() + b"\n")
+    else:
+        known_hosts(env).write_bytes(ours + b"\xff" + real.ca_fingerprint.encode()[1:] + b"\n")
+    try:
+        result = securechat("connect", LOOPBACK, "--port", str(server.port), "--tofu", "--nick", "alice",
+                            "--timeout", "1", cwd=tmp_path, env=env, stdin="hi\n")
+    finally:
+        received = server.close()
+    assert "Traceback" not in result.stderr and result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    if damage == "other lines":
+        assert received == b"alice\n"  # recognised: the chat went ahead (this fake server never welcomes)
+        assert "first contact" not in result.stderr
+    else:
+        assert received == b""
+        assert f"line 1 of {known_hosts(env)} (the entry for {LOOPBACK}:{server.port}) is damaged" in result.stderr
