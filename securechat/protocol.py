@@ -144,6 +144,7 @@ BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2
 _PRINTABLE_INVISIBLES = ("\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u2800\u3164\uffa0"
                          "\ufe00-\ufe0f\U000e0100-\U000e01ef")
 _PRINTABLE_INVISIBLE = re.compile(f"[{_PRINTABLE_INVISIBLES}]")
+_ASCII_CONTROLS = re.compile("[\x00-\x1f\x7f]")
 _ZWJ = "\u200d"
 _EMOJI_STYLE = "\ufe0e\ufe0f"  # VS15 (text style) and VS16 (emoji style) after a visible character
 _PICTOGRAPHIC = ("So", "Sk")  # emoji and their skin-tone modifiers
@@ -190,8 +191,9 @@ def sanitize(text: str) -> str:
     # other invisible.
     if text.isprintable() and (text.isascii() or not _PRINTABLE_INVISIBLE.search(text)):
         return text
-    text = text.replace("\t", " ")
-    text = _ESCAPE_SEQUENCE.sub("", text)
+    text = _ESCAPE_SEQUENCE.sub("", text.replace("\t", " "))
+    if text.isascii():  # only C0 controls and DEL can be left: no emoji sequence to keep whole
+        return _ASCII_CONTROLS.sub("", text)
     return _visible_only(text)
 
 
