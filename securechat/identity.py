@@ -51,7 +51,7 @@ X509_UNTRUSTED = frozenset({
     20,  # unable to get local issuer certificate
     21,  # unable to verify the first certificate
 })
-X509_NOT_A_CA = frozenset({24, 79})  # invalid CA certificate; CA certificate key usage too weak/missing
+X509_NOT_A_CA = frozenset({24, 25, 32})  # invalid CA certificate, path length exceeded, key usage lacks certSign
 
 # Where the server shows each fingerprint (securechat.server prints both lines at start).
 SERVER_CA_LINE = "[SERVER] CA SHA-256 fingerprint"
@@ -150,7 +150,8 @@ def describe_chain(chain: Sequence[bytes]) -> str:
     return ", ".join(parts)
 
 
-def kind_of(chain: Sequence[bytes], index: int) -> str:
+def kind_of(index: int) -> str:
+    """What the certificate at ``index`` of a presented chain is, in the words of the server's lines."""
     return "server certificate" if index == 0 else "CA certificate"
 
 
@@ -214,8 +215,9 @@ class ServerTrust:
             return (f"the server's certificate {state}: check both clocks, or re-issue it on the server with "
                     "'securechat gen-certs'")
         if code in (X509_HOSTNAME_MISMATCH, X509_IP_ADDRESS_MISMATCH):
+            option = "--ip" if code == X509_IP_ADDRESS_MISMATCH else "--host"
             return (f"the server's certificate is not valid for {name!r}: connect with a name or address it "
-                    f"was issued for, or re-issue it on the server with 'securechat gen-certs --host {name}'")
+                    f"was issued for, or re-issue it on the server with 'securechat gen-certs {option} {name}'")
         if code in X509_UNTRUSTED:
             return (f"the server's certificate is not signed by the pinned {self.anchor_kind} "
                     f"{self.anchor_fingerprint}: someone may be impersonating the server")
@@ -227,14 +229,15 @@ class ServerTrust:
 class PinTrust(ServerTrust):
     """``--pin``: trust the certificate in the server's chain with this SHA-256 fingerprint."""
 
-    def __init__(self, pin: str, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, pin: str, *, tls_min: str = tls.DEFAULT_TLS_MIN,
+                 prepare: Callable[[ssl.SSLContext], object] | None = None) -> None:
+        super().__init__(tls_min=tls_min, prepare=prepare)
         self.pin = tls.normalise_fingerprint(pin)  # ValueError now rather than at connect time
 
     def choose(self, chain: Sequence[bytes]) -> bytes:
         for i, der in enumerate(chain):
             if tls.fingerprint(der) == self.pin:
-                self.anchor_kind, self.anchor_fingerprint = kind_of(chain, i), self.pin
+                self.anchor_kind, self.anchor_fingerprint = kind_of(i), self.pin
                 return der
         raise IdentityError(
             f"no certificate of the server matches the pinned fingerprint: expected {self.pin}, presented "
@@ -333,9 +336,10 @@ class TofuTrust(ServerTrust):
     """
 
     def __init__(self, host: str, port: int, known: KnownHosts | None = None,
-                 on_first_contact: Callable[[str, str, Path, str], None] | None = None,
-                 **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+                 on_first_contact: Callable[[str, str, Path, str], None] | None = None, *,
+                 tls_min: str = tls.DEFAULT_TLS_MIN,
+                 prepare: Callable[[ssl.SSLContext], object] | None = None) -> None:
+        super().__init__(tls_min=tls_min, prepare=prepare)
         self.host, self.port = host, port
         self.known = known or KnownHosts()
         self.on_first_contact = on_first_contact
@@ -360,7 +364,7 @@ class TofuTrust(ServerTrust):
                     f"server, or it was given a new CA. If you are sure it is legitimate, delete the line for "
                     f"{key} from {self.known.path}")
             index = prints.index(remembered)
-        self.anchor_kind, self.anchor_fingerprint = kind_of(chain, index), tls.fingerprint(chain[index])
+        self.anchor_kind, self.anchor_fingerprint = kind_of(index), tls.fingerprint(chain[index])
         return chain[index]
 
     def confirmed(self) -> None:

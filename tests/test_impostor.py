@@ -225,6 +225,22 @@ def test_impostor_is_refused_and_gets_nothing(case: str, mode: str, real: RealCe
         assert known_hosts(env).read_text() == f"{LOOPBACK}:{impostor.port} {real.ca_fingerprint}\n"
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c != "leaf not signed by the pinned CA"])
+def test_pinning_the_leaf_itself_still_gets_every_check(case: str, real: RealCerts, env: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    """--pin with the presented certificate's own fingerprint: it is trusted as it is, but OpenSSL (and
+    the leaf rules) still check purpose, validity and address; only the issuer check is moot."""
+    certfile, keyfile = impostor_files(case, real, tmp_path)
+    impostor = Impostor(certfile, keyfile, client_ca=real.path("ca.pem"))
+    try:
+        result = securechat("connect", LOOPBACK, "--port", str(impostor.port), "--pin",
+                            tls.file_fingerprint(certfile), "--nick", "alice", cwd=tmp_path, env=env, stdin="hi\n")
+    finally:
+        received = impostor.close()
+    assert_refused(result, impostor.port)
+    assert received == b""
+
+
 def test_tofu_first_contact_with_an_impostor_remembers_nothing(real: RealCerts, env: dict[str, str],
                                                                tmp_path: Path) -> None:
     impostor = Impostor(*impostor_files("client certificate (gen-certs --client mallory)", real, tmp_path),
