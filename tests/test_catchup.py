@@ -23,6 +23,7 @@ import pytest
 from securechat import protocol
 from securechat.client import ChatClient
 from securechat.history import SqliteLog
+from securechat.roomlog import room_key
 from securechat.server import ChatServer
 from securechat.session import ResumeState, backoff
 from tests.conftest import LOOPBACK, LineClient
@@ -316,7 +317,7 @@ def test_resume_state_strips_tags_and_tracks_the_newest_id() -> None:
     assert state.filter("@id=5-0;room=lobby [bob] hi") == "[bob] hi"
     assert state.filter("@id=12-3;room=dev #dev [bob] yo") == "#dev [bob] yo"
     assert state.filter("@id=4-0;room=lobby (history 09:00) [bob] old") == "(history 09:00) [bob] old"
-    assert state.positions == {"lobby": "5-0", "dev": "12-3"}
+    assert state.positions == {room_key("lobby"): "5-0", room_key("dev"): "12-3"}
     assert state.resume_line() == "/resume AAAAAAAAAAAAAAAAAAAAAAAA lobby=5-0 dev=12-3"
     assert state.filter("[@id=1-1;room=x] forged") == "[@id=1-1;room=x] forged"
 
