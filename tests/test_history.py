@@ -433,3 +433,9 @@ def test_a_replay_never_overflows_the_joiners_queue(logged: Callable[..., ChatSe
     bob.send("/history 5")  # pages on from the oldest shown
     assert bob.readline() == "* history of #lobby: 5 earlier lines"
     assert _replayed([bob.readline()])[0] == f"[alice] {skipped - 5} {big}"
+
+
+def test_a_directory_where_the_file_should_be_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "h.sqlite3").mkdir()
+    with pytest.raises(HistoryError, match=r"cannot use .*h\.sqlite3: is a directory"):
+        SqliteLog(tmp_path / "h.sqlite3")
