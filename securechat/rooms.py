@@ -229,6 +229,11 @@ class Rooms:
     def register(self, member: Member, nick: str) -> str | None:
         """Give ``member`` the name ``nick`` (no room yet); return why not, or None."""
         key = protocol.nick_key(nick)
+        held = self._nicks.get(key)
+        if held is not None and member.person and held.person == member.person and held.held_private is not None:
+            # The same person (certificate) is back with a fresh client instead of resuming:
+            # the held session is over now, not at the end of its grace period.
+            self._expire(held.token)
         with self._lock:
             if key in self._nicks:
                 return f"{nick!r} is taken"
