@@ -46,6 +46,10 @@ RETENTION_INTERVAL = 5.0
 DEFAULT_DAYS = 30.0
 DEFAULT_LINES = 10_000
 
+# Option bounds: a century of days, and a hundred million lines a room (a few tens of GiB).
+MAX_HISTORY_DAYS = 36_500.0
+MAX_HISTORY_LINES = 100_000_000
+
 # How long a reader waits for the writer before reading what is there.
 FLUSH_WAIT = 5.0
 

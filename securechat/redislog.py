@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from securechat import protocol
+from securechat import options, protocol
 from securechat.conn import batched_wakeups
 from securechat.roomlog import KINDS, Deliver, Directory, Entry, RoomLog, id_key
 from securechat.roomlog import room_key as roomlog_room_key
@@ -1108,7 +1108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "for TLS with a password (use both anywhere but loopback: it carries every line)")
     group.add_argument("--redis-ca", metavar="FILE",
                        help="with rediss://: the CA certificate that signed Redis's (default: the system's CAs)")
-    group.add_argument("--presence-ttl", type=float, default=PRESENCE_TTL, metavar="SECONDS",
+    group.add_argument("--presence-ttl", type=options.duration(), default=PRESENCE_TTL, metavar="SECONDS",
                        help="a killed server's people leave /who within this time (default: %(default)g)")
 
 

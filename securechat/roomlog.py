@@ -50,9 +50,10 @@ import abc
 import re
 import threading
 import time
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from securechat.protocol import nick_key
 
 # What an entry is; the room code decides how each kind is shown.
 KINDS = frozenset({"chat", "action", "join", "part", "notice", "private"})
@@ -173,16 +174,10 @@ class RoomLog(abc.ABC):
 def room_key(name: str) -> str:
     """The form in which two room names are compared: ``#`` dropped, case and look-alikes folded.
 
-    The same folding as nicknames (see :func:`securechat.protocol.nick_key`), so ``#Dev``,
-    ``dev`` and ``DEV`` are one room and ``#d3v``-style look-alikes cannot pose as another.
+    The same folding as nicknames (:func:`securechat.protocol.nick_key`), so ``#Dev``, ``dev`` and
+    ``DEV`` are one room and ``#AIl``-style look-alikes cannot pose as another.
     """
-    if name.startswith("#"):
-        name = name[1:]
-    return unicodedata.normalize("NFKC", name).casefold().translate(_LOOKALIKE)
-
-
-# As protocol._LOOKALIKE (kept here so a back-end needs nothing but this module).
-_LOOKALIKE = str.maketrans({"i": "l", "1": "l", "0": "o"})
+    return nick_key(name[1:] if name.startswith("#") else name)
 
 
 # Room names an embedded log remembers (keys and spellings): ten times the rooms a server may hold.

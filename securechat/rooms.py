@@ -56,8 +56,12 @@ REPLAY_LINES = 50
 # Most lines one /history asks for: a couple of screenfuls; page again for more.
 MAX_HISTORY_PAGE = 200
 
-# Most missed lines replayed per room on resuming; beyond, /history pages further.
+# Most missed lines read back per room on resuming; beyond, the newest (and /history pages further).
 MAX_CATCHUP = 5000
+
+# Most missed lines replayed at once, in all of a resume's (or a return's) rooms together: the
+# securechat client keeps at most 4096 unread lines before its display takes them.
+MAX_CATCHUP_LINES = 2000
 
 # Bytes of replayed lines a join or resume may queue at once, in all its rooms together: half of a
 # client's outbox (conn.OUTBOX_LIMIT, 1 MiB), leaving the rest for live lines meanwhile.
@@ -225,6 +229,11 @@ class Rooms:
     def register(self, member: Member, nick: str) -> str | None:
         """Give ``member`` the name ``nick`` (no room yet); return why not, or None."""
         key = protocol.nick_key(nick)
+        held = self._nicks.get(key)
+        if held is not None and member.person and held.person == member.person and held.held_private is not None:
+            # The same person (certificate) is back with a fresh client instead of resuming:
+            # the held session is over now, not at the end of its grace period.
+            self._expire(held.token)
         with self._lock:
             if key in self._nicks:
                 return f"{nick!r} is taken"
@@ -330,15 +339,16 @@ class Rooms:
         rooms = {name: mark for name, mark in marks.items() if not name.startswith("@")}
         if not rooms:
             self.join(member, DEFAULT_ROOM, confirm=False)
-        share = REPLAY_BYTES // max(1, len(rooms))
+        share = max(1, len(rooms))
         for name, mark in rooms.items():
             if room_error(name) is None and len(member.joined) < MAX_JOINED:
-                self.join(member, name, after=mark, confirm=False, budget=share)
+                self.join(member, name, after=mark, confirm=False, budget=REPLAY_BYTES // share,
+                          max_lines=MAX_CATCHUP_LINES // share)
         if member.person and self._offline_messages(member, marks.get("@" + member.nick)):
             self._save_marks(member)  # now, so even a crash of the server never gives them twice
 
     def join(self, member: Member, name: str, *, after: str | None = None, confirm: bool = True,
-             budget: int = REPLAY_BYTES) -> None:
+             budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES) -> None:
         """Join ``name`` (created on first join) and make it the current room; replies to ``member``.
 
         With ``after`` (an id), the lines after it are replayed as missed instead of the last
@@ -379,7 +389,7 @@ class Rooms:
             entries = self._missed(member, room, after)
         if not self.announce_limit or count <= self.announce_limit:
             self.log.append(room.name, "join", member.nick, "")
-        self._catch_up(member, room, entries, "history" if after is None else "missed", budget)
+        self._catch_up(member, room, entries, "history" if after is None else "missed", budget, max_lines)
 
     def _read(self, room: Room, anchor: str | None, limit: int, *, before: bool) -> list[Entry]:
         if limit <= 0 or not self.log.stores:
@@ -406,7 +416,7 @@ class Rooms:
         return [e for e in entries if e.sender != member.nick]
 
     def _catch_up(self, member: Member, room: Room, entries: list[Entry], how: str,
-                  budget: int = REPLAY_BYTES) -> None:
+                  budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES) -> None:
         """Send ``entries`` as history or missed lines, then the live lines that arrived meanwhile.
 
         At most ``budget`` bytes of them, the newest: the member's thread is the one sending, so
@@ -414,8 +424,9 @@ class Rooms:
         """
         now = time.time()
         send = member.conn.send
+        skipped = max(0, len(entries) - max_lines)
+        entries = entries[skipped:]
         lines = [self._replayed(member, entry, how, now) for entry in entries]
-        skipped = 0
         if sum(map(len, lines)) > budget:
             keep = 0
             for data in reversed(lines):
@@ -423,10 +434,10 @@ class Rooms:
                 if budget < 0:
                     break
                 keep += 1
-            skipped = len(lines) - keep
-            lines, entries = lines[skipped:], entries[skipped:]
-            if entries:
-                member.paged[room.key] = entries[0].id
+            skipped += len(lines) - keep
+            lines, entries = lines[len(lines) - keep:], entries[len(lines) - keep:]
+        if skipped and entries:
+            member.paged[room.key] = entries[0].id
         if entries or skipped:
             plural = "s" if len(entries) != 1 else ""
             more = f" ({skipped} earlier not shown: /history pages back)" if skipped else ""
@@ -777,11 +788,12 @@ class Rooms:
                 member.current = added[0]
         for data in old.held_private or []:
             member.conn.send(data)
-        share = REPLAY_BYTES // max(1, len(member.joined))
+        share = max(1, len(member.joined))
         for room in list(member.joined):
             # Without an id from the client (it saw no line there), from where the drop happened.
             after = positions.get(room.key) or old.dropped_at.get(room.key)
-            self._catch_up(member, room, self._missed(member, room, after), "missed", share)
+            self._catch_up(member, room, self._missed(member, room, after), "missed", REPLAY_BYTES // share,
+                           MAX_CATCHUP_LINES // share)
 
 
 class _Expiry(Protocol):

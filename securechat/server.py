@@ -4,10 +4,12 @@ The accept loop only accepts: it never reads, writes or handshakes. A TLS connec
 runs non-blocking, under a deadline, in one of a few handshake threads (:mod:`securechat.handshake`),
 so a client that connects and never speaks delays nobody and costs no thread; once the handshake is
 done the connection gets a thread of its own, which registers a nick and then drives its
-:class:`~securechat.conn.Connection`. A chat line is formatted once and handed to every other
-member's bounded outbox by :class:`~securechat.rooms.Rooms` (through the room log, which gives it
-an id and stores it after delivery); the sender never writes to another client's socket and never
-waits for one.
+:class:`~securechat.conn.Connection`. Until its nickname is accepted a connection holds a place in
+the bounded pool of unauthenticated connections (:mod:`securechat.pending`), not a chat place: the
+oldest of the busiest address makes room for the newest, so silent sockets cannot lock anyone out.
+A chat line is formatted once and handed to every other member's bounded outbox by
+:class:`~securechat.rooms.Rooms` (through the room log, which gives it an id and stores it after
+delivery); the sender never writes to another client's socket and never waits for one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import _thread
 import argparse
 import enum
+import errno
+import functools
 import logging
 import os
 import select
@@ -26,14 +30,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import cast
 
-from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, redislog, tls
+from securechat import DEFAULT_HOST, DEFAULT_PORT, console, options, protocol, redislog, tls
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.console import announce
 from securechat.handshake import Handshaker
-from securechat.history import DEFAULT_DAYS, DEFAULT_LINES, default_data_dir
+from securechat.history import DEFAULT_DAYS, DEFAULT_LINES, MAX_HISTORY_DAYS, MAX_HISTORY_LINES, default_data_dir
+from securechat.pending import MAX_PENDING, MAX_PENDING_PER_ADDRESS, PendingPool, Throttle, Ticket, address_key
 from securechat.protocol import Command
 from securechat.roomlog import Directory, RoomLog, room_key
 from securechat.rooms import (
@@ -51,7 +56,9 @@ from securechat.rooms import room_error as rooms_error
 
 log = logging.getLogger("securechat.server")
 
-# Connections a thread each; 1000 threads with small stacks is ~100 MiB of address space at most.
+# Registered chatters, a thread each; 1000 threads with small stacks is ~100 MiB of address space at
+# most. Connections still logging in are bounded separately (pending.MAX_PENDING): at most
+# max_clients + max_pending + REFUSAL_HEADROOM connection threads in all.
 DEFAULT_MAX_CLIENTS = 1000
 
 # A TLS 1.3 handshake is one round trip plus key exchange: 10 s is generous on any LAN, and short
@@ -74,10 +81,23 @@ THREAD_STACK_SIZE = 512 * 1024
 # Handshake threads: OpenSSL releases the GIL for the handshake's cryptography, so one per core.
 HANDSHAKE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
-# Beyond max_clients, connections being refused still need a thread for the explanation; past this
-# many more they are closed without one. Likewise per address, beyond --max-per-ip.
+# Connections being told why they cannot join (server full, plaintext on the TLS port) need a thread
+# for up to ~2.5 s each; past this many at once they are closed without the explanation.
 REFUSAL_HEADROOM = 64
-REFUSAL_HEADROOM_PER_IP = 8
+
+# A session that finds no descriptor for its eventfd makes room (evicting a pending connection) and
+# tries again this many times in all: a few 10 ms waits, then it gives up.
+SESSION_ATTEMPTS = 3
+
+# What an evicted unauthenticated connection ends with (it is dropped without a notice: a notice
+# would keep its thread lingering for the peer's goodbye, which is what a flood would exploit).
+EVICTED = "evicted: its place among connections still logging in was needed"
+
+# accept() errors that concern one connection (it was reset before we took it), not the server.
+# Linux passes the new connection's pending network error on from accept() (see accept(2)).
+_ACCEPT_PEER_ERRORS = frozenset(getattr(errno, name) for name in (
+    "ECONNABORTED", "EPROTO", "EPERM", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+    "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, name))
 
 
 class State(enum.Enum):
@@ -93,8 +113,8 @@ class Session:
 
     # Thousands of these live at once: no per-instance __dict__.
     __slots__ = ("server", "peer", "nick", "bound_nick", "person", "state", "conn", "bucket", "dropped", "slot",
-                 "joined", "current", "tagged", "token", "quitting", "paged", "held_private", "private_mark",
-                 "dropped_at", "replaced")
+                 "admission", "joined", "current", "tagged", "token", "quitting", "paged", "held_private",
+                 "private_mark", "dropped_at", "replaced")
 
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -116,7 +136,8 @@ class Session:
         self.conn.deadline = now + server.login_timeout if server.login_timeout > 0 else None
         self.bucket = protocol.TokenBucket(server.flood_rate, server.flood_burst, now)
         self.dropped = 0
-        self.slot: _Slot | None = None
+        self.slot: _Slot | None = None  # the chat place, from the accepted nickname on
+        self.admission: _Admission | None = None  # the place among the unauthenticated, until then
         self.joined: list[Room] = []
         self.current: Room | None = None
         self.tagged = False  # "@id=...;room=... " in front of room lines (/session)
@@ -175,9 +196,26 @@ class Session:
             # quietly repaired; chat text is sanitised where it is relayed.
             text = protocol.decode(raw)
             if self.state is State.NICK:
-                self._register(text.strip())
+                self._login(text.strip())
             else:
                 self._chat(text)
+
+    def _login(self, nick: str) -> None:
+        """A nickname line: trade the pending place for a chat place, or go back among the pending."""
+        server = self.server
+        admission = self.admission
+        if admission is not None and not admission.ticket.release():
+            return  # evicted a moment ago: the abort already asked for ends this connection
+        refusal = server._take_place(self)
+        if refusal is None:
+            self._register(nick)
+            if self.state is State.CHAT:
+                return
+            server._give_back_place(self)
+        if refusal is not None:
+            self.conn.close(protocol.notice(refusal), reason=refusal)
+        elif admission is not None and not self.conn.closing:
+            admission.ticket = server.pending.admit(admission.ticket.address, admission.evict)
 
     def _register(self, nick: str) -> None:
         parsed = protocol.parse(nick)
@@ -413,6 +451,8 @@ class ChatServer:
         flood_burst: float = FLOOD_BURST,
         outbox_limit: int = OUTBOX_LIMIT,
         announce_limit: int = ANNOUNCE_LIMIT,
+        max_pending: int = MAX_PENDING,
+        max_pending_per_ip: int = MAX_PENDING_PER_ADDRESS,
         roomlog: RoomLog | None = None,
         directory: Directory | None = None,
         replay: int = REPLAY_LINES,
@@ -435,8 +475,13 @@ class ChatServer:
                            offline_messages=offline_messages)
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
-        self._connections = 0  # accepted sockets not yet done with: handshaking, refused or in session
-        self._per_ip: dict[str, int] = {}
+        self._chatters = 0  # sessions holding a chat place (a _Slot): what max_clients bounds
+        self._per_ip: dict[str, int] = {}  # chat places by address: what max_per_ip bounds
+        self._refusing = 0  # refusal threads alive: what REFUSAL_HEADROOM bounds
+        # Repeated trouble (evictions, out of descriptors or threads) is one log line per interval.
+        self._throttle = Throttle(log)
+        # Connections not yet past their nickname (or an enrollment): public, for other entry paths.
+        self.pending = PendingPool(max_pending, max_pending_per_ip, self._throttle)
         self._handshakers: list[Handshaker] = []
         self._next_handshaker = 0
         self._listener: socket.socket | None = None
@@ -505,27 +550,46 @@ class ChatServer:
         poller.register(self._waker.fileno(), select.POLLIN)
         if signal_fd is not None:
             poller.register(signal_fd, select.POLLIN)
+        throttle = self._throttle
         try:
             while not self._stop_requested():
-                for fd, _ in poller.poll():
+                due = throttle.due()  # wake up to log what repeated trouble was not yet told
+                for fd, _ in poller.poll(None if due is None else due * 1000 + 1):
                     if fd == signal_fd:
                         try:
                             os.read(fd, 512)  # the handler itself runs in this thread, now
                         except OSError:
                             pass
+                throttle.flush()
                 while not self._stop_requested():
                     try:
                         sock, peer = listener.accept()
                     except (BlockingIOError, InterruptedError):
                         break
-                    except OSError as exc:  # EMFILE and friends: back off, don't die
-                        log.warning("accept failed: %s", describe_error(exc))
-                        time.sleep(0.1)
+                    except OSError as exc:
+                        if exc.errno in _ACCEPT_PEER_ERRORS:
+                            continue  # that connection is gone already; the next may be fine
+                        self._accept_failed(exc)
                         break
                     self._admit(sock, peer)
         finally:
             listener.close()
             self._stopped.set()
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of descriptors (EMFILE, ENFILE) or kernel memory: make room, back off, keep serving.
+
+        The connections waiting in the listen queue stay there; the oldest unauthenticated
+        connection is closed to free a descriptor for them, so a flood that exhausts descriptors
+        still cannot keep a real client out. One log line per interval, however often it happens.
+        """
+        made_room = self.pending.evict_one()
+        self._throttle("descriptors", f"accept failed: {describe_error(exc)}; "
+                       + ("closing the oldest unauthenticated connections to make room" if made_room else
+                          "newcomers wait in the listen queue (raise 'ulimit -n' or lower --max-clients)"))
+        # The evicted connection's owner frees its descriptor within milliseconds; with nothing to
+        # evict, only a departure frees one, and the listener would otherwise poll readable in a spin.
+        time.sleep(0.01 if made_room else 0.1)
 
     def stop(self) -> None:
         """Ask the accept loop to end; safe from any thread."""
@@ -560,6 +624,7 @@ class ChatServer:
         with self._threads_done:
             self._threads_done.wait_for(lambda: self._threads == 0, timeout)
         self._waker.close()
+        self._throttle.flush(force=True)
         self.rooms.close()  # after the sessions: a graceful stop stores every line said
 
     def abandon(self) -> None:
@@ -592,49 +657,42 @@ class ChatServer:
         return self.ssl_context
 
     def _admit(self, sock: socket.socket, peer: tuple) -> None:
-        """Count a new connection in and pass it on; runs in the accept loop, so it never waits."""
-        ip = peer[0]
-        with self._lock:
-            crowd = self._per_ip.get(ip, 0)
-            if self._connections >= self.max_clients + REFUSAL_HEADROOM or (
-                    self.max_per_ip and crowd >= self.max_per_ip + REFUSAL_HEADROOM_PER_IP):
-                sock.close()
-                log.warning("refused %s at once: %d connections, %d from that address", peer,
-                            self._connections, crowd)
-                return
-            self._connections += 1
-            self._per_ip[ip] = crowd + 1
+        """Give a new connection a pending place and pass it on; runs in the accept loop, never waits."""
         announce(f"[NEW CLIENT] Connected from {peer[:2]}")
-        slot = _Slot(self, ip)
+        admission = _Admission(peer)
+        # May close the oldest pending connection of the busiest address to make room: never refused.
+        admission.ticket = self.pending.admit(address_key(str(peer[0])), admission.evict)
         try:
             tune_socket(sock)
         except OSError:  # reset before we got to it
-            self._handshake_failed(peer, slot)
             sock.close()
+            self._handshake_failed(peer, admission)
             return
         if self._handshakers:
             handshaker = self._handshakers[self._next_handshaker]
             self._next_handshaker = (self._next_handshaker + 1) % len(self._handshakers)
-            handshaker.submit(sock, peer, slot)
-        else:
-            self._start(self._run_session, sock, peer, slot)
+            admission.hand_to(functools.partial(handshaker.cancel, handshaker.submit(sock, peer, admission)))
+        elif not self._start(self._run_session, sock, peer, admission):
+            admission.ticket.release()
 
     def _start(self, target: Callable[..., None], sock: socket.socket | ssl.SSLSocket, peer: tuple,
-               slot: _Slot, *args: object) -> None:
+               *args: object) -> bool:
         """Give a connection (and the ownership of its socket) to a thread of its own.
 
         A bare ``_thread`` thread: a ``threading.Thread`` object, with its events and locks, costs
         another 2.6 KiB a connection, and the server keeps its own count for :meth:`shutdown`.
+        False (and the socket closed) when no thread can be started.
         """
         with self._lock:
             self._threads += 1
         try:
-            _thread.start_new_thread(self._thread_main, (target, (sock, peer, slot, *args)))
+            _thread.start_new_thread(self._thread_main, (target, (sock, peer, *args)))
         except RuntimeError as exc:  # can't start a thread: out of memory or a ulimit
-            log.warning("refused %s: %s", peer, exc)
+            self._throttle("thread", f"closed {peer[:2]}: cannot start a thread: {exc}")
             sock.close()
-            self._handshake_failed(peer, slot)
             self._thread_ended()
+            return False
+        return True
 
     def _thread_main(self, target: Callable[..., None], args: tuple[object, ...]) -> None:
         try:
@@ -653,43 +711,74 @@ class ChatServer:
         """Connection threads alive: sessions, and connections being told why they are refused."""
         return self._threads
 
-    def _handshake_failed(self, peer: tuple, slot: object) -> None:
+    def _handshake_failed(self, peer: tuple, admission: object) -> None:
         """A connection ended before it had a thread (the socket is already closed)."""
-        assert isinstance(slot, _Slot)
-        slot.release()
-        self._connection_done()
+        assert isinstance(admission, _Admission)
+        admission.ticket.release()
 
-    def _connection_done(self) -> None:
-        with self._lock:
-            self._connections -= 1
-
-    def _plaintext_on_tls_port(self, raw: socket.socket, peer: tuple, slot: object) -> None:
-        assert isinstance(slot, _Slot)
+    def _plaintext_on_tls_port(self, raw: socket.socket, peer: tuple, admission: object) -> None:
+        assert isinstance(admission, _Admission)
+        admission.ticket.release()
         notice = (f"{protocol.TLS_REQUIRED}: connect with 'securechat connect HOST' "
                   f"or 'openssl s_client -connect HOST:{self.address[1]}'")
-        self._start(self._run_refusal, raw, peer, slot, notice)
+        self._refuse(raw, peer, notice)
 
-    def _handshake_done(self, sock: ssl.SSLSocket, peer: tuple, slot: object) -> None:
-        assert isinstance(slot, _Slot)
+    def _handshake_done(self, sock: ssl.SSLSocket, peer: tuple, admission: object) -> None:
+        assert isinstance(admission, _Admission)
+        if admission.evicted:  # between the handshake's end and this call: its place is gone
+            sock.close()
+            return
+        # Early word for the common case; _take_place decides, atomically, at the nickname.
         with self._lock:
-            refusal = self._refusal(slot.ip)
+            refusal = self._refusal(address_key(str(peer[0])))
         if refusal:
-            self._start(self._run_refusal, sock, peer, slot, refusal)
-        else:
-            self._start(self._run_session, sock, peer, slot)
+            admission.ticket.release()
+            self._refuse(sock, peer, refusal)
+        elif not self._start(self._run_session, sock, peer, admission):
+            admission.ticket.release()
 
-    def _run_refusal(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, slot: _Slot, text: str) -> None:
+    def _refuse(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, text: str) -> None:
+        """Tell a connection why it cannot join, from a thread of its own, while threads for that last."""
+        with self._lock:
+            busy = self._refusing >= REFUSAL_HEADROOM
+            if not busy:
+                self._refusing += 1
+        if busy:
+            sock.close()
+            self._throttle("refusing", f"closed {peer[:2]} without a word ({text}): already telling "
+                           f"{REFUSAL_HEADROOM} others")
+        elif not self._start(self._run_refusal, sock, peer, text):
+            self._refusal_done()
+
+    def _refusal_done(self) -> None:
+        with self._lock:
+            self._refusing -= 1
+
+    def _run_refusal(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, text: str) -> None:
         try:
             log.info("refused %s: %s", peer, text)
             _say_and_close(sock, protocol.notice(text))
         finally:
-            slot.release()
-            self._connection_done()
+            self._refusal_done()
 
-    def _run_session(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, slot: _Slot) -> None:
+    def _run_session(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, admission: _Admission) -> None:
+        session = None
         try:
-            session = Session(self, sock, peer)
-            session.slot = slot
+            for attempt in range(SESSION_ATTEMPTS):
+                try:
+                    session = Session(self, sock, peer)
+                    break
+                except OSError as exc:  # EMFILE for its eventfd
+                    out_of_fds = exc.errno in (errno.EMFILE, errno.ENFILE)
+                    if out_of_fds and attempt + 1 < SESSION_ATTEMPTS and self.pending.evict_one():
+                        time.sleep(0.01)  # its owner frees the descriptor within milliseconds
+                        continue
+                    self._throttle("descriptors" if out_of_fds else "session",
+                                   f"closed {peer[:2]}: cannot start its session: {describe_error(exc)}")
+                    return
+            assert session is not None
+            session.admission = admission
+            admission.hand_to(functools.partial(session.conn.abort, EVICTED))
             with self._lock:
                 self._sessions.add(session)
             if self._stopping.is_set():
@@ -698,28 +787,78 @@ class ChatServer:
         except Exception:  # one client's bug must not take the server down
             log.exception("unexpected error with %s", peer)
         finally:
-            slot.release()
+            admission.ticket.release()
+            if session is not None:
+                self._release_session(session)
             sock.close()
-            self._connection_done()
 
     def _release_session(self, session: Session) -> None:
-        """The session is over for everyone else: free its place before its socket lingers."""
+        """The session is over for everyone else: free its places before its socket lingers."""
         with self._lock:
             self._sessions.discard(session)
-        if session.slot is not None:
-            session.slot.release()
+        if session.admission is not None:
+            session.admission.ticket.release()
+        self._give_back_place(session)
 
     def _refusal(self, ip: str) -> str | None:
-        """Why a connection that finished its handshake may not join (caller holds the lock)."""
-        if len(self._sessions) >= self.max_clients:
+        """Why a connection from ``ip`` may not take a chat place now (caller holds the lock)."""
+        if self._chatters >= self.max_clients:
             return f"{protocol.SERVER_FULL} ({self.max_clients} clients); try again later"
-        if self.max_per_ip and self._per_ip.get(ip, 0) > self.max_per_ip:
+        if self.max_per_ip and self._per_ip.get(ip, 0) >= self.max_per_ip:
             return f"too many connections from {ip} (at most {self.max_per_ip}); try again later"
         return None
 
+    def _take_place(self, session: Session) -> str | None:
+        """Give ``session`` a chat place (counted by max_clients and max_per_ip); or say why not."""
+        ip = address_key(str(session.peer[0]))
+        with self._lock:
+            refusal = self._refusal(ip)
+            if refusal is None:
+                self._chatters += 1
+                self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+                session.slot = _Slot(self, ip)
+        return refusal
+
+    def _give_back_place(self, session: Session) -> None:
+        slot, session.slot = session.slot, None
+        if slot is not None:
+            slot.release()
+
+
+class _Admission:
+    """A connection on its way in: its pending place, and how to ask its socket's owner to close it.
+
+    Ownership moves from the accept loop to a handshake thread to a session thread (or an
+    enrollment); :meth:`evict` can come from any thread at any moment. So each new owner calls
+    :meth:`hand_to` (which installs its ``stop`` and then checks ``evicted``) while :meth:`evict`
+    sets ``evicted`` and then calls the installed ``stop``: whichever comes second acts, and
+    ``stop`` may run twice, so it must be idempotent (Handshaker.cancel, Connection.abort are).
+    """
+
+    __slots__ = ("peer", "ticket", "_stop", "evicted")
+
+    def __init__(self, peer: tuple) -> None:
+        self.peer = peer
+        self.ticket: Ticket
+        self._stop: Callable[[], None] | None = None
+        self.evicted = False
+
+    def hand_to(self, stop: Callable[[], None]) -> None:
+        """The socket has a new owner; ``stop()`` asks it, from any thread, to close the connection."""
+        self._stop = stop
+        if self.evicted:
+            stop()
+
+    def evict(self) -> None:
+        """The pending pool needs this place: ask the socket's owner to close it (any thread)."""
+        self.evicted = True
+        stop = self._stop
+        if stop is not None:
+            stop()
+
 
 class _Slot:
-    """A connection's place in the per-address count, given back exactly once."""
+    """A chatter's place in the counts of max_clients and max_per_ip, given back exactly once."""
 
     __slots__ = ("server", "ip", "_held")
 
@@ -729,11 +868,13 @@ class _Slot:
         self._held = True
 
     def release(self) -> None:
-        per_ip = self.server._per_ip
-        with self.server._lock:
+        server = self.server
+        per_ip = server._per_ip
+        with server._lock:
             if not self._held:
                 return
             self._held = False
+            server._chatters -= 1
             left = per_ip.get(self.ip, 1) - 1
             if left > 0:
                 per_ip[self.ip] = left
@@ -760,20 +901,25 @@ DEFAULT_CERT = DEFAULT_CERT_DIR / "server.pem"
 DEFAULT_KEY = DEFAULT_CERT_DIR / "server.key"
 
 
+PROG = "securechat serve"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="securechat serve",
+    p = options.Parser(
+        prog=PROG,
         description="Run the securechat server. TLS by default: with the default paths and no certificate yet, "
         "a local CA and a server certificate are minted into certs/ first.",
     )
-    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s, every interface)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
-    p.add_argument("--cert", type=Path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
-    p.add_argument("--key", type=Path, help=f"server private key, PEM (default: {DEFAULT_KEY})")
+    p.add_argument("--host", type=options.host, default=DEFAULT_HOST,
+                   help="address to listen on (default: %(default)s, every interface)")
+    p.add_argument("--port", type=options.listen_port, default=DEFAULT_PORT,
+                   help="TCP port, 0 for any free one (default: %(default)s)")
+    p.add_argument("--cert", type=options.path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
+    p.add_argument("--key", type=options.path, help=f"server private key, PEM (default: {DEFAULT_KEY})")
     p.add_argument("--require-client-cert", action="store_true",
                    help="mutual TLS: only clients with a certificate signed by --ca may join, and each one's "
                    "nickname is its certificate's name (mint them with 'securechat gen-certs --client NAME')")
-    p.add_argument("--ca", type=Path,
+    p.add_argument("--ca", type=options.path,
                    help=f"CA that signs client certificates (default: {DEFAULT_CERT_DIR / 'ca.pem'})")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
                    help="oldest TLS version accepted (default: %(default)s; 1.2 for old clients)")
@@ -782,34 +928,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "of expiry if ca.key is beside it); expiry warnings stay")
     p.add_argument("--plain", action="store_true",
                    help="serve WITHOUT encryption: everything is readable by anyone on the network")
-    p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
-                   help="most clients at once (default: %(default)s)")
-    p.add_argument("--max-per-ip", type=int, default=0, metavar="N",
-                   help="most connections from one address, 0 for no limit (default: %(default)s; a LAN often "
+    p.add_argument("--max-clients", type=options.count(1), default=DEFAULT_MAX_CLIENTS, metavar="N",
+                   help="most chatters at once, counting only those whose nickname was accepted "
+                   "(default: %(default)s)")
+    p.add_argument("--max-per-ip", type=options.count(0, zero="for no limit"), default=0, metavar="N",
+                   help="most chatters from one address, 0 for no limit (default: %(default)s; a LAN often "
                    "shares one address behind NAT)")
-    p.add_argument("--login-timeout", type=float, default=LOGIN_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--max-pending", type=options.count(1), default=MAX_PENDING, metavar="N",
+                   help="most connections still logging in (TLS handshake, nickname) at once; when full, the "
+                   "oldest from the busiest address is closed to make room (default: %(default)s)")
+    p.add_argument("--max-pending-per-ip", type=options.count(0, zero="for no limit"),
+                   default=MAX_PENDING_PER_ADDRESS, metavar="N",
+                   help="most connections still logging in from one address, 0 for no limit; beyond it, that "
+                   "address's oldest is closed (default: %(default)s)")
+    p.add_argument("--login-timeout", type=options.duration(), default=LOGIN_TIMEOUT, metavar="SECONDS",
                    help="time from connecting to choosing a nickname (default: %(default)g)")
-    p.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--handshake-timeout", type=options.duration(), default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
                    help="time allowed for the TLS handshake (default: %(default)g)")
-    p.add_argument("--flood-rate", type=float, default=FLOOD_RATE, metavar="LINES",
+    p.add_argument("--flood-rate", type=options.rate(), default=FLOOD_RATE, metavar="LINES",
                    help="lines a second each client may send on average, 0 for no limit (default: %(default)g)")
-    p.add_argument("--flood-burst", type=float, default=FLOOD_BURST, metavar="LINES",
+    p.add_argument("--flood-burst", type=options.rate(zero="the same as 1"), default=FLOOD_BURST, metavar="LINES",
                    help="lines a client may send at once before the rate applies (default: %(default)g)")
-    p.add_argument("--announce-limit", type=int, default=ANNOUNCE_LIMIT, metavar="N",
+    p.add_argument("--announce-limit", type=options.count(0, zero="for always"), default=ANNOUNCE_LIMIT, metavar="N",
                    help="announce joins and leaves while at most N people are online, 0 for always "
                    "(default: %(default)s)")
-    p.add_argument("--data", type=Path, metavar="DIR",
+    p.add_argument("--data", type=options.path, metavar="DIR",
                    help="where history is kept, in history-PORT.sqlite3 (mode 0600; default: "
                    "$XDG_DATA_HOME/securechat, else ~/.local/share/securechat). History is stored UNENCRYPTED")
     p.add_argument("--no-history", action="store_true",
                    help="keep no history at all: no replay on joining, no /history, no catch-up after a drop")
-    p.add_argument("--history-days", type=float, default=DEFAULT_DAYS, metavar="DAYS",
+    p.add_argument("--history-days", type=options.rate(MAX_HISTORY_DAYS, zero="for no age limit"),
+                   default=DEFAULT_DAYS, metavar="DAYS",
                    help="forget lines older than this, 0 for never (default: %(default)g)")
-    p.add_argument("--history-lines", type=int, default=DEFAULT_LINES, metavar="N",
+    p.add_argument("--history-lines", type=options.count(0, MAX_HISTORY_LINES, zero="for no limit"),
+                   default=DEFAULT_LINES, metavar="N",
                    help="keep at most the last N lines of each room, 0 for no limit (default: %(default)s)")
-    p.add_argument("--replay", type=int, default=REPLAY_LINES, metavar="N",
-                   help="lines of history shown on joining a room (default: %(default)s)")
-    p.add_argument("--grace", type=float, default=GRACE_SECONDS, metavar="SECONDS",
+    p.add_argument("--replay", type=options.count(0, MAX_HISTORY_PAGE, zero="for none"), default=REPLAY_LINES,
+                   metavar="N", help="lines of history shown on joining a room (default: %(default)s)")
+    p.add_argument("--grace", type=options.rate(options.MAX_TIMEOUT, zero="for not at all"),
+                   default=GRACE_SECONDS, metavar="SECONDS",
                    help="how long a dropped securechat client's nick and rooms are held for it to resume, "
                    "0 for not at all (default: %(default)g)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
@@ -817,24 +974,76 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_context(args: argparse.Namespace) -> ssl.SSLContext:
-    """The server's TLS context, minting certificates first when the defaults don't exist yet."""
-    cert = args.cert or DEFAULT_CERT
-    key = args.key or DEFAULT_KEY
-    if args.cert is None and args.key is None and not DEFAULT_CERT.exists():
-        from securechat import certs
+class StartError(Exception):
+    """Why ``serve`` cannot start, in one line (printed after ``securechat serve: ``)."""
 
-        print(f"[SERVER] No certificate in {DEFAULT_CERT_DIR}/ yet: minting a local CA and a server certificate",
-              flush=True)
-        result = certs.mint(DEFAULT_CERT_DIR)
-        print(f"[SERVER] Wrote {', '.join(str(p) for p in result.written)}", flush=True)
-        print(f"[SERVER] Copy {DEFAULT_CERT_DIR / 'ca.pem'} to each client machine and connect with "
-              f"--ca ca.pem", flush=True)
+
+def _load_context(args: argparse.Namespace) -> ssl.SSLContext:
+    """The server's TLS context, minting certificates first when the defaults don't exist yet.
+
+    Raises StartError with one line for everything an operator can get wrong on disk.
+    """
+    from securechat import certdir, certs
+
+    cert = Path(args.cert or DEFAULT_CERT)
+    key = Path(args.key or DEFAULT_KEY)
+    if args.cert is None and args.key is None:
+        _first_run(certs)
     for label, path in (("certificate", cert), ("key", key)):
-        if not Path(path).exists():
-            raise SystemExit(f"serve: {label} file not found: {path} "
-                             f"(run 'securechat gen-certs' or pass --cert/--key)")
-    return _context_factory(args)()
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "not found"
+            raise StartError(f"{label} file {what}: {path} (run 'securechat gen-certs' or pass --cert/--key)")
+    try:
+        certdir.check_key_and_dir(key)
+        if not args.no_renew and (cert.parent / certs.CA_KEY).exists():
+            certdir.check_key(cert.parent / certs.CA_KEY)  # renewal will use it
+        # Shared lock: a gen-certs or a renewal running now cannot hand us one run's key with another's
+        # certificate.
+        with certdir.locked(cert.parent, shared=True):
+            return _context_factory(args)()
+    except certdir.UnsafePermissions as exc:
+        raise StartError(str(exc)) from None
+    except ssl.SSLError as exc:
+        why = ("the key does not belong to the certificate" if exc.reason == "KEY_VALUES_MISMATCH" else
+               f"they are not a PEM certificate chain and its private key (OpenSSL: {exc.reason or exc})")
+        raise StartError(f"cannot load the certificate {cert} with key {key}: {why}") from None
+    except (OSError, ValueError) as exc:
+        raise StartError(f"cannot load the certificate {cert} with key {key}: {describe_error(exc)}") from None
+
+
+def _first_run(certs: ModuleType) -> None:
+    """Mint into certs/ unless a server certificate is there (under the directory's lock)."""
+    directory = DEFAULT_CERT_DIR
+    if directory.exists() and not directory.is_dir():
+        raise StartError(f"{directory} is a file, not a directory of certificates: move it away, or pass "
+                         "--cert/--key")
+    if DEFAULT_CERT.exists():
+        return
+
+    def refuse_partial_set(directory: Path) -> None:  # runs under the lock: no other minter is half-way
+        present = [name for name in (certs.CA_CERT, certs.CA_KEY, DEFAULT_KEY.name) if (directory / name).exists()]
+        if present == [certs.CA_CERT]:
+            raise StartError(f"{directory}/ holds {certs.CA_CERT} but no {certs.CA_KEY} and no "
+                             f"{DEFAULT_CERT.name}: that is a client's copy of the CA. Run the server where the CA "
+                             f"was minted, copy {DEFAULT_CERT.name} and {DEFAULT_KEY.name} here, or pass --cert/--key")
+        if present and present != [certs.CA_CERT, certs.CA_KEY]:  # a CA alone is fine: the certificate is issued
+            raise StartError(f"{directory}/ holds an incomplete set ({', '.join(present)}; no "
+                             f"{DEFAULT_CERT.name}): restore the missing files, pass --cert/--key, or start over "
+                             "with 'securechat gen-certs --force' (clients must then get the new ca.pem)")
+
+    try:
+        result = certs.mint_if_missing(directory, refuse_partial_set)
+    except certs.CertError as exc:
+        raise StartError(f"cannot mint a certificate in {directory}/: {exc}") from None
+    except OSError as exc:
+        raise StartError(f"cannot write {exc.filename or directory}: {describe_error(exc)}") from None
+    if result is None:  # another process minted it first
+        return
+    print(f"[SERVER] No certificate in {directory}/ yet: minting a local CA and a server certificate",
+          flush=True)
+    print(f"[SERVER] Wrote {', '.join(str(p) for p in result.written)}", flush=True)
+    print(f"[SERVER] Copy {directory / 'ca.pem'} to each client machine and connect with "
+          f"--ca ca.pem", flush=True)
 
 
 def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
@@ -844,8 +1053,8 @@ def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
     client_ca = None
     if args.require_client_cert:
         client_ca = args.ca or DEFAULT_CERT_DIR / "ca.pem"
-        if not Path(client_ca).exists():
-            raise SystemExit(f"serve: CA file not found: {client_ca} (pass --ca, the CA that signed the client "
+        if not Path(client_ca).is_file():
+            raise StartError(f"CA file not found: {client_ca} (pass --ca, the CA that signed the client "
                              "certificates)")
     return lambda: tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
                                       require_client_cert=args.require_client_cert)
@@ -860,12 +1069,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     redis_error = redislog.usage_error(args)
     if redis_error:
         parser.error(redis_error)
-    for name in ("history_days", "history_lines", "replay", "grace"):
-        value = getattr(args, name)
-        if value < 0 or value != value:  # NaN too
-            parser.error(f"--{name.replace('_', '-')} cannot be negative")
-    if args.replay > MAX_HISTORY_PAGE:
-        parser.error(f"--replay is at most {MAX_HISTORY_PAGE} lines")
+    # The console is for the operator; the chat must not die with it (> /dev/full, | head -1).
+    options.guard_stdout(PROG)
     listener = console.nonblocking_logging(logging.INFO if args.verbose else logging.WARNING,
                                            "%(asctime)s %(levelname)s %(name)s: %(message)s")
     console.stdout.start()  # now, so the process's thread count is steady from the first client on
@@ -876,34 +1081,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         listener.stop()
 
 
+# Descriptors a connection may hold (its socket, its session's eventfd), and what the server keeps
+# besides (listener, wakers, log files, certificate reloads), with room to spare.
+FDS_PER_CONNECTION = 2
+FDS_SPARE = 64
+
+
+def _raise_descriptor_limit(connections: int) -> None:
+    """Take the soft RLIMIT_NOFILE up to the hard one (as Go's runtime does) and warn if still short.
+
+    The usual soft limit of 1024 would run out at ~500 chatters with the default limits; running
+    out is survivable (one log line, the oldest unauthenticated connections make room) but avoidable.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # e.g. an unlimited hard limit the kernel will not grant
+            pass
+    wanted = connections * FDS_PER_CONNECTION + FDS_SPARE
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("only %d file descriptors allowed (ulimit -n); --max-clients and --max-pending may need "
+                    "%d: when they run out, the oldest unauthenticated connections make room", soft, wanted)
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         if args.plain:
             context = None
         else:
             context = _load_context(args)
-    except SystemExit as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        print(f"serve: cannot load the certificate: {describe_error(exc)}", file=sys.stderr)
+    except StartError as exc:
+        options.print_error(PROG, str(exc))
         return 1
     try:
         cluster = redislog.open_from_args(args)  # --redis: rooms shared with the other servers
     except redislog.RedisStartError as exc:
-        print(f"serve: {exc}", file=sys.stderr)
+        options.print_error(PROG, str(exc))
         return 1
     roomlog, directory = cluster if cluster is not None else (None, None)
     server = ChatServer(args.host, args.port, context, max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
                         flood_rate=args.flood_rate, flood_burst=args.flood_burst,
-                        announce_limit=args.announce_limit, replay=args.replay, grace=args.grace,
+                        announce_limit=args.announce_limit, max_pending=args.max_pending,
+                        max_pending_per_ip=args.max_pending_per_ip, replay=args.replay, grace=args.grace,
                         offline_messages=args.require_client_cert and not args.no_history,
                         roomlog=roomlog, directory=directory)
+    _raise_descriptor_limit(args.max_clients + args.max_pending)
     try:
         server.bind()
     except OSError as exc:
-        print(f"serve: cannot listen on {args.host}:{args.port}: {describe_error(exc)}", file=sys.stderr)
+        options.print_error(PROG, f"cannot listen on {args.host}:{args.port}: {describe_error(exc)}")
         if directory is not None:
             directory.close()
         return 1
@@ -912,7 +1145,7 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             server.rooms.start()
         except redislog.RedisStartError as exc:
-            print(f"serve: {exc}", file=sys.stderr)
+            options.print_error(PROG, str(exc))
             server.abandon()
             directory.close()
             return 1
@@ -925,19 +1158,21 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             server.rooms.log = SqliteLog(history_path, days=args.history_days, lines=args.history_lines)
         except HistoryError as exc:
-            print(f"serve: history: {exc}", file=sys.stderr)
+            options.print_error(PROG, f"history: {exc}")
             server.abandon()
             return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop_from_signal()
 
-    # Both signals only wake the accept loop; the shutdown then runs in the main thread, so a
+    # These signals only wake the accept loop; the shutdown then runs in the main thread, so a
     # second Ctrl-C cannot interrupt it half-way with a traceback. The kernel may deliver a signal
     # to any thread, and Python runs handlers only in the main one: the wakeup pipe makes sure
-    # the main thread's poll() returns.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # the main thread's poll() returns. SIGHUP (the terminal closed, the ssh session dropped)
+    # would otherwise kill the server without a word to anyone: it is a shutdown like SIGTERM.
+    for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, on_signal)
     signal_r, signal_w = os.pipe()
     os.set_blocking(signal_r, False)
     os.set_blocking(signal_w, False)
@@ -966,9 +1201,11 @@ def _serve(args: argparse.Namespace) -> int:
               "anyone on the network.", flush=True)
     else:
         prints = tls.file_fingerprints(args.cert or DEFAULT_CERT)
-        print(f"[SERVER] TLS certificate SHA-256 fingerprint: {prints[0]}", flush=True)
-        if len(prints) > 1:  # the chain's CA: what --tofu remembers, and a --pin that survives renewal
-            print(f"[SERVER] CA SHA-256 fingerprint: {prints[-1]}", flush=True)
+        # Which is which: the CA's is what --tofu remembers, and the --pin that survives renewal.
+        print(f"[SERVER] Server certificate SHA-256 fingerprint{'' if len(prints) > 1 else ' (for --pin)'}: "
+              f"{prints[0]}", flush=True)
+        if len(prints) > 1:
+            print(f"[SERVER] CA SHA-256 fingerprint (for --pin): {prints[-1]}", flush=True)
     host, port = server.address
     print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
     server.serve_forever(signal_fd=signal_r)

@@ -23,6 +23,7 @@ import pytest
 from securechat import protocol
 from securechat.client import ChatClient
 from securechat.history import SqliteLog
+from securechat.roomlog import room_key
 from securechat.server import ChatServer
 from securechat.session import ResumeState, backoff
 from tests.conftest import LOOPBACK, LineClient
@@ -316,7 +317,7 @@ def test_resume_state_strips_tags_and_tracks_the_newest_id() -> None:
     assert state.filter("@id=5-0;room=lobby [bob] hi") == "[bob] hi"
     assert state.filter("@id=12-3;room=dev #dev [bob] yo") == "#dev [bob] yo"
     assert state.filter("@id=4-0;room=lobby (history 09:00) [bob] old") == "(history 09:00) [bob] old"
-    assert state.positions == {"lobby": "5-0", "dev": "12-3"}
+    assert state.positions == {room_key("lobby"): "5-0", room_key("dev"): "12-3"}
     assert state.resume_line() == "/resume AAAAAAAAAAAAAAAAAAAAAAAA lobby=5-0 dev=12-3"
     assert state.filter("[@id=1-1;room=x] forged") == "[@id=1-1;room=x] forged"
 
@@ -407,7 +408,8 @@ def test_the_interactive_client_shows_reconnecting_and_ctrl_c_still_quits(
                 return
             screen.extend(data)
 
-    threading.Thread(target=pump, daemon=True).start()
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
     try:
         _wait_for(lambda: any(s.token for s in [server.rooms.find("alice")] if s is not None))
         r.cut()
@@ -423,4 +425,7 @@ def test_the_interactive_client_shows_reconnecting_and_ctrl_c_still_quits(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        # Only once the reader is gone: a read on a closed descriptor number that a new socket
+        # has reused would steal that socket's bytes.
+        pumping.join(5)
         os.close(master)

@@ -348,9 +348,10 @@ def test_cli_damaged_database_is_one_line_and_exit_1(run_serve: Callable[..., Pr
     served = run_serve(port=port, wait=False)
     out, err = served.proc.communicate(timeout=20)
     assert served.proc.returncode == 1
+    db = tmp_path / "data" / f"history-{port}.sqlite3"
     assert err.strip().splitlines() == [
-        f"serve: history: {tmp_path / 'data' / f'history-{port}.sqlite3'} is not a securechat history database "
-        "(damaged, or another file): move it away or pass --data"]
+        f"securechat serve: history: {db} is not a securechat history database (damaged, or another file): "
+        "move it away or pass --data"]
     assert "Waiting for connections" not in out
 
 
@@ -405,11 +406,12 @@ def test_cli_no_history_keeps_nothing(run_serve: Callable[..., Proc], tmp_path: 
 
 
 @pytest.mark.parametrize("option", ["--history-days", "--history-lines", "--replay", "--grace"])
-def test_cli_negative_retention_is_a_usage_error(option: str) -> None:
+def test_cli_negative_history_options_are_one_line_usage_errors(option: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "securechat", "serve", option, "-1"], capture_output=True,
                           text=True, timeout=20)
     assert proc.returncode == 2
-    assert f"{option} cannot be negative" in proc.stderr and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0] and "out of range" in lines[0] and "Traceback" not in proc.stderr
 
 
 def test_a_replay_never_overflows_the_joiners_queue(logged: Callable[..., ChatServer], connect: Connect) -> None:
@@ -431,3 +433,9 @@ def test_a_replay_never_overflows_the_joiners_queue(logged: Callable[..., ChatSe
     bob.send("/history 5")  # pages on from the oldest shown
     assert bob.readline() == "* history of #lobby: 5 earlier lines"
     assert _replayed([bob.readline()])[0] == f"[alice] {skipped - 5} {big}"
+
+
+def test_a_directory_where_the_file_should_be_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "h.sqlite3").mkdir()
+    with pytest.raises(HistoryError, match=r"cannot use .*h\.sqlite3: is a directory"):
+        SqliteLog(tmp_path / "h.sqlite3")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -170,3 +171,22 @@ def test_a_session_token_is_useless_with_another_certificate(mtls: Callable[...,
         assert alice.expect("* ").startswith("* 1 online: alice")  # alice was not taken over
     finally:
         mallory.close()
+
+
+def test_a_person_whose_held_session_waits_can_log_in_afresh(mtls: Callable[..., ChatServer],
+                                                            person: Callable[[ChatServer, str], LineClient]
+                                                            ) -> None:
+    server = mtls()
+    watcher = person(server, "watcher")
+    alice = person(server, "alice")
+    alice.send("/session")
+    alice.expect("* session ")
+    watcher.expect("* alice joined")
+    alice.close()  # dropped, not quit: held for its resume
+    deadline = time.monotonic() + 5
+    while (held := server.rooms.find("alice")) is None or held.held_private is None:
+        assert time.monotonic() < deadline, "the dropped session was never held"
+        time.sleep(0.02)
+    again = person(server, "alice")  # a new client, same certificate: not locked out for the grace period
+    again.send("hello")
+    assert watcher.expect("[alice]") == "[alice] hello"
