@@ -824,9 +824,10 @@ def _pin_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = options.Parser(prog=PROG, description="Join a securechat server.")
-    p.add_argument("host", help="the server's IP address or host name; several servers of one chat (serve "
-                   "--redis) separated by commas, each HOST or HOST:PORT ([v6]:PORT): the first that answers "
-                   "is used, the others when it goes away")
+    p.add_argument("host", type=_servers_arg,
+                   help="the server's IP address or host name; several servers of one chat (serve --redis) "
+                   "separated by commas, each HOST or HOST:PORT ([v6]:PORT): the first that answers is used, "
+                   "the others when it goes away")
     p.add_argument("--port", type=options.port, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
     p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
     trust = p.add_argument_group(
@@ -878,12 +879,29 @@ def parse_servers(text: str, default_port: int) -> list[tuple[str, int]]:
             host, _, number = item.partition(":")
             port = _port(number, item)
         try:
-            servers.append((options.host(host), port))  # the same checks as for one host
+            host = options.host(host)  # the same checks as for one host
         except argparse.ArgumentTypeError as exc:
             raise ValueError(str(exc)) from None
+        try:
+            host.encode("idna")  # what the resolver will be given
+        except UnicodeError:
+            raise ValueError(f"{host!r} is not a host name or an IP address") from None
+        servers.append((host, port))
     if len(servers) > MAX_SERVERS:
         raise ValueError(f"at most {MAX_SERVERS} servers")
     return servers
+
+
+def _servers_arg(text: str) -> str:
+    """The ``host`` argument, checked (ports resolved later, once --port is known)."""
+    try:
+        parse_servers(text, DEFAULT_PORT)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+_servers_arg.__name__ = "host"  # argparse names the type in its messages
 
 
 def _port(text: str, item: str) -> int:
