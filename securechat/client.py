@@ -40,7 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from securechat import DEFAULT_PORT, identity, protocol, tls
+from securechat import DEFAULT_PORT, addr, identity, protocol, tls
 from securechat.conn import Connection, describe_error, tune_socket
 
 # Exit statuses, as securechat.cli defines them for every subcommand.
@@ -51,6 +51,11 @@ DEFAULT_CA = Path("certs") / "ca.pem"
 
 # Connecting and the TLS handshake: a LAN answers in milliseconds, so 10 s means nobody is there.
 DEFAULT_TIMEOUT = 10.0
+
+# A securechat server greets at once; a TLS server reached by a --plain client says nothing (it waits
+# for a ClientHello). Silence this long from a plain connection is the tell, well before the 10 s of
+# DEFAULT_TIMEOUT and long enough for a loaded LAN server to get to us.
+PLAIN_GREETING_WAIT = 2.0
 
 # After /quit, how long to wait for the server's "* goodbye" and close before closing ourselves.
 QUIT_WAIT = 2.0
@@ -217,7 +222,7 @@ class ChatClient:
         if self._conn is not None:
             raise RuntimeError("already connected")
         self.host, self.port, self.tls = host, port, ssl_context is not None
-        where = f"{host}:{port}"
+        where = addr.join(host, port)
         try:
             raw = socket.create_connection((host, port), timeout=timeout)
         except socket.gaierror as exc:
@@ -298,6 +303,12 @@ class ChatClient:
                 if self._last_notice.startswith(protocol.SHUTDOWN):
                     self._saw_shutdown = True
             with self._deliver_lock:
+                # Our own nick follows every rename the server confirms (nicks are unique, and the
+                # server orders our lines, so "* <our nick> is now X" is about us); a refusal changes nothing.
+                rename = protocol.renamed(line)
+                if rename is not None and self.nick is not None and \
+                        protocol.nick_key(rename[0]) == protocol.nick_key(self.nick):
+                    self.nick = rename[1]
                 if self.on_line is not None and self.nick is not None:
                     self.on_line(line)
                 else:
@@ -353,20 +364,22 @@ class ChatClient:
         if line.startswith(notice + protocol.TLS_REQUIRED):
             raise TLSRequired(f"{line[len(notice):]} (drop --plain and pass --ca with the server's ca.pem)")
 
-    def wait_greeting(self, timeout: float) -> None:
+    def wait_greeting(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the server's first line and raise if it is a refusal.
 
         A TLS or plain securechat server greets at once (or says it is full); a TLS server reached by
-        a plain client says nothing until the client speaks, so silence is not an error here.
+        a plain client says nothing until the client speaks. Returns False on silence, for the caller
+        to judge.
         """
         line = self.recv_line(timeout)
         if line is None:
             if self.closed:
                 self._raise_ended()
-            return
+            return False
         self._check_refusal(line)
         if not line.startswith(protocol.NOTICE_PREFIX + protocol.GREETING):
             self._pending_lines.append(line)
+        return True
 
     def set_on_line(self, callback: Callable[[str], None] | None) -> None:
         """Deliver received lines to ``callback`` (in the connection thread) from now on.
@@ -454,7 +467,7 @@ class ChatClient:
         reason = self._end_reason or "closed"
         refusal = explain_alert(reason.removeprefix("TLS error: "))
         if refusal is not None:
-            return f"{self.host}:{self.port} refused the connection: {refusal}"
+            return f"{addr.join(self.host, self.port)} refused the connection: {refusal}"
         if reason == "closed by peer":
             if self._last_notice:
                 return f"the server closed the connection: {self._last_notice}"
@@ -616,8 +629,10 @@ def _pin_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="securechat connect", description="Join a securechat server.")
-    p.add_argument("host", help="the server's IP address or host name")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
+    p.add_argument("host", metavar="HOST[:PORT]",
+                   help="the server's IP address or host name, optionally with the port: 192.168.0.20, "
+                   "192.168.0.20:5555, [fe80::1%%eth0]:5555")
+    p.add_argument("--port", type=int, default=None, help=f"TCP port (default: {DEFAULT_PORT})")
     p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
     trust = p.add_argument_group(
         "recognising the server (one of)").add_mutually_exclusive_group()
@@ -643,6 +658,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oldest TLS version accepted (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="time allowed to connect and complete the handshake (default: %(default)g)")
+    screen = p.add_argument_group(
+        "in a terminal", "Lines show as sent once the server has relayed them; a long paste is paced to the "
+        "server's flood limit (\"sending N lines...\") and a line the server dropped is marked \"not "
+        "delivered\". Tab completes /commands and nicknames; the terminal's scrollback keeps the history "
+        "(Shift-PgUp, or tmux copy mode). With stdin or stdout not a terminal, lines are read and printed "
+        "plain: no colour, no bell, no timestamps.")
+    screen.add_argument("--timestamps", action=argparse.BooleanOptionalAction, default=True,
+                        help="show HH:MM before each line, and a line when the day changes (default: on)")
+    screen.add_argument("--bell", action=argparse.BooleanOptionalAction, default=True,
+                        help="ring the terminal bell when a line names you or is a private message to you; "
+                        "such lines are highlighted either way (default: on)")
+    screen.add_argument("--paste-verify", type=int, default=5, metavar="N",
+                        help="ask before sending a paste of more than N lines, 0 never asks (default: "
+                        "%(default)s, as irssi's paste_verify_line_count)")
     return p
 
 
@@ -745,6 +774,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``securechat connect``: 0 after leaving (or after the server shut down), 1 on any failure."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        args.host, port = addr.split_host_port(args.host)
+    except addr.AddressError as exc:
+        parser.error(str(exc))
+    if port is not None and args.port is not None and port != args.port:
+        parser.error(f"two ports: {port} in {addr.join(args.host, port)} and --port {args.port}; give one")
+    args.port = port or args.port or DEFAULT_PORT
     if args.key is not None and args.cert is None:
         parser.error("--key needs --cert (your client certificate)")
     if args.plain and (args.cert or args.pin or args.tofu or args.ca):
@@ -762,8 +798,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ChatError as exc:
             _err(str(exc))
             return EXIT_FAILURE
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    frontend = _Interactive(args, context, verify) if interactive else _LineMode(args, context, verify)
+    frontend: _Frontend
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        from securechat.ui import TerminalUI
+
+        frontend = TerminalUI(args, context, verify)
+    else:
+        frontend = _LineMode(args, context, verify)
     try:
         return frontend.run()
     except ChatError as exc:
@@ -787,6 +828,10 @@ class _Frontend:
         self.verify = verify
         self.client = ChatClient()
 
+    def run(self) -> int:
+        """Chat until the user leaves or the connection ends; the exit status."""
+        raise NotImplementedError
+
     @property
     def wanted_nick(self) -> str | None:
         """--nick, else the name in --cert (a mutual-TLS server grants that one anyway), else None."""
@@ -796,7 +841,14 @@ class _Frontend:
         args = self.args
         self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout,
                             verify=self.verify)
-        self.client.wait_greeting(min(1.0, self.args.timeout) if self.context is None else self.args.timeout)
+        if self.context is not None:
+            self.client.wait_greeting(self.args.timeout)
+        elif not self.client.wait_greeting(min(PLAIN_GREETING_WAIT, self.args.timeout)):
+            # Before the nickname goes out in clear: a TLS server waits for a ClientHello, silently.
+            where = addr.join(args.host, args.port)
+            raise TLSRequired(f"{where} sent no greeting within {min(PLAIN_GREETING_WAIT, args.timeout):g} s: "
+                              "it probably requires TLS; drop --plain and pass --ca with the server's ca.pem "
+                              "(or --pin/--tofu); nothing was sent")
 
     def leave(self) -> int:
         """Say /quit, let the server answer, and report how it ended.
@@ -870,105 +922,3 @@ class _LineMode(_Frontend):
             if not self.client.send(text):
                 self.client.wait_closed(1.0)
                 self.client._raise_ended()
-
-
-class _Interactive(_Frontend):
-    """stdin and stdout are a terminal: a prompt_toolkit input line with messages printed above it."""
-
-    def run(self) -> int:
-        from prompt_toolkit import PromptSession
-        from prompt_toolkit.formatted_text import FormattedText
-        from prompt_toolkit.history import InMemoryHistory
-        from prompt_toolkit.patch_stdout import patch_stdout
-        from prompt_toolkit.shortcuts import print_formatted_text
-
-        def show(fragments: list[tuple[str, str]]) -> None:
-            print_formatted_text(FormattedText(fragments))
-
-        print(f"Connecting to {self.args.host}:{self.args.port}...", flush=True)
-        self.connect()
-        print(f"Connected ({'TLS' if self.context else 'NOT ENCRYPTED'}).", flush=True)
-        session: PromptSession[str] = PromptSession(history=InMemoryHistory())
-        nick = self._choose_nick(session, self.wanted_nick)
-        if nick is None:
-            return self.leave()
-        # The accepted input line is erased: the "[nick] text" echo printed above replaces it, so a
-        # message is not shown twice.
-        session.app.erase_when_done = True
-        ended = threading.Event()
-        main_left = threading.Event()
-
-        def exit_if_running() -> None:
-            # Runs in the prompt's event loop; the prompt may have ended on its own meanwhile.
-            if session.app.is_running:
-                session.app.exit()
-
-        def exit_prompt() -> None:
-            # The prompt may be between two runs; keep asking until the main thread has noticed.
-            while not main_left.is_set():
-                loop = session.app.loop
-                if session.app.is_running and loop is not None:
-                    loop.call_soon_threadsafe(exit_if_running)
-                main_left.wait(0.1)
-
-        def on_line(line: str) -> None:
-            show(format_line(line))
-
-        def watch_end() -> None:
-            self.client.wait_closed()
-            ended.set()
-            exit_prompt()
-
-        with patch_stdout(raw=False):
-            self.client.set_on_line(on_line)
-            threading.Thread(target=watch_end, name="securechat-watch", daemon=True).start()
-            try:
-                while not ended.is_set():
-                    try:
-                        me = self.client.nick or nick
-                        text = session.prompt(
-                            [(nick_style(me), me), ("", "> ")],
-                            # the connection may have ended while no prompt was running
-                            pre_run=lambda: exit_if_running() if ended.is_set() else None,
-                        )
-                    except KeyboardInterrupt:
-                        break
-                    except EOFError:
-                        break
-                    if text is None or ended.is_set():
-                        break
-                    if _is_quit(text):
-                        break
-                    if not text.strip():
-                        continue
-                    echo = own_echo(self.client.nick or nick, text)
-                    if not self.client.send(text):
-                        break
-                    if echo is not None:
-                        show(format_line(echo))
-            finally:
-                main_left.set()
-        if ended.is_set() or self.client.closed:
-            self.client.close()
-            self.client._raise_ended()
-        return self.leave()
-
-    def _choose_nick(self, session: object, nick: str | None) -> str | None:
-        """Ask (or use --nick) until the server accepts one; None when the user gives up."""
-        while True:
-            if nick is None:
-                try:
-                    nick = session.prompt("Enter your nickname: ").strip()  # type: ignore[attr-defined]
-                except (EOFError, KeyboardInterrupt):
-                    return None
-            error = protocol.nick_error(nick)
-            if error is not None:
-                # Checked here first so the answer is instant; the server checks again anyway.
-                print(f"That nickname won't do: {error}.", flush=True)
-                nick = None
-                continue
-            try:
-                return self.client.register(nick, timeout=self.args.timeout)
-            except NickRefused as exc:
-                print(f"Nickname refused: {exc.reason}. Choose another.", flush=True)
-                nick = None

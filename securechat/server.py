@@ -14,6 +14,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import enum
+import errno
 import logging
 import os
 import select
@@ -28,7 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import cast
 
-from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, tls
+from securechat import DEFAULT_HOST, DEFAULT_PORT, addr, console, listen, protocol, tls
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.console import announce
 from securechat.handshake import Handshaker
@@ -154,7 +155,7 @@ class Session:
     """One client's life on the server: nick registration, then chat. Runs in its own thread."""
 
     # Thousands of these live at once: no per-instance __dict__.
-    __slots__ = ("server", "peer", "nick", "bound_nick", "state", "conn", "bucket", "dropped", "slot")
+    __slots__ = ("server", "peer", "nick", "bound_nick", "state", "conn", "bucket", "dropped", "slot", "echo")
 
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -175,6 +176,7 @@ class Session:
         self.bucket = protocol.TokenBucket(server.flood_rate, server.flood_burst, now)
         self.dropped = 0
         self.slot: _Slot | None = None
+        self.echo = False  # "/cap echo": copy this client its own lines as relayed (protocol.CAP_ECHO)
 
     def __repr__(self) -> str:
         return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
@@ -206,6 +208,8 @@ class Session:
                 self.dropped += 1
                 if self.dropped == 1:
                     self.reply(f"slow down: at most {self.server.flood_rate:g} lines a second; lines dropped")
+                if self.echo:  # a line the server dropped must never look delivered to its sender
+                    self.reply(f"{protocol.NOT_DELIVERED} (flood control): {protocol.sanitize(protocol.decode(raw))}")
                 if self.dropped >= FLOOD_DISCONNECT:
                     self.conn.close(protocol.notice("disconnected for flooding"), reason="disconnected for flooding")
                     log.warning("%s %s disconnected for flooding", self.peer, self.nick)
@@ -256,7 +260,7 @@ class Session:
         if isinstance(parsed, str):
             line = protocol.sanitize(parsed)
             if line.strip():
-                self.server.room.broadcast(protocol.chat(self.nick, line), exclude=self)
+                self._relay(protocol.chat(self.nick, line))
             return
         handler = COMMANDS.get(parsed.name)
         if handler is None:
@@ -298,18 +302,32 @@ class Session:
         if target is None:
             self.reply(f"no such nick: {protocol.sanitize(target_nick)}")
             return
-        target.conn.send(protocol.private(self.nick, target.nick, protocol.sanitize(text)))
+        data = protocol.private(self.nick, target.nick, protocol.sanitize(text))
+        target.conn.send(data)
+        if self.echo and target is not self:
+            self.conn.send(data)
 
     def cmd_me(self, arg: str) -> None:
         action = protocol.sanitize(arg).strip()
         if action:
-            self.server.room.broadcast(protocol.action(self.nick, action), exclude=self)
+            self._relay(protocol.action(self.nick, action))
 
     def cmd_help(self, arg: str) -> None:
         self.reply(protocol.HELP_TEXT)
 
     def cmd_quit(self, arg: str) -> None:
         self.conn.close(protocol.notice("goodbye"))
+
+    def cmd_cap(self, arg: str) -> None:
+        if arg.strip().lower() != protocol.CAP_ECHO:
+            self.reply(f"{protocol.CAP_REPLY}unknown capability {protocol.sanitize(arg)!r}; known: {protocol.CAP_ECHO}")
+            return
+        self.echo = True
+        self.reply(protocol.cap_reply(protocol.CAP_ECHO, self.server.flood_rate, self.server.flood_burst))
+
+    def _relay(self, data: bytes) -> None:
+        """Send a line of ours to the room, and back to us too when we asked for ``/cap echo``."""
+        self.server.room.broadcast(data, exclude=None if self.echo else self)
 
 
 # Command name (without the slash) -> handler: the whole command set, in one table.
@@ -320,6 +338,7 @@ COMMANDS: dict[str, Callable[[Session, str], None]] = {
     "me": Session.cmd_me,
     "help": Session.cmd_help,
     "quit": Session.cmd_quit,
+    protocol.CAP_COMMAND: Session.cmd_cap,
 }
 
 
@@ -364,8 +383,11 @@ class ChatServer:
         flood_burst: float = FLOOD_BURST,
         outbox_limit: int = OUTBOX_LIMIT,
         announce_limit: int = ANNOUNCE_LIMIT,
+        dual_stack: bool = False,
     ) -> None:
         self.host = host
+        # host "::" with dual_stack: one socket for IPv6 and IPv4 (IPV6_V6ONLY off), where the OS allows it.
+        self.dual_stack = dual_stack
         self.port = port
         self.ssl_context = ssl_context
         self.max_clients = max_clients
@@ -400,9 +422,15 @@ class ChatServer:
         """
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, self.port))
-        listener.listen(min(socket.SOMAXCONN, 4096))
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.dual_stack else 1)
+            listener.bind((self.host, self.port))
+            listener.listen(min(socket.SOMAXCONN, 4096))
+        except BaseException:
+            listener.close()
+            raise
         self._listener = listener
         self._start_handshakers()
         return self.address
@@ -458,6 +486,9 @@ class ChatServer:
                 while not self._stop_requested():
                     try:
                         sock, peer = listener.accept()
+                        # The seed's ('ip', port), also for IPv4 clients of a dual-stack socket
+                        # (::ffff:192.0.2.1): per-address limits and logs then see one address.
+                        peer = (addr.unmap(peer[0]), peer[1])
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError as exc:  # EMFILE and friends: back off, don't die
@@ -699,7 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the securechat server. TLS by default: with the default paths and no certificate yet, "
         "a local CA and a server certificate are minted into certs/ first.",
     )
-    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s, every interface)")
+    p.add_argument("--listen", metavar="ADDR", default=None,
+                   help="listen on this one address of this machine, e.g. 192.168.0.20 or ::1 (default: every "
+                   f"interface, IPv6 and IPv4: [::] and {DEFAULT_HOST}). Not a certificate name: that is "
+                   "'gen-certs --host'")
+    p.add_argument("--host", dest="listen", help=argparse.SUPPRESS)  # the older spelling of --listen
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
     p.add_argument("--cert", type=Path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
     p.add_argument("--key", type=Path, help=f"server private key, PEM (default: {DEFAULT_KEY})")
@@ -732,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="announce joins and leaves while at most N people are online, 0 for always "
                    "(default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
+    p.add_argument("--log-format", choices=console.LOG_FORMATS, default="console",
+                   help="log lines on stderr: 'console', readable ([SERVER] WARNING: ...), or 'json', one "
+                   "object a line for machines (default: %(default)s)")
     return p
 
 
@@ -775,14 +813,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plain and args.require_client_cert:
         parser.error("--require-client-cert needs TLS; it cannot be combined with --plain")
+    try:
+        args.listen, args.dual_stack = listen.plan(args.listen)
+    except listen.ListenError as exc:
+        parser.error(str(exc))
     listener = console.nonblocking_logging(logging.INFO if args.verbose else logging.WARNING,
-                                           "%(asctime)s %(levelname)s %(name)s: %(message)s")
+                                           console.log_formatter(args.log_format))
     console.stdout.start()  # now, so the process's thread count is steady from the first client on
     try:
         return _serve(args)
     finally:
         console.stdout.flush()
         listener.stop()
+
+
+def _bind(server: ChatServer, args: argparse.Namespace) -> OSError | None:
+    """Bind ``server``; the error, if any. Dual stack falls back to IPv4 where IPv6 is switched off."""
+    try:
+        server.bind()
+        return None
+    except OSError as exc:
+        if not args.dual_stack:
+            return exc
+    server.host, server.dual_stack, args.listen, args.dual_stack = DEFAULT_HOST, False, DEFAULT_HOST, False
+    try:
+        server.bind()
+    except OSError as exc:
+        return exc
+    return None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -797,14 +855,19 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, ssl.SSLError, ValueError) as exc:
         print(f"serve: cannot load the certificate: {describe_error(exc)}", file=sys.stderr)
         return 1
-    server = ChatServer(args.host, args.port, context, max_clients=args.max_clients, max_per_ip=args.max_per_ip,
+    server = ChatServer(args.listen, args.port, context, dual_stack=args.dual_stack,
+                        max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
                         flood_rate=args.flood_rate, flood_burst=args.flood_burst,
                         announce_limit=args.announce_limit)
-    try:
-        server.bind()
-    except OSError as exc:
-        print(f"serve: cannot listen on {args.host}:{args.port}: {describe_error(exc)}", file=sys.stderr)
+    failure = _bind(server, args)
+    if failure is not None:
+        where = addr.join(args.listen, args.port)
+        if failure.errno == errno.EADDRNOTAVAIL:
+            print(f"serve: cannot listen on {where}: {addr.host_text(args.listen)} is not an address of this "
+                  "machine; leave --listen out to listen on all of them", file=sys.stderr)
+        else:
+            print(f"serve: cannot listen on {where}: {describe_error(failure)}", file=sys.stderr)
         return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -841,7 +904,12 @@ def _serve(args: argparse.Namespace) -> int:
         if len(prints) > 1:  # the chain's CA: what --tofu remembers, and a --pin that survives renewal
             print(f"[SERVER] CA SHA-256 fingerprint: {prints[-1]}", flush=True)
     host, port = server.address
-    print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
+    for line in listen.banner(host, port, server.dual_stack):
+        print(line, flush=True)
+    for line in listen.connect_hint(host, port, server.dual_stack,
+                                    cert=None if context is None else args.cert or DEFAULT_CERT,
+                                    mutual=args.require_client_cert):
+        print(line, flush=True)
     server.serve_forever(signal_fd=signal_r)
     signal.set_wakeup_fd(-1)
     os.close(signal_r)
