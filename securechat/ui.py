@@ -259,7 +259,8 @@ class Pacer:
             return 0.0
         self._tokens = min(self.burst, self._tokens + (now - self.now) * self.rate)
         self.now = now
-        return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self.rate
+        # (the epsilon: waiting exactly the computed time must be enough, despite float rounding)
+        return 0.0 if self._tokens >= 1.0 - 1e-9 else (1.0 - self._tokens) / self.rate
 
     def spend(self) -> None:
         """One line went out."""

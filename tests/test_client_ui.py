@@ -193,3 +193,197 @@ def test_plain_client_reaching_a_tls_server_says_so_before_asking_for_a_nick(cer
     assert "Enter your nickname" not in screen
     assert "drop --plain" in screen
     assert term.exit_status() == 1
+
+
+# -- what a terminal chat client is expected to have -------------------------------------------
+
+
+def test_timestamps_on_every_line_and_off_with_an_option(certs: Certs, tls_server: Served,
+                                                          terms: list[Tmux]) -> None:
+    _, port = tls_server
+    with peer(port, "bob", certs) as bob:
+        stamped = joined(terms, port, certs, "alice")
+        bare = joined(terms, port, certs, "carol", "--no-timestamps")
+        bob.send("tick")
+        for term in (stamped, bare):
+            term.wait_for("[bob] tick")
+        assert re.search(r"^\d\d:\d\d \[bob\] tick$", stamped.screen(), re.MULTILINE), stamped.screen()
+        assert re.search(r"^\d\d:\d\d \* carol joined$", stamped.screen(), re.MULTILINE)
+        assert re.search(r"^\[bob\] tick$", bare.screen(), re.MULTILINE), bare.screen()
+
+
+def test_day_change_line() -> None:
+    from datetime import datetime
+
+    from securechat.ui import Display
+
+    times = iter([datetime(2026, 11, 26, 23, 59), datetime(2026, 11, 27, 0, 1)])
+    display = Display(lambda: "alice", clock=lambda: next(times))
+    first = "".join(text for _, text in display.render("[bob] late").fragments)
+    second = "".join(text for _, text in display.render("[bob] early").fragments)
+    assert first == "23:59 [bob] late\n"
+    assert second == "--- Day changed to Friday 27 November 2026\n00:01 [bob] early\n"
+
+
+SGR = re.compile(r"\x1b\[([0-9;]*)m")
+
+
+def styled(screen: str, text: str) -> str:
+    """The SGR parameters in force where ``text`` starts on an ``escapes=True`` capture."""
+    plain, where, i = [], [], 0  # the text without escapes, and where each of its characters is
+    while i < len(screen):
+        m = SGR.match(screen, i)
+        if m:
+            i = m.end()
+            continue
+        plain.append(screen[i])
+        where.append(i)
+        i += 1
+    state: list[str] = []
+    for code in SGR.findall(screen[:where["".join(plain).index(text)]]):  # tmux writes only changes: replay them all
+        for param in code.split(";") if code else ["0"]:
+            if param in ("0", ""):
+                state = []
+            elif param == "39":
+                state = [p for p in state if not (30 <= int(p) <= 37 or 90 <= int(p) <= 97)]
+            elif param != "49":
+                state.append(param)
+    return ";".join(state)
+
+
+def test_nick_colours_are_stable_own_lines_stand_out_and_notices_are_dim(certs: Certs, tls_server: Served,
+                                                                          terms: list[Tmux]) -> None:
+    _, port = tls_server
+    with peer(port, "bob", certs) as bob, peer(port, "dave", certs) as dave:
+        first = joined(terms, port, certs, "alice", "--no-timestamps")
+        second = joined(terms, port, certs, "erin", "--no-timestamps")
+        bob.send("one")
+        dave.send("two")
+        first.type("mine\r")
+        for term in (first, second):
+            term.wait_for("[dave] two")
+        first.wait_for("[alice] mine")
+        a, b = first.screen(escapes=True), second.screen(escapes=True)
+        bob_colour = styled(a, "bob] one")
+        assert bob_colour and bob_colour == styled(b, "bob] one")  # same colour in every client
+        assert styled(a, "dave] two") == styled(b, "dave] two") != bob_colour
+        assert "7" in styled(a, "alice] mine").split(";")  # own nick: reverse video, whatever the palette
+        assert "90" in styled(a, "* erin joined").split(";")  # notices: dim grey
+
+
+def test_mention_is_highlighted_and_rings_the_bell_unless_turned_off(certs: Certs, tls_server: Served) -> None:
+    from tests.test_client_pty import Terminal, client_argv
+
+    _, port = tls_server
+    with peer(port, "bob", certs) as bob:
+        ringing = Terminal(client_argv(port, certs, "--nick", "alice"))
+        quiet = Terminal(client_argv(port, certs, "--nick", "carol", "--no-bell"))
+        try:
+            for term, nick in ((ringing, "alice"), (quiet, "carol")):
+                term.wait_prompt(term.wait_for(f"welcome, {nick}!"))
+            mark_r, mark_q = ringing.mark(), quiet.mark()
+            bob.send("nothing for anyone")
+            ringing.wait_for("nothing for anyone", start=mark_r)
+            quiet.wait_for("nothing for anyone", start=mark_q)
+            assert b"\x07" not in ringing.output[mark_r:]
+            mark_r, mark_q = ringing.mark(), quiet.mark()
+            bob.send("Alice, carol: look")
+            ringing.wait_for("look", start=mark_r)
+            quiet.wait_for("look", start=mark_q)
+            time.sleep(0.2)
+            assert b"\x07" in ringing.output[mark_r:]
+            assert b"\x07" not in quiet.output[mark_q:]
+            assert b"\x1b[0;31;1mAlice, carol: look" in quiet.output[mark_q:]  # highlighted in red
+            mark_r = ringing.mark()
+            bob.send("/msg alice psst")
+            ringing.wait_for("psst", start=mark_r)
+            time.sleep(0.2)
+            assert b"\x07" in ringing.output[mark_r:]  # a private message is a mention
+        finally:
+            ringing.close()
+            quiet.close()
+
+
+def test_tab_completes_commands_and_online_nicks(certs: Certs, tls_server: Served, terms: list[Tmux]) -> None:
+    _, port = tls_server
+    with peer(port, "bob", certs) as bob, peer(port, "bobby", certs):
+        term = joined(terms, port, certs, "alice")
+        term.type("/wh")
+        term.keys("Tab")
+        term.wait_until(lambda s: "alice> /who" in s, history=False)
+        term.keys("Enter")
+        term.wait_for("* 3 online: alice, bob, bobby")
+        term.type("bo")
+        term.keys("Tab")
+        screen = term.wait_until(lambda s: "alice> bob: " in s or "alice> bob:" in s, history=False)
+        assert "bob  bobby" in screen  # the choices, on the status line
+        term.keys("Tab")
+        term.wait_until(lambda s: "alice> bobby:" in s, history=False)
+        term.keys("Tab")
+        term.wait_until(lambda s: "alice> bob:" in s and "bobby:" not in s.split("alice> ")[-1], history=False)
+        term.type("hi")
+        term.keys("Enter")
+        expect(bob, "[alice] bob: hi")
+
+
+def test_a_long_paste_can_be_refused_and_a_short_one_is_not_asked(certs: Certs, tls_server: Served,
+                                                                   terms: list[Tmux]) -> None:
+    _, port = tls_server
+    with peer(port, "bob", certs) as bob:
+        term = joined(terms, port, certs, "alice", "--paste-verify", "3")
+        expect(bob, "* alice joined")
+        term.paste("a1\na2\na3\na4")
+        term.wait_for("Send 4 pasted lines? y = send, n = discard", history=False)
+        term.type("n")
+        term.wait_for("-!- paste of 4 lines discarded")
+        assert silent(bob, 0.3) == []
+        term.paste("b1\nb2\nb3")
+        term.keys("Enter")
+        assert [expect(bob, f"[alice] b{i}") for i in (1, 2, 3)]
+        assert "Send 3" not in term.screen(history=True)
+
+
+def test_scrollback_survives_resizes(certs: Certs, start_server, terms: list[Tmux]) -> None:
+    _, port = start_server(certs.server_context(), flood_rate=0)  # bob's 40 lines at once
+    with peer(port, "bob", certs) as bob:
+        term = joined(terms, port, certs, "alice", width=100, height=20)
+        for i in range(40):
+            bob.send(f"history line {i:02d}")
+        term.wait_for("history line 39")
+        for width, height in ((60, 12), (130, 30), (80, 24)):
+            term.resize(width, height)
+            time.sleep(0.3)
+        term.type("after\r")
+        screen = term.wait_for("[alice] after")
+        lines = chat_lines(screen)
+        for i in range(40):
+            assert lines.count(f"[bob] history line {i:02d}") == 1, screen
+        wait_prompt(term, "alice")
+
+
+def test_no_colour_and_no_bell_when_stdout_is_not_a_terminal(certs: Certs, tls_server: Served) -> None:
+    import os
+    import pty
+    import subprocess
+
+    from tests.test_client_pty import client_argv
+
+    _, port = tls_server
+    with peer(port, "bob", certs) as bob:
+        master, slave = pty.openpty()  # stdin is a terminal, stdout a pipe: line mode
+        proc = subprocess.Popen(client_argv(port, certs, "--nick", "alice"), stdin=slave, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, "TERM": "xterm-256color"})
+        os.close(slave)
+        try:
+            expect(bob, "* alice joined")
+            bob.send("alice: are you there?")
+            bob.send("/msg alice psst")
+            time.sleep(0.5)
+            os.write(master, b"\x04")  # EOF
+            out, _ = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            os.close(master)
+        assert b"[bob] alice: are you there?\n" in out and b"[bob -> alice] psst\n" in out
+        assert b"\x1b" not in out and b"\x07" not in out
