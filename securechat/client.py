@@ -661,8 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     screen = p.add_argument_group(
         "in a terminal", "Lines show as sent once the server has relayed them; a long paste is paced to the "
         "server's flood limit (\"sending N lines...\") and a line the server dropped is marked \"not "
-        "delivered\". Tab completes /commands and nicknames; the terminal's scrollback keeps the history "
-        "(Shift-PgUp, or tmux copy mode). With stdin or stdout not a terminal, lines are read and printed "
+        "delivered\". Each nick keeps its colour, yours is in reverse video, notices are dim, and a line "
+        "naming you is highlighted. Tab completes /commands and nicknames; the terminal's scrollback keeps the "
+        "history (Shift-PgUp, or tmux copy mode). With stdin or stdout not a terminal, lines are read and printed "
         "plain: no colour, no bell, no timestamps.")
     screen.add_argument("--timestamps", action=argparse.BooleanOptionalAction, default=True,
                         help="show HH:MM before each line, and a line when the day changes (default: on)")
