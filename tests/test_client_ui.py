@@ -107,17 +107,26 @@ def test_multi_line_paste_is_sent_and_shown_line_by_line(certs: Certs, tls_serve
         assert shown == received  # what the sender sees is exactly what the others got
 
 
-def test_escape_sequence_at_the_prompt_is_harmless(certs: Certs, tls_server: Served, terms: list[Tmux]) -> None:
+@pytest.mark.parametrize(("typed", "relayed"), [
+    ("abc\x1b[31mdef", "abc[31mdef"),  # looks like a mouse report to prompt_toolkit: it used to crash
+    ("x\x1b[<0;1;1My", "x[<0;1;1My"),  # an SGR mouse report, with mouse reporting off
+    ("a\x1b[2Jb", "a[2Jb"),  # ESC is a key of its own (ignored here); what follows is text
+    ("t\x1b]0;pwned\x07u", "t]0;pwnedu"),
+])
+def test_escape_sequence_at_the_prompt_is_harmless(certs: Certs, tls_server: Served, terms: list[Tmux],
+                                                   typed: str, relayed: str) -> None:
     _, port = tls_server
     with peer(port, "bob", certs) as bob:
         term = joined(terms, port, certs, "alice")
-        term.type("abc\x1b[31mdef")
+        term.type(typed)
         term.keys("Enter")
         line = expect(bob, lambda line: line.startswith("[alice]"))
-        assert line == "[alice] abc[31mdef"  # the rest of the line survives; the escape does not
+        assert line == f"[alice] {relayed}"  # the rest of the line survives
         screen = term.wait_for(line)
         assert "Traceback" not in screen and "Unhandled exception" not in screen
         assert "Press ENTER" not in screen
+        term.type("still here\r")
+        expect(bob, "[alice] still here")
 
 
 def test_fast_typing_leaves_nothing_on_stray_lines(certs: Certs, tls_server: Served, terms: list[Tmux]) -> None:
