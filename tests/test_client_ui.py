@@ -396,3 +396,23 @@ def test_no_colour_and_no_bell_when_stdout_is_not_a_terminal(certs: Certs, tls_s
             os.close(master)
         assert b"[bob] alice: are you there?\n" in out and b"[bob -> alice] psst\n" in out
         assert b"\x1b" not in out and b"\x07" not in out
+
+
+def test_up_recalls_a_line_and_an_overlong_line_is_not_sent(certs: Certs, tls_server: Served,
+                                                            terms: list[Tmux]) -> None:
+    _, port = tls_server
+    with peer(port, "bob", certs) as bob:
+        term = joined(terms, port, certs, "alice")
+        expect(bob, "* alice joined")
+        term.type("first\r")
+        expect(bob, "[alice] first")
+        term.keys("Up")
+        term.wait_until(lambda s: "alice> first" in s, history=False)
+        term.keys("Enter")
+        expect(bob, "[alice] first")
+        term.paste("x" * 5000)  # over the protocol's 4096 bytes: the server would cut us off
+        term.keys("Enter")
+        term.wait_for("-!- not sent: line too long (5001 bytes, at most 4096)")
+        assert silent(bob, 0.3) == []
+        term.type("still connected\r")
+        expect(bob, "[alice] still connected")
