@@ -198,6 +198,13 @@ class ChatClient:
         self._saw_shutdown = False
         self._last_notice = ""  # the server's last word, to explain why it closed the connection
         self._pending_lines: list[str] = []  # lines read by register() past its answer
+        # "/cap echo" (protocol.CAP_ECHO): asked after every welcome when want_echo is set (so also
+        # after a reconnection); its answer is consumed here, not delivered.
+        self.want_echo = False
+        self.echo = False  # the server copies our own lines back, exactly as relayed
+        self.flood_limit: tuple[float, float] | None = None  # (lines/s, burst) the server advertised
+        self._caps_asked = 0
+        self._caps_answered = threading.Event()
 
     # -- connecting -----------------------------------------------------------------------
 
@@ -298,6 +305,8 @@ class ChatClient:
         """Connection thread: decode, sanitise (the server is not trusted with our terminal), deliver."""
         for raw in lines:
             line = protocol.sanitize(protocol.decode(raw))
+            if self._capabilities(line):
+                continue
             if protocol.is_notice(line):
                 self._last_notice = line[len(protocol.NOTICE_PREFIX):]
                 if self._last_notice.startswith(protocol.SHUTDOWN):
@@ -313,6 +322,28 @@ class ChatClient:
                     self.on_line(line)
                 else:
                     self._lines.put(line)
+
+    def _capabilities(self, line: str) -> bool:
+        """Connection thread: ask for ``/cap echo`` after a welcome; True for its answer (consumed)."""
+        if self.want_echo and self._conn is not None and protocol.welcome_nick(line) is not None:
+            self._caps_asked += 1
+            self._conn.send(protocol.encode(f"/{protocol.CAP_COMMAND} {protocol.CAP_ECHO}"))
+            return False
+        if not self._caps_asked:
+            return False
+        cap = protocol.parse_cap_reply(line)
+        if cap is None and not line.startswith(("* unknown command /cap", "* " + protocol.CAP_REPLY)):
+            return False
+        self._caps_asked -= 1
+        self.echo = cap is not None and cap[0] == protocol.CAP_ECHO
+        if cap is not None:
+            self.flood_limit = (cap[1], cap[2])
+        self._caps_answered.set()
+        return True
+
+    def wait_capabilities(self, timeout: float) -> bool:
+        """After :meth:`register` with ``want_echo``: wait for the server's answer; True once it came."""
+        return self._caps_answered.wait(timeout)
 
     # -- registering ------------------------------------------------------------------------
 

@@ -279,7 +279,6 @@ class TerminalUI(_Frontend):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.echo = False  # the server copies our lines back (/cap echo)
         self.pacer = Pacer(0.0, 1.0, time.monotonic())
         self.display = Display(lambda: self.client.nick, timestamps=getattr(self.args, "timestamps", True),
                                bell=getattr(self.args, "bell", True))
@@ -305,11 +304,12 @@ class TerminalUI(_Frontend):
         self.connect()
         print(f"Connected ({'TLS' if self.context else 'NOT ENCRYPTED'}).", flush=True)
         session: PromptSession[str] = PromptSession()
+        self.client.want_echo = True
         nick = self._choose_nick(session, self.wanted_nick)
         if nick is None:
             return self.leave()
-        early = self._negotiate()
-        self._chat(early)
+        self._negotiate()
+        self._chat()
         if self._ended or self.client.closed:
             self.client.close()
             self.client._raise_ended()
@@ -335,28 +335,14 @@ class TerminalUI(_Frontend):
                 print(f"Nickname refused: {exc.reason}. Choose another.", flush=True)
                 nick = None
 
-    def _negotiate(self) -> list[str]:
-        """Ask for ``/cap echo``; return the lines that arrived meanwhile (the welcome first)."""
-        self.client.send(f"/{protocol.CAP_COMMAND} {protocol.CAP_ECHO}")
-        held: list[str] = []
-        deadline = time.monotonic() + CAP_WAIT
-        while (left := deadline - time.monotonic()) > 0:
-            line = self.client.recv_line(left)
-            if line is None:
-                break
-            cap = protocol.parse_cap_reply(line)
-            if cap is not None and cap[0] == protocol.CAP_ECHO:
-                self.echo = True
-                self.pacer = Pacer(cap[1], cap[2], time.monotonic())
-                break
-            if line.startswith(("* unknown command /cap", "* " + protocol.CAP_REPLY)):
-                break  # a server without the capability: show our own lines locally
-            held.append(line)
-        return held
+    def _negotiate(self) -> None:
+        """Wait for the answer to ``/cap echo`` (ChatClient asks right after the welcome)."""
+        if self.client.wait_capabilities(CAP_WAIT) and self.client.flood_limit is not None:
+            self.pacer = Pacer(*self.client.flood_limit, time.monotonic())
 
     # -- chatting --------------------------------------------------------------------------
 
-    def _chat(self, early: list[str]) -> None:
+    def _chat(self) -> None:
         from prompt_toolkit.application import Application
         from prompt_toolkit.buffer import Buffer
         from prompt_toolkit.document import Document
@@ -370,8 +356,6 @@ class TerminalUI(_Frontend):
         from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl
         from prompt_toolkit.layout.dimension import Dimension
 
-        for line in early:
-            self._received(line)
         buffer = Buffer(multiline=False, history=InMemoryHistory(), accept_handler=self._accept,
                         on_text_changed=lambda _: self._typed())
         self.buffer = buffer
@@ -589,7 +573,7 @@ class TerminalUI(_Frontend):
                 self.pacer.spend()
                 if not self.client.send(line):
                     break
-                if not self.echo:
+                if not self.client.echo:  # a server without /cap echo: show our own line ourselves
                     echo = own_echo(self.client.nick or "?", line)
                     if echo is not None:
                         self._received(echo)

@@ -96,3 +96,21 @@ def test_display_marks_mentions_own_lines_and_undelivered() -> None:
     undelivered = display.render("* not delivered (flood control): two").fragments
     assert undelivered[0][0] == "bold fg:ansired"
     assert split_input("one\r\ntwo\n\n  \nthree\n") == ["one", "two", "three"]
+
+
+def test_chat_client_asks_after_the_welcome_and_keeps_the_answer_to_itself(serve) -> None:
+    from securechat.client import ChatClient
+    from tests.conftest import LOOPBACK
+
+    server = serve(tls=False, flood_rate=7, flood_burst=9)
+    client = ChatClient()
+    client.want_echo = True
+    client.connect(LOOPBACK, server.address[1], ssl_context=None, timeout=5)
+    assert client.register("alice", timeout=5) == "alice"
+    assert client.wait_capabilities(5)
+    assert client.echo and client.flood_limit == (7.0, 9.0)
+    client.send("hi")
+    lines = [client.recv_line(2) for _ in range(2)]
+    assert lines[0].startswith("* welcome, alice!")
+    assert lines[1] == "[alice] hi"  # the "* cap: ..." answer was consumed, not delivered
+    client.close()
