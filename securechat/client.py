@@ -873,7 +873,7 @@ class _Frontend:
         args = self.args
         self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout,
                             verify=self.verify)
-        if self.context is not None:
+        if self.client.tls:
             self.client.wait_greeting(self.args.timeout)
         elif not self.client.wait_greeting(min(PLAIN_GREETING_WAIT, self.args.timeout)):
             # Before the nickname goes out in clear: a TLS server waits for a ClientHello, silently.

@@ -28,22 +28,33 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.application import Application
+from prompt_toolkit.application.current import set_app
+from prompt_toolkit.buffer import Buffer
+from prompt_toolkit.document import Document
+from prompt_toolkit.filters import Condition
+from prompt_toolkit.formatted_text import FormattedText, StyleAndTextTuples
+from prompt_toolkit.history import InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent, merge_key_bindings
+from prompt_toolkit.key_binding.defaults import load_key_bindings
+from prompt_toolkit.keys import Keys
+from prompt_toolkit.layout import HSplit, Layout, VSplit, Window
+from prompt_toolkit.layout.containers import ConditionalContainer
+from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl
+from prompt_toolkit.layout.dimension import Dimension
+from prompt_toolkit.shortcuts import print_formatted_text
 
 from securechat import addr, protocol
 from securechat.client import (
-    EXIT_OK,
     NOTICE_STYLE,
-    ChatClient,
     NickRefused,
     _Frontend,
     _is_quit,
     nick_style,
     own_echo,
 )
-
-if TYPE_CHECKING:
-    from prompt_toolkit.formatted_text import StyleAndTextTuples
 
 # irssi's paste_verify_line_count default: a paste of more lines than this asks before sending.
 PASTE_VERIFY_LINES = 5
@@ -293,16 +304,22 @@ class TerminalUI(_Frontend):
         self._out: list[Shown] = []
         self._flushing = False
         self._ended = False
-        self._app: object = None
+        self._app: Application[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def app(self) -> Application[None]:
+        """The running application (only used once :meth:`_chat` has made it)."""
+        assert self._app is not None
+        return self._app
 
     # -- joining ---------------------------------------------------------------------------
 
     def run(self) -> int:
-        from prompt_toolkit import PromptSession
 
         print(f"Connecting to {addr.join(self.args.host, self.args.port)}...", flush=True)
         self.connect()
-        print(f"Connected ({'TLS' if self.context else 'NOT ENCRYPTED'}).", flush=True)
+        print(f"Connected ({'TLS' if self.client.tls else 'NOT ENCRYPTED'}).", flush=True)
         session: PromptSession[str] = PromptSession()
         self.client.want_echo = True
         nick = self._choose_nick(session, self.wanted_nick)
@@ -315,12 +332,12 @@ class TerminalUI(_Frontend):
             self.client._raise_ended()
         return self.leave()
 
-    def _choose_nick(self, session: object, nick: str | None) -> str | None:
+    def _choose_nick(self, session: PromptSession[str], nick: str | None) -> str | None:
         """Ask (or use --nick) until the server accepts one; None when the user gives up."""
         while True:
             if nick is None:
                 try:
-                    nick = session.prompt("Enter your nickname: ").strip()  # type: ignore[attr-defined]
+                    nick = session.prompt("Enter your nickname: ").strip()
                 except (EOFError, KeyboardInterrupt):
                     return None
             error = protocol.nick_error(nick)
@@ -343,18 +360,6 @@ class TerminalUI(_Frontend):
     # -- chatting --------------------------------------------------------------------------
 
     def _chat(self) -> None:
-        from prompt_toolkit.application import Application
-        from prompt_toolkit.buffer import Buffer
-        from prompt_toolkit.document import Document
-        from prompt_toolkit.filters import Condition
-        from prompt_toolkit.history import InMemoryHistory
-        from prompt_toolkit.key_binding import KeyBindings, merge_key_bindings
-        from prompt_toolkit.key_binding.defaults import load_key_bindings
-        from prompt_toolkit.keys import Keys
-        from prompt_toolkit.layout import HSplit, Layout, VSplit, Window
-        from prompt_toolkit.layout.containers import ConditionalContainer
-        from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl
-        from prompt_toolkit.layout.dimension import Dimension
 
         buffer = Buffer(multiline=False, history=InMemoryHistory(), accept_handler=self._accept,
                         on_text_changed=lambda _: self._typed())
@@ -363,7 +368,7 @@ class TerminalUI(_Frontend):
         kb = KeyBindings()
 
         @kb.add("tab", filter=~confirming)
-        def _tab(event: object) -> None:
+        def _tab(event: KeyPressEvent) -> None:
             done = self.completer.complete(buffer.text, buffer.cursor_position)
             if done is not None:
                 self._completing = True
@@ -371,8 +376,8 @@ class TerminalUI(_Frontend):
                 self._completing = False
 
         @kb.add(Keys.BracketedPaste)
-        def _paste(event: object) -> None:
-            data = event.data.replace("\r\n", "\n").replace("\r", "\n")  # type: ignore[attr-defined]
+        def _paste(event: KeyPressEvent) -> None:
+            data = event.data.replace("\r\n", "\n").replace("\r", "\n")
             if data.endswith("\n"):
                 data = data[:-1]  # the newline copied along with the last line
             if self.paste_verify and data.count("\n") + 1 > self.paste_verify and self._paste is None:
@@ -382,14 +387,14 @@ class TerminalUI(_Frontend):
                 buffer.insert_text(data)
 
         @kb.add(Keys.Vt100MouseEvent)
-        def _not_mouse(event: object) -> None:
+        def _not_mouse(event: KeyPressEvent) -> None:
             # Mouse reporting is off, so this is text that merely looks like a mouse report, such as
             # a typed or pasted "ESC [ 3 1 m" (prompt_toolkit's own handler would crash on it): keep
             # what is printable, drop the escape.
-            buffer.insert_text(protocol.sanitize(event.data.replace("\x1b", "")))  # type: ignore[attr-defined]
+            buffer.insert_text(protocol.sanitize(event.data.replace("\x1b", "")))
 
         @kb.add("y", filter=confirming)
-        def _yes(event: object) -> None:
+        def _yes(event: KeyPressEvent) -> None:
             text, self._paste = self._paste or "", None
             buffer.reset()
             self._submit_all(text)
@@ -397,26 +402,26 @@ class TerminalUI(_Frontend):
         @kb.add("n", filter=confirming)
         @kb.add("escape", filter=confirming, eager=True)
         @kb.add("c-c", filter=confirming)
-        def _no(event: object) -> None:
+        def _no(event: KeyPressEvent) -> None:
             lines = len(split_input(self._paste or ""))
             self._paste = None
             self._print(self.display.local(f"paste of {lines} lines discarded"))
 
         @kb.add("<any>", filter=confirming)
         @kb.add("enter", filter=confirming)
-        def _ignore(event: object) -> None:
+        def _ignore(event: KeyPressEvent) -> None:
             pass  # while asking about a paste, only y/n count
 
         @kb.add("c-c", filter=~confirming)
-        def _interrupt(event: object) -> None:
-            event.app.exit()  # type: ignore[attr-defined]
+        def _interrupt(event: KeyPressEvent) -> None:
+            event.app.exit()
 
         @kb.add("c-d", filter=~confirming)
-        def _eof(event: object) -> None:
+        def _eof(event: KeyPressEvent) -> None:
             if buffer.text:
                 buffer.delete()
             else:
-                event.app.exit()  # type: ignore[attr-defined]
+                event.app.exit()
 
         def prompt() -> StyleAndTextTuples:
             me = self.client.nick or "?"
@@ -439,7 +444,6 @@ class TerminalUI(_Frontend):
                                              key_bindings=merge_key_bindings([load_key_bindings(), kb]),
                                              full_screen=False, erase_when_done=True, mouse_support=False)
         self._app = app
-        self._loop: asyncio.AbstractEventLoop | None = None
 
         def pre_run() -> None:
             self._loop = asyncio.get_running_loop()
@@ -489,13 +493,13 @@ class TerminalUI(_Frontend):
                 pass
 
     def _end(self) -> None:
-        from prompt_toolkit.application.current import set_app
-
         self._ended = True
         app = self._app
-        with set_app(app):  # type: ignore[arg-type]
-            if app.is_running and not app.future.done():  # type: ignore[attr-defined]
-                app.exit()  # type: ignore[attr-defined]
+        if app is None:
+            return
+        with set_app(app):
+            if app.is_running and app.future is not None and not app.future.done():
+                app.exit()
 
     def _received(self, line: str) -> None:
         self.roster.feed(line)
@@ -505,15 +509,13 @@ class TerminalUI(_Frontend):
         """Print above the input line; lines arriving together are printed in one redraw."""
         self._out.append(shown)
         app = self._app
-        if app is None or not app.is_running or self._loop is None:  # type: ignore[attr-defined]
+        if app is None or not app.is_running or self._loop is None:
             self._flush()
         elif not self._flushing:
             self._flushing = True
             self._loop.call_soon(self._flush)  # after the lines already waiting in the loop
 
     def _flush(self) -> None:
-        from prompt_toolkit.formatted_text import FormattedText
-        from prompt_toolkit.shortcuts import print_formatted_text
 
         self._flushing = False
         shown, self._out = self._out, []
@@ -522,16 +524,16 @@ class TerminalUI(_Frontend):
         text = FormattedText([frag for s in shown for frag in s.fragments])
         bell = any(s.bell for s in shown)
         app = self._app
-        if app is not None and app.is_running:  # type: ignore[attr-defined]
+        if app is not None and app.is_running:
             # What run_in_terminal does, minus its switch to cooked mode: in cooked mode the terminal
             # itself echoes keys typed meanwhile, and they stay on the screen as stray lines.
-            app.renderer.erase()  # type: ignore[attr-defined]
-            app.print_text(text)  # type: ignore[attr-defined]
+            app.renderer.erase()
+            app.print_text(text)
             if bell:
-                app.output.bell()  # type: ignore[attr-defined]
-            app.output.flush()  # type: ignore[attr-defined]
-            app.renderer.reset()  # type: ignore[attr-defined]
-            app.invalidate()  # type: ignore[attr-defined]
+                app.output.bell()
+            app.output.flush()
+            app.renderer.reset()
+            app.invalidate()
         else:
             print_formatted_text(text, end="")
             if bell:
@@ -539,14 +541,14 @@ class TerminalUI(_Frontend):
 
     # -- sending ---------------------------------------------------------------------------
 
-    def _accept(self, buffer: object) -> bool:
-        self._submit_all(buffer.text)  # type: ignore[attr-defined]
+    def _accept(self, buffer: Buffer) -> bool:
+        self._submit_all(buffer.text)
         return False  # clear the input line
 
     def _submit_all(self, text: str) -> None:
         for line in split_input(text):
             if _is_quit(line):
-                self._app.exit()  # type: ignore[attr-defined]
+                self.app.exit()
                 return
             size = len(protocol.encode(line))
             if size > protocol.MAX_LINE_BYTES:
@@ -557,7 +559,7 @@ class TerminalUI(_Frontend):
             self._batch += 1
         if self._queue and not self._pumping:
             self._pumping = True
-            self._app.create_background_task(self._pump())  # type: ignore[attr-defined]
+            self.app.create_background_task(self._pump())
 
     async def _pump(self) -> None:
         """Send queued lines as fast as the server's flood limit allows, in order."""
@@ -566,7 +568,7 @@ class TerminalUI(_Frontend):
                 wait = self.pacer.wait(time.monotonic())
                 if wait > 0:
                     self._waiting = True  # only now is there something to show: "sending N lines..."
-                    self._app.invalidate()  # type: ignore[attr-defined]
+                    self.app.invalidate()
                     await asyncio.sleep(wait)
                     continue
                 line = self._queue.popleft()
@@ -581,7 +583,5 @@ class TerminalUI(_Frontend):
             self._pumping = self._waiting = False
             if not self._queue:
                 self._batch = 0
-            self._app.invalidate()  # type: ignore[attr-defined]
+            self.app.invalidate()
 
-
-__all__ = ["ChatClient", "Display", "Pacer", "Roster", "TabCompleter", "TerminalUI", "EXIT_OK"]
