@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import queue
 import socket
 import ssl
@@ -831,7 +832,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _err(str(exc))
             return EXIT_FAILURE
     frontend: _Frontend
-    if sys.stdin.isatty() and sys.stdout.isatty():
+    # TERM=dumb (Emacs shell, some IDE consoles): a terminal that cannot move the cursor or colour.
+    if sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb":
         from securechat.ui import TerminalUI
 
         frontend = TerminalUI(args, context, verify)

@@ -370,7 +370,9 @@ def test_scrollback_survives_resizes(certs: Certs, start_server, terms: list[Tmu
         wait_prompt(term, "alice")
 
 
-def test_no_colour_and_no_bell_when_stdout_is_not_a_terminal(certs: Certs, tls_server: Served) -> None:
+@pytest.mark.parametrize(("term", "stdout_tty"), [("xterm-256color", False), ("dumb", False), ("dumb", True)])
+def test_no_colour_and_no_bell_when_stdout_is_not_a_terminal(certs: Certs, tls_server: Served, term: str,
+                                                              stdout_tty: bool) -> None:
     import os
     import pty
     import subprocess
@@ -379,9 +381,11 @@ def test_no_colour_and_no_bell_when_stdout_is_not_a_terminal(certs: Certs, tls_s
 
     _, port = tls_server
     with peer(port, "bob", certs) as bob:
-        master, slave = pty.openpty()  # stdin is a terminal, stdout a pipe: line mode
-        proc = subprocess.Popen(client_argv(port, certs, "--nick", "alice"), stdin=slave, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env={**os.environ, "TERM": "xterm-256color"})
+        master, slave = pty.openpty()  # stdin a terminal; stdout a pipe, or a terminal that says it is dumb
+        out_r, out_w = pty.openpty() if stdout_tty else os.pipe()
+        proc = subprocess.Popen(client_argv(port, certs, "--nick", "alice"), stdin=slave, stdout=out_w,
+                                stderr=subprocess.PIPE, env={**os.environ, "TERM": term})
+        os.close(out_w)
         os.close(slave)
         try:
             expect(bob, "* alice joined")
@@ -389,11 +393,22 @@ def test_no_colour_and_no_bell_when_stdout_is_not_a_terminal(certs: Certs, tls_s
             bob.send("/msg alice psst")
             time.sleep(0.5)
             os.write(master, b"\x04")  # EOF
-            out, _ = proc.communicate(timeout=10)
+            proc.communicate(timeout=10)
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(out_r, 65536)
+                except OSError:  # a pty's EIO once the child has gone
+                    break
+                if not chunk:
+                    break
+                out += chunk
         finally:
             if proc.poll() is None:
                 proc.kill()
             os.close(master)
+            os.close(out_r)
+        out = out.replace(b"\r\n", b"\n")
         assert b"[bob] alice: are you there?\n" in out and b"[bob -> alice] psst\n" in out
         assert b"\x1b" not in out and b"\x07" not in out
 
