@@ -16,6 +16,7 @@ first line              the nickname (asked again until one is accepted)
 ``/help``               list the commands
 ``/quit`` or ``exit``   leave
 ``//text``              a chat line that starts with ``/``
+``/cap echo``           (client programs) get our own lines back as relayed, see CAP_ECHO
 =====================  =================================================================
 
 Lines from the server that start with ``* `` are server notices; no client can produce one,

@@ -431,3 +431,22 @@ def test_up_recalls_a_line_and_an_overlong_line_is_not_sent(certs: Certs, tls_se
         assert silent(bob, 0.3) == []
         term.type("still connected\r")
         expect(bob, "[alice] still connected")
+
+
+def test_a_server_without_cap_echo_gets_local_echo(certs: Certs, tls_server: Served, terms: list[Tmux],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from securechat import server as server_module
+
+    monkeypatch.delitem(server_module.COMMANDS, "cap")  # the server as it was before /cap existed
+    _, port = tls_server
+    with peer(port, "bob", certs) as bob:
+        term = joined(terms, port, certs, "alice")
+        term.type("hello\r")
+        expect(bob, "[alice] hello")
+        screen = term.wait_for("[alice] hello")
+        assert "unknown command" not in screen  # the client's own question is not shown
+        term.type("/nick alicia\r")
+        wait_prompt(term, "alicia")
+        term.type("again\r")
+        expect(bob, "[alicia] again")
+        term.wait_for("[alicia] again")
