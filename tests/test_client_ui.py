@@ -158,19 +158,20 @@ def test_private_message_to_nobody_is_not_shown_as_sent(certs: Certs, tls_server
         term.wait_for("[alice -> bob] psst")
 
 
-def test_long_paste_is_paced_to_the_flood_limit_and_nothing_dropped(certs: Certs, start_server,
-                                                                    terms: list[Tmux]) -> None:
-    _, port = start_server(certs.server_context(), flood_rate=8, flood_burst=6)
+@pytest.mark.parametrize(("rate", "burst", "count"), [(10, 20, 30), (8, 6, 24)])  # the defaults; a tight one
+def test_long_paste_is_paced_to_the_flood_limit_and_nothing_dropped(certs: Certs, start_server, terms: list[Tmux],
+                                                                    rate: int, burst: int, count: int) -> None:
+    _, port = start_server(certs.server_context(), flood_rate=rate, flood_burst=burst)
     with peer(port, "bob", certs) as bob:
         term = joined(terms, port, certs, "alice")
-        lines = [f"line {i:02d}" for i in range(24)]
+        lines = [f"line {i:02d}" for i in range(count)]
         term.paste("\n".join(lines))
-        term.wait_for("Send 24 pasted lines?", history=False)
+        term.wait_for(f"Send {count} pasted lines?", history=False)
         term.type("y")
-        term.wait_for("sending 24 lines...", history=False)
+        term.wait_for(f"sending {count} lines...", history=False)
         for line in lines:
             expect(bob, f"[alice] {line}", timeout=10)
-        screen = term.wait_for("[alice] line 23")
+        screen = term.wait_for(f"[alice] line {count - 1}")
         assert "slow down" not in screen and "not delivered" not in screen
         term.wait_until(lambda s: "sending" not in s, history=False)
 
