@@ -158,7 +158,7 @@ def test_private_message_to_nobody_is_not_shown_as_sent(certs: Certs, tls_server
         term.wait_for("[alice -> bob] psst")
 
 
-@pytest.mark.parametrize(("rate", "burst", "count"), [(10, 20, 30), (8, 6, 24)])  # the defaults; a tight one
+@pytest.mark.parametrize(("rate", "burst", "count"), [(10, 20, 30), (8, 6, 18)])  # the defaults; a tight one
 def test_long_paste_is_paced_to_the_flood_limit_and_nothing_dropped(certs: Certs, start_server, terms: list[Tmux],
                                                                     rate: int, burst: int, count: int) -> None:
     _, port = start_server(certs.server_context(), flood_rate=rate, flood_burst=burst)
