@@ -21,13 +21,16 @@ connection and the terminal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import re
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TextIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import Application
@@ -279,6 +282,30 @@ class Pacer:
             self._tokens -= 1.0
 
 
+@contextlib.contextmanager
+def _no_echo(stream: TextIO) -> Iterator[None]:
+    """The terminal neither echoes nor collects lines (signals still work: Ctrl-C interrupts)."""
+    try:
+        import termios  # POSIX only; elsewhere there is no line discipline to quieten
+    except ImportError:
+        yield
+        return
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+    except (AttributeError, OSError, ValueError, termios.error):  # not a terminal: nothing to do
+        yield
+        return
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)
+    quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 1, 0
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 def split_input(text: str) -> list[str]:
     """The chat lines in what was typed or pasted: one per line, blank ones dropped."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -316,17 +343,20 @@ class TerminalUI(_Frontend):
     # -- joining ---------------------------------------------------------------------------
 
     def run(self) -> int:
-
         print(f"Connecting to {addr.join(self.args.host, self.args.port)}...", flush=True)
         self.connect()
         print(f"Connected ({'TLS' if self.client.tls else 'NOT ENCRYPTED'}).", flush=True)
         session: PromptSession[str] = PromptSession()
         self.client.want_echo = True
-        nick = self._choose_nick(session, self.wanted_nick)
-        if nick is None:
-            return self.leave()
-        self._negotiate()
-        self._chat()
+        # From here until the chat line is up the terminal does not echo: keys typed between the
+        # nickname prompt and the chat line wait for the latter instead of showing as stray text.
+        # (prompt_toolkit's own raw mode nests inside and restores this one.)
+        with _no_echo(sys.stdin):  # whatever happens (a refusal, a lost connection), echo comes back
+            nick = self._choose_nick(session, self.wanted_nick)
+            if nick is None:
+                return self.leave()
+            self._negotiate()
+            self._chat()
         if self._ended or self.client.closed:
             self.client.close()
             self.client._raise_ended()

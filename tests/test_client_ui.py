@@ -451,3 +451,28 @@ def test_a_server_without_cap_echo_gets_local_echo(certs: Certs, tls_server: Ser
         term.type("again\r")
         expect(bob, "[alicia] again")
         term.wait_for("[alicia] again")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.03, 0.06])
+def test_typing_right_after_the_nickname_is_neither_lost_nor_echoed_raw(certs: Certs, tls_server: Served,
+                                                                         terms: list[Tmux], delay: float) -> None:
+    _, port = tls_server
+    with peer(port, "bob", certs) as bob:
+        term = start(terms, port, certs)
+        term.wait_for("Enter your nickname:")
+        term.type("alice\r")
+        time.sleep(delay)  # while the nickname is being registered
+        term.type("early bird\rsecond\r")  # before the chat line has even appeared
+        expect(bob, "[alice] early bird")
+        expect(bob, "[alice] second")
+        screen = term.wait_for("[alice] second")
+        assert [line for line in chat_lines(screen) if "early bird" in line] == ["[alice] early bird"], screen
+
+
+def test_ctrl_c_at_the_nickname_prompt_leaves_cleanly(certs: Certs, tls_server: Served, terms: list[Tmux]) -> None:
+    _, port = tls_server
+    term = start(terms, port, certs)
+    term.wait_for("Enter your nickname:")
+    term.keys("C-c")
+    assert term.exit_status() == 0
+    assert "Traceback" not in term.screen(history=True)
