@@ -1075,12 +1075,14 @@ def _serve(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop_from_signal()
 
-    # Both signals only wake the accept loop; the shutdown then runs in the main thread, so a
+    # These signals only wake the accept loop; the shutdown then runs in the main thread, so a
     # second Ctrl-C cannot interrupt it half-way with a traceback. The kernel may deliver a signal
     # to any thread, and Python runs handlers only in the main one: the wakeup pipe makes sure
-    # the main thread's poll() returns.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # the main thread's poll() returns. SIGHUP (the terminal closed, the ssh session dropped)
+    # would otherwise kill the server without a word to anyone: it is a shutdown like SIGTERM.
+    for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, on_signal)
     signal_r, signal_w = os.pipe()
     os.set_blocking(signal_r, False)
     os.set_blocking(signal_w, False)
@@ -1102,9 +1104,11 @@ def _serve(args: argparse.Namespace) -> int:
               "anyone on the network.", flush=True)
     else:
         prints = tls.file_fingerprints(args.cert or DEFAULT_CERT)
-        print(f"[SERVER] TLS certificate SHA-256 fingerprint: {prints[0]}", flush=True)
-        if len(prints) > 1:  # the chain's CA: what --tofu remembers, and a --pin that survives renewal
-            print(f"[SERVER] CA SHA-256 fingerprint: {prints[-1]}", flush=True)
+        # Which is which: the CA's is what --tofu remembers, and the --pin that survives renewal.
+        print(f"[SERVER] Server certificate SHA-256 fingerprint{'' if len(prints) > 1 else ' (for --pin)'}: "
+              f"{prints[0]}", flush=True)
+        if len(prints) > 1:
+            print(f"[SERVER] CA SHA-256 fingerprint (for --pin): {prints[-1]}", flush=True)
     host, port = server.address
     for line in listen.banner(host, port, server.dual_stack):
         print(line, flush=True)

@@ -74,8 +74,8 @@ def _join(port: int, ca: Path, nick: str) -> LineClient:
 def test_first_run_mints_certificates_then_serves_and_sigterm_exits_cleanly(run_serve, tmp_path: Path) -> None:
     served = run_serve()
     served.wait_for("[SERVER] No certificate in certs/")
-    fingerprint = served.wait_for("[SERVER] TLS certificate SHA-256 fingerprint: ").rsplit(" ", 1)[1]
-    ca_fingerprint = served.wait_for("[SERVER] CA SHA-256 fingerprint: ").rsplit(" ", 1)[1]
+    fingerprint = served.wait_for("[SERVER] Server certificate SHA-256 fingerprint").rsplit(" ", 1)[1]
+    ca_fingerprint = served.wait_for("[SERVER] CA SHA-256 fingerprint").rsplit(" ", 1)[1]
     assert ca_fingerprint == tls.file_fingerprint(tmp_path / "certs" / "ca.pem")
     assert served.wait_for("[SERVER] Waiting for connections on") == \
         f"[SERVER] Waiting for connections on {LOOPBACK}:{served.port}"
@@ -111,6 +111,25 @@ def test_ctrl_c_exits_zero_without_traceback(run_serve, cert_files: dict[str, Pa
     assert served.proc.wait(timeout=5) == 0
     _, err = served.proc.communicate()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_sighup_shuts_down_gracefully_like_sigterm(run_serve, cert_files: dict[str, Path]) -> None:
+    """The terminal closing (SIGHUP) tells everyone and exits 0; it used to kill the server silently."""
+    served = run_serve("--cert", str(cert_files["cert"]), "--key", str(cert_files["key"]))
+    served.wait_for("[SERVER] Waiting for connections")
+    alice = _join(served.port, cert_files["ca"], "alice")
+    bob = _join(served.port, cert_files["ca"], "bob")
+    alice.expect("* bob joined")
+    served.proc.send_signal(signal.SIGHUP)
+    for client in (alice, bob):
+        assert client.expect("* server") == "* server shutting down"
+        with pytest.raises(EOFError):
+            client.readline()
+    assert served.proc.wait(timeout=5) == 0
+    out, err = served.proc.communicate()
+    assert "[SERVER] Stopped" in out
+    assert "Traceback" not in err
 
 
 def test_second_run_reuses_the_certificates(run_serve, tmp_path: Path) -> None:
