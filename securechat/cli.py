@@ -10,7 +10,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from securechat import __version__, addr
+from securechat import __version__, addr, options
 
 # subcommand -> (module with main(argv) -> int, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,10 +31,10 @@ With no command, securechat asks whether to run as server or client.
 Run 'securechat COMMAND --help' for the options of a command.
 """
 
-# Exit statuses shared by every subcommand.
-EXIT_OK = 0
-EXIT_FAILURE = 1  # the command ran and failed (connection refused, certificate refused, ...)
-EXIT_USAGE = 2  # bad command line, as argparse does
+# Exit statuses shared by every subcommand (see securechat.options for the error-line convention).
+EXIT_OK = options.EXIT_OK
+EXIT_FAILURE = options.EXIT_FAILURE
+EXIT_USAGE = options.EXIT_USAGE
 
 
 def _usage() -> str:
@@ -46,7 +46,10 @@ def _usage() -> str:
 def _run(command: str, argv: Sequence[str]) -> int:
     module_name, _ = COMMANDS[command]
     entry: Callable[[Sequence[str]], int] = importlib.import_module(module_name).main
-    return entry(list(argv))
+    try:
+        return entry(list(argv))
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already reported in one line)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
 def _ask(prompt: str, why_not: Callable[[str], str | None]) -> str:
@@ -96,13 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return menu()
     first = args[0]
     if first in ("-h", "--help", "help"):
-        print(_usage(), end="")
-        return EXIT_OK
+        return EXIT_OK if options.write_stdout("securechat", _usage()) else EXIT_FAILURE
     if first in ("-V", "--version"):
-        print(f"securechat {__version__}")
-        return EXIT_OK
+        return EXIT_OK if options.write_stdout("securechat", f"securechat {__version__}\n") else EXIT_FAILURE
     if first not in COMMANDS:
-        print(_usage(), end="", file=sys.stderr)
-        print(f"securechat: unknown command {first!r}", file=sys.stderr)
+        options.print_error("securechat", f"unknown command {first!r}: choose one of {', '.join(COMMANDS)}; "
+                            "see 'securechat --help'")
         return EXIT_USAGE
     return _run(first, args[1:])

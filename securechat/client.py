@@ -42,7 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from securechat import DEFAULT_PORT, addr, identity, protocol, tls
+from securechat import DEFAULT_PORT, addr, certdir, identity, options, protocol, tls
 from securechat.conn import Connection, describe_error, tune_socket
 
 # Exit statuses, as securechat.cli defines them for every subcommand.
@@ -715,15 +715,15 @@ def _pin_arg(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="securechat connect", description="Join a securechat server.")
+    p = options.Parser(prog=PROG, description="Join a securechat server.")
     p.add_argument("host", metavar="HOST[:PORT]",
                    help="the server's IP address or host name, optionally with the port: 192.168.0.20, "
                    "192.168.0.20:5555, [fe80::1%%eth0]:5555")
-    p.add_argument("--port", type=int, default=None, help=f"TCP port (default: {DEFAULT_PORT})")
+    p.add_argument("--port", type=options.port, default=None, help=f"TCP port (default: {DEFAULT_PORT})")
     p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
     trust = p.add_argument_group(
         "recognising the server (one of)").add_mutually_exclusive_group()
-    trust.add_argument("--ca", type=Path, default=None,
+    trust.add_argument("--ca", type=options.path, default=None,
                        help="the CA certificate that signed the server's certificate; copy it from the "
                        f"server's certs/ folder (default: {DEFAULT_CA})")
     trust.add_argument("--pin", type=_pin_arg, metavar="FINGERPRINT",
@@ -734,17 +734,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="trust on first use: remember the server's CA fingerprint at first contact (in "
                        f"{identity.known_hosts_path()}) and refuse the connection if it ever changes")
     mine = p.add_argument_group("proving who you are (servers started with --require-client-cert)")
-    mine.add_argument("--cert", type=Path, metavar="PEM",
+    mine.add_argument("--cert", type=options.path, metavar="PEM",
                       help="your client certificate (client-NAME.pem from 'securechat gen-certs --client "
                       "NAME'); its name is your nickname on such servers")
-    mine.add_argument("--key", type=Path, metavar="KEY",
+    mine.add_argument("--key", type=options.path, metavar="KEY",
                       help="the private key of --cert (default: the .key file next to it, else --cert "
                       "itself)")
     p.add_argument("--plain", action="store_true",
                    help="connect WITHOUT encryption, to a server started with --plain")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
                    help="oldest TLS version accepted (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--timeout", type=options.duration(), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="time allowed to connect and complete the handshake (default: %(default)g)")
     screen = p.add_argument_group(
         "in a terminal", "Lines show as sent once the server has relayed them; a long paste is paced to the "
@@ -764,8 +764,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PROG = "securechat connect"
+
+
 def _err(message: str) -> None:
-    print(f"securechat: {message}", file=sys.stderr, flush=True)
+    options.print_error(PROG, message)
 
 
 def _no_password() -> bytes:
@@ -814,6 +817,10 @@ def load_client_certificate(ctx: ssl.SSLContext, cert: Path, key: Path | None) -
     except Exception:  # ValueError, or UnsupportedAlgorithm for exotic keys
         raise ChatError(f"{str(key)!r} is not a PEM private key: pass the client-NAME.key file that goes "
                         f"with {str(cert)!r} with --key") from None
+    try:
+        certdir.check_key_and_dir(key)  # a key others can read (or swap) is not only yours
+    except certdir.UnsafePermissions as exc:
+        raise ChatError(str(exc)) from None
     try:
         ctx.load_cert_chain(str(cert), str(key), password=_no_password)
     except ssl.SSLError as exc:
@@ -872,8 +879,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.host, port = addr.split_host_port(args.host)
-    except addr.AddressError as exc:
-        parser.error(str(exc))
+        args.host = options.host(args.host)  # what can be judged without the network (control characters, ...)
+    except (addr.AddressError, argparse.ArgumentTypeError) as exc:
+        parser.error(f"argument HOST[:PORT]: {exc}")
     if port is not None and args.port is not None and port != args.port:
         parser.error(f"two ports: {port} in {addr.join(args.host, port)} and --port {args.port}; give one")
     args.port = port or args.port or DEFAULT_PORT
@@ -901,6 +909,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         frontend = TerminalUI(args, context, trust)
     else:
+        options.guard_stdout(PROG)  # a pipe or file that fails (> /dev/full, | head -1): say so once, keep chatting
         frontend = _LineMode(args, context, trust)
     try:
         return frontend.run()

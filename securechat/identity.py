@@ -23,14 +23,13 @@ import argparse
 import os
 import socket
 import ssl
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from securechat import tls
+from securechat import options, tls
 
 
 class IdentityError(Exception):
@@ -386,24 +385,26 @@ def _strerror(exc: OSError) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = options.Parser(
         prog="securechat fingerprint",
         description="Print the SHA-256 fingerprint of certificate files, to compare with what a server shows "
         "(or to pass to 'securechat connect --pin').")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="PEM certificate file")
+    p.add_argument("files", nargs="+", type=options.path, metavar="FILE", help="PEM certificate file")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``securechat fingerprint FILE...``: 0, or 1 if a file could not be read."""
+    """``securechat fingerprint FILE...``: 0, or 1 if a file could not be read (or stdout written)."""
+    prog = "securechat fingerprint"
     args = build_parser().parse_args(argv)
     status = 0
     for path in args.files:
         try:
             fp = tls.file_fingerprint(path)
         except (OSError, ValueError) as exc:
-            print(f"fingerprint: {path}: {exc.strerror if isinstance(exc, OSError) else exc}", file=sys.stderr)
+            options.print_error(prog, f"{path}: {exc.strerror if isinstance(exc, OSError) else exc}")
             status = 1
             continue
-        print(fp if len(args.files) == 1 else f"{fp}  {path}")
+        if not options.write_stdout(prog, (fp if len(args.files) == 1 else f"{fp}  {path}") + "\n"):
+            return 1
     return status

@@ -47,6 +47,7 @@ class Pki:
         pem, key = self.dir / f"client-{name}.pem", self.dir / f"client-{name}.key"
         leaf.cert_chain_pems[0].write_to_path(str(pem))
         leaf.private_key_pem.write_to_path(str(key))
+        key.chmod(0o600)  # as gen-certs writes it; securechat refuses keys others can read
         return pem, key
 
     def client(self, name: str) -> tuple[Path, Path]:
@@ -439,7 +440,7 @@ def test_tofu_first_contact_match_and_change(pki: Pki, serve: Callable[..., Chat
     assert first.returncode == 0, first.stderr
     # server.pem carries the chain, so the CA is what is remembered (renewals are not changes).
     fp = pki.minted.ca_fingerprint
-    assert first.stderr == (f"securechat: first contact with 127.0.0.1:{port}; remembering the fingerprint of "
+    assert first.stderr == (f"securechat connect: first contact with 127.0.0.1:{port}; remembering the fingerprint of "
                             f"its CA certificate, {fp} (stored in {known_hosts}). Check that it is the one on "
                             "the server's '[SERVER] CA SHA-256 fingerprint' line: if not, delete that line from "
                             "the file and do not chat\n")

@@ -179,7 +179,7 @@ def assert_refused(result: subprocess.CompletedProcess[str], port: int, *phrases
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"securechat: refusing {LOOPBACK}:{port}: "), lines[0]
+    assert lines[0].startswith(f"securechat connect: refusing {LOOPBACK}:{port}: "), lines[0]
     for phrase in phrases:
         assert phrase in lines[0], (phrase, lines[0])
     assert result.stdout == ""

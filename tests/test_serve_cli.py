@@ -148,7 +148,7 @@ def test_explicit_certificate_paths_that_do_not_exist(run_serve, tmp_path: Path)
     served = run_serve("--cert", str(tmp_path / "missing.pem"), "--key", str(tmp_path / "missing.key"))
     out, err = served.proc.communicate(timeout=20)
     assert served.proc.returncode == 1
-    assert err.strip().splitlines() == [f"serve: certificate file not found: {tmp_path / 'missing.pem'} "
+    assert err.strip().splitlines() == [f"securechat serve: certificate file not found: {tmp_path / 'missing.pem'} "
                                         "(run 'securechat gen-certs' or pass --cert/--key)"]
     assert not (tmp_path / "certs").exists()  # nothing minted behind the user's back
 
@@ -175,7 +175,7 @@ def test_port_in_use_is_one_line(run_serve, cert_files: dict[str, Path]) -> None
                                "--cert", str(cert_files["cert"]), "--key", str(cert_files["key"])],
                               capture_output=True, text=True, timeout=20)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"serve: cannot listen on {LOOPBACK}:{port}: address already in use"
+    assert proc.stderr.strip() == f"securechat serve: cannot listen on {LOOPBACK}:{port}: address already in use"
 
 
 def test_plain_and_mutual_tls_cannot_be_combined() -> None:
