@@ -317,6 +317,9 @@ class ChatClient:
         except socket.gaierror as exc:
             raise ChatError(f"cannot find the host {host!r} ({exc.strerror}): check the name, or use the "
                             "server's IP address (the server prints it)") from None
+        except UnicodeError:  # not encodable as a host name at all (IDNA), e.g. bytes that are not UTF-8
+            raise ChatError(f"{host!r} is not a valid host name: check the name, or use the server's IP "
+                            "address (the server prints it)") from None
         except ConnectionRefusedError:
             raise ChatError(f"connection refused by {where}: is the server running, and on that port "
                             "(--port)?") from None
@@ -758,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     screen.add_argument("--bell", action=argparse.BooleanOptionalAction, default=True,
                         help="ring the terminal bell when a line names you or is a private message to you; "
                         "such lines are highlighted either way (default: on)")
-    screen.add_argument("--paste-verify", type=int, default=5, metavar="N",
+    screen.add_argument("--paste-verify", type=options.count(0, 1_000_000, "never asks"), default=5, metavar="N",
                         help="ask before sending a paste of more than N lines, 0 never asks (default: "
                         "%(default)s, as irssi's paste_verify_line_count)")
     return p

@@ -874,11 +874,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the securechat server. TLS by default: with the default paths and no certificate yet, "
         "a local CA and a server certificate are minted into certs/ first.",
     )
-    p.add_argument("--listen", metavar="ADDR", default=None,
+    p.add_argument("--listen", type=options.host, metavar="ADDR", default=None,
                    help="listen on this one address of this machine, e.g. 192.168.0.20 or ::1 (default: every "
                    f"interface, IPv6 and IPv4: [::] and {DEFAULT_HOST}). Not a certificate name: that is "
                    "'gen-certs --host'")
-    p.add_argument("--host", dest="listen", help=argparse.SUPPRESS)  # the older spelling of --listen
+    p.add_argument("--host", type=options.host, dest="listen", help=argparse.SUPPRESS)  # the older spelling of --listen
     p.add_argument("--port", type=options.listen_port, default=DEFAULT_PORT,
                    help="TCP port, 0 for any free one (default: %(default)s)")
     p.add_argument("--cert", type=options.path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
