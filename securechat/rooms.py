@@ -235,7 +235,10 @@ class Rooms:
             # the held session is over now, not at the end of its grace period.
             self._expire(held.token)
         with self._lock:
-            if key in self._nicks:
+            holder = self._nicks.get(key)
+            if holder is not None and holder.held_private is not None:
+                return f"{nick!r} is held for its dropped connection to resume (up to {self.grace:g} s)"
+            if holder is not None:
                 return f"{nick!r} is taken"
             if not self.directory.claim(nick):
                 return f"{nick!r} is taken"
