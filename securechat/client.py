@@ -44,6 +44,7 @@ from cryptography.x509.oid import NameOID
 
 from securechat import DEFAULT_PORT, addr, certdir, identity, options, protocol, tls
 from securechat.conn import Connection, describe_error, tune_socket
+from securechat.session import ResumeState, backoff
 
 # Exit statuses, as securechat.cli defines them for every subcommand.
 EXIT_OK = 0
@@ -179,6 +180,13 @@ class Disconnected(ChatError):
 
 _END = object()  # queue sentinel: the connection has ended
 
+# Where a client is with its server (after the first welcome).
+_LIVE, _RECONNECTING, _RESUMING, _REREGISTERING, _GAVE_UP = range(5)
+
+# The server's last word before closing on purpose: no reconnecting after these.
+_FINAL_NOTICES = frozenset({"goodbye", "disconnected for flooding"})
+_FINAL_PREFIXES = (protocol.LINE_TOO_LONG, "no nickname within", protocol.SERVER_FULL)
+
 
 class ChatClient:
     """A connection to a securechat server.
@@ -197,8 +205,15 @@ class ChatClient:
     the caller's during :meth:`connect`, then the connection thread.
     """
 
-    def __init__(self, on_line: Callable[[str], None] | None = None) -> None:
+    def __init__(self, on_line: Callable[[str], None] | None = None, *, reconnect: bool = True) -> None:
         self.on_line = on_line
+        # Resuming after a dropped connection (securechat.session): asked for after the welcome.
+        self.reconnect = reconnect
+        self.resume = ResumeState()
+        self._phase = _LIVE
+        self._closing = threading.Event()  # close() was called: stop reconnecting
+        self._quitting = False
+        self._connect_args: dict[str, object] = {}
         # Held while a line is handed over and while on_line is switched, so lines keep their order.
         self._deliver_lock = threading.Lock()
         self.nick: str | None = None
@@ -249,6 +264,26 @@ class ChatClient:
         if trust is not None and ssl_context is not None:
             raise ValueError("pass ssl_context or trust, not both")
         self.host, self.port, self.tls = host, port, ssl_context is not None or trust is not None
+        # Kept to connect again after a dropped connection (securechat.session).
+        self._connect_args = {"ssl_context": ssl_context, "server_hostname": server_hostname, "timeout": timeout,
+                              "trust": trust}
+        sock = self._establish(host, port, ssl_context=ssl_context, server_hostname=server_hostname,
+                               timeout=timeout, trust=trust)
+        self._conn = Connection(sock, self._on_lines)
+        self._thread = threading.Thread(target=self._run, name=f"securechat-client-{host}:{port}", daemon=True)
+        self._thread.start()
+
+    def _establish(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+        timeout: float,
+        trust: identity.ServerTrust | None,
+    ) -> socket.socket | ssl.SSLSocket:
+        """The connected (and, with TLS, verified) socket, as :meth:`connect` describes; raises ChatError."""
         where = addr.join(host, port)
         name = server_hostname or host
         if trust is not None:
@@ -304,9 +339,7 @@ class ChatClient:
                 except identity.IdentityError as exc:
                     sock.close()
                     raise ChatError(str(exc)) from None
-        self._conn = Connection(sock, self._on_lines)
-        self._thread = threading.Thread(target=self._run, name=f"securechat-client-{where}", daemon=True)
-        self._thread.start()
+        return sock
 
     @staticmethod
     def _open(host: str, port: int, timeout: float) -> socket.socket:
@@ -335,17 +368,98 @@ class ChatClient:
         return raw
 
     def _run(self) -> None:
-        assert self._conn is not None
         try:
-            self._end_reason = self._conn.run()
+            while True:
+                assert self._conn is not None
+                self._end_reason = self._conn.run()
+                if not self._should_reconnect() or not self._reconnect():
+                    break
         finally:
             self._ended.set()
             self._lines.put(_END)
 
+    # -- resuming after a dropped connection (the logic is in securechat.session) --------------
+
+    def _should_reconnect(self) -> bool:
+        """A connection that dropped, not one that was ended on purpose by either side."""
+        if not self.reconnect or not self.resume.token or self._closing.is_set() or self._quitting:
+            return False
+        if self._phase == _LIVE and (self._saw_shutdown or self._last_notice in _FINAL_NOTICES
+                                     or self._last_notice.startswith(_FINAL_PREFIXES)):
+            return False
+        return self._phase != _GAVE_UP
+
+    def _notify(self, text: str) -> None:
+        """Show a line of our own (the reconnecting state) as if received."""
+        with self._deliver_lock:
+            if self.on_line is not None and self.nick is not None:
+                self.on_line(text)
+            else:
+                self._lines.put(text)
+
+    def _reconnect(self) -> bool:
+        """Connect again, with backoff, until a socket is open (then resume) or close() is called."""
+        if self._phase == _LIVE:
+            self._notify(f"* connection lost ({self._end_reason}): reconnecting... (Ctrl-C quits)")
+            self._delays = backoff()
+        self._phase = _RECONNECTING
+        delay = next(self._delays)
+        while not self._closing.wait(delay):
+            try:
+                sock = self._establish(self.host, self.port, **self._connect_args)  # type: ignore[arg-type]
+            except (IdentityRefused, CertificateRefused) as exc:  # trying again will not help
+                self._notify(f"* cannot reconnect: {exc}")
+                return False
+            except ChatError as exc:
+                delay = next(self._delays)
+                self._notify(f"* still reconnecting ({exc}); next try in {delay:g} s")
+                continue
+            if self._closing.is_set():  # close() came while connecting
+                sock.close()
+                return False
+            self._conn = Connection(sock, self._on_lines)
+            self._phase = _RESUMING
+            self._conn.send(protocol.encode(self.resume.resume_line()))
+            return True
+        return False
+
+    def _resuming(self, line: str) -> str | None:
+        """A line received while resuming: the handshake's own lines are not shown."""
+        notice = protocol.NOTICE_PREFIX
+        if line.startswith(notice + protocol.GREETING):
+            return None
+        if protocol.welcome_nick(line) is not None:
+            if self._phase == _REREGISTERING:
+                assert self._conn is not None
+                self._conn.send(protocol.encode("/session"))
+                self._capabilities(line)  # a fresh session: ask for "/cap echo" again
+                for command in self.resume.rejoin_lines():
+                    self._conn.send(protocol.encode(command))
+                self._phase = _LIVE
+                return (f"* reconnected, but the server had forgotten this session: lines said meanwhile "
+                        f"are lost ({line[len(notice):]})")
+            self._phase = _LIVE
+            return line
+        if line.startswith(notice + protocol.RESUME_REFUSED):
+            assert self._conn is not None and self.nick is not None
+            self._phase = _REREGISTERING
+            self.resume.positions.clear()
+            self._conn.send(protocol.encode(self.nick))
+            return None
+        if line.startswith(notice + protocol.NICK_REFUSED):
+            self._phase = _GAVE_UP
+            return f"* cannot get the nickname back: {line[len(notice + protocol.NICK_REFUSED):]}"
+        return line
+
     def _on_lines(self, lines: list[bytes]) -> None:
         """Connection thread: decode, sanitise (the server is not trusted with our terminal), deliver."""
         for raw in lines:
-            line = protocol.sanitize(protocol.decode(raw))
+            shown = self.resume.filter(protocol.sanitize(protocol.decode(raw)))
+            if shown is not None and self._phase != _LIVE:
+                shown = self._resuming(shown)
+            if shown is None:
+                continue
+            line = shown
             if self._capabilities(line):
                 continue
             if protocol.is_notice(line):
@@ -420,6 +534,8 @@ class ChatClient:
                 raise ChatError(f"no answer from the server within {timeout:g} s after sending the nickname")
             accepted = protocol.welcome_nick(line)
             if accepted is not None:
+                if self.reconnect:
+                    self.send("/session")  # ids on room lines, and a token to resume with
                 self._pending_lines.append(line)
                 with self._deliver_lock:
                     self.nick = accepted
@@ -507,7 +623,12 @@ class ChatClient:
         """Queue one line for the server (a newline is added). False once the connection is gone."""
         if self._conn is None:
             raise RuntimeError("not connected")
-        if self._ended.is_set() or self._conn.closing:
+        if self._ended.is_set():
+            return False
+        if self._phase != _LIVE:
+            self._notify("* not connected (reconnecting...): line not sent")
+            return True
+        if self._conn.closing:
             return False
         return self._conn.send(protocol.encode(text.replace("\n", " ")))
 
@@ -535,6 +656,11 @@ class ChatClient:
     def closed(self) -> bool:
         """True once the connection has ended (for whatever reason)."""
         return self._ended.is_set()
+
+    @property
+    def reconnecting(self) -> bool:
+        """True while a dropped connection is being re-established (see :mod:`securechat.session`)."""
+        return self._phase != _LIVE and not self._ended.is_set()
 
     @property
     def server_shut_down(self) -> bool:
@@ -573,7 +699,8 @@ class ChatClient:
 
     def quit(self, wait: float = QUIT_WAIT) -> None:
         """Leave politely: send ``/quit``, give the server ``wait`` seconds to close, then close."""
-        if self._conn is not None and not self._ended.is_set():
+        self._quitting = True
+        if self._conn is not None and not self._ended.is_set() and self._phase == _LIVE:
             self.send("/quit")
             self._ended.wait(wait)
         self.close()
@@ -582,6 +709,7 @@ class ChatClient:
         """Close the connection (flushing what is queued, TLS close_notify) and wait for its thread."""
         if self._conn is None:
             return
+        self._closing.set()
         self._conn.close()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -965,6 +1093,9 @@ class _Frontend:
         Raises Disconnected when the server had already ended the connection for its own reasons
         (shutdown, kicked), so that is reported rather than passed off as a normal exit.
         """
+        if self.client.reconnecting:  # leaving while the network is down: nothing to say goodbye to
+            self.client.close()
+            return EXIT_OK
         if self.client.closed:
             self.client._raise_ended()
         self.client.quit()

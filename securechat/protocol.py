@@ -10,7 +10,17 @@ client sends            meaning
 first line              the nickname (asked again until one is accepted)
 ``text``                a chat line, relayed to every other client as ``[nick] text``
 ``/nick NEW``           change nickname
-``/who``                list who is online
+``/who [ROOM]``         who is in the room (``* 2 online: a, b`` in the default room,
+                        ``* 2 in #dev: a, b`` elsewhere)
+``/join ROOM``          join a room (created on first join) and talk there; switch to it if
+                        already joined. Everyone starts in ``#lobby``
+``/part [ROOM]``        leave a room (default: the current one)
+``/rooms``              the rooms with people in them: ``* 2 rooms: #dev (2), #lobby (5)``
+``/history [N]``        N (default 50, at most 200) earlier lines of the current room
+``/session``            opt in to ids and resuming: ``* session TOKEN GRACE``, then every room
+                        line starts with ``@id=ID;room=NAME `` (the securechat client sends it)
+``/resume TOKEN R=ID``  instead of a nickname, within GRACE seconds of a dropped connection:
+                        same nick, same rooms, and the lines after each room's ID as missed
 ``/msg NICK text``      private message, delivered as ``[nick -> NICK] text``
 ``/me action``          an action, relayed as ``[nick] * action``
 ``/help``               list the commands
@@ -20,7 +30,11 @@ first line              the nickname (asked again until one is accepted)
 =====================  =================================================================
 
 Lines from the server that start with ``* `` are server notices; no client can produce one,
-because everything a client says is relayed behind its ``[nick]``.
+because everything a client says is relayed behind its ``[nick]``. Lines of a room that is not
+the one being typed into start with ``#room `` (``#dev [bob] hi``, ``#dev * carol joined``).
+Replayed lines start with ``(history HH:MM) `` (on joining: the last 50, then
+``* now live in #room``) or ``(missed HH:MM) `` (on resuming, or a returning person under
+mutual TLS); a line from another day shows its date too.
 """
 
 from __future__ import annotations
@@ -373,6 +387,8 @@ SERVER_FULL = "server full"
 TLS_REQUIRED = "this server requires TLS"
 SHUTDOWN = "server shutting down"
 LINE_TOO_LONG = "line too long"
+SESSION = "session "  # "* session TOKEN GRACE": the answer to /session
+RESUME_REFUSED = "resume refused: "
 
 
 def welcome_nick(line: str) -> str | None:
@@ -431,8 +447,9 @@ def sender_of(line: str) -> str | None:
 
 
 HELP_TEXT = (
-    "commands: /nick NEW (rename), /who (who is online), /msg NICK text (private), "
-    "/me action, /help, /quit (or exit); //text sends a line starting with '/'"
+    "commands: /join ROOM (join or switch), /part [ROOM], /rooms, /who [ROOM], /history [N], "
+    "/nick NEW (rename), /msg NICK text (private), /me action, /help, /quit (or exit); "
+    "//text sends a line starting with '/'"
 )
 
 

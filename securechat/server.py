@@ -7,8 +7,9 @@ done the connection gets a thread of its own, which registers a nick and then dr
 :class:`~securechat.conn.Connection`. Until its nickname is accepted a connection holds a place in
 the bounded pool of unauthenticated connections (:mod:`securechat.pending`), not a chat place: the
 oldest of the busiest address makes room for the newest, so silent sockets cannot lock anyone out.
-A chat line is formatted once and handed to every other member's bounded outbox by the
-:class:`Room`; the sender never writes to another client's socket and never waits for one.
+A chat line is formatted once and handed to every other member's bounded outbox by
+:class:`~securechat.rooms.Rooms` (through the room log, which gives it an id and stores it after
+delivery); the sender never writes to another client's socket and never waits for one.
 """
 
 from __future__ import annotations
@@ -36,8 +37,21 @@ from securechat import DEFAULT_HOST, DEFAULT_PORT, addr, console, listen, option
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.console import announce
 from securechat.handshake import Handshaker
+from securechat.history import DEFAULT_DAYS, DEFAULT_LINES, MAX_HISTORY_DAYS, MAX_HISTORY_LINES, default_data_dir
 from securechat.pending import MAX_PENDING, MAX_PENDING_PER_ADDRESS, PendingPool, Throttle, Ticket, address_key
 from securechat.protocol import Command
+from securechat.roomlog import Directory, RoomLog, room_key
+from securechat.rooms import (
+    ANNOUNCE_LIMIT,
+    DEFAULT_ROOM,
+    GRACE_SECONDS,
+    MAX_HISTORY_PAGE,
+    REPLAY_LINES,
+    Room,
+    Rooms,
+    parse_positions,
+)
+from securechat.rooms import room_error as rooms_error
 
 log = logging.getLogger("securechat.server")
 
@@ -52,10 +66,6 @@ HANDSHAKE_TIMEOUT = 10.0
 
 # From handshake to accepted nickname; a person typing a nick needs seconds, not minutes.
 LOGIN_TIMEOUT = 30.0
-
-# Joins and leaves are announced while at most this many are online. Beyond, they are noise, and
-# quadratic: 5000 people joining one by one would be 12.5 million notices.
-ANNOUNCE_LIMIT = 200
 
 # Flood control: a fast typist sends a line or two a second; pasting 20 lines at once is fine.
 FLOOD_RATE = 10.0
@@ -97,85 +107,13 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class Room:
-    """The members of the chat and delivery to them.
-
-    The only object that knows who is connected, so another delivery back-end (several rooms,
-    several servers) can replace it without touching the connection code. Broadcasting iterates
-    an immutable snapshot, so senders never hold the lock while delivering.
-    """
-
-    def __init__(self, announce_limit: int = ANNOUNCE_LIMIT) -> None:
-        self.announce_limit = announce_limit
-        self._lock = threading.Lock()
-        self._by_key: dict[str, Session] = {}
-        self._members: tuple[Session, ...] = ()
-
-    def _announcing(self) -> bool:
-        return not self.announce_limit or len(self._members) <= self.announce_limit
-
-    def join(self, session: Session, nick: str) -> str | None:
-        """Add ``session`` as ``nick``; return why not, or None."""
-        key = protocol.nick_key(nick)
-        with self._lock:
-            if key in self._by_key:
-                return f"{nick!r} is taken"
-            self._by_key[key] = session
-            self._members = (*self._members, session)
-            session.nick = nick
-        if self._announcing():
-            self.broadcast(protocol.notice(f"{nick} joined"), exclude=session)
-        return None
-
-    def rename(self, session: Session, new: str) -> str | None:
-        """Rename a member; return why not, or None."""
-        old = session.nick
-        key = protocol.nick_key(new)
-        with self._lock:
-            holder = self._by_key.get(key)
-            if holder is not None and holder is not session:
-                return f"{new!r} is taken"
-            del self._by_key[protocol.nick_key(old)]
-            self._by_key[key] = session
-            session.nick = new
-        self.broadcast(protocol.notice(f"{old} is now {new}"), exclude=None)
-        return None
-
-    def leave(self, session: Session, why: str, *, quiet: bool = False) -> None:
-        """Remove a member and, unless ``quiet``, tell the others ``* nick left (why)``.
-
-        In a room over the announce limit an ordinary departure (no ``why``) goes unannounced,
-        like an arrival; a disconnection with a reason is always told.
-        """
-        with self._lock:
-            if self._by_key.get(protocol.nick_key(session.nick)) is not session:
-                return
-            # Counted with the leaver, as its arrival was: who joined unannounced leaves so.
-            announcing = self._announcing()
-            del self._by_key[protocol.nick_key(session.nick)]
-            self._members = tuple(m for m in self._members if m is not session)
-        if not quiet and (why or announcing):
-            self.broadcast(protocol.notice(f"{session.nick} left ({why})" if why else f"{session.nick} left"))
-
-    def broadcast(self, data: bytes, exclude: Session | None = None) -> None:
-        """Queue ``data`` for every member but ``exclude``. Never blocks on a member."""
-        for member in self._members:
-            if member is not exclude:
-                member.conn.send(data)
-
-    def find(self, nick: str) -> Session | None:
-        return self._by_key.get(protocol.nick_key(nick))
-
-    def nicks(self) -> list[str]:
-        return sorted((m.nick for m in self._members), key=str.casefold)
-
-
 class Session:
     """One client's life on the server: nick registration, then chat. Runs in its own thread."""
 
     # Thousands of these live at once: no per-instance __dict__.
-    __slots__ = ("server", "peer", "nick", "bound_nick", "state", "conn", "bucket", "dropped", "slot",
-                 "admission", "echo")
+    __slots__ = ("server", "peer", "nick", "bound_nick", "person", "state", "conn", "bucket", "dropped", "slot",
+                 "admission", "joined", "current", "tagged", "token", "quitting", "paged", "held_private",
+                 "private_mark", "dropped_at", "replaced", "echo")
 
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -183,6 +121,8 @@ class Session:
         self.nick = ""
         # With mutual TLS the certificate's CN *is* the nickname: not chosen, not changeable.
         self.bound_nick = certificate_nick(sock)
+        # ... and names a person, whose read positions and offline messages are kept.
+        self.person = self.bound_nick or None
         self.state = State.NICK
         self.conn = Connection(
             sock,
@@ -198,6 +138,16 @@ class Session:
         self.slot: _Slot | None = None  # the chat place, from the accepted nickname on
         self.admission: _Admission | None = None  # the place among the unauthenticated, until then
         self.echo = False  # "/cap echo": copy this client its own lines as relayed (protocol.CAP_ECHO)
+        self.joined: list[Room] = []
+        self.current: Room | None = None
+        self.tagged = False  # "@id=...;room=... " in front of room lines (/session)
+        self.token = ""  # resume token, once asked for
+        self.quitting = False  # left with /quit, or put out by the server: nothing to hold
+        self.paged: dict[str, str] = {}  # room key -> oldest id /history has shown
+        self.held_private: list[bytes] | None = None  # private lines that came while dropped
+        self.private_mark: str | None = None  # newest stored private message given
+        self.dropped_at: dict[str, str | None] = {}  # room key -> last id when the connection dropped
+        self.replaced = False  # a resumed connection took over this session
 
     def __repr__(self) -> str:
         return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
@@ -212,9 +162,16 @@ class Session:
         was_member = self.state is State.CHAT
         self.state = State.CLOSED
         self.server._release_session(self)
+        rooms = self.server.rooms
+        if self.replaced:
+            log.info("%s %s: taken over by a resumed connection", self.peer, self.nick)
+            return
         if was_member:
-            # While the server shuts down everyone leaves at once; nobody needs the roll call.
-            self.server.room.leave(self, _leave_reason(why), quiet=self.server.stopping)
+            if self.server.stopping:
+                # While the server shuts down everyone leaves at once; nobody needs the roll call.
+                rooms.unregister(self, "", quiet=True)
+            elif self.quitting or not rooms.hold(self, _held_expired):
+                rooms.unregister(self, _leave_reason(why))
         log.info("%s %s disconnected: %s", self.peer, self.nick or "(no nick)", why)
 
     def reply(self, text: str) -> None:
@@ -232,6 +189,7 @@ class Session:
                 if self.echo:  # a line the server dropped must never look delivered to its sender
                     self.reply(f"{protocol.NOT_DELIVERED} (flood control): {protocol.sanitize(protocol.decode(raw))}")
                 if self.dropped >= FLOOD_DISCONNECT:
+                    self.quitting = True  # put out, not dropped: no session to hold
                     self.conn.close(protocol.notice("disconnected for flooding"), reason="disconnected for flooding")
                     log.warning("%s %s disconnected for flooding", self.peer, self.nick)
                 continue
@@ -266,9 +224,12 @@ class Session:
         if isinstance(parsed, Command) and parsed.name == "quit":
             self.cmd_quit("")
             return
+        if isinstance(parsed, Command) and parsed.name == "resume":
+            self._resume(parsed.arg)
+            return
         if self.bound_nick is not None:
             return self._register_bound(nick, self.bound_nick)
-        error = protocol.nick_error(nick) or self.server.room.join(self, nick)
+        error = protocol.nick_error(nick) or self.server.rooms.register(self, nick)
         if error:
             self.reply(protocol.NICK_REFUSED + error + "; send another")
             return
@@ -277,7 +238,7 @@ class Session:
     def _register_bound(self, asked: str, nick: str) -> None:
         """Join under the certificate's name, whatever nick line was sent."""
         error = protocol.nick_error(nick)
-        if error is None and self.server.room.join(self, nick) is not None:
+        if error is None and self.server.rooms.register(self, nick) is not None:
             error = f"{nick!r} is already connected"
         if error:
             self.conn.close(protocol.notice(f"{protocol.NICK_REFUSED}{error} (your certificate names you "
@@ -288,17 +249,36 @@ class Session:
     def _welcome(self, nick: str, aside: str) -> None:
         self.state = State.CHAT
         self.conn.deadline = None
-        nicks = self.server.room.nicks()
+        nicks = self.server.rooms.nicks()
         self.reply(f"{protocol.WELCOME}{nick}!{aside} {len(nicks)} online: {', '.join(nicks)}. "
                    "/help lists commands")
         log.info("%s is %s%s", self.peer, nick, " (certificate)" if self.bound_nick else "")
+        self.server.rooms.enter_default(self)
+
+    def _resume(self, arg: str) -> None:
+        """``/resume TOKEN ROOM=ID ...``: take back a dropped session within its grace period."""
+        token, *positions = arg.split()
+        rooms = self.server.rooms
+        old = rooms.resume(self, token, self.person) if token else None
+        if old is None:
+            self.reply(f"{protocol.RESUME_REFUSED}unknown or expired session; send your nickname")
+            return
+        self.state = State.CHAT
+        self.conn.deadline = None
+        self.tagged, self.token = True, old.token
+        self.paged, self.private_mark, self.dropped_at = old.paged, old.private_mark, old.dropped_at
+        nicks = rooms.nicks()
+        self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
+                   "/help lists commands")
+        log.info("%s resumed %s", self.peer, self.nick)
+        rooms.rejoin(self, old, parse_positions(positions))
 
     def _chat(self, text: str) -> None:
         parsed = protocol.parse(text)
         if isinstance(parsed, str):
             line = protocol.sanitize(parsed)
             if line.strip():
-                self._relay(protocol.chat(self.nick, line))
+                self.server.rooms.say(self, line)
             return
         handler = COMMANDS.get(parsed.name)
         if handler is None:
@@ -313,6 +293,7 @@ class Session:
                             reason="no nickname in time")
 
     def _on_too_long(self) -> None:
+        self.quitting = True
         limit = protocol.MAX_LINE_BYTES
         self.conn.close(protocol.notice(f"{protocol.LINE_TOO_LONG} (over {limit} bytes); goodbye"),
                         reason=f"{protocol.LINE_TOO_LONG}: over {limit} bytes")
@@ -323,37 +304,81 @@ class Session:
         if self.bound_nick is not None:
             self.reply(f"{protocol.NICK_REFUSED}your nickname is bound to your certificate ({self.bound_nick})")
             return
-        error = protocol.nick_error(arg) or self.server.room.rename(self, arg)
+        error = protocol.nick_error(arg) or self.server.rooms.rename(self, arg)
         if error:
             self.reply(protocol.NICK_REFUSED + error)
 
     def cmd_who(self, arg: str) -> None:
-        nicks = self.server.room.nicks()
-        self.reply(f"{len(nicks)} online: {', '.join(nicks)}")
+        name = arg.strip() or (self.current.name if self.current else "")
+        if not name:
+            self.reply("you are in no room: /who NAME, or /join NAME")
+            return
+        nicks = self.server.rooms.who(name) if rooms_error(name) is None else None
+        if nicks is None:
+            self.reply(f"no room #{protocol.sanitize(name.lstrip('#'))}")
+        elif room_key(name) == room_key(DEFAULT_ROOM):  # the seed's one-room answer, unchanged
+            self.reply(f"{len(nicks)} online: {', '.join(nicks)}")
+        else:
+            self.reply(f"{len(nicks)} in #{name.lstrip('#')}: {', '.join(nicks)}")
+
+    def cmd_join(self, arg: str) -> None:
+        name = arg.strip()
+        if not name:
+            where = ", ".join(f"#{r.name}" for r in self.joined) or "no room"
+            self.reply(f"you are in {where}" + (f"; talking in #{self.current.name}" if self.current else "")
+                       + "; /join NAME joins or switches")
+            return
+        error = rooms_error(name)
+        if error:
+            self.reply(error)
+            return
+        self.server.rooms.join(self, name)
+
+    def cmd_part(self, arg: str) -> None:
+        name = arg.strip()
+        error = rooms_error(name) if name else None
+        if error:
+            self.reply(error)
+            return
+        self.server.rooms.part(self, name)
+
+    def cmd_rooms(self, arg: str) -> None:
+        listing = self.server.rooms.rooms()
+        self.reply(f"{len(listing)} room{'s' if len(listing) != 1 else ''}: "
+                   + ", ".join(f"#{name} ({count})" for name, count in listing))
+
+    def cmd_history(self, arg: str) -> None:
+        word = arg.split()[0] if arg.split() else ""
+        if word and not (word.isascii() and word.isdigit() and int(word) > 0):
+            self.reply("usage: /history [N] (N lines further back)")
+            return
+        self.server.rooms.history(self, int(word) if word else REPLAY_LINES)
+
+    def cmd_session(self, arg: str) -> None:
+        """Opt in to ids on room lines and to resuming after a dropped connection."""
+        self.server.rooms.tag(self)
+        token = self.server.rooms.new_token(self)
+        self.reply(f"{protocol.SESSION}{token} {self.server.rooms.grace:g}")
 
     def cmd_msg(self, arg: str) -> None:
         target_nick, _, text = arg.partition(" ")
         if not target_nick or not text.strip():
             self.reply("usage: /msg NICK text")
             return
-        target = self.server.room.find(target_nick)
-        if target is None:
-            self.reply(f"no such nick: {protocol.sanitize(target_nick)}")
-            return
-        data = protocol.private(self.nick, target.nick, protocol.sanitize(text))
-        target.conn.send(data)
-        if self.echo and target is not self:
-            self.conn.send(data)
+        error = self.server.rooms.private(self, target_nick, protocol.sanitize(text))
+        if error:
+            self.reply(error)
 
     def cmd_me(self, arg: str) -> None:
         action = protocol.sanitize(arg).strip()
         if action:
-            self._relay(protocol.action(self.nick, action))
+            self.server.rooms.say(self, action, "action")
 
     def cmd_help(self, arg: str) -> None:
         self.reply(protocol.HELP_TEXT)
 
     def cmd_quit(self, arg: str) -> None:
+        self.quitting = True
         self.conn.close(protocol.notice("goodbye"))
 
     def cmd_cap(self, arg: str) -> None:
@@ -363,15 +388,21 @@ class Session:
         self.echo = True
         self.reply(protocol.cap_reply(protocol.CAP_ECHO, self.server.flood_rate, self.server.flood_burst))
 
-    def _relay(self, data: bytes) -> None:
-        """Send a line of ours to the room, and back to us too when we asked for ``/cap echo``."""
-        self.server.room.broadcast(data, exclude=None if self.echo else self)
+
+
+def _held_expired(member: object) -> None:
+    log.info("%s did not come back in time", getattr(member, "nick", "?"))
 
 
 # Command name (without the slash) -> handler: the whole command set, in one table.
 COMMANDS: dict[str, Callable[[Session, str], None]] = {
     "nick": Session.cmd_nick,
     "who": Session.cmd_who,
+    "join": Session.cmd_join,
+    "part": Session.cmd_part,
+    "rooms": Session.cmd_rooms,
+    "history": Session.cmd_history,
+    "session": Session.cmd_session,
     "msg": Session.cmd_msg,
     "me": Session.cmd_me,
     "help": Session.cmd_help,
@@ -424,6 +455,11 @@ class ChatServer:
         max_pending: int = MAX_PENDING,
         max_pending_per_ip: int = MAX_PENDING_PER_ADDRESS,
         dual_stack: bool = False,
+        roomlog: RoomLog | None = None,
+        directory: Directory | None = None,
+        replay: int = REPLAY_LINES,
+        grace: float = GRACE_SECONDS,
+        offline_messages: bool = False,
     ) -> None:
         self.host = host
         # host "::" with dual_stack: one socket for IPv6 and IPv4 (IPV6_V6ONLY off), where the OS allows it.
@@ -437,7 +473,10 @@ class ChatServer:
         self.flood_rate = flood_rate
         self.flood_burst = flood_burst
         self.outbox_limit = outbox_limit
-        self.room = Room(announce_limit)
+        # Who is in which room; lines go through ``roomlog`` (default: LocalLog, no history) and
+        # the people on other servers come from ``directory`` (default: nobody else).
+        self.rooms = Rooms(roomlog, directory, announce_limit=announce_limit, replay=replay, grace=grace,
+                           offline_messages=offline_messages)
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
         self._chatters = 0  # sessions holding a chat place (a _Slot): what max_clients bounds
@@ -513,6 +552,7 @@ class ChatServer:
         if self._listener is None:
             self.bind()
         assert self._listener is not None
+        self.rooms.start()  # here, not in bind(): the caller may set rooms.log once the port is known
         listener = self._listener
         listener.setblocking(False)
         poller = select.poll()
@@ -598,6 +638,15 @@ class ChatServer:
             self._threads_done.wait_for(lambda: self._threads == 0, timeout)
         self._waker.close()
         self._throttle.flush(force=True)
+        self.rooms.close()  # after the sessions: a graceful stop stores every line said
+
+    def abandon(self) -> None:
+        """Undo :meth:`bind` for a server that will not serve after all."""
+        for handshaker in self._handshakers:
+            handshaker.stop()
+        if self._listener is not None:
+            self._listener.close()
+        self._waker.close()
 
     def __enter__(self) -> ChatServer:
         return self
@@ -919,6 +968,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-limit", type=options.count(0, zero="for always"), default=ANNOUNCE_LIMIT, metavar="N",
                    help="announce joins and leaves while at most N people are online, 0 for always "
                    "(default: %(default)s)")
+    p.add_argument("--data", type=options.path, metavar="DIR",
+                   help="where history is kept, in history-PORT.sqlite3 (mode 0600; default: "
+                   "$XDG_DATA_HOME/securechat, else ~/.local/share/securechat). History is stored UNENCRYPTED")
+    p.add_argument("--no-history", action="store_true",
+                   help="keep no history at all: no replay on joining, no /history, no catch-up after a drop")
+    p.add_argument("--history-days", type=options.rate(MAX_HISTORY_DAYS, zero="for no age limit"),
+                   default=DEFAULT_DAYS, metavar="DAYS",
+                   help="forget lines older than this, 0 for never (default: %(default)g)")
+    p.add_argument("--history-lines", type=options.count(0, MAX_HISTORY_LINES, zero="for no limit"),
+                   default=DEFAULT_LINES, metavar="N",
+                   help="keep at most the last N lines of each room, 0 for no limit (default: %(default)s)")
+    p.add_argument("--replay", type=options.count(0, MAX_HISTORY_PAGE, zero="for none"), default=REPLAY_LINES,
+                   metavar="N", help="lines of history shown on joining a room (default: %(default)s)")
+    p.add_argument("--grace", type=options.rate(options.MAX_TIMEOUT, zero="for not at all"),
+                   default=GRACE_SECONDS, metavar="SECONDS",
+                   help="how long a dropped securechat client's nick and rooms are held for it to resume, "
+                   "0 for not at all (default: %(default)g)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
     p.add_argument("--log-format", choices=console.LOG_FORMATS, default="console",
                    help="log lines on stderr: 'console', readable ([SERVER] WARNING: ...), or 'json', one "
@@ -1093,7 +1159,8 @@ def _serve(args: argparse.Namespace) -> int:
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
                         flood_rate=args.flood_rate, flood_burst=args.flood_burst,
                         announce_limit=args.announce_limit, max_pending=args.max_pending,
-                        max_pending_per_ip=args.max_pending_per_ip)
+                        max_pending_per_ip=args.max_pending_per_ip, replay=args.replay, grace=args.grace,
+                        offline_messages=args.require_client_cert and not args.no_history)
     _raise_descriptor_limit(args.max_clients + args.max_pending)
     failure = _bind(server, args)
     if failure is not None:
@@ -1104,6 +1171,19 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             options.print_error(PROG, f"cannot listen on {where}: {describe_error(failure)}")
         return 1
+    history_path = None
+    if not args.no_history:
+        from securechat.history import DB_NAME, HistoryError, SqliteLog
+
+        # One file per port: two servers on one machine are two chats (and a port-0 test server
+        # gets a file of its own).
+        history_path = (args.data or default_data_dir()) / DB_NAME.format(port=server.address[1])
+        try:
+            server.rooms.log = SqliteLog(history_path, days=args.history_days, lines=args.history_lines)
+        except HistoryError as exc:
+            options.print_error(PROG, f"history: {exc}")
+            server.abandon()
+            return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop_from_signal()
@@ -1132,6 +1212,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.require_client_cert:
         print("[SERVER] Mutual TLS: only clients with a certificate from the CA may join; nicknames are "
               "their certificates' names", flush=True)
+    if history_path is None:
+        print("[SERVER] History is off (--no-history)", flush=True)
+    else:
+        print(f"[SERVER] History (unencrypted) in {history_path}", flush=True)
     if context is None:
         print("[SERVER] WARNING: --plain: NO ENCRYPTION. Every message and nickname can be read and altered by "
               "anyone on the network.", flush=True)
