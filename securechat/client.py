@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import queue
 import socket
 import ssl
@@ -41,7 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from securechat import DEFAULT_PORT, certdir, identity, options, protocol, tls
+from securechat import DEFAULT_PORT, addr, certdir, identity, options, protocol, tls
 from securechat.conn import Connection, describe_error, tune_socket
 from securechat.session import ResumeState, backoff
 
@@ -53,6 +54,11 @@ DEFAULT_CA = Path("certs") / "ca.pem"
 
 # Connecting and the TLS handshake: a LAN answers in milliseconds, so 10 s means nobody is there.
 DEFAULT_TIMEOUT = 10.0
+
+# A securechat server greets at once; a TLS server reached by a --plain client says nothing (it waits
+# for a ClientHello). Silence this long from a plain connection is the tell, well before the 10 s of
+# DEFAULT_TIMEOUT and long enough for a loaded LAN server to get to us.
+PLAIN_GREETING_WAIT = 2.0
 
 # After /quit, how long to wait for the server's "* goodbye" and close before closing ourselves.
 QUIT_WAIT = 2.0
@@ -223,6 +229,13 @@ class ChatClient:
         self._saw_shutdown = False
         self._last_notice = ""  # the server's last word, to explain why it closed the connection
         self._pending_lines: list[str] = []  # lines read by register() past its answer
+        # "/cap echo" (protocol.CAP_ECHO): asked after every welcome when want_echo is set (so also
+        # after a reconnection); its answer is consumed here, not delivered.
+        self.want_echo = False
+        self.echo = False  # the server copies our own lines back, exactly as relayed
+        self.flood_limit: tuple[float, float] | None = None  # (lines/s, burst) the server advertised
+        self._caps_asked = 0
+        self._caps_answered = threading.Event()
         self._overflow = ""  # why the client hung up on a server that sent too much, if it did
         self._welcomed = False  # a welcome line has arrived (connection thread)
 
@@ -276,7 +289,7 @@ class ChatClient:
         trust: identity.ServerTrust | None,
     ) -> socket.socket | ssl.SSLSocket:
         """The connected (and, with TLS, verified) socket, as :meth:`connect` describes; raises ChatError."""
-        where = f"{host}:{port}"
+        where = addr.join(host, port)
         name = server_hostname or host
         if trust is not None:
             try:
@@ -336,12 +349,15 @@ class ChatClient:
     @staticmethod
     def _open(host: str, port: int, timeout: float) -> socket.socket:
         """A TCP connection to ``host:port``, tuned; ChatError saying what to check on failure."""
-        where = f"{host}:{port}"
+        where = addr.join(host, port)
         try:
             raw = socket.create_connection((host, port), timeout=timeout)
         except socket.gaierror as exc:
             raise ChatError(f"cannot find the host {host!r} ({exc.strerror}): check the name, or use the "
                             "server's IP address (the server prints it)") from None
+        except UnicodeError:  # not encodable as a host name at all (IDNA), e.g. bytes that are not UTF-8
+            raise ChatError(f"{host!r} is not a valid host name: check the name, or use the server's IP "
+                            "address (the server prints it)") from None
         except ConnectionRefusedError:
             raise ChatError(f"connection refused by {where}: is the server running, and on that port "
                             "(--port)?") from None
@@ -442,6 +458,7 @@ class ChatClient:
             if self._phase == _REREGISTERING:
                 assert self._conn is not None
                 self._conn.send(protocol.encode("/session"))
+                self._capabilities(line)  # a fresh session: ask for "/cap echo" again
                 for command in self.resume.rejoin_lines():
                     self._conn.send(protocol.encode(command))
                 self._phase = _LIVE
@@ -469,11 +486,19 @@ class ChatClient:
             if shown is None:
                 continue
             line = shown
+            if self._capabilities(line):
+                continue
             if protocol.is_notice(line):
                 self._last_notice = line[len(protocol.NOTICE_PREFIX):]
                 if self._last_notice.startswith(protocol.SHUTDOWN):
                     self._saw_shutdown = True
             with self._deliver_lock:
+                # Our own nick follows every rename the server confirms (nicks are unique, and the
+                # server orders our lines, so "* <our nick> is now X" is about us); a refusal changes nothing.
+                rename = protocol.renamed(line)
+                if rename is not None and self.nick is not None and \
+                        protocol.nick_key(rename[0]) == protocol.nick_key(self.nick):
+                    self.nick = rename[1]
                 if self.on_line is not None and self.nick is not None:
                     self.on_line(line)
                 elif self._lines.qsize() >= (MAX_QUEUED_LINES if self._welcomed else MAX_LINES_BEFORE_WELCOME):
@@ -483,6 +508,28 @@ class ChatClient:
                     # A busy room may follow the welcome before register() has read it.
                     self._welcomed = self._welcomed or protocol.welcome_nick(line) is not None
                     self._lines.put(line)
+
+    def _capabilities(self, line: str) -> bool:
+        """Connection thread: ask for ``/cap echo`` after a welcome; True for its answer (consumed)."""
+        if self.want_echo and self._conn is not None and protocol.welcome_nick(line) is not None:
+            self._caps_asked += 1
+            self._conn.send(protocol.encode(f"/{protocol.CAP_COMMAND} {protocol.CAP_ECHO}"))
+            return False
+        if not self._caps_asked:
+            return False
+        cap = protocol.parse_cap_reply(line)
+        if cap is None and not line.startswith(("* unknown command /cap", "* " + protocol.CAP_REPLY)):
+            return False
+        self._caps_asked -= 1
+        self.echo = cap is not None and cap[0] == protocol.CAP_ECHO
+        if cap is not None:
+            self.flood_limit = (cap[1], cap[2])
+        self._caps_answered.set()
+        return True
+
+    def wait_capabilities(self, timeout: float) -> bool:
+        """After :meth:`register` with ``want_echo``: wait for the server's answer; True once it came."""
+        return self._caps_answered.wait(timeout)
 
     def _hang_up_flooded(self) -> None:
         """Connection thread: the server sent more than the client keeps; end the connection."""
@@ -550,20 +597,22 @@ class ChatClient:
         if line.startswith(notice + protocol.TLS_REQUIRED):
             raise TLSRequired(f"{line[len(notice):]} (drop --plain and pass --ca with the server's ca.pem)")
 
-    def wait_greeting(self, timeout: float) -> None:
+    def wait_greeting(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the server's first line and raise if it is a refusal.
 
         A TLS or plain securechat server greets at once (or says it is full); a TLS server reached by
-        a plain client says nothing until the client speaks, so silence is not an error here.
+        a plain client says nothing until the client speaks. Returns False on silence, for the caller
+        to judge.
         """
         line = self.recv_line(timeout)
         if line is None:
             if self.closed:
                 self._raise_ended()
-            return
+            return False
         self._check_refusal(line)
         if not line.startswith(protocol.NOTICE_PREFIX + protocol.GREETING):
             self._pending_lines.append(line)
+        return True
 
     def set_on_line(self, callback: Callable[[str], None] | None) -> None:
         """Deliver received lines to ``callback`` (in the connection thread) from now on.
@@ -663,7 +712,7 @@ class ChatClient:
         reason = self._end_reason or "closed"
         refusal = explain_alert(reason.removeprefix("TLS error: "))
         if refusal is not None:
-            return f"{self.host}:{self.port} refused the connection: {refusal}"
+            return f"{addr.join(self.host, self.port)} refused the connection: {refusal}"
         if reason == "closed by peer":
             if self._last_notice:
                 return f"the server closed the connection: {self._last_notice}"
@@ -824,11 +873,11 @@ def _pin_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = options.Parser(prog=PROG, description="Join a securechat server.")
-    p.add_argument("host", type=_servers_arg,
-                   help="the server's IP address or host name; several servers of one chat (serve --redis) "
-                   "separated by commas, each HOST or HOST:PORT ([v6]:PORT): the first that answers is used, "
-                   "the others when it goes away")
-    p.add_argument("--port", type=options.port, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
+    p.add_argument("host", metavar="HOST[:PORT]",
+                   help="the server's IP address or host name, optionally with the port: 192.168.0.20, "
+                   "192.168.0.20:5555, [fe80::1%%eth0]:5555; several servers of one chat (serve --redis) "
+                   "separated by commas: the first that answers is used, the others when it goes away")
+    p.add_argument("--port", type=options.port, default=None, help=f"TCP port (default: {DEFAULT_PORT})")
     p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
     trust = p.add_argument_group(
         "recognising the server (one of)").add_mutually_exclusive_group()
@@ -855,6 +904,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oldest TLS version accepted (default: %(default)s)")
     p.add_argument("--timeout", type=options.duration(), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="time allowed to connect and complete the handshake (default: %(default)g)")
+    screen = p.add_argument_group(
+        "in a terminal", "Lines show as sent once the server has relayed them; a long paste is paced to the "
+        "server's flood limit (\"sending N lines...\") and a line the server dropped is marked \"not "
+        "delivered\". Each nick keeps its colour, yours is in reverse video, notices are dim, and a line "
+        "naming you is highlighted. Tab completes /commands and nicknames; the terminal's scrollback keeps the "
+        "history (Shift-PgUp, or tmux copy mode). With stdin or stdout not a terminal, lines are read and printed "
+        "plain: no colour, no bell, no timestamps.")
+    screen.add_argument("--timestamps", action=argparse.BooleanOptionalAction, default=True,
+                        help="show HH:MM before each line, and a line when the day changes (default: on)")
+    screen.add_argument("--bell", action=argparse.BooleanOptionalAction, default=True,
+                        help="ring the terminal bell when a line names you or is a private message to you; "
+                        "such lines are highlighted either way (default: on)")
+    screen.add_argument("--paste-verify", type=options.count(0, 1_000_000, "never asks"), default=5, metavar="N",
+                        help="ask before sending a paste of more than N lines, 0 never asks (default: "
+                        "%(default)s, as irssi's paste_verify_line_count)")
     return p
 
 
@@ -864,51 +928,27 @@ PROG = "securechat connect"
 MAX_SERVERS = 16
 
 
-def parse_servers(text: str, default_port: int) -> list[tuple[str, int]]:
-    """``"a,b:5556,[::1]:5557"`` -> ``[("a", default_port), ("b", 5556), ("::1", 5557)]``; ValueError if malformed."""
+def parse_servers(text: str, port: int | None = None) -> list[tuple[str, int]]:
+    """``"a,b:5556,[::1]:5557"`` -> ``[("a", 5555), ("b", 5556), ("::1", 5557)]``; ValueError if malformed.
+
+    Each item is ``HOST``, ``HOST:PORT``, ``[V6]:PORT`` or a bare IPv6 address (see
+    :func:`securechat.addr.split_host_port`); ``port`` (``--port``) is the port of items without one,
+    and an item naming another port is refused, as for a single server.
+    """
+    items = text.split(",")
+    if len(items) > MAX_SERVERS:
+        raise ValueError(f"at most {MAX_SERVERS} servers")
     servers: list[tuple[str, int]] = []
-    for item in (part.strip() for part in text.split(",")):
-        host, port = item, default_port
-        if item.startswith("["):  # [v6] or [v6]:port
-            host, _, rest = item[1:].partition("]")
-            if rest:
-                if not rest.startswith(":"):
-                    raise ValueError(f"not HOST, HOST:PORT or [IPv6]:PORT: {item!r}")
-                port = _port(rest[1:], item)
-        elif item.count(":") == 1:
-            host, _, number = item.partition(":")
-            port = _port(number, item)
+    for item in items:
+        host, item_port = addr.split_host_port(item)
         try:
-            host = options.host(host)  # the same checks as for one host
+            host = options.host(host)  # what can be judged without the network (control characters, ...)
         except argparse.ArgumentTypeError as exc:
             raise ValueError(str(exc)) from None
-        try:
-            host.encode("idna")  # what the resolver will be given
-        except UnicodeError:
-            raise ValueError(f"{host!r} is not a host name or an IP address") from None
-        servers.append((host, port))
-    if len(servers) > MAX_SERVERS:
-        raise ValueError(f"at most {MAX_SERVERS} servers")
+        if item_port is not None and port is not None and item_port != port:
+            raise ValueError(f"two ports: {item_port} in {addr.join(host, item_port)} and --port {port}; give one")
+        servers.append((host, item_port or port or DEFAULT_PORT))
     return servers
-
-
-def _servers_arg(text: str) -> str:
-    """The ``host`` argument, checked (ports resolved later, once --port is known)."""
-    try:
-        parse_servers(text, DEFAULT_PORT)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-_servers_arg.__name__ = "host"  # argparse names the type in its messages
-
-
-def _port(text: str, item: str) -> int:
-    try:
-        return int(options.port(text))
-    except argparse.ArgumentTypeError as exc:
-        raise ValueError(f"{item!r}: {exc}") from None
 
 
 def _err(message: str) -> None:
@@ -1024,7 +1064,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         servers = parse_servers(args.host, args.port)
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(f"argument HOST[:PORT]: {exc}")
     (args.host, args.port), args.alternates = servers[0], servers[1:]
     if args.key is not None and args.cert is None:
         parser.error("--key needs --cert (your client certificate)")
@@ -1043,10 +1083,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ChatError as exc:
             _err(str(exc))
             return EXIT_FAILURE
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    if not interactive:  # a pipe or file that fails (> /dev/full, | head -1): say so once, keep chatting
-        options.guard_stdout(PROG)
-    frontend = _Interactive(args, context, trust) if interactive else _LineMode(args, context, trust)
+    frontend: _Frontend
+    # TERM=dumb (Emacs shell, some IDE consoles): a terminal that cannot move the cursor or colour.
+    if sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb":
+        from securechat.ui import TerminalUI
+
+        frontend = TerminalUI(args, context, trust)
+    else:
+        options.guard_stdout(PROG)  # a pipe or file that fails (> /dev/full, | head -1): say so once, keep chatting
+        frontend = _LineMode(args, context, trust)
     try:
         return frontend.run()
     except ChatError as exc:
@@ -1070,6 +1115,10 @@ class _Frontend:
         self.trust = trust
         self.client = ChatClient()
 
+    def run(self) -> int:
+        """Chat until the user leaves or the connection ends; the exit status."""
+        raise NotImplementedError
+
     @property
     def wanted_nick(self) -> str | None:
         """--nick, else the name in --cert (a mutual-TLS server grants that one anyway), else None."""
@@ -1079,8 +1128,14 @@ class _Frontend:
         args = self.args
         self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout,
                             trust=self.trust, alternates=getattr(args, "alternates", ()))
-        plain = self.context is None and self.trust is None
-        self.client.wait_greeting(min(1.0, self.args.timeout) if plain else self.args.timeout)
+        if self.client.tls:
+            self.client.wait_greeting(self.args.timeout)
+        elif not self.client.wait_greeting(min(PLAIN_GREETING_WAIT, self.args.timeout)):
+            # Before the nickname goes out in clear: a TLS server waits for a ClientHello, silently.
+            where = addr.join(args.host, args.port)
+            raise TLSRequired(f"{where} sent no greeting within {min(PLAIN_GREETING_WAIT, args.timeout):g} s: "
+                              "it probably requires TLS; drop --plain and pass --ca with the server's ca.pem "
+                              "(or --pin/--tofu); nothing was sent")
 
     def leave(self) -> int:
         """Say /quit, let the server answer, and report how it ended.
@@ -1157,105 +1212,3 @@ class _LineMode(_Frontend):
             if not self.client.send(text):
                 self.client.wait_closed(1.0)
                 self.client._raise_ended()
-
-
-class _Interactive(_Frontend):
-    """stdin and stdout are a terminal: a prompt_toolkit input line with messages printed above it."""
-
-    def run(self) -> int:
-        from prompt_toolkit import PromptSession
-        from prompt_toolkit.formatted_text import FormattedText
-        from prompt_toolkit.history import InMemoryHistory
-        from prompt_toolkit.patch_stdout import patch_stdout
-        from prompt_toolkit.shortcuts import print_formatted_text
-
-        def show(fragments: list[tuple[str, str]]) -> None:
-            print_formatted_text(FormattedText(fragments))
-
-        print(f"Connecting to {self.args.host}:{self.args.port}...", flush=True)
-        self.connect()
-        print(f"Connected ({'TLS' if self.client.tls else 'NOT ENCRYPTED'}).", flush=True)
-        session: PromptSession[str] = PromptSession(history=InMemoryHistory())
-        nick = self._choose_nick(session, self.wanted_nick)
-        if nick is None:
-            return self.leave()
-        # The accepted input line is erased: the "[nick] text" echo printed above replaces it, so a
-        # message is not shown twice.
-        session.app.erase_when_done = True
-        ended = threading.Event()
-        main_left = threading.Event()
-
-        def exit_if_running() -> None:
-            # Runs in the prompt's event loop; the prompt may have ended on its own meanwhile.
-            if session.app.is_running:
-                session.app.exit()
-
-        def exit_prompt() -> None:
-            # The prompt may be between two runs; keep asking until the main thread has noticed.
-            while not main_left.is_set():
-                loop = session.app.loop
-                if session.app.is_running and loop is not None:
-                    loop.call_soon_threadsafe(exit_if_running)
-                main_left.wait(0.1)
-
-        def on_line(line: str) -> None:
-            show(format_line(line))
-
-        def watch_end() -> None:
-            self.client.wait_closed()
-            ended.set()
-            exit_prompt()
-
-        with patch_stdout(raw=False):
-            self.client.set_on_line(on_line)
-            threading.Thread(target=watch_end, name="securechat-watch", daemon=True).start()
-            try:
-                while not ended.is_set():
-                    try:
-                        me = self.client.nick or nick
-                        text = session.prompt(
-                            [(nick_style(me), me), ("", "> ")],
-                            # the connection may have ended while no prompt was running
-                            pre_run=lambda: exit_if_running() if ended.is_set() else None,
-                        )
-                    except KeyboardInterrupt:
-                        break
-                    except EOFError:
-                        break
-                    if text is None or ended.is_set():
-                        break
-                    if _is_quit(text):
-                        break
-                    if not text.strip():
-                        continue
-                    echo = own_echo(self.client.nick or nick, text)
-                    if not self.client.send(text):
-                        break
-                    if echo is not None:
-                        show(format_line(echo))
-            finally:
-                main_left.set()
-        if ended.is_set() or self.client.closed:
-            self.client.close()
-            self.client._raise_ended()
-        return self.leave()
-
-    def _choose_nick(self, session: object, nick: str | None) -> str | None:
-        """Ask (or use --nick) until the server accepts one; None when the user gives up."""
-        while True:
-            if nick is None:
-                try:
-                    nick = session.prompt("Enter your nickname: ").strip()  # type: ignore[attr-defined]
-                except (EOFError, KeyboardInterrupt):
-                    return None
-            error = protocol.nick_error(nick)
-            if error is not None:
-                # Checked here first so the answer is instant; the server checks again anyway.
-                print(f"That nickname won't do: {error}.", flush=True)
-                nick = None
-                continue
-            try:
-                return self.client.register(nick, timeout=self.args.timeout)
-            except NickRefused as exc:
-                print(f"Nickname refused: {exc.reason}. Choose another.", flush=True)
-                nick = None

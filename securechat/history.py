@@ -119,6 +119,7 @@ class SqliteLog(LocalLog):
         self._queue: collections.deque[object] = collections.deque()
         self._failed = False  # a write failed: history is off for the rest of the run
         self._overflowing = False
+        self._busy = False  # the writer holds lines taken from the queue and not yet committed
         self._stop = threading.Event()
         self._wake = threading.Event()  # a reader waits: write now, not at the next interval
         self._lock_fd = -1
@@ -210,6 +211,13 @@ class SqliteLog(LocalLog):
                 return
 
     def _write_queued(self) -> None:
+        self._busy = True  # before taking anything: flush() checks the queue, then this
+        try:
+            self._write_batch()
+        finally:
+            self._busy = False
+
+    def _write_batch(self) -> None:
         queue = self._queue
         rows: list[tuple[object, ...]] = []
         marks: list[tuple[str, dict[str, str]]] = []
@@ -262,6 +270,8 @@ class SqliteLog(LocalLog):
     def flush(self, timeout: float = FLUSH_WAIT) -> bool:
         """Wait until everything appended so far is written; False on timeout."""
         if not self._thread.is_alive():
+            return True
+        if not self._queue and not self._busy:  # nothing waiting, nothing being written: no round trip
             return True
         done = threading.Event()
         self._queue.append(done)

@@ -26,6 +26,7 @@ first line              the nickname (asked again until one is accepted)
 ``/help``               list the commands
 ``/quit`` or ``exit``   leave
 ``//text``              a chat line that starts with ``/``
+``/cap echo``           (client programs) get our own lines back as relayed, see CAP_ECHO
 =====================  =================================================================
 
 Lines from the server that start with ``* `` are server notices; no client can produce one,
@@ -397,6 +398,38 @@ def welcome_nick(line: str) -> str | None:
         return None
     nick = line[len(prefix) :].split("!", 1)[0]
     return nick if NICK_RE.match(nick) else None
+
+
+# A client program asks for capabilities after joining with ``/cap NAME``; people never need it,
+# and clients that don't ask (ncat, openssl s_client) see nothing change. ``echo``: the server
+# sends the client a copy of each of its chat, action and private lines exactly as the others get
+# them, and a ``* not delivered (...): TEXT`` notice for each line it drops, so a client shows only
+# what was really delivered. The answer also advertises the flood limit, which a client paces to.
+CAP_COMMAND = "cap"
+CAP_ECHO = "echo"
+CAP_REPLY = "cap: "  # "* cap: echo on; flood 10 lines/s, burst 20" (rate 0: no limit)
+NOT_DELIVERED = "not delivered"  # "* not delivered (flood control): TEXT"
+NO_SUCH_NICK = "no such nick: "
+
+_CAP_REPLY_RE = re.compile(r"\* cap: (\w+) on; flood ([0-9.]+) lines/s, burst ([0-9.]+)\Z")
+_RENAMED_RE = re.compile(r"\* ([A-Za-z0-9_-]{1,%d}) is now ([A-Za-z0-9_-]{1,%d})\Z" % (MAX_NICK_CHARS, MAX_NICK_CHARS))
+
+
+def cap_reply(name: str, rate: float, burst: float) -> str:
+    """The server's answer to ``/cap NAME``, without the notice prefix."""
+    return f"{CAP_REPLY}{name} on; flood {rate:g} lines/s, burst {burst:g}"
+
+
+def parse_cap_reply(line: str) -> tuple[str, float, float] | None:
+    """``(capability, flood rate, flood burst)`` from a ``* cap: ...`` line, or None for any other line."""
+    m = _CAP_REPLY_RE.match(line)
+    return (m.group(1), float(m.group(2)), float(m.group(3))) if m else None
+
+
+def renamed(line: str) -> tuple[str, str] | None:
+    """``(old, new)`` from a ``* old is now new`` notice, or None for any other line."""
+    m = _RENAMED_RE.match(line)
+    return (m.group(1), m.group(2)) if m else None
 
 
 def is_notice(line: str) -> bool:

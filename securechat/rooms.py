@@ -96,6 +96,7 @@ class Member(Protocol):
     private_mark: str | None  # the newest stored private message given to it
     dropped_at: dict[str, str | None]  # room key -> the room's last id when its connection dropped
     replaced: bool  # a resumed connection took over from this one
+    echo: bool  # "/cap echo": its own lines come back to it as the others got them
 
 
 def room_error(name: str) -> str | None:
@@ -235,7 +236,10 @@ class Rooms:
             # the held session is over now, not at the end of its grace period.
             self._expire(held.token)
         with self._lock:
-            if key in self._nicks:
+            holder = self._nicks.get(key)
+            if holder is not None and holder.held_private is not None:
+                return f"{nick!r} is held for its dropped connection to resume (up to {self.grace:g} s)"
+            if holder is not None:
                 return f"{nick!r} is taken"
             if not self.directory.claim(nick):
                 return f"{nick!r} is taken"
@@ -545,6 +549,8 @@ class Rooms:
         else:
             return f"no such nick: {protocol.sanitize(target_nick)}"
         self.log.append("@" + name, "private", member.nick, text, name, store=store)
+        if member.echo and protocol.nick_key(name) != protocol.nick_key(member.nick):
+            member.conn.send(protocol.private(member.nick, name, text))
         return None
 
     def history(self, member: Member, count: int) -> None:
@@ -583,6 +589,10 @@ class Rooms:
             if room is None:
                 return
         exclude = entry.sender if entry.kind in _EXCLUDE_SENDER else None
+        if exclude is not None:
+            sender = self._nicks.get(protocol.nick_key(exclude))
+            if sender is not None and sender.echo:
+                exclude = None  # "/cap echo": the sender sees its line exactly as the others do
         here = protocol.encode(render(entry))
         there: bytes | None = None
         with room.lock:

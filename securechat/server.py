@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import cast
 
-from securechat import DEFAULT_HOST, DEFAULT_PORT, console, options, protocol, redislog, tls
+from securechat import DEFAULT_HOST, DEFAULT_PORT, addr, console, listen, options, protocol, redislog, tls
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.console import announce
 from securechat.handshake import Handshaker
@@ -114,7 +114,7 @@ class Session:
     # Thousands of these live at once: no per-instance __dict__.
     __slots__ = ("server", "peer", "nick", "bound_nick", "person", "state", "conn", "bucket", "dropped", "slot",
                  "admission", "joined", "current", "tagged", "token", "quitting", "paged", "held_private",
-                 "private_mark", "dropped_at", "replaced")
+                 "private_mark", "dropped_at", "replaced", "echo")
 
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -138,6 +138,7 @@ class Session:
         self.dropped = 0
         self.slot: _Slot | None = None  # the chat place, from the accepted nickname on
         self.admission: _Admission | None = None  # the place among the unauthenticated, until then
+        self.echo = False  # "/cap echo": copy this client its own lines as relayed (protocol.CAP_ECHO)
         self.joined: list[Room] = []
         self.current: Room | None = None
         self.tagged = False  # "@id=...;room=... " in front of room lines (/session)
@@ -186,6 +187,8 @@ class Session:
                 self.dropped += 1
                 if self.dropped == 1:
                     self.reply(f"slow down: at most {self.server.flood_rate:g} lines a second; lines dropped")
+                if self.echo:  # a line the server dropped must never look delivered to its sender
+                    self.reply(f"{protocol.NOT_DELIVERED} (flood control): {protocol.sanitize(protocol.decode(raw))}")
                 if self.dropped >= FLOOD_DISCONNECT:
                     self.quitting = True  # put out, not dropped: no session to hold
                     self.conn.close(protocol.notice("disconnected for flooding"), reason="disconnected for flooding")
@@ -389,6 +392,14 @@ class Session:
         self.quitting = True
         self.conn.close(protocol.notice("goodbye"))
 
+    def cmd_cap(self, arg: str) -> None:
+        if arg.strip().lower() != protocol.CAP_ECHO:
+            self.reply(f"{protocol.CAP_REPLY}unknown capability {protocol.sanitize(arg)!r}; known: {protocol.CAP_ECHO}")
+            return
+        self.echo = True
+        self.reply(protocol.cap_reply(protocol.CAP_ECHO, self.server.flood_rate, self.server.flood_burst))
+
+
 
 def _held_expired(member: object) -> None:
     log.info("%s did not come back in time", getattr(member, "nick", "?"))
@@ -407,6 +418,7 @@ COMMANDS: dict[str, Callable[[Session, str], None]] = {
     "me": Session.cmd_me,
     "help": Session.cmd_help,
     "quit": Session.cmd_quit,
+    protocol.CAP_COMMAND: Session.cmd_cap,
 }
 
 
@@ -453,6 +465,7 @@ class ChatServer:
         announce_limit: int = ANNOUNCE_LIMIT,
         max_pending: int = MAX_PENDING,
         max_pending_per_ip: int = MAX_PENDING_PER_ADDRESS,
+        dual_stack: bool = False,
         roomlog: RoomLog | None = None,
         directory: Directory | None = None,
         replay: int = REPLAY_LINES,
@@ -460,6 +473,8 @@ class ChatServer:
         offline_messages: bool = False,
     ) -> None:
         self.host = host
+        # host "::" with dual_stack: one socket for IPv6 and IPv4 (IPV6_V6ONLY off), where the OS allows it.
+        self.dual_stack = dual_stack
         self.port = port
         self.ssl_context = ssl_context
         self.max_clients = max_clients
@@ -502,9 +517,15 @@ class ChatServer:
         """
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, self.port))
-        listener.listen(min(socket.SOMAXCONN, 4096))
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.dual_stack else 1)
+            listener.bind((self.host, self.port))
+            listener.listen(min(socket.SOMAXCONN, 4096))
+        except BaseException:
+            listener.close()
+            raise
         self._listener = listener
         self._start_handshakers()
         return self.address
@@ -564,6 +585,9 @@ class ChatServer:
                 while not self._stop_requested():
                     try:
                         sock, peer = listener.accept()
+                        # The seed's ('ip', port), also for IPv4 clients of a dual-stack socket
+                        # (::ffff:192.0.2.1): per-address limits and logs then see one address.
+                        peer = (addr.unmap(peer[0]), peer[1])
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError as exc:
@@ -910,8 +934,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the securechat server. TLS by default: with the default paths and no certificate yet, "
         "a local CA and a server certificate are minted into certs/ first.",
     )
-    p.add_argument("--host", type=options.host, default=DEFAULT_HOST,
-                   help="address to listen on (default: %(default)s, every interface)")
+    p.add_argument("--listen", type=options.host, metavar="ADDR", default=None,
+                   help="listen on this one address of this machine, e.g. 192.168.0.20 or ::1 (default: every "
+                   f"interface, IPv6 and IPv4: [::] and {DEFAULT_HOST}). Not a certificate name: that is "
+                   "'gen-certs --host'")
+    p.add_argument("--host", type=options.host, dest="listen", help=argparse.SUPPRESS)  # the older spelling of --listen
     p.add_argument("--port", type=options.listen_port, default=DEFAULT_PORT,
                    help="TCP port, 0 for any free one (default: %(default)s)")
     p.add_argument("--cert", type=options.path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
@@ -970,6 +997,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a dropped securechat client's nick and rooms are held for it to resume, "
                    "0 for not at all (default: %(default)g)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
+    p.add_argument("--log-format", choices=console.LOG_FORMATS, default="console",
+                   help="log lines on stderr: 'console', readable ([SERVER] WARNING: ...), or 'json', one "
+                   "object a line for machines (default: %(default)s)")
     redislog.add_arguments(p)
     return p
 
@@ -1069,16 +1099,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     redis_error = redislog.usage_error(args)
     if redis_error:
         parser.error(redis_error)
+    try:
+        args.listen, args.dual_stack = listen.plan(args.listen)
+    except listen.ListenError as exc:
+        parser.error(str(exc))
     # The console is for the operator; the chat must not die with it (> /dev/full, | head -1).
     options.guard_stdout(PROG)
     listener = console.nonblocking_logging(logging.INFO if args.verbose else logging.WARNING,
-                                           "%(asctime)s %(levelname)s %(name)s: %(message)s")
+                                           console.log_formatter(args.log_format))
     console.stdout.start()  # now, so the process's thread count is steady from the first client on
     try:
         return _serve(args)
     finally:
         console.stdout.flush()
         listener.stop()
+
+
+def _bind(server: ChatServer, args: argparse.Namespace) -> OSError | None:
+    """Bind ``server``; the error, if any. Dual stack falls back to IPv4 where IPv6 is switched off."""
+    try:
+        server.bind()
+        return None
+    except OSError as exc:
+        if not args.dual_stack:
+            return exc
+    server.host, server.dual_stack, args.listen, args.dual_stack = DEFAULT_HOST, False, DEFAULT_HOST, False
+    try:
+        server.bind()
+    except OSError as exc:
+        return exc
+    return None
 
 
 # Descriptors a connection may hold (its socket, its session's eventfd), and what the server keeps
@@ -1125,7 +1175,8 @@ def _serve(args: argparse.Namespace) -> int:
         options.print_error(PROG, str(exc))
         return 1
     roomlog, directory = cluster if cluster is not None else (None, None)
-    server = ChatServer(args.host, args.port, context, max_clients=args.max_clients, max_per_ip=args.max_per_ip,
+    server = ChatServer(args.listen, args.port, context, dual_stack=args.dual_stack,
+                        max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
                         flood_rate=args.flood_rate, flood_burst=args.flood_burst,
                         announce_limit=args.announce_limit, max_pending=args.max_pending,
@@ -1133,10 +1184,14 @@ def _serve(args: argparse.Namespace) -> int:
                         offline_messages=args.require_client_cert and not args.no_history,
                         roomlog=roomlog, directory=directory)
     _raise_descriptor_limit(args.max_clients + args.max_pending)
-    try:
-        server.bind()
-    except OSError as exc:
-        options.print_error(PROG, f"cannot listen on {args.host}:{args.port}: {describe_error(exc)}")
+    failure = _bind(server, args)
+    if failure is not None:
+        where = addr.join(args.listen, args.port)
+        if failure.errno == errno.EADDRNOTAVAIL:
+            options.print_error(PROG, f"cannot listen on {where}: {addr.host_text(args.listen)} is not an address "
+                                "of this machine; leave --listen out to listen on all of them")
+        else:
+            options.print_error(PROG, f"cannot listen on {where}: {describe_error(failure)}")
         if directory is not None:
             directory.close()
         return 1
@@ -1207,7 +1262,12 @@ def _serve(args: argparse.Namespace) -> int:
         if len(prints) > 1:
             print(f"[SERVER] CA SHA-256 fingerprint (for --pin): {prints[-1]}", flush=True)
     host, port = server.address
-    print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
+    for line in listen.banner(host, port, server.dual_stack):
+        print(line, flush=True)
+    for line in listen.connect_hint(host, port, server.dual_stack,
+                                    cert=None if context is None else args.cert or DEFAULT_CERT,
+                                    mutual=args.require_client_cert):
+        print(line, flush=True)
     server.serve_forever(signal_fd=signal_r)
     signal.set_wakeup_fd(-1)
     os.close(signal_r)

@@ -276,7 +276,8 @@ def test_the_nick_is_held_for_the_grace_period_then_freed(serve: Serve, connect:
     thief = connect(server)
     thief.expect("* securechat")
     thief.send("alice")
-    assert thief.expect("* nickname refused") == "* nickname refused: 'alice' is taken; send another"
+    assert thief.expect("* nickname refused") == ("* nickname refused: 'alice' is held for its dropped connection "
+                                                  "to resume (up to 1.5 s); send another")
     assert watcher.expect("* alice left", timeout=5) == "* alice left (connection lost)"
     thief.send("alice")
     thief.expect("* welcome, alice!")

@@ -376,19 +376,23 @@ def test_the_client_moves_to_the_next_server_of_connect_a_b_and_catches_up(redis
 def test_connect_parses_a_list_of_servers() -> None:
     from securechat.client import parse_servers
 
-    assert parse_servers("a,b:6000,[::1]:7000,[::1], c ", 5555) == [
+    assert parse_servers("a,b:6000,[::1]:7000,[::1], c ") == [
         ("a", 5555), ("b", 6000), ("::1", 7000), ("::1", 5555), ("c", 5555)]
-    assert parse_servers("::1", 5555) == [("::1", 5555)]
-    for bad in ("a,,b", "a:0", "a:x", "[::1]x", ":5555", "a:70000", "999.1.1.1", "a,1.2.3", "\udcff\udcfe"):
+    assert parse_servers("::1") == [("::1", 5555)]
+    assert parse_servers("a,b", 6000) == [("a", 6000), ("b", 6000)]  # --port: for those without one
+    with pytest.raises(ValueError, match="two ports"):
+        parse_servers("a,b:6001", 6000)
+    for bad in ("a,,b", "a:0", "a:x", "[::1]x", ":5555", "a:70000", "999.1.1.1", "a,1.2.3", "a\x01b",
+                ",".join(["a"] * 17)):
         with pytest.raises(ValueError):
-            parse_servers(bad, 5555)
+            parse_servers(bad)
 
 
 def test_connect_with_a_bad_server_list_is_a_usage_error() -> None:
     proc = subprocess.run([sys.executable, "-m", "securechat", "connect", "a,b:x"], capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("securechat connect: argument host: 'b:x': 'x' is not a whole number")
+    assert proc.stderr.startswith("securechat connect: argument HOST[:PORT]: 'b:x': the port after ':' must be")
     assert proc.stderr.count("\n") == 1
 
 
