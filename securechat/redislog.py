@@ -168,6 +168,18 @@ if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
 return 0
 """
 
+# Takes a nick for a resumed session: only if it is free, or still held by the server that gave the
+# session (gone, or its client would have resumed there), never from someone who took it since.
+# KEYS: the nick; ARGV: new value, ttl ms, the session's origin.
+_TAKE_OVER_LUA = """
+local v = redis.call('GET', KEYS[1])
+if (not v) or string.sub(v, 1, #ARGV[3] + 1) == ARGV[3] .. '\t' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
 # Deletes a nick only if this server holds it.
 _RELEASE_NICK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -805,6 +817,7 @@ class RedisDirectory(Directory):
         self._members: dict[str, dict[str, str]] = {}  # room key -> {nick key: display}
         self._room_names: dict[str, str] = {}  # room key -> display
         self._sessions: dict[str, tuple[str, str]] = {}  # resume token -> (nick key, person)
+        self._adopting: dict[str, str] = {}  # nick key -> origin of the session being resumed here
         # A session record outlives its server by the grace period (plus the time to notice it died).
         self.session_ttl_ms = int((grace + ttl) * 1000)
         self._ok = True
@@ -832,7 +845,7 @@ class RedisDirectory(Directory):
         """Connect and start the refresh thread (RedisStartError if Redis cannot be used)."""
         self.config.check()
         self._client = self.config.client(timeout=DIRECTORY_TIMEOUT)
-        for name, source in (("refresh", _REFRESH_NICK_LUA), ("release", _RELEASE_NICK_LUA),
+        for name, source in (("refresh", _REFRESH_NICK_LUA), ("release", _RELEASE_NICK_LUA), ("take", _TAKE_OVER_LUA),
                              ("touch", _TOUCH_LUA), ("alive", _ALIVE_LUA), ("rooms", _ROOMS_LUA)):
             self._scripts[name] = self._client.register_script(source)
         self._thread = threading.Thread(target=self._heartbeat_loop, name="securechat-redis-presence", daemon=True)
@@ -1016,15 +1029,29 @@ class RedisDirectory(Directory):
         if not record or record.get("origin") == self.origin or record.get("person", "") != (person or ""):
             return None
         nick = str(record.get("nick", ""))
-        return nick if protocol.nick_error(nick) is None else None
+        if protocol.nick_error(nick) is not None:
+            return None
+        with self._lock:
+            self._adopting[self.nick_key(nick)] = str(record.get("origin", ""))
+        return nick
 
     def take_over(self, nick: str) -> bool:
-        """Claim ``nick`` here whoever holds it now (the session's token was shown)."""
+        """Claim the nick of a session found by :meth:`session_nick`: if it is free, or still held by
+        the server that gave the session; False if someone else took it since."""
         key = self.nick_key(nick)
-        with contextlib.suppress(DirectoryUnavailable):
-            self._call(lambda: self._client.set(self.config.key("nick", key), self._value(nick), px=self.ttl_ms))
+        with self._lock:
+            origin = self._adopting.pop(key, None)
+        if origin is None:
+            return False
+        try:
+            taken = self._call(lambda: self._scripts["take"](keys=[self.config.key("nick", key)],
+                                                              args=[self._value(nick), self.ttl_ms, origin]))
+            if not taken:
+                return False
             self._call(lambda: self._scripts["alive"](keys=[self.config.key("online")],
                                                        args=[self._member(nick), self.ttl_ms]))
+        except DirectoryUnavailable:
+            return False
         with self._lock:
             self._nicks[key] = nick
         return True

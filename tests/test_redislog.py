@@ -576,3 +576,30 @@ def test_a_failing_deliver_does_not_stop_the_reader(redis_server, caplog) -> Non
         assert any("delivering" in r.message for r in caplog.records)
     finally:
         roomlog.close()
+
+
+@pytest.mark.slow
+def test_a_session_is_resumed_elsewhere_only_while_nobody_else_took_its_nick(redis_server, directories) -> None:
+    redis = redis_server()
+    a = directories(redis.url, ttl=1.0, grace=5.0)
+    b = directories(redis.url, ttl=1.0, grace=5.0)
+    c = directories(redis.url, ttl=1.0, grace=5.0)
+    assert b.claim("bob") and b.claim("dave")
+    b.remember_session("token-bob", "bob", None)
+    b.remember_session("token-dave", "dave", None)
+    assert a.session_nick("unknown", None) is None
+    assert a.session_nick("token-bob", "someone") is None  # under mutual TLS: the same person only
+    assert b.session_nick("token-bob", None) is None  # its own server resumes it the ordinary way
+    # b dies (stops refreshing): its nicks expire after the TTL, its sessions outlive them by the grace.
+    b._stop.set()
+    assert b._thread is not None
+    b._thread.join()
+    assert a.session_nick("token-bob", None) == "bob"
+    assert a.take_over("bob")  # still b's: taken over at once, without waiting for the TTL
+    assert c.locate("bob") == (a.origin, "bob")
+    time.sleep(1.3)
+    assert c.claim("dave")  # meanwhile someone else took dave
+    assert a.session_nick("token-dave", None) == "dave"
+    assert not a.take_over("dave")  # never from him
+    assert c.locate("dave") == (c.origin, "dave")
+    assert not a.take_over("carol")  # nothing asked for carol
