@@ -410,6 +410,8 @@ class ChatClient:
         """A connection that dropped, not one that was ended on purpose by either side."""
         if not self.reconnect or not self.resume.token or self._closing.is_set() or self._quitting:
             return False
+        if self._phase == _LIVE and self._saw_shutdown and len(self.servers) > 1:
+            return True  # one server of a chat that has others (connect a,b): move to another
         if self._phase == _LIVE and (self._saw_shutdown or self._last_notice in _FINAL_NOTICES
                                      or self._last_notice.startswith(_FINAL_PREFIXES)):
             return False
@@ -445,6 +447,7 @@ class ChatClient:
                 return False
             self._conn = Connection(sock, self._on_lines)
             self._phase = _RESUMING
+            self._saw_shutdown = False  # that was the previous server
             self._conn.send(protocol.encode(self.resume.resume_line()))
             return True
         return False

@@ -818,6 +818,7 @@ class RedisDirectory(Directory):
         self._room_names: dict[str, str] = {}  # room key -> display
         self._sessions: dict[str, tuple[str, str]] = {}  # resume token -> (nick key, person)
         self._adopting: dict[str, str] = {}  # nick key -> origin of the session being resumed here
+        self._draining = False  # the server is stopping: sessions stay resumable elsewhere
         # A session record outlives its server by the grace period (plus the time to notice it died).
         self.session_ttl_ms = int((grace + ttl) * 1000)
         self._ok = True
@@ -850,6 +851,12 @@ class RedisDirectory(Directory):
             self._scripts[name] = self._client.register_script(source)
         self._thread = threading.Thread(target=self._heartbeat_loop, name="securechat-redis-presence", daemon=True)
         self._thread.start()
+
+    def drain(self) -> None:
+        """The server is about to stop: from now on, released nicks keep their resume records, so
+        its clients (``connect a,b``) resume on another server (the records expire after the grace
+        period)."""
+        self._draining = True
 
     def close(self) -> None:
         """Stop refreshing and release this server's nicks and memberships."""
@@ -921,10 +928,13 @@ class RedisDirectory(Directory):
             for room in rooms:
                 if not self._members[room]:
                     del self._members[room]
-            # The session is over (quit, or its grace period ran out): nobody may resume it.
+            # The session is over (quit, or its grace period ran out): nobody may resume it. Not when
+            # this server is stopping: its people may resume on another server of the chat.
             tokens = [token for token, (k, _) in self._sessions.items() if k == key]
             for token in tokens:
                 del self._sessions[token]
+            if self._draining:
+                tokens = []
 
         def run() -> None:
             pipe = self._client.pipeline(transaction=False)

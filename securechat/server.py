@@ -1274,6 +1274,8 @@ def _serve(args: argparse.Namespace) -> int:
     os.close(signal_w)
     if renewer is not None:
         renewer.stop()
+    if directory is not None:
+        directory.drain()  # its people may resume on another server of the chat
     server.shutdown()
     if directory is not None:
         directory.close()

@@ -320,8 +320,11 @@ def test_a_session_resumes_on_another_server_when_its_own_is_killed(redis_server
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
 def test_the_client_moves_to_the_next_server_of_connect_a_b_and_catches_up(redis_server, serve_proc, client_ctx,
-                                                                          cert_files: dict[str, Path]) -> None:
+                                                                          cert_files: dict[str, Path],
+                                                                          how: int) -> None:
+    """Killed, or stopped in order ("* server shutting down", a rolling restart): the client moves on."""
     redis = redis_server()
     a = serve_proc("--redis", redis.url)
     b = serve_proc("--redis", redis.url)
@@ -352,8 +355,8 @@ def test_the_client_moves_to_the_next_server_of_connect_a_b_and_catches_up(redis
         alice.send("before")
         wait_for(lambda: "[alice] before" in out)
         time.sleep(0.3)  # the client has asked for its session token by now
-        b.proc.kill()
-        b.proc.wait()
+        b.proc.send_signal(how)
+        b.proc.wait(15)
         for i in range(3):
             alice.send(f"while moving {i}")
         wait_for(lambda: any(line.startswith("* welcome, reader! (resumed)") for line in out))
