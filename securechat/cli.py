@@ -12,12 +12,16 @@ from collections.abc import Callable, Sequence
 
 from securechat import __version__
 
-# subcommand -> (module with main(argv) -> int, one-line summary)
+# subcommand -> ("module" with main(argv) -> int, or "module:function", one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("securechat.server", "run the chat server (TLS; mints certificates into certs/ on first run)"),
     "connect": ("securechat.client", "join a chat server: securechat connect HOST"),
     "gen-certs": ("securechat.certs", "mint a local CA and a server certificate into certs/"),
     "fingerprint": ("securechat.identity", "print a certificate file's SHA-256 fingerprint"),
+    "invite": ("securechat.invites:main_invite", "make a one-time code for someone to join: securechat invite [NAME]"),
+    "join": ("securechat.enroll:main_join", "join a server with an invite code: securechat join HOST CODE"),
+    "revoke": ("securechat.invites:main_revoke", "revoke a client certificate: securechat revoke NAME|SERIAL"),
+    "certs": ("securechat.invites:main_certs", "list the client certificates issued through invites"),
 }
 
 USAGE = """usage: securechat [COMMAND] [OPTIONS]
@@ -44,8 +48,9 @@ def _usage() -> str:
 
 
 def _run(command: str, argv: Sequence[str]) -> int:
-    module_name, _ = COMMANDS[command]
-    entry: Callable[[Sequence[str]], int] = importlib.import_module(module_name).main
+    target, _ = COMMANDS[command]
+    module_name, _, function = target.partition(":")
+    entry: Callable[[Sequence[str]], int] = getattr(importlib.import_module(module_name), function or "main")
     return entry(list(argv))
 
 

@@ -350,6 +350,8 @@ class ChatClient:
             raise NickRefused(reason.removesuffix("; send another"))
         if line.startswith(notice + protocol.SERVER_FULL):
             raise ServerFull(f"{line[len(notice):]}")
+        if line.startswith((notice + protocol.CERT_REQUIRED, notice + protocol.CERT_REVOKED)):
+            raise CertificateRefused(f"{self.host}:{self.port} refused the connection: {line[len(notice):]}")
         if line.startswith(notice + protocol.TLS_REQUIRED):
             raise TLSRequired(f"{line[len(notice):]} (drop --plain and pass --ca with the server's ca.pem)")
 
@@ -719,6 +721,8 @@ def _first_contact(key: str, fingerprint: str, path: Path) -> None:
 def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext, Callable[[ssl.SSLSocket], None] | None]:
     """The TLS context and post-handshake check the command line asks for; ChatError on any problem."""
     verify: Callable[[ssl.SSLSocket], None] | None = None
+    if not (args.pin or args.tofu or args.ca) and (joined := _joined_context(args)) is not None:
+        return joined, None
     if args.pin or args.tofu:
         # The fingerprint replaces the CA chain and the host name check: no CA file involved.
         context = identity.pinned_context(tls_min=args.tls_min)
@@ -739,6 +743,27 @@ def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext, Callable[[s
     if args.cert is not None:
         args.cert_name = load_client_certificate(context, args.cert, args.key)
     return context, verify
+
+
+def _joined_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The context for a server joined with an invite (``securechat join``), renewing first if due."""
+    from securechat import profiles
+
+    profile = profiles.load(args.host, args.port)
+    if profile is None:
+        return None
+    if args.cert is None:
+        profiles.renew_if_due(profile, tls_min=args.tls_min, timeout=args.timeout, say=_err)
+    try:
+        context = tls.client_context(profile.ca, tls_min=args.tls_min)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ChatError(f"cannot load {profile.ca} ({describe_error(exc)}): join again with a new invite") \
+            from None
+    if args.cert is not None:
+        args.cert_name = load_client_certificate(context, args.cert, args.key)
+    elif profile.has_cert:
+        args.cert_name = load_client_certificate(context, profile.cert, profile.key)
+    return context
 
 
 def main(argv: Sequence[str] | None = None) -> int:

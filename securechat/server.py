@@ -26,13 +26,16 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, tls
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.console import announce
 from securechat.handshake import Handshaker
 from securechat.protocol import Command
+
+if TYPE_CHECKING:
+    from securechat.enroll import Authority
 
 log = logging.getLogger("securechat.server")
 
@@ -154,7 +157,8 @@ class Session:
     """One client's life on the server: nick registration, then chat. Runs in its own thread."""
 
     # Thousands of these live at once: no per-instance __dict__.
-    __slots__ = ("server", "peer", "nick", "bound_nick", "state", "conn", "bucket", "dropped", "slot")
+    __slots__ = ("server", "peer", "nick", "bound_nick", "state", "conn", "bucket", "dropped", "slot",
+                 "cert_serial")
 
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -175,6 +179,7 @@ class Session:
         self.bucket = protocol.TokenBucket(server.flood_rate, server.flood_burst, now)
         self.dropped = 0
         self.slot: _Slot | None = None
+        self.cert_serial: int | None = None  # the client certificate's, watched for revocation
 
     def __repr__(self) -> str:
         return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
@@ -226,7 +231,7 @@ class Session:
             return
         if self.bound_nick is not None:
             return self._register_bound(nick, self.bound_nick)
-        error = protocol.nick_error(nick) or self.server.room.join(self, nick)
+        error = protocol.nick_error(nick) or self.server.reserved(nick) or self.server.room.join(self, nick)
         if error:
             self.reply(protocol.NICK_REFUSED + error + "; send another")
             return
@@ -281,7 +286,7 @@ class Session:
         if self.bound_nick is not None:
             self.reply(f"{protocol.NICK_REFUSED}your nickname is bound to your certificate ({self.bound_nick})")
             return
-        error = protocol.nick_error(arg) or self.server.room.rename(self, arg)
+        error = protocol.nick_error(arg) or self.server.reserved(arg) or self.server.room.rename(self, arg)
         if error:
             self.reply(protocol.NICK_REFUSED + error)
 
@@ -364,6 +369,7 @@ class ChatServer:
         flood_burst: float = FLOOD_BURST,
         outbox_limit: int = OUTBOX_LIMIT,
         announce_limit: int = ANNOUNCE_LIMIT,
+        authority: Authority | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -376,6 +382,8 @@ class ChatServer:
         self.flood_burst = flood_burst
         self.outbox_limit = outbox_limit
         self.room = Room(announce_limit)
+        # Invites, renewals and the revocation denylist (securechat.enroll), when the CA is at hand.
+        self.authority = authority
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
         self._connections = 0  # accepted sockets not yet done with: handshaking, refused or in session
@@ -515,6 +523,15 @@ class ChatServer:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    def sessions(self) -> list[Session]:
+        """A snapshot of the sessions past the handshake."""
+        with self._lock:
+            return list(self._sessions)
+
+    def reserved(self, nick: str) -> str | None:
+        """Why a client without a certificate may not take ``nick`` (it is a certificate's name), or None."""
+        return self.authority.reserved(nick) if self.authority is not None else None
+
     @property
     def client_count(self) -> int:
         """Sessions past the handshake."""
@@ -608,6 +625,8 @@ class ChatServer:
             refusal = self._refusal(slot.ip)
         if refusal:
             self._start(self._run_refusal, sock, peer, slot, refusal)
+        elif self.authority is not None and self.authority.wants(sock):
+            self._start(self._run_enroll, sock, peer, slot)
         else:
             self._start(self._run_session, sock, peer, slot)
 
@@ -619,10 +638,29 @@ class ChatServer:
             slot.release()
             self._connection_done()
 
+    def _run_enroll(self, sock: ssl.SSLSocket, peer: tuple, slot: _Slot) -> None:
+        assert self.authority is not None
+        try:
+            self.authority.serve(sock, peer)
+        except Exception:  # one joiner's bug must not take the server down
+            log.exception("unexpected error enrolling %s", peer)
+        finally:
+            _say_and_close(sock, b"")
+            slot.release()
+            self._connection_done()
+
     def _run_session(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, slot: _Slot) -> None:
         try:
+            serial = None
+            if self.authority is not None:
+                refusal, serial = self.authority.admit(sock)
+                if refusal is not None:
+                    log.warning("refused %s: %s", peer, refusal)
+                    _say_and_close(sock, protocol.notice(refusal))
+                    return
             session = Session(self, sock, peer)
             session.slot = slot
+            session.cert_serial = serial
             with self._lock:
                 self._sessions.add(session)
             if self._stopping.is_set():
@@ -678,7 +716,8 @@ def _say_and_close(sock: socket.socket | ssl.SSLSocket, data: bytes) -> None:
     """Send one short message and close, from the thread that owns ``sock``."""
     try:
         sock.settimeout(2)
-        sock.sendall(data)
+        if data:
+            sock.sendall(data)
         close_gracefully(sock)
     except (OSError, ValueError):
         pass
@@ -752,6 +791,7 @@ def _load_context(args: argparse.Namespace) -> ssl.SSLContext:
         if not Path(path).exists():
             raise SystemExit(f"serve: {label} file not found: {path} "
                              f"(run 'securechat gen-certs' or pass --cert/--key)")
+    _enable_invites(args)
     return _context_factory(args)()
 
 
@@ -765,8 +805,22 @@ def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
         if not Path(client_ca).exists():
             raise SystemExit(f"serve: CA file not found: {client_ca} (pass --ca, the CA that signed the client "
                              "certificates)")
+    authority = getattr(args, "authority", None)
+    if authority is not None:  # invites: ALPN for enrollment, optional client certificates from our CA
+        return lambda: authority.configure(
+            tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
+                               require_client_cert=args.require_client_cert), cert)
     return lambda: tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
                                       require_client_cert=args.require_client_cert)
+
+
+def _enable_invites(args: argparse.Namespace) -> None:
+    """Take invites when the local CA is beside the certificate (minting it first if need be)."""
+    from securechat.enroll import Authority
+
+    where = Authority.beside(args.cert or DEFAULT_CERT)
+    if where is not None:
+        args.authority = Authority(where, require_client_cert=args.require_client_cert)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -786,6 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    args.authority = None
     try:
         if args.plain:
             context = None
@@ -800,7 +855,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = ChatServer(args.host, args.port, context, max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
                         flood_rate=args.flood_rate, flood_burst=args.flood_burst,
-                        announce_limit=args.announce_limit)
+                        announce_limit=args.announce_limit, authority=args.authority)
     try:
         server.bind()
     except OSError as exc:
@@ -832,6 +887,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.require_client_cert:
         print("[SERVER] Mutual TLS: only clients with a certificate from the CA may join; nicknames are "
               "their certificates' names", flush=True)
+    if args.authority is not None:
+        print("[SERVER] Invites: add a person or machine with 'securechat invite [NAME]' (no restart needed)",
+              flush=True)
     if context is None:
         print("[SERVER] WARNING: --plain: NO ENCRYPTION. Every message and nickname can be read and altered by "
               "anyone on the network.", flush=True)
@@ -842,7 +900,11 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"[SERVER] CA SHA-256 fingerprint: {prints[-1]}", flush=True)
     host, port = server.address
     print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
+    if args.authority is not None:
+        args.authority.start(server)
     server.serve_forever(signal_fd=signal_r)
+    if args.authority is not None:
+        args.authority.stop()
     signal.set_wakeup_fd(-1)
     os.close(signal_r)
     os.close(signal_w)
