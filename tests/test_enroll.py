@@ -1,0 +1,104 @@
+"""The enrollment port under abuse: silent, crowded, junk-sending joiners (in-process server, real TLS).
+
+The end-to-end stories (subprocesses, two machines, MITM) are in test_invites.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from securechat import certs, enroll, tls
+from securechat.server import ChatServer
+from tests.conftest import LOOPBACK, LineClient
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path) -> Path:
+    certs.mint(tmp_path / "certs")
+    return tmp_path / "certs"
+
+
+def _start(serve: Callable[..., ChatServer], ca_dir: Path) -> ChatServer:
+    authority = enroll.Authority(ca_dir)
+    ctx = authority.configure(tls.server_context(ca_dir / "server.pem", ca_dir / "server.key"), ca_dir / "server.pem")
+    return serve(context=ctx, authority=authority)
+
+
+def _enroller(server: ChatServer) -> LineClient:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols([enroll.ALPN])
+    sock = ctx.wrap_socket(socket.create_connection((LOOPBACK, server.address[1]), timeout=10))
+    assert sock.selected_alpn_protocol() == enroll.ALPN
+    return LineClient(sock)
+
+
+def _ends(client: LineClient, timeout: float) -> list[str]:
+    """What the server says before it closes; fails if it stays open past ``timeout``."""
+    said = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            said.append(client.readline(max(0.01, deadline - time.monotonic())))
+        except (EOFError, ssl.SSLError, ConnectionError):
+            return said
+        except TimeoutError:
+            raise AssertionError(f"still open after {timeout} s; said {said!r}") from None
+
+
+def test_a_silent_joiner_is_cut_off_at_the_deadline(serve: Callable[..., ChatServer], ca_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(enroll, "EXCHANGE_DEADLINE", 1.0)
+    server = _start(serve, ca_dir)
+    silent = _enroller(server)
+    started = time.monotonic()
+    assert _ends(silent, 5) == []
+    assert 0.8 < time.monotonic() - started < 3
+
+
+def test_joiners_at_once_are_bounded(serve: Callable[..., ChatServer], ca_dir: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(enroll, "MAX_ENROLLING", 2)
+    monkeypatch.setattr(enroll, "EXCHANGE_DEADLINE", 3.0)
+    server = _start(serve, ca_dir)
+    held = [_enroller(server), _enroller(server)]
+    time.sleep(0.5)  # both are in their exchange, waiting for a line
+    third = _enroller(server)
+    assert _ends(third, 5) == ["ERR the server is busy with other joins: try again in a minute"]
+    for client in held:
+        _ends(client, 6)
+    # The slots come back: a later joiner is served (and told its invite does not exist).
+    late = _enroller(server)
+    late.send("JOIN 5 " + "A" * 44)
+    assert _ends(late, 5)[0].startswith("ERR there is no invite number 5 on this server")
+
+
+@pytest.mark.parametrize("junk", [b"HELLO\n", b"JOIN x y\n", b"JOIN 1 !!!\n", b"RENEW zz\n", b"J" * 40000])
+def test_junk_from_a_joiner_ends_its_connection_and_nothing_else(serve: Callable[..., ChatServer], ca_dir: Path,
+                                                                 junk: bytes) -> None:
+    server = _start(serve, ca_dir)
+    client = _enroller(server)
+    client.send(junk)
+    said = _ends(client, 5)
+    assert all(line.startswith("ERR ") for line in said)
+    # The server chats on (the conftest client trusts another CA: use the minted one).
+    ctx = tls.client_context(ca_dir / "ca.pem")
+    raw = socket.create_connection((LOOPBACK, server.address[1]), timeout=10)
+    chat = LineClient(ctx.wrap_socket(raw, server_hostname="localhost"))
+    chat.expect("* securechat: send your nickname")
+    chat.send("erin")
+    chat.expect("* welcome, erin!")
+    chat.close()
+
+
+def test_renewal_without_a_certificate_is_refused(serve: Callable[..., ChatServer], ca_dir: Path) -> None:
+    server = _start(serve, ca_dir)
+    client = _enroller(server)
+    client.send("RENEW " + "A" * 40)
+    assert _ends(client, 5) == ["ERR renewing needs your current certificate"]
