@@ -37,6 +37,7 @@ import binascii
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import logging
 import socket
 import ssl
@@ -461,6 +462,19 @@ class Enrolled:
     cert_pem: bytes | None
     key_pem: bytes | None
     server_fingerprint: str
+    server_cert_der: bytes = b""
+
+    def names_host(self, host: str) -> bool:
+        """Whether the server's certificate is valid for ``host`` (else ``connect HOST`` will refuse it)."""
+        try:
+            san = x509.load_der_x509_certificate(self.server_cert_der).extensions.get_extension_for_class(
+                x509.SubjectAlternativeName).value
+        except (ValueError, x509.ExtensionNotFound):
+            return False
+        try:
+            return ipaddress.ip_address(host) in san.get_values_for_type(x509.IPAddress)
+        except ValueError:
+            return host.lower().rstrip(".") in (n.lower() for n in san.get_values_for_type(x509.DNSName))
 
 
 def new_key_and_csr() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
@@ -563,7 +577,7 @@ def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
                 raise JoinError(f"{where} sent a certificate for another key. Nothing was saved")
             cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         return Enrolled(name, ca.public_bytes(serialization.Encoding.PEM), cert_pem,
-                        key_pem(key) if cert_pem else None, tls.format_fingerprint(seen))
+                        key_pem(key) if cert_pem else None, tls.format_fingerprint(seen), leaf)
     except (OSError, ValueError) as exc:
         detail = describe_error(exc) if isinstance(exc, OSError) else str(exc)
         raise JoinError(f"the exchange with {where} failed: {detail}") from None
@@ -644,4 +658,7 @@ def main_join(argv: Sequence[str] | None = None) -> int:
     who = f" as {enrolled.name}" if enrolled.name else " (you pick a nickname when you connect)"
     print(f"Joined {args.host}{who}. From now on: securechat connect {args.host}{port}")
     print(f"(server CA fingerprint {tls.fingerprint(enrolled.ca_pem.decode('ascii'))}; saved in {profile.dir})")
+    if not enrolled.names_host(args.host):
+        print(f"join: note: the server's certificate does not name {args.host!r}, so 'connect' will refuse it: ask "
+              f"the server's admin to run 'securechat gen-certs --ip/--host {args.host}'", file=sys.stderr)
     return 0

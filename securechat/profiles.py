@@ -130,6 +130,10 @@ def renew_if_due(profile: Profile, *, now: dt.datetime | None = None, tls_min: s
     try:
         if not renewal_due(profile.cert, now):
             return False
+        if now >= x509.load_pem_x509_certificate(profile.cert.read_bytes()).not_valid_after_utc:
+            say(f"your certificate for {profile.host} expired on {_not_after(profile.cert)}: ask for a new "
+                f"invite and run 'securechat join {profile.host} CODE' again")
+            return False
         key, cert_pem, ca_pem = renew(profile.host, profile.port, context(profile, tls_min=tls_min),
                                       timeout=timeout)
     except RenewalRefused as exc:

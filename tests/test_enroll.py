@@ -102,3 +102,13 @@ def test_renewal_without_a_certificate_is_refused(serve: Callable[..., ChatServe
     client = _enroller(server)
     client.send("RENEW " + "A" * 40)
     assert _ends(client, 5) == ["ERR renewing needs your current certificate"]
+
+
+def test_join_notices_a_server_certificate_that_does_not_name_the_host(ca_dir: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    leaf = x509.load_pem_x509_certificate((ca_dir / "server.pem").read_bytes())
+    enrolled = enroll.Enrolled(None, b"", None, None, "", leaf.public_bytes(serialization.Encoding.DER))
+    assert enrolled.names_host("127.0.0.1") and enrolled.names_host("LOCALHOST")
+    assert not enrolled.names_host("203.0.113.9") and not enrolled.names_host("chat.example.lan")

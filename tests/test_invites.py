@@ -487,9 +487,13 @@ def test_client_renews_its_certificate_when_a_third_is_left_and_revoked_cannot(s
     _say(a, "/quit")
     a.wait(10)
 
+    said.clear()
+    assert not profiles.renew_if_due(profile, now=now + dt.timedelta(days=75), say=said.append)
+    assert said[0].startswith(f"your certificate for {LOOPBACK} expired on ") and "ask for a new invite" in said[0]
+
     assert server.cli("revoke", "alice").returncode == 0
     said.clear()
-    assert not profiles.renew_if_due(profile, now=now + dt.timedelta(days=45), say=said.append)
+    assert not profiles.renew_if_due(profile, now=now + dt.timedelta(days=25), say=said.append)
     assert said == [f"your certificate for {LOOPBACK} cannot be renewed: {invites_revoked()}: it cannot be renewed"]
     assert x509.load_pem_x509_certificate(profile.cert.read_bytes()).serial_number == second.serial_number
     server.wait_log("is revoked")
