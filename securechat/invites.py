@@ -204,8 +204,9 @@ class Store:
         self._ready = False
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction: it takes the write lock first, so check-then-update is atomic."""
+    def _tx(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction. A writing one is IMMEDIATE: it takes the write lock before its first read,
+        so check-then-update is atomic across threads and processes."""
         if not self._ready:
             self._create()
         try:
@@ -213,7 +214,7 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from None
         try:
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield db
             except BaseException:
@@ -268,7 +269,7 @@ class Store:
 
     def invites(self, *, alive_only: bool = True) -> list[Invite]:
         now = self.clock()
-        with self._tx() as db:
+        with self._tx(write=False) as db:
             rows = db.execute("SELECT nameplate, name, created, expires, uses_total, uses_left, tries, state, "
                               "cert_days, code FROM invites ORDER BY created").fetchall()
         found = [Invite(*row) for row in rows]
@@ -365,13 +366,13 @@ class Store:
         return Issued(serial, name, not_after, now, None, None, cert_days)
 
     def certificates(self) -> list[Issued]:
-        with self._tx() as db:
+        with self._tx(write=False) as db:
             rows = db.execute("SELECT serial, name, not_after, issued, revoked, last_seen, cert_days FROM issued "
                               "ORDER BY name, issued").fetchall()
         return [Issued(*row) for row in rows]
 
     def get(self, serial: int) -> Issued | None:
-        with self._tx() as db:
+        with self._tx(write=False) as db:
             row = db.execute("SELECT serial, name, not_after, issued, revoked, last_seen, cert_days FROM issued "
                              "WHERE serial = ?", (serial_hex(serial),)).fetchone()
         return Issued(*row) if row else None
@@ -397,13 +398,13 @@ class Store:
         return [Issued(row[0], row[1], row[2], row[3], now, row[5], row[6]) for row in rows]
 
     def revoked_serials(self) -> frozenset[str]:
-        with self._tx() as db:
+        with self._tx(write=False) as db:
             return frozenset(row[0] for row in db.execute("SELECT serial FROM issued WHERE revoked IS NOT NULL"))
 
     def held_names(self) -> frozenset[str]:
         """Names that belong to a live (unrevoked, unexpired) certificate: no guest may take them."""
         now = self.clock()
-        with self._tx() as db:
+        with self._tx(write=False) as db:
             return frozenset(row[0] for row in db.execute(
                 "SELECT DISTINCT name FROM issued WHERE revoked IS NULL AND not_after > ?", (now,)))
 
@@ -444,12 +445,17 @@ def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
 
 
 def _name_arg(text: str) -> str:
+    from securechat import protocol
     from securechat.certs import validate_client_name
 
     try:
-        return validate_client_name(text)
+        name = validate_client_name(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    why = protocol.nick_error(name)  # the certificate's name is the nickname: it must be one the server takes
+    if why:
+        raise argparse.ArgumentTypeError(f"{name!r} cannot be a nickname: {why}")
+    return name
 
 
 def _human(seconds: float) -> str:

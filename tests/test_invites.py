@@ -571,3 +571,27 @@ def test_concurrent_wrong_guesses_never_exceed_three(tmp_path: Path) -> None:
     assert len(answered) <= invites.MAX_WRONG_TRIES
     with pytest.raises(invites.InviteError, match="after 3 wrong codes"):
         store.lookup(invite.nameplate)
+
+
+@pytest.mark.parametrize(("args", "status", "said"), [
+    (["invite", "alice", "--expires", "9d"], 2, "at most 7 days"),
+    (["invite", "alice", "--uses", "0"], 2, "--uses must be 1 to 200"),
+    (["invite", "admin"], 2, "'admin' cannot be a nickname"),
+    (["invite", "alice"], 1, "invite: no CA in certs (ca.key)"),
+    (["invite", "--list"], 1, "invite: no certificate directory certs"),
+    (["revoke", "alice"], 1, "revoke: no certificate directory certs"),
+    (["join", LOOPBACK, "7-crayon-galaxy"], 1, "join: '7-crayon-galaxy' is not an invite code"),
+])
+def test_command_line_mistakes_are_one_line(tmp_path: Path, args: list[str], status: int, said: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "securechat", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30, env=_env(tmp_path / "config"))
+    assert done.returncode == status
+    assert said in done.stderr.splitlines()[-1]
+    assert "Traceback" not in done.stderr
+
+
+def test_revoking_what_does_not_exist_is_one_line(server: Server) -> None:
+    done = server.cli("revoke", "nobody")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["revoke: no unrevoked certificate named or numbered 'nobody' ('securechat "
+                                        "certs' lists them)"]
