@@ -308,7 +308,7 @@ class Authority:
                 self._say(wire, "ERR unknown request")
                 return
             handler(self, wire, sock, peer, rest)
-        except (OSError, ValueError, ConnectionError) as exc:
+        except (OSError, ValueError, StoreError) as exc:
             log.warning("enrollment from %s failed: %s", peer, describe_error(exc) if isinstance(exc, OSError)
                         else exc)
         finally:

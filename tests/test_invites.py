@@ -595,3 +595,21 @@ def test_revoking_what_does_not_exist_is_one_line(server: Server) -> None:
     assert done.returncode == 1
     assert done.stderr.splitlines() == ["revoke: no unrevoked certificate named or numbered 'nobody' ('securechat "
                                         "certs' lists them)"]
+
+
+def test_openssl_s_client_without_a_certificate_chats_with_an_invite_server(server: Server) -> None:
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (.ci/run installs it)")
+    proc = subprocess.Popen(["openssl", "s_client", "-quiet", "-connect", f"{LOOPBACK}:{server.port}", "-CAfile",
+                             str(server.home / "certs" / "ca.pem"), "-verify_return_error"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        out = Reader(proc)
+        out.expect("* securechat: send your nickname")
+        _say(proc, "frank")
+        out.expect("* welcome, frank!")
+    finally:
+        proc.kill()
+        proc.wait(5)
