@@ -625,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
         "recognising the server (one of)").add_mutually_exclusive_group()
     trust.add_argument("--ca", type=Path, default=None,
                        help="the CA certificate that signed the server's certificate; copy it from the "
-                       f"server's certs/ folder (default: {DEFAULT_CA})")
+                       "server's certs/ folder (default: what 'securechat join' saved for this server, else "
+                       f"{DEFAULT_CA})")
     trust.add_argument("--pin", type=_pin_arg, metavar="FINGERPRINT",
                        help="trust exactly the server whose certificate (or its CA) has this SHA-256 "
                        "fingerprint, as the server prints it at start; no CA file needed")
