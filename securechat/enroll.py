@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -646,9 +647,16 @@ def main_join(argv: Sequence[str] | None = None) -> int:
 
     args = build_join_parser().parse_args(argv)
     try:
+        where = profiles.prepare(args.host, args.port)
+    except OSError as exc:
+        print(f"join: cannot write the profile in {profiles.servers_dir()}: {describe_error(exc)}", file=sys.stderr)
+        return 1
+    try:
         enrolled = join(args.host, args.port, args.code, timeout=args.timeout)
         profile = profiles.save(args.host, args.port, enrolled)
     except JoinError as exc:
+        with contextlib.suppress(OSError):
+            where.rmdir()  # only if empty: a profile from an earlier join stays
         print(f"join: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

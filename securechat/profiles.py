@@ -15,11 +15,12 @@ of its lifetime is left; ``connect`` calls it before connecting.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,11 +75,34 @@ def profile_dir(host: str, port: int) -> Path:
     return servers_dir() / f"{slug}_{port}"
 
 
-def save(host: str, port: int, enrolled: Enrolled) -> Profile:
-    """Store what a join brought (replacing an earlier profile for the same server)."""
+def prepare(host: str, port: int) -> Path:
+    """Create the profile directory (0700) before anything is asked of the server, so an unwritable
+    configuration directory fails before an invite is spent."""
     d = profile_dir(host, port)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     d.chmod(0o700)
+    return d
+
+
+@contextlib.contextmanager
+def _locked(d: Path) -> Iterator[None]:
+    """Serialise renewals of one profile: two ``connect`` at once must not interleave key and certificate."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no flock; renewals there are not serialised
+        yield
+        return
+    with open(d / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def save(host: str, port: int, enrolled: Enrolled) -> Profile:
+    """Store what a join brought (replacing an earlier profile for the same server)."""
+    d = prepare(host, port)
     _write_atomic(d / CA, enrolled.ca_pem, 0o644)
     if enrolled.cert_pem is not None and enrolled.key_pem is not None:
         _write_atomic(d / KEY, enrolled.key_pem, 0o600)
@@ -126,7 +150,12 @@ def renew_if_due(profile: Profile, *, now: dt.datetime | None = None, tls_min: s
     """
     if not profile.has_cert:
         return False
-    now = now or dt.datetime.now(dt.timezone.utc)
+    with _locked(profile.dir):
+        return _renew_if_due(profile, now or dt.datetime.now(dt.timezone.utc), tls_min, timeout, say)
+
+
+def _renew_if_due(profile: Profile, now: dt.datetime, tls_min: str, timeout: float,
+                  say: Callable[[str], None]) -> bool:
     try:
         if not renewal_due(profile.cert, now):
             return False
@@ -145,9 +174,14 @@ def renew_if_due(profile: Profile, *, now: dt.datetime | None = None, tls_min: s
         return False
     # Key first: a crash between the two leaves a new key with the old certificate, which the
     # mismatch check in connect reports, rather than a certificate nobody holds the key of.
-    _write_atomic(profile.key, key_pem(key), 0o600)
-    _write_atomic(profile.cert, cert_pem, 0o644)
-    _write_atomic(profile.ca, ca_pem, 0o644)
+    try:
+        _write_atomic(profile.key, key_pem(key), 0o600)
+        _write_atomic(profile.cert, cert_pem, 0o644)
+        _write_atomic(profile.ca, ca_pem, 0o644)
+    except OSError as exc:
+        say(f"could not save the renewed certificate in {profile.dir} ({exc.strerror or exc}): join again with "
+            "a new invite if connecting fails")
+        return False
     say(f"renewed your certificate for {profile.host}: valid until {_not_after(profile.cert)}")
     return True
 

@@ -325,7 +325,7 @@ def test_man_in_the_middle_fails_loudly_on_both_sides_and_gets_no_certificate(se
     server.wait_log("someone in the middle is intercepting the connection")
     # The relay saw the PAKE message and a refusal; no certificate, no CA certificate.
     assert [m.split(" ")[0] for m in relay.from_server] == ["PAKE", "ERR"]
-    assert not alice.profile_dir.exists()
+    assert not any(p.is_file() for p in alice.profile_dir.rglob("*"))  # nothing saved
     assert server.cli("certs").stdout.startswith("No client certificates issued yet")
     # It cost the invite a try, nothing more: the real alice still gets in directly.
     assert alice.join(server, code).returncode == 0
@@ -613,3 +613,15 @@ def test_openssl_s_client_without_a_certificate_chats_with_an_invite_server(serv
     finally:
         proc.kill()
         proc.wait(5)
+
+
+def test_join_with_an_unwritable_config_fails_before_spending_the_invite(server: Server, tmp_path: Path) -> None:
+    code = server.invite("alice")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    done = subprocess.run([sys.executable, "-m", "securechat", "join", LOOPBACK, code, "--port", str(server.port)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30, env=_env(blocker))
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("join: cannot write the profile in ")
+    assert Machine(tmp_path / "alice").join(server, code).returncode == 0  # still unused
