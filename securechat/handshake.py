@@ -8,7 +8,8 @@ handshake threads each drive many non-blocking handshakes under ``poll()``, each
 deadline, and a connection gets its session thread only once its handshake is done; its
 ``SSLSocket`` is handed over whole, so it still has exactly one owner at a time.
 
-A client that connects and never speaks costs a descriptor and a table entry until its deadline,
+A client that connects and never speaks costs a descriptor and a table entry until its deadline
+(or until the server's pool of unauthenticated connections needs its place: :meth:`Handshaker.cancel`),
 never a thread, and delays nobody: one stalled handshake never blocks another.
 """
 
@@ -64,6 +65,8 @@ class Pending:
     deadline: float
     token: object  # the server's bookkeeping, handed back untouched
     sock: ssl.SSLSocket | None = field(default=None)
+    fd: int = -1  # set when the handshake thread takes it on
+    cancelled: bool = False
 
 
 class Handshaker:
@@ -73,7 +76,7 @@ class Handshaker:
     Exactly one of the callbacks is called for each submitted connection, from this thread:
     ``on_done(sock, peer, token)`` with the connected SSLSocket, ``on_plaintext(raw, peer, token)``
     when the first byte is not a TLS record, or ``on_failed(peer, token)`` after the socket has
-    been closed (handshake error, timeout, peer gone, shutdown).
+    been closed (handshake error, timeout, peer gone, :meth:`cancel`, shutdown).
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Handshaker:
         self.on_plaintext = on_plaintext
         self.on_failed = on_failed
         self._inbox: deque[Pending] = deque()
+        self._cancels: deque[Pending] = deque()
         self._waker = Waker()
         # In submission order, which with one timeout for all is deadline order.
         self._pending: dict[int, Pending] = {}
@@ -102,10 +106,21 @@ class Handshaker:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, raw: socket.socket, peer: tuple[Any, ...], token: object) -> None:
-        """Hand over a freshly accepted socket (any thread)."""
+    def submit(self, raw: socket.socket, peer: tuple[Any, ...], token: object) -> Pending:
+        """Hand over a freshly accepted socket (any thread); the handle is for :meth:`cancel`."""
         raw.setblocking(False)
-        self._inbox.append(Pending(raw, peer, time.monotonic() + self.timeout, token))
+        p = Pending(raw, peer, time.monotonic() + self.timeout, token)
+        self._inbox.append(p)
+        self._waker.wake()
+        return p
+
+    def cancel(self, p: Pending) -> None:
+        """Abandon a handshake (any thread): unless it has already ended, it fails with ``on_failed``.
+
+        Only this thread closes the socket; a handshake that finished first is not affected.
+        """
+        p.cancelled = True
+        self._cancels.append(p)
         self._waker.wake()
 
     def stop(self, timeout: float = 1.0) -> None:
@@ -139,9 +154,16 @@ class Handshaker:
                         self._step(fd, p, poller)
                 while self._inbox:
                     p = self._inbox.popleft()
-                    fd = p.raw.fileno()
+                    fd = p.fd = p.raw.fileno()
                     pending[fd] = p
                     poller.register(fd, select.POLLIN)
+                    if p.cancelled:
+                        self._fail(fd, p, poller)
+                while self._cancels:
+                    p = self._cancels.popleft()
+                    if pending.get(p.fd) is p:
+                        log.info("handshake with %s abandoned: its place was needed", p.peer)
+                        self._fail(p.fd, p, poller)
                 now = time.monotonic()
                 while pending:
                     fd, p = next(iter(pending.items()))

@@ -4,9 +4,11 @@ The accept loop only accepts: it never reads, writes or handshakes. A TLS connec
 runs non-blocking, under a deadline, in one of a few handshake threads (:mod:`securechat.handshake`),
 so a client that connects and never speaks delays nobody and costs no thread; once the handshake is
 done the connection gets a thread of its own, which registers a nick and then drives its
-:class:`~securechat.conn.Connection`. A chat line is formatted once and handed to every other
-member's bounded outbox by the :class:`Room`; the sender never writes to another client's socket
-and never waits for one.
+:class:`~securechat.conn.Connection`. Until its nickname is accepted a connection holds a place in
+the bounded pool of unauthenticated connections (:mod:`securechat.pending`), not a chat place: the
+oldest of the busiest address makes room for the newest, so silent sockets cannot lock anyone out.
+A chat line is formatted once and handed to every other member's bounded outbox by the
+:class:`Room`; the sender never writes to another client's socket and never waits for one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import _thread
 import argparse
 import enum
+import errno
+import functools
 import logging
 import os
 import select
@@ -32,6 +36,7 @@ from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, tls
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.console import announce
 from securechat.handshake import Handshaker
+from securechat.pending import MAX_PENDING, MAX_PENDING_PER_ADDRESS, PendingPool, Throttle, Ticket, address_key
 from securechat.protocol import Command
 
 if TYPE_CHECKING:
@@ -39,7 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("securechat.server")
 
-# Connections a thread each; 1000 threads with small stacks is ~100 MiB of address space at most.
+# Registered chatters, a thread each; 1000 threads with small stacks is ~100 MiB of address space at
+# most. Connections still logging in are bounded separately (pending.MAX_PENDING): at most
+# max_clients + max_pending + REFUSAL_HEADROOM connection threads in all.
 DEFAULT_MAX_CLIENTS = 1000
 
 # A TLS 1.3 handshake is one round trip plus key exchange: 10 s is generous on any LAN, and short
@@ -66,10 +73,23 @@ THREAD_STACK_SIZE = 512 * 1024
 # Handshake threads: OpenSSL releases the GIL for the handshake's cryptography, so one per core.
 HANDSHAKE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
-# Beyond max_clients, connections being refused still need a thread for the explanation; past this
-# many more they are closed without one. Likewise per address, beyond --max-per-ip.
+# Connections being told why they cannot join (server full, plaintext on the TLS port) need a thread
+# for up to ~2.5 s each; past this many at once they are closed without the explanation.
 REFUSAL_HEADROOM = 64
-REFUSAL_HEADROOM_PER_IP = 8
+
+# A session that finds no descriptor for its eventfd makes room (evicting a pending connection) and
+# tries again this many times in all: a few 10 ms waits, then it gives up.
+SESSION_ATTEMPTS = 3
+
+# What an evicted unauthenticated connection ends with (it is dropped without a notice: a notice
+# would keep its thread lingering for the peer's goodbye, which is what a flood would exploit).
+EVICTED = "evicted: its place among connections still logging in was needed"
+
+# accept() errors that concern one connection (it was reset before we took it), not the server.
+# Linux passes the new connection's pending network error on from accept() (see accept(2)).
+_ACCEPT_PEER_ERRORS = frozenset(getattr(errno, name) for name in (
+    "ECONNABORTED", "EPROTO", "EPERM", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+    "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, name))
 
 
 class State(enum.Enum):
@@ -158,7 +178,7 @@ class Session:
 
     # Thousands of these live at once: no per-instance __dict__.
     __slots__ = ("server", "peer", "nick", "bound_nick", "state", "conn", "bucket", "dropped", "slot",
-                 "cert_serial")
+                 "admission", "cert_serial")
 
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -178,7 +198,8 @@ class Session:
         self.conn.deadline = now + server.login_timeout if server.login_timeout > 0 else None
         self.bucket = protocol.TokenBucket(server.flood_rate, server.flood_burst, now)
         self.dropped = 0
-        self.slot: _Slot | None = None
+        self.slot: _Slot | None = None  # the chat place, from the accepted nickname on
+        self.admission: _Admission | None = None  # the place among the unauthenticated, until then
         self.cert_serial: int | None = None  # the client certificate's, watched for revocation
 
     def __repr__(self) -> str:
@@ -220,9 +241,26 @@ class Session:
             # quietly repaired; chat text is sanitised where it is relayed.
             text = protocol.decode(raw)
             if self.state is State.NICK:
-                self._register(text.strip())
+                self._login(text.strip())
             else:
                 self._chat(text)
+
+    def _login(self, nick: str) -> None:
+        """A nickname line: trade the pending place for a chat place, or go back among the pending."""
+        server = self.server
+        admission = self.admission
+        if admission is not None and not admission.ticket.release():
+            return  # evicted a moment ago: the abort already asked for ends this connection
+        refusal = server._take_place(self)
+        if refusal is None:
+            self._register(nick)
+            if self.state is State.CHAT:
+                return
+            server._give_back_place(self)
+        if refusal is not None:
+            self.conn.close(protocol.notice(refusal), reason=refusal)
+        elif admission is not None and not self.conn.closing:
+            admission.ticket = server.pending.admit(admission.ticket.address, admission.evict)
 
     def _register(self, nick: str) -> None:
         parsed = protocol.parse(nick)
@@ -369,6 +407,8 @@ class ChatServer:
         flood_burst: float = FLOOD_BURST,
         outbox_limit: int = OUTBOX_LIMIT,
         announce_limit: int = ANNOUNCE_LIMIT,
+        max_pending: int = MAX_PENDING,
+        max_pending_per_ip: int = MAX_PENDING_PER_ADDRESS,
         authority: Authority | None = None,
     ) -> None:
         self.host = host
@@ -386,8 +426,13 @@ class ChatServer:
         self.authority = authority
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
-        self._connections = 0  # accepted sockets not yet done with: handshaking, refused or in session
-        self._per_ip: dict[str, int] = {}
+        self._chatters = 0  # sessions holding a chat place (a _Slot): what max_clients bounds
+        self._per_ip: dict[str, int] = {}  # chat places by address: what max_per_ip bounds
+        self._refusing = 0  # refusal threads alive: what REFUSAL_HEADROOM bounds
+        # Repeated trouble (evictions, out of descriptors or threads) is one log line per interval.
+        self._throttle = Throttle(log)
+        # Connections not yet past their nickname (or an enrollment): public, for other entry paths.
+        self.pending = PendingPool(max_pending, max_pending_per_ip, self._throttle)
         self._handshakers: list[Handshaker] = []
         self._next_handshaker = 0
         self._listener: socket.socket | None = None
@@ -455,27 +500,46 @@ class ChatServer:
         poller.register(self._waker.fileno(), select.POLLIN)
         if signal_fd is not None:
             poller.register(signal_fd, select.POLLIN)
+        throttle = self._throttle
         try:
             while not self._stop_requested():
-                for fd, _ in poller.poll():
+                due = throttle.due()  # wake up to log what repeated trouble was not yet told
+                for fd, _ in poller.poll(None if due is None else due * 1000 + 1):
                     if fd == signal_fd:
                         try:
                             os.read(fd, 512)  # the handler itself runs in this thread, now
                         except OSError:
                             pass
+                throttle.flush()
                 while not self._stop_requested():
                     try:
                         sock, peer = listener.accept()
                     except (BlockingIOError, InterruptedError):
                         break
-                    except OSError as exc:  # EMFILE and friends: back off, don't die
-                        log.warning("accept failed: %s", describe_error(exc))
-                        time.sleep(0.1)
+                    except OSError as exc:
+                        if exc.errno in _ACCEPT_PEER_ERRORS:
+                            continue  # that connection is gone already; the next may be fine
+                        self._accept_failed(exc)
                         break
                     self._admit(sock, peer)
         finally:
             listener.close()
             self._stopped.set()
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of descriptors (EMFILE, ENFILE) or kernel memory: make room, back off, keep serving.
+
+        The connections waiting in the listen queue stay there; the oldest unauthenticated
+        connection is closed to free a descriptor for them, so a flood that exhausts descriptors
+        still cannot keep a real client out. One log line per interval, however often it happens.
+        """
+        made_room = self.pending.evict_one()
+        self._throttle("descriptors", f"accept failed: {describe_error(exc)}; "
+                       + ("closing the oldest unauthenticated connections to make room" if made_room else
+                          "newcomers wait in the listen queue (raise 'ulimit -n' or lower --max-clients)"))
+        # The evicted connection's owner frees its descriptor within milliseconds; with nothing to
+        # evict, only a departure frees one, and the listener would otherwise poll readable in a spin.
+        time.sleep(0.01 if made_room else 0.1)
 
     def stop(self) -> None:
         """Ask the accept loop to end; safe from any thread."""
@@ -510,6 +574,7 @@ class ChatServer:
         with self._threads_done:
             self._threads_done.wait_for(lambda: self._threads == 0, timeout)
         self._waker.close()
+        self._throttle.flush(force=True)
 
     def __enter__(self) -> ChatServer:
         return self
@@ -542,49 +607,42 @@ class ChatServer:
         return self.ssl_context
 
     def _admit(self, sock: socket.socket, peer: tuple) -> None:
-        """Count a new connection in and pass it on; runs in the accept loop, so it never waits."""
-        ip = peer[0]
-        with self._lock:
-            crowd = self._per_ip.get(ip, 0)
-            if self._connections >= self.max_clients + REFUSAL_HEADROOM or (
-                    self.max_per_ip and crowd >= self.max_per_ip + REFUSAL_HEADROOM_PER_IP):
-                sock.close()
-                log.warning("refused %s at once: %d connections, %d from that address", peer,
-                            self._connections, crowd)
-                return
-            self._connections += 1
-            self._per_ip[ip] = crowd + 1
+        """Give a new connection a pending place and pass it on; runs in the accept loop, never waits."""
         announce(f"[NEW CLIENT] Connected from {peer[:2]}")
-        slot = _Slot(self, ip)
+        admission = _Admission(peer)
+        # May close the oldest pending connection of the busiest address to make room: never refused.
+        admission.ticket = self.pending.admit(address_key(str(peer[0])), admission.evict)
         try:
             tune_socket(sock)
         except OSError:  # reset before we got to it
-            self._handshake_failed(peer, slot)
             sock.close()
+            self._handshake_failed(peer, admission)
             return
         if self._handshakers:
             handshaker = self._handshakers[self._next_handshaker]
             self._next_handshaker = (self._next_handshaker + 1) % len(self._handshakers)
-            handshaker.submit(sock, peer, slot)
-        else:
-            self._start(self._run_session, sock, peer, slot)
+            admission.hand_to(functools.partial(handshaker.cancel, handshaker.submit(sock, peer, admission)))
+        elif not self._start(self._run_session, sock, peer, admission):
+            admission.ticket.release()
 
     def _start(self, target: Callable[..., None], sock: socket.socket | ssl.SSLSocket, peer: tuple,
-               slot: _Slot, *args: object) -> None:
+               *args: object) -> bool:
         """Give a connection (and the ownership of its socket) to a thread of its own.
 
         A bare ``_thread`` thread: a ``threading.Thread`` object, with its events and locks, costs
         another 2.6 KiB a connection, and the server keeps its own count for :meth:`shutdown`.
+        False (and the socket closed) when no thread can be started.
         """
         with self._lock:
             self._threads += 1
         try:
-            _thread.start_new_thread(self._thread_main, (target, (sock, peer, slot, *args)))
+            _thread.start_new_thread(self._thread_main, (target, (sock, peer, *args)))
         except RuntimeError as exc:  # can't start a thread: out of memory or a ulimit
-            log.warning("refused %s: %s", peer, exc)
+            self._throttle("thread", f"closed {peer[:2]}: cannot start a thread: {exc}")
             sock.close()
-            self._handshake_failed(peer, slot)
             self._thread_ended()
+            return False
+        return True
 
     def _thread_main(self, target: Callable[..., None], args: tuple[object, ...]) -> None:
         try:
@@ -603,53 +661,75 @@ class ChatServer:
         """Connection threads alive: sessions, and connections being told why they are refused."""
         return self._threads
 
-    def _handshake_failed(self, peer: tuple, slot: object) -> None:
+    def _handshake_failed(self, peer: tuple, admission: object) -> None:
         """A connection ended before it had a thread (the socket is already closed)."""
-        assert isinstance(slot, _Slot)
-        slot.release()
-        self._connection_done()
+        assert isinstance(admission, _Admission)
+        admission.ticket.release()
 
-    def _connection_done(self) -> None:
-        with self._lock:
-            self._connections -= 1
-
-    def _plaintext_on_tls_port(self, raw: socket.socket, peer: tuple, slot: object) -> None:
-        assert isinstance(slot, _Slot)
+    def _plaintext_on_tls_port(self, raw: socket.socket, peer: tuple, admission: object) -> None:
+        assert isinstance(admission, _Admission)
+        admission.ticket.release()
         notice = (f"{protocol.TLS_REQUIRED}: connect with 'securechat connect HOST' "
                   f"or 'openssl s_client -connect HOST:{self.address[1]}'")
-        self._start(self._run_refusal, raw, peer, slot, notice)
+        self._refuse(raw, peer, notice)
 
-    def _handshake_done(self, sock: ssl.SSLSocket, peer: tuple, slot: object) -> None:
-        assert isinstance(slot, _Slot)
+    def _handshake_done(self, sock: ssl.SSLSocket, peer: tuple, admission: object) -> None:
+        assert isinstance(admission, _Admission)
+        if admission.evicted:  # between the handshake's end and this call: its place is gone
+            sock.close()
+            return
+        if self.authority is not None and self.authority.wants(sock):  # a join: takes no chat place
+            if not self._start(self._run_enroll, sock, peer, admission):
+                admission.ticket.release()
+            return
+        # Early word for the common case; _take_place decides, atomically, at the nickname.
         with self._lock:
-            refusal = self._refusal(slot.ip)
+            refusal = self._refusal(address_key(str(peer[0])))
         if refusal:
-            self._start(self._run_refusal, sock, peer, slot, refusal)
-        elif self.authority is not None and self.authority.wants(sock):
-            self._start(self._run_enroll, sock, peer, slot)
-        else:
-            self._start(self._run_session, sock, peer, slot)
+            admission.ticket.release()
+            self._refuse(sock, peer, refusal)
+        elif not self._start(self._run_session, sock, peer, admission):
+            admission.ticket.release()
 
-    def _run_refusal(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, slot: _Slot, text: str) -> None:
+    def _refuse(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, text: str) -> None:
+        """Tell a connection why it cannot join, from a thread of its own, while threads for that last."""
+        with self._lock:
+            busy = self._refusing >= REFUSAL_HEADROOM
+            if not busy:
+                self._refusing += 1
+        if busy:
+            sock.close()
+            self._throttle("refusing", f"closed {peer[:2]} without a word ({text}): already telling "
+                           f"{REFUSAL_HEADROOM} others")
+        elif not self._start(self._run_refusal, sock, peer, text):
+            self._refusal_done()
+
+    def _refusal_done(self) -> None:
+        with self._lock:
+            self._refusing -= 1
+
+    def _run_refusal(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, text: str) -> None:
         try:
             log.info("refused %s: %s", peer, text)
             _say_and_close(sock, protocol.notice(text))
         finally:
-            slot.release()
-            self._connection_done()
+            self._refusal_done()
 
-    def _run_enroll(self, sock: ssl.SSLSocket, peer: tuple, slot: _Slot) -> None:
+    def _run_enroll(self, sock: ssl.SSLSocket, peer: tuple, admission: _Admission) -> None:
+        """An enrollment exchange (securechat.enroll): unauthenticated from start to end, so it holds its
+        pending place throughout; evicted, its blocking read is ended by shutting the socket down."""
         assert self.authority is not None
         try:
+            admission.hand_to(functools.partial(_shut_down, sock))
             self.authority.serve(sock, peer)
         except Exception:  # one joiner's bug must not take the server down
             log.exception("unexpected error enrolling %s", peer)
         finally:
+            admission.ticket.release()
             _say_and_close(sock, b"")
-            slot.release()
-            self._connection_done()
 
-    def _run_session(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, slot: _Slot) -> None:
+    def _run_session(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, admission: _Admission) -> None:
+        session = None
         try:
             serial = None
             if self.authority is not None:
@@ -658,9 +738,22 @@ class ChatServer:
                     log.warning("refused %s: %s", peer, refusal)
                     _say_and_close(sock, protocol.notice(refusal))
                     return
-            session = Session(self, sock, peer)
-            session.slot = slot
+            for attempt in range(SESSION_ATTEMPTS):
+                try:
+                    session = Session(self, sock, peer)
+                    break
+                except OSError as exc:  # EMFILE for its eventfd
+                    out_of_fds = exc.errno in (errno.EMFILE, errno.ENFILE)
+                    if out_of_fds and attempt + 1 < SESSION_ATTEMPTS and self.pending.evict_one():
+                        time.sleep(0.01)  # its owner frees the descriptor within milliseconds
+                        continue
+                    self._throttle("descriptors" if out_of_fds else "session",
+                                   f"closed {peer[:2]}: cannot start its session: {describe_error(exc)}")
+                    return
+            assert session is not None
+            session.admission = admission
             session.cert_serial = serial
+            admission.hand_to(functools.partial(session.conn.abort, EVICTED))
             with self._lock:
                 self._sessions.add(session)
             if self._stopping.is_set():
@@ -669,28 +762,78 @@ class ChatServer:
         except Exception:  # one client's bug must not take the server down
             log.exception("unexpected error with %s", peer)
         finally:
-            slot.release()
+            admission.ticket.release()
+            if session is not None:
+                self._release_session(session)
             sock.close()
-            self._connection_done()
 
     def _release_session(self, session: Session) -> None:
-        """The session is over for everyone else: free its place before its socket lingers."""
+        """The session is over for everyone else: free its places before its socket lingers."""
         with self._lock:
             self._sessions.discard(session)
-        if session.slot is not None:
-            session.slot.release()
+        if session.admission is not None:
+            session.admission.ticket.release()
+        self._give_back_place(session)
 
     def _refusal(self, ip: str) -> str | None:
-        """Why a connection that finished its handshake may not join (caller holds the lock)."""
-        if len(self._sessions) >= self.max_clients:
+        """Why a connection from ``ip`` may not take a chat place now (caller holds the lock)."""
+        if self._chatters >= self.max_clients:
             return f"{protocol.SERVER_FULL} ({self.max_clients} clients); try again later"
-        if self.max_per_ip and self._per_ip.get(ip, 0) > self.max_per_ip:
+        if self.max_per_ip and self._per_ip.get(ip, 0) >= self.max_per_ip:
             return f"too many connections from {ip} (at most {self.max_per_ip}); try again later"
         return None
 
+    def _take_place(self, session: Session) -> str | None:
+        """Give ``session`` a chat place (counted by max_clients and max_per_ip); or say why not."""
+        ip = address_key(str(session.peer[0]))
+        with self._lock:
+            refusal = self._refusal(ip)
+            if refusal is None:
+                self._chatters += 1
+                self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+                session.slot = _Slot(self, ip)
+        return refusal
+
+    def _give_back_place(self, session: Session) -> None:
+        slot, session.slot = session.slot, None
+        if slot is not None:
+            slot.release()
+
+
+class _Admission:
+    """A connection on its way in: its pending place, and how to ask its socket's owner to close it.
+
+    Ownership moves from the accept loop to a handshake thread to a session thread (or an
+    enrollment); :meth:`evict` can come from any thread at any moment. So each new owner calls
+    :meth:`hand_to` (which installs its ``stop`` and then checks ``evicted``) while :meth:`evict`
+    sets ``evicted`` and then calls the installed ``stop``: whichever comes second acts, and
+    ``stop`` may run twice, so it must be idempotent (Handshaker.cancel, Connection.abort are).
+    """
+
+    __slots__ = ("peer", "ticket", "_stop", "evicted")
+
+    def __init__(self, peer: tuple) -> None:
+        self.peer = peer
+        self.ticket: Ticket
+        self._stop: Callable[[], None] | None = None
+        self.evicted = False
+
+    def hand_to(self, stop: Callable[[], None]) -> None:
+        """The socket has a new owner; ``stop()`` asks it, from any thread, to close the connection."""
+        self._stop = stop
+        if self.evicted:
+            stop()
+
+    def evict(self) -> None:
+        """The pending pool needs this place: ask the socket's owner to close it (any thread)."""
+        self.evicted = True
+        stop = self._stop
+        if stop is not None:
+            stop()
+
 
 class _Slot:
-    """A connection's place in the per-address count, given back exactly once."""
+    """A chatter's place in the counts of max_clients and max_per_ip, given back exactly once."""
 
     __slots__ = ("server", "ip", "_held")
 
@@ -700,16 +843,27 @@ class _Slot:
         self._held = True
 
     def release(self) -> None:
-        per_ip = self.server._per_ip
-        with self.server._lock:
+        server = self.server
+        per_ip = server._per_ip
+        with server._lock:
             if not self._held:
                 return
             self._held = False
+            server._chatters -= 1
             left = per_ip.get(self.ip, 1) - 1
             if left > 0:
                 per_ip[self.ip] = left
             else:
                 per_ip.pop(self.ip, None)
+
+
+def _shut_down(sock: socket.socket | ssl.SSLSocket) -> None:
+    """End a blocking read in the socket's owner thread, from any thread: the plain socket's shutdown
+    is one syscall on the descriptor and leaves the TLS object alone (which only its owner touches)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # already shut down or closed
+        pass
 
 
 def _say_and_close(sock: socket.socket | ssl.SSLSocket, data: bytes) -> None:
@@ -730,6 +884,29 @@ def _say_and_close(sock: socket.socket | ssl.SSLSocket, data: bytes) -> None:
 DEFAULT_CERT_DIR = Path("certs")
 DEFAULT_CERT = DEFAULT_CERT_DIR / "server.pem"
 DEFAULT_KEY = DEFAULT_CERT_DIR / "server.key"
+
+
+# Local argparse types until the shared ones (securechat/options.py) land on main.
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -755,10 +932,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true",
                    help="serve WITHOUT encryption: everything is readable by anyone on the network")
     p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
-                   help="most clients at once (default: %(default)s)")
+                   help="most chatters at once, counting only those whose nickname was accepted "
+                   "(default: %(default)s)")
     p.add_argument("--max-per-ip", type=int, default=0, metavar="N",
-                   help="most connections from one address, 0 for no limit (default: %(default)s; a LAN often "
+                   help="most chatters from one address, 0 for no limit (default: %(default)s; a LAN often "
                    "shares one address behind NAT)")
+    p.add_argument("--max-pending", type=_positive_int, default=MAX_PENDING, metavar="N",
+                   help="most connections still logging in (TLS handshake, nickname) at once; when full, the "
+                   "oldest from the busiest address is closed to make room (default: %(default)s)")
+    p.add_argument("--max-pending-per-ip", type=_count, default=MAX_PENDING_PER_ADDRESS, metavar="N",
+                   help="most connections still logging in from one address, 0 for no limit; beyond it, that "
+                   "address's oldest is closed (default: %(default)s)")
     p.add_argument("--login-timeout", type=float, default=LOGIN_TIMEOUT, metavar="SECONDS",
                    help="time from connecting to choosing a nickname (default: %(default)g)")
     p.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
@@ -839,6 +1023,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         listener.stop()
 
 
+# Descriptors a connection may hold (its socket, its session's eventfd), and what the server keeps
+# besides (listener, wakers, log files, certificate reloads), with room to spare.
+FDS_PER_CONNECTION = 2
+FDS_SPARE = 64
+
+
+def _raise_descriptor_limit(connections: int) -> None:
+    """Take the soft RLIMIT_NOFILE up to the hard one (as Go's runtime does) and warn if still short.
+
+    The usual soft limit of 1024 would run out at ~500 chatters with the default limits; running
+    out is survivable (one log line, the oldest unauthenticated connections make room) but avoidable.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # e.g. an unlimited hard limit the kernel will not grant
+            pass
+    wanted = connections * FDS_PER_CONNECTION + FDS_SPARE
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("only %d file descriptors allowed (ulimit -n); --max-clients and --max-pending may need "
+                    "%d: when they run out, the oldest unauthenticated connections make room", soft, wanted)
+
+
 def _serve(args: argparse.Namespace) -> int:
     args.authority = None
     try:
@@ -855,7 +1068,9 @@ def _serve(args: argparse.Namespace) -> int:
     server = ChatServer(args.host, args.port, context, max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
                         flood_rate=args.flood_rate, flood_burst=args.flood_burst,
-                        announce_limit=args.announce_limit, authority=args.authority)
+                        announce_limit=args.announce_limit, max_pending=args.max_pending,
+                        max_pending_per_ip=args.max_pending_per_ip, authority=args.authority)
+    _raise_descriptor_limit(args.max_clients + args.max_pending)
     try:
         server.bind()
     except OSError as exc:

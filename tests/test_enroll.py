@@ -24,10 +24,10 @@ def ca_dir(tmp_path: Path) -> Path:
     return tmp_path / "certs"
 
 
-def _start(serve: Callable[..., ChatServer], ca_dir: Path) -> ChatServer:
+def _start(serve: Callable[..., ChatServer], ca_dir: Path, **options: object) -> ChatServer:
     authority = enroll.Authority(ca_dir)
     ctx = authority.configure(tls.server_context(ca_dir / "server.pem", ca_dir / "server.key"), ca_dir / "server.pem")
-    return serve(context=ctx, authority=authority)
+    return serve(context=ctx, authority=authority, **options)
 
 
 def _enroller(server: ChatServer) -> LineClient:
@@ -77,6 +77,21 @@ def test_joiners_at_once_are_bounded(serve: Callable[..., ChatServer], ca_dir: P
     late = _enroller(server)
     late.send("JOIN 5 " + "A" * 44)
     assert _ends(late, 5)[0].startswith("ERR there is no invite number 5 on this server")
+
+
+def test_a_joiner_holds_a_pending_place_and_is_evicted_like_any_unauthenticated_connection(
+        serve: Callable[..., ChatServer], ca_dir: Path) -> None:
+    server = _start(serve, ca_dir, max_pending=2)
+    oldest = _enroller(server)
+    time.sleep(0.3)  # in its exchange, waiting for its first line (the deadline is 20 s away)
+    second = _enroller(server)
+    time.sleep(0.3)
+    started = time.monotonic()
+    third = _enroller(server)  # the pool is full: the oldest of the busiest address makes room
+    assert _ends(oldest, 5) == []
+    assert time.monotonic() - started < 3
+    second.close()
+    third.close()
 
 
 @pytest.mark.parametrize("junk", [b"HELLO\n", b"JOIN x y\n", b"JOIN 1 !!!\n", b"RENEW zz\n", b"J" * 40000])
