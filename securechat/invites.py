@@ -459,9 +459,10 @@ def _name_arg(text: str) -> str:
 
 
 def _human(seconds: float) -> str:
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= size and seconds % size == 0 or (unit == "minute" and seconds >= 60):
-            count = round(seconds / size)
+    """``15 minutes``, ``2 hours``, ``90 seconds``: the largest unit that divides it exactly."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
             return f"{count} {unit}{'s' if count != 1 else ''}"
     return f"{seconds:g} seconds"
 
