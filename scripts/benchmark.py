@@ -79,6 +79,7 @@ def make_certs(directory: Path) -> dict[str, str]:
     paths = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server.key"}
     ca.cert_pem.write_to_path(str(paths["ca"]))
     leaf.private_key_pem.write_to_path(str(paths["key"]))
+    paths["key"].chmod(0o600)  # securechat serve refuses a key others can read
     for i, blob in enumerate(leaf.cert_chain_pems):
         blob.write_to_path(str(paths["cert"]), append=i > 0)
     return {k: str(v) for k, v in paths.items()}

@@ -28,16 +28,18 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from securechat import certdir, options, protocol
 from securechat.tls import fingerprint
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -59,6 +61,7 @@ __all__ = [
     "machine_names",
     "main",
     "mint",
+    "mint_if_missing",
     "validate_client_name",
 ]
 
@@ -93,7 +96,6 @@ PRIVATE_NETWORKS: tuple[IPNetwork, ...] = tuple(
     )
 )
 
-CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,24}")  # the chat nick rule
 _DNS_LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
@@ -125,6 +127,8 @@ class MintResult:
     clients: dict[str, tuple[Path, Path]] = field(default_factory=dict)
     #: things the caller should tell the user (e.g. a detected address the reused CA does not cover)
     notes: tuple[str, ...] = ()
+    #: False when only client certificates were issued and the server certificate was left alone
+    server_issued: bool = True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,10 +136,55 @@ class MintResult:
 
 
 def validate_client_name(name: str) -> str:
-    """Return ``name`` if it is a valid client (nick) name: 1-24 of letters, digits, ``_``, ``-``."""
-    if not CLIENT_NAME_RE.fullmatch(name):
-        raise ValueError(f"invalid client name {name!r}: use 1-24 letters, digits, '_' or '-'")
+    """Return ``name`` if the server would accept it as a nickname (:func:`protocol.nick_error`).
+
+    A client certificate's name *is* its holder's nickname under mutual TLS, so a name the server
+    refuses (``server``, ``admin``, ``bad name``) is refused here, when minting, instead.
+    """
+    why = protocol.nick_error(name)
+    if why is not None:
+        raise ValueError(f"invalid client name {name!r}: {why}")
     return name
+
+
+def _check_client_names(out_dir: Path, names: Sequence[str]) -> None:
+    """CertError when two names would be the same person to the server (``AIice`` and ``alice``).
+
+    The server folds case and look-alike characters (:func:`protocol.nick_key`) and lets only one of
+    them be online; a certificate for the second would be useless, or let its holder block the first.
+    Compared with each other and with every client already issued in ``out_dir``.
+    """
+    seen: dict[str, str] = {}
+    for existing in _issued_clients(out_dir):
+        seen.setdefault(protocol.nick_key(existing), existing)
+    asked: dict[str, str] = {}
+    for name in names:
+        key = protocol.nick_key(name)
+        other = asked.get(key)
+        if other is not None and other != name:
+            raise CertError(
+                f"client names {other!r} and {name!r} are the same nickname to the server "
+                "(case and look-alike letters are folded): pick one"
+            )
+        asked[key] = name
+        other = seen.get(key)
+        if other is not None and other != name:
+            raise CertError(
+                f"client name {name!r} is the same nickname to the server as {other!r}, already issued "
+                f"in {out_dir} (case and look-alike letters are folded): pick another name"
+            )
+
+
+def _issued_clients(out_dir: Path) -> list[str]:
+    """Names of the client certificates and keys in ``out_dir`` (``client-NAME.pem``/``.key``)."""
+    if not out_dir.is_dir():
+        return []
+    names = {
+        p.name[len("client-") : -len(p.suffix)]
+        for pattern in ("client-*.pem", "client-*.key")
+        for p in out_dir.glob(pattern)
+    }
+    return sorted(names)
 
 
 def _dns_name_or_none(name: str) -> str | None:
@@ -657,6 +706,11 @@ def _load_ca(out_dir: Path, now: dt.datetime) -> tuple[x509.Certificate, Private
     """Load and check the CA in ``out_dir``; CertError (with the way out) if it cannot be used."""
     cert_path, key_path = out_dir / CA_CERT, out_dir / CA_KEY
     has_cert, has_key = cert_path.exists(), key_path.exists()
+    if has_key:
+        try:
+            certdir.check_key(key_path)
+        except certdir.UnsafePermissions as exc:
+            raise CertError(str(exc)) from None
     if not has_cert and not has_key:
         raise CertError(f"no CA in {out_dir}: run 'securechat gen-certs --out {out_dir}' first")
     if not has_key:
@@ -752,6 +806,62 @@ def _check_leaf_files_free(out_dir: Path) -> None:
             )
 
 
+def _current_server_names(out_dir: Path, ca_cert: x509.Certificate) -> tuple[list[str], list[IPAddress]]:
+    """Names and addresses of the server certificate in ``out_dir``, if ``ca_cert`` issued it.
+
+    Re-issuing keeps them (as renewal does): a client that connects by ``chat.lan`` keeps working
+    after the next ``gen-certs``. IPv4 addresses listed as DNS names (the ncat aliases) come back
+    as addresses. A certificate from another CA is not ours to copy names from.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate((out_dir / SERVER_CERT).read_bytes())
+        cert.verify_directly_issued_by(ca_cert)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, TypeError, x509.ExtensionNotFound, InvalidSignature):
+        return [], []
+    names: list[str] = []
+    addrs: list[IPAddress] = []
+    for dns in san.get_values_for_type(x509.DNSName):
+        addr = _parse_ip(dns)
+        if addr is not None:
+            addrs.append(addr)
+        elif (name := _dns_name_or_none(dns)) is not None:
+            names.append(name)
+    addrs += [a for a in san.get_values_for_type(x509.IPAddress) if isinstance(a, (ipaddress.IPv4Address,
+                                                                                   ipaddress.IPv6Address))]
+    return _dedupe(names), _dedupe(addrs)
+
+
+def _existing_server(out_dir: Path) -> tuple[str, tuple[str, ...], tuple[str, ...], dt.datetime] | None:
+    """(fingerprint, names, addresses, end) of the server certificate left untouched, or None if unreadable."""
+    try:
+        cert = x509.load_pem_x509_certificate((out_dir / SERVER_CERT).read_bytes())
+    except (OSError, ValueError):
+        return None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = tuple(str(n) for n in san.get_values_for_type(x509.DNSName))
+        addrs = tuple(str(a) for a in san.get_values_for_type(x509.IPAddress))
+    except x509.ExtensionNotFound:
+        names, addrs = (), ()
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return fingerprint(der), names, addrs, cert.not_valid_after_utc
+
+
+def _load_client_key(path: Path) -> PrivateKey:
+    """An existing client key, reused when its certificate is re-issued (CertError if unusable)."""
+    certdir.check_key(path)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError, OSError) as exc:
+        raise CertError(
+            f"cannot read the existing client key {path} ({exc}): move it away to issue a new one"
+        ) from None
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        raise CertError(f"{path} is not an EC or RSA key: move it away to issue a new one")
+    return key
+
+
 def _issue(
     out_dir: Path,
     *,
@@ -762,14 +872,26 @@ def _issue(
     days: int,
     key_type: str,
     now: dt.datetime,
+    server: bool = True,
+    keep_names: bool = True,
 ) -> MintResult:
-    """Everything after the refusal checks: build in memory, then write (keys before certificates)."""
+    """Everything after the refusal checks: build in memory, then write (keys before certificates).
+
+    Runs with the directory locked. ``server=False`` leaves server.pem/server.key alone (adding a
+    client). ``keep_names`` adds the names of the current server certificate (if the reused CA
+    issued it) to the new one. An existing client key is reused (only its certificate is
+    re-issued) unless the CA is being replaced.
+    """
     host_names, addrs = _split_hosts_ips(hosts, ips)
     client_names = _dedupe(validate_client_name(c) for c in clients)
     _validate_days(days)
     _validate_key_type(key_type)
+    _check_client_names(out_dir, client_names)
 
     auto_names, auto_addrs = machine_names(), local_addresses()
+    if ca is not None and keep_names:
+        kept_names, kept_addrs = _current_server_names(out_dir, ca[0])
+        auto_names, auto_addrs = _dedupe([*auto_names, *kept_names]), _dedupe([*auto_addrs, *kept_addrs])
 
     written: list[tuple[Path, bytes, int]] = []
     nc: x509.NameConstraints | None
@@ -785,34 +907,55 @@ def _issue(
     else:
         ca_cert, ca_key = ca
         nc = _constraints(ca_cert)
-    names, san_addrs, notes = _server_names(nc, host_names, addrs, auto_names, auto_addrs)
+    notes: list[str] = []
     if ca is None:
         # Client certificates signed by a CA that --force replaces no longer work: say which.
-        for old in sorted(out_dir.glob("client-*.pem")) if out_dir.is_dir() else ():
-            name = old.name[len("client-") : -len(".pem")]
+        for name in _issued_clients(out_dir):
             if name not in client_names:
-                notes.append(f"{old} was signed by the replaced CA: reissue it with --client {name}")
+                notes.append(f"{client_paths(out_dir, name)[0]} was signed by the replaced CA: "
+                             f"reissue it with --client {name}")
 
-    server_key = _new_key(key_type)
-    server_cert = _build_server(server_key, ca_cert, ca_key, names, san_addrs, days, now)
-    written += [
-        (out_dir / SERVER_KEY, _key_pem(server_key), 0o600),
-        # The full chain, so a client that pins the CA's fingerprint (--pin, --tofu) is shown the CA.
-        (out_dir / SERVER_CERT, _cert_pem(server_cert) + _cert_pem(ca_cert), 0o644),
-    ]
+    server_cert: x509.Certificate | None = None
+    names: list[str] = []
+    san_addrs: list[IPAddress] = []
+    if server:
+        names, san_addrs, name_notes = _server_names(nc, host_names, addrs, auto_names, auto_addrs)
+        notes += name_notes
+        server_key = _new_key(key_type)
+        server_cert = _build_server(server_key, ca_cert, ca_key, names, san_addrs, days, now)
+        written += [
+            (out_dir / SERVER_KEY, _key_pem(server_key), 0o600),
+            # The full chain, so a client that pins the CA's fingerprint (--pin, --tofu) is shown the CA.
+            (out_dir / SERVER_CERT, _cert_pem(server_cert) + _cert_pem(ca_cert), 0o644),
+        ]
     clients_out: dict[str, tuple[Path, Path]] = {}
     for name in client_names:
-        key = _new_key(key_type)
-        cert = _build_client(key, ca_cert, ca_key, name, days, now)
         cert_path, key_path = client_paths(out_dir, name)
-        written += [(key_path, _key_pem(key), 0o600), (cert_path, _cert_pem(cert), 0o644)]
+        if ca is not None and key_path.exists():
+            # Re-running --client alice renews alice's certificate; her key stays hers.
+            key = _load_client_key(key_path)
+            notes.append(f"kept the existing key {key_path} and re-issued {cert_path} for it "
+                         f"(to give {name} a new key, move {key_path} away first)")
+        else:
+            key = _new_key(key_type)
+            written.append((key_path, _key_pem(key), 0o600))
+        cert = _build_client(key, ca_cert, ca_key, name, days, now)
+        written.append((cert_path, _cert_pem(cert), 0o644))
         clients_out[name] = (cert_path, key_path)
 
-    _prepare_dir(out_dir)
     for path, data, mode in written:
         _write_atomic(path, data, mode)
     _fsync_dir(out_dir)
 
+    if server_cert is not None:
+        server_print = fingerprint(server_cert.public_bytes(serialization.Encoding.DER))
+        dns_names, ip_addresses = tuple(names), tuple(str(a) for a in san_addrs)
+        server_not_after = server_cert.not_valid_after_utc
+    else:
+        existing = _existing_server(out_dir)
+        if existing is None:  # pragma: no cover - _mint only skips the server when the file is readable
+            raise CertError(f"cannot read {out_dir / SERVER_CERT}")
+        server_print, dns_names, ip_addresses, server_not_after = existing
     return MintResult(
         out_dir=out_dir,
         ca_cert=out_dir / CA_CERT,
@@ -821,14 +964,32 @@ def _issue(
         server_key=out_dir / SERVER_KEY,
         written=tuple(path for path, _, _ in written),
         ca_fingerprint=fingerprint(ca_cert.public_bytes(serialization.Encoding.DER)),
-        server_fingerprint=fingerprint(server_cert.public_bytes(serialization.Encoding.DER)),
+        server_fingerprint=server_print,
         ca_reused=ca is not None,
-        dns_names=tuple(names),
-        ip_addresses=tuple(str(a) for a in san_addrs),
-        server_not_after=server_cert.not_valid_after_utc,
+        dns_names=dns_names,
+        ip_addresses=ip_addresses,
+        server_not_after=server_not_after,
         clients=clients_out,
         notes=tuple(notes),
+        server_issued=server_cert is not None,
     )
+
+
+@contextlib.contextmanager
+def _locked_dir(out_dir: Path) -> Iterator[None]:
+    """Create ``out_dir`` (0700), refuse it if others can write to it, and hold its lock.
+
+    Permission refusals become CertError, so every caller reports them as one line.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CertError(f"{out_dir} exists and is not a directory")
+    try:
+        _prepare_dir(out_dir)
+        certdir.check_dir(out_dir)
+        with certdir.locked(out_dir):
+            yield
+    except certdir.UnsafePermissions as exc:
+        raise CertError(str(exc)) from None
 
 
 def mint(
@@ -840,6 +1001,7 @@ def mint(
     days: int = DEFAULT_DAYS,
     key_type: str = "ec",
     force: bool = False,
+    reset_names: bool = False,
     now: dt.datetime | None = None,
 ) -> MintResult:
     """Mint (or reuse) the local CA in ``out_dir`` and issue a server certificate and client certificates.
@@ -848,6 +1010,10 @@ def mint(
     unreadable or expired CA, a ``server.pem`` without a CA, or a ``hosts``/``ips`` entry outside a
     reused CA's name constraints raises :class:`CertError` before anything is written.
     ``hosts`` entries that are IP addresses are treated as ``ips``. Invalid names raise ValueError.
+
+    With a reused CA, asking only for ``clients`` leaves an existing server certificate alone;
+    re-issuing the server certificate keeps the names it had unless ``reset_names``. The whole
+    read-modify-write runs under the directory's lock (:mod:`securechat.certdir`).
     """
     out_dir = Path(out_dir)
     current = _now(now)
@@ -858,18 +1024,47 @@ def mint(
         validate_client_name(client)
     _validate_days(days)
     _validate_key_type(key_type)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CertError(f"{out_dir} exists and is not a directory")
+    with _locked_dir(out_dir):
+        return _mint_locked(out_dir, hosts=hosts, ips=ips, clients=clients, days=days, key_type=key_type,
+                            force=force, reset_names=reset_names, now=current)
 
+
+def _mint_locked(out_dir: Path, *, hosts: list[str], ips: list[str | IPAddress], clients: list[str], days: int,
+                 key_type: str, force: bool, reset_names: bool, now: dt.datetime) -> MintResult:
     ca: tuple[x509.Certificate, PrivateKey] | None = None
     if not force:
         if (out_dir / CA_CERT).exists() or (out_dir / CA_KEY).exists():
-            ca = _load_ca(out_dir, current)
+            ca = _load_ca(out_dir, now)
         else:
             _check_leaf_files_free(out_dir)
-    return _issue(
-        out_dir, ca=ca, hosts=hosts, ips=ips, clients=clients, days=days, key_type=key_type, now=current
+    # Adding clients to a working set must not touch the server certificate.
+    server = not (
+        ca is not None
+        and clients
+        and not hosts
+        and not ips
+        and not reset_names
+        and (out_dir / SERVER_KEY).exists()
+        and _existing_server(out_dir) is not None
     )
+    return _issue(out_dir, ca=ca, hosts=hosts, ips=ips, clients=clients, days=days, key_type=key_type,
+                  now=now, server=server, keep_names=not reset_names)
+
+
+def mint_if_missing(out_dir: str | Path, check: Callable[[Path], None] | None = None) -> MintResult | None:
+    """``serve``'s first run: mint a CA and server certificate unless ``server.pem`` exists, under the lock.
+
+    Two servers started at once in one directory mint one set between them; the second finds it.
+    ``check(out_dir)`` runs under the lock before minting, to refuse what is there in the caller's words.
+    """
+    out_dir = Path(out_dir)
+    with _locked_dir(out_dir):
+        if (out_dir / SERVER_CERT).exists():
+            return None
+        if check is not None:
+            check(out_dir)
+        return _mint_locked(out_dir, hosts=[], ips=[], clients=[], days=DEFAULT_DAYS, key_type="ec",
+                            force=False, reset_names=False, now=_now(None))
 
 
 def issue_server_cert(
@@ -884,12 +1079,15 @@ def issue_server_cert(
     """(Re)issue ``server.pem``/``server.key`` from the existing CA in ``out_dir`` (for renewal).
 
     ``now`` (timezone-aware) replaces the clock, for tests. Raises :class:`CertError` if the CA is
-    missing or unusable, or a ``hosts``/``ips`` entry is outside its name constraints.
+    missing or unusable (or others may read its key), or a ``hosts``/``ips`` entry is outside its
+    name constraints. Runs under the directory's lock.
     """
     out_dir = Path(out_dir)
     current = _now(now)
-    ca = _load_ca(out_dir, current)
-    return _issue(out_dir, ca=ca, hosts=hosts, ips=ips, clients=(), days=days, key_type=key_type, now=current)
+    with _locked_dir(out_dir):
+        ca = _load_ca(out_dir, current)
+        return _issue(out_dir, ca=ca, hosts=hosts, ips=ips, clients=(), days=days, key_type=key_type,
+                      now=current)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -910,7 +1108,7 @@ def _arg(check: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def build_parser(prog: str = "securechat gen-certs") -> argparse.ArgumentParser:
     """The gen-certs argument parser (shared by ``securechat gen-certs`` and ``scripts/gen_certs.py``)."""
-    parser = argparse.ArgumentParser(
+    parser = options.Parser(
         prog=prog,
         description=(
             "Mint a local certificate authority (ca.pem/ca.key) and a certificate for this chat server "
@@ -925,7 +1123,7 @@ def build_parser(prog: str = "securechat gen-certs") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=options.path,
         default=Path("certs"),
         metavar="DIR",
         help="directory to write into (default: certs)",
@@ -954,7 +1152,9 @@ def build_parser(prog: str = "securechat gen-certs") -> argparse.ArgumentParser:
         default=[],
         type=_arg(validate_client_name),
         metavar="NAME",
-        help="also write client-NAME.pem/.key for mutual TLS (repeatable; 1-24 letters, digits, _ or -)",
+        help="also write client-NAME.pem/.key for mutual TLS (repeatable; NAME is the nickname, so the "
+        "server's nickname rules apply). Adding a client leaves the server certificate alone; re-running "
+        "for an existing NAME re-issues its certificate and keeps its key",
     )
     parser.add_argument(
         "--days",
@@ -970,10 +1170,17 @@ def build_parser(prog: str = "securechat gen-certs") -> argparse.ArgumentParser:
         help="key algorithm for new keys: ec = ECDSA P-256 (default), rsa = RSA-3072",
     )
     parser.add_argument(
+        "--reset-names",
+        action="store_true",
+        help="issue the server certificate for exactly localhost, this machine's names and addresses and "
+        "the --host/--ip given; without it, re-issuing keeps every name the current certificate has",
+    )
+    parser.add_argument(
         "--force",
         action="store_true",
-        help="replace the CA (and anything else in DIR) instead of reusing it; clients must then get the "
-        "new ca.pem",
+        help="mint a new CA instead of reusing it, with a new server key and certificate and new keys for "
+        "the --client names given; clients must then get the new ca.pem, and other client certificates "
+        "stop working (they are listed)",
     )
     return parser
 
@@ -1033,15 +1240,26 @@ def _report(result: MintResult, args: argparse.Namespace) -> str:
         else:
             label = labels.get(path.name, "")
         lines.append(f"  {path}  ({label})")
+    if not result.server_issued:
+        lines.append(f"Left {result.server_cert} as it was (valid until {result.server_not_after:%Y-%m-%d %H:%M} "
+                     "UTC).")
     lines.append(f"Server names:     {', '.join(result.dns_names)}")
     lines.append(f"Server addresses: {', '.join(result.ip_addresses)}")
     lines.append(f"CA SHA-256 fingerprint:     {result.ca_fingerprint}")
     lines.append(f"Server SHA-256 fingerprint: {result.server_fingerprint}")
     lines.append("")
     target = _connect_target(result, args.host, args.ip)
-    lines.append(
-        f"Copy {result.ca_cert} to each client machine, then run: securechat connect {target} --ca {CA_CERT}"
-    )
+    if not result.clients:
+        lines.append(
+            f"Copy {result.ca_cert} to each client machine, then run: securechat connect {target} --ca {CA_CERT}"
+        )
+        return "\n".join(lines)
+    lines.append("Start the server with: securechat serve --require-client-cert")
+    for name, (cert_path, key_path) in result.clients.items():
+        lines.append(
+            f"Give {name} {cert_path}, {key_path} and {result.ca_cert} (only theirs), then {name} runs: "
+            f"securechat connect {target} --ca {CA_CERT} --cert {cert_path.name} --key {key_path.name}"
+        )
     return "\n".join(lines)
 
 
@@ -1061,18 +1279,18 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "securechat gen-certs
             days=args.days,
             key_type=args.key_type,
             force=args.force,
+            reset_names=args.reset_names,
         )
     except CertError as exc:
-        print(f"gen-certs: {exc}", file=sys.stderr)
+        options.print_error(prog, str(exc))
         return 1
     except OSError as exc:
         where = exc.filename or args.out
-        print(f"gen-certs: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
+        options.print_error(prog, f"cannot write {where}: {exc.strerror or exc}")
         return 1
     for note in result.notes:
-        print(f"gen-certs: note: {note}", file=sys.stderr)
-    print(_report(result, args))
-    return 0
+        options.print_error(prog, f"note: {note}")
+    return 0 if options.write_stdout(prog, _report(result, args) + "\n") else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,18 +10,18 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from securechat import __version__
+from securechat import __version__, options
 
-# subcommand -> ("module" with main(argv) -> int, or "module:function", one-line summary)
+# subcommand -> (module with main(argv) -> int, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("securechat.server", "run the chat server (TLS; mints certificates into certs/ on first run)"),
     "connect": ("securechat.client", "join a chat server: securechat connect HOST"),
     "gen-certs": ("securechat.certs", "mint a local CA and a server certificate into certs/"),
     "fingerprint": ("securechat.identity", "print a certificate file's SHA-256 fingerprint"),
-    "invite": ("securechat.invites:main_invite", "make a one-time code for someone to join: securechat invite [NAME]"),
-    "join": ("securechat.enroll:main_join", "join a server with an invite code: securechat join HOST CODE"),
-    "revoke": ("securechat.invites:main_revoke", "revoke a client certificate: securechat revoke NAME|SERIAL"),
-    "certs": ("securechat.invites:main_certs", "list the client certificates issued through invites"),
+    "invite": ("securechat.invites", "make a one-time code for someone to join: securechat invite [NAME]"),
+    "join": ("securechat.enroll", "join a server with an invite code: securechat join HOST CODE"),
+    "revoke": ("securechat.revoke", "revoke a client certificate: securechat revoke NAME|SERIAL"),
+    "certs": ("securechat.issued", "list the client certificates issued through invites"),
 }
 
 USAGE = """usage: securechat [COMMAND] [OPTIONS]
@@ -35,10 +35,10 @@ With no command, securechat asks whether to run as server or client.
 Run 'securechat COMMAND --help' for the options of a command.
 """
 
-# Exit statuses shared by every subcommand.
-EXIT_OK = 0
-EXIT_FAILURE = 1  # the command ran and failed (connection refused, certificate refused, ...)
-EXIT_USAGE = 2  # bad command line, as argparse does
+# Exit statuses shared by every subcommand (see securechat.options for the error-line convention).
+EXIT_OK = options.EXIT_OK
+EXIT_FAILURE = options.EXIT_FAILURE
+EXIT_USAGE = options.EXIT_USAGE
 
 
 def _usage() -> str:
@@ -48,10 +48,12 @@ def _usage() -> str:
 
 
 def _run(command: str, argv: Sequence[str]) -> int:
-    target, _ = COMMANDS[command]
-    module_name, _, function = target.partition(":")
-    entry: Callable[[Sequence[str]], int] = getattr(importlib.import_module(module_name), function or "main")
-    return entry(list(argv))
+    module_name, _ = COMMANDS[command]
+    entry: Callable[[Sequence[str]], int] = importlib.import_module(module_name).main
+    try:
+        return entry(list(argv))
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already reported in one line)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
 def _ask(prompt: str, valid: Callable[[str], bool]) -> str:
@@ -93,13 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return menu()
     first = args[0]
     if first in ("-h", "--help", "help"):
-        print(_usage(), end="")
-        return EXIT_OK
+        return EXIT_OK if options.write_stdout("securechat", _usage()) else EXIT_FAILURE
     if first in ("-V", "--version"):
-        print(f"securechat {__version__}")
-        return EXIT_OK
+        return EXIT_OK if options.write_stdout("securechat", f"securechat {__version__}\n") else EXIT_FAILURE
     if first not in COMMANDS:
-        print(_usage(), end="", file=sys.stderr)
-        print(f"securechat: unknown command {first!r}", file=sys.stderr)
+        options.print_error("securechat", f"unknown command {first!r}: choose one of {', '.join(COMMANDS)}; "
+                            "see 'securechat --help'")
         return EXIT_USAGE
     return _run(first, args[1:])

@@ -17,9 +17,10 @@ traceback.
 
 Who is who (issue 6): ``--cert``/``--key`` present a client certificate (mutual TLS; on a server
 started with ``--require-client-cert`` the certificate's name *is* the nickname); the server is
-recognised by ``--ca`` (its CA file), ``--pin`` (an exact SHA-256 fingerprint, of its certificate
-or of the CA that signed it) or ``--tofu`` (the fingerprint remembered at first contact). Pin and
-TOFU checks run right after the handshake, before a single byte is sent or read.
+recognised by ``--ca`` (its CA file), ``--pin`` (an exact SHA-256 fingerprint, of its CA or of its
+own certificate) or ``--tofu`` (the fingerprint remembered at first contact). Pin and TOFU only
+choose which certificate OpenSSL trusts; the verification is the same as with ``--ca``, and it is
+over before a single byte is sent (see :mod:`securechat.identity`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from securechat import DEFAULT_PORT, identity, protocol, tls
+from securechat import DEFAULT_PORT, certdir, identity, options, protocol, tls
 from securechat.conn import Connection, describe_error, tune_socket
 
 # Exit statuses, as securechat.cli defines them for every subcommand.
@@ -54,6 +55,15 @@ DEFAULT_TIMEOUT = 10.0
 
 # After /quit, how long to wait for the server's "* goodbye" and close before closing ourselves.
 QUIT_WAIT = 2.0
+
+# What a server may make the client hold (issue 10: a hostile server drove one to 500 MiB).
+# Before it accepts a nickname a securechat server sends its greeting and one answer per nickname
+# tried: 64 lines is far beyond that, so more means a hostile or confused server.
+MAX_LINES_BEFORE_WELCOME = 64
+# Received lines left unread by a recv_line() caller: at most 4096 * MAX_LINE_BYTES = 16 MiB.
+MAX_QUEUED_LINES = 4096
+# Lines typed or piped ahead of the connection in line mode; reading stdin waits beyond that.
+MAX_STDIN_LINES = 1024
 
 # OpenSSL X509_V_ERR_* codes that mean "the certificate is fine but names another host/address".
 _X509_HOSTNAME_MISMATCH = 62
@@ -74,6 +84,10 @@ _X509_NOT_YET_VALID = 9
 # "* securechat: ..." greeting is not a TLS record).
 _PLAINTEXT_PEER_REASONS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG",
                            "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL"}
+# ... and those seen when the certificate the server sent is not one OpenSSL can parse.
+_BAD_CERTIFICATE_REASONS = {"ASN1_LIB", "X509_LIB", "BAD_CERTIFICATE", "WRONG_TAG", "HEADER_TOO_LONG",
+                            "NESTED_ASN1_ERROR", "TOO_LONG", "BAD_PACKET_LENGTH", "LENGTH_MISMATCH",
+                            "UNKNOWN_CERTIFICATE_TYPE", "CCS_RECEIVED_EARLY"}
 
 _CA_HELP = ("copy ca.pem from the server's certs/ folder (the server mints it on first run) and pass "
             "--ca PATH")
@@ -193,6 +207,8 @@ class ChatClient:
         self._saw_shutdown = False
         self._last_notice = ""  # the server's last word, to explain why it closed the connection
         self._pending_lines: list[str] = []  # lines read by register() past its answer
+        self._overflow = ""  # why the client hung up on a server that sent too much, if it did
+        self._welcomed = False  # a welcome line has arrived (connection thread)
 
     # -- connecting -----------------------------------------------------------------------
 
@@ -204,19 +220,84 @@ class ChatClient:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
-        verify: Callable[[ssl.SSLSocket], None] | None = None,
+        trust: identity.ServerTrust | None = None,
     ) -> None:
-        """Open the TCP connection and, unless ``ssl_context`` is None, complete the TLS handshake.
+        """Open the TCP connection and, unless ``ssl_context`` and ``trust`` are None, complete the TLS handshake.
 
         ``server_hostname`` is the name or address the certificate must be valid for (default:
-        ``host``). ``verify`` (TLS only) is called with the socket right after the handshake, before
-        anything is sent or read: it raises :class:`identity.IdentityError` (or :class:`ChatError`) to
-        refuse the server, as :func:`pin_verifier` and :func:`tofu_verifier` do.
-        Raises :class:`ChatError` with an explanation on any failure.
+        ``host``). ``trust`` (``--pin``/``--tofu``, instead of ``ssl_context``) first fetches the
+        server's chain over a probe connection that sends nothing, picks the certificate to trust,
+        then connects with a verifying context trusting only that one (see :mod:`securechat.identity`).
+        Raises :class:`ChatError` with an explanation on any failure (:class:`IdentityRefused` when the
+        server is not the one ``trust`` expects; nothing was sent to it then).
         """
         if self._conn is not None:
             raise RuntimeError("already connected")
-        self.host, self.port, self.tls = host, port, ssl_context is not None
+        if trust is not None and ssl_context is not None:
+            raise ValueError("pass ssl_context or trust, not both")
+        self.host, self.port, self.tls = host, port, ssl_context is not None or trust is not None
+        where = f"{host}:{port}"
+        name = server_hostname or host
+        if trust is not None:
+            try:
+                chain = identity.fetch_chain(self._open(host, port, timeout), name, tls_min=trust.tls_min)
+            except ssl.SSLError as exc:
+                raise _handshake_error(exc, where) from None
+            except TimeoutError:
+                raise _handshake_timeout(where, timeout) from None
+            except OSError as exc:
+                raise _handshake_lost(where, exc) from None
+            except identity.IdentityError as exc:
+                raise IdentityRefused(f"refusing {where}: {exc}") from None
+            try:
+                ssl_context = trust.context(trust.choose(chain))
+            except identity.IdentityError as exc:
+                raise IdentityRefused(f"refusing {where}: {exc}") from None
+            # What OpenSSL does not check is checked on the probe's leaf too, so that a client
+            # certificate is not sent to such a server (it is checked again after the handshake).
+            problem = tls.server_leaf_problem(chain[0])
+            if problem is not None and problem != tls.UNPARSEABLE:  # OpenSSL says more on those
+                raise IdentityRefused(f"refusing {where}: the server's certificate was refused: {problem}")
+        raw = self._open(host, port, timeout)
+        sock: socket.socket | ssl.SSLSocket = raw
+        if ssl_context is not None:
+            try:
+                sock = ssl_context.wrap_socket(raw, server_hostname=name)
+            except ssl.SSLCertVerificationError as exc:
+                raw.close()
+                if trust is not None:
+                    explained = trust.explain(exc.verify_code, exc.verify_message, name)
+                    raise IdentityRefused(f"refusing {where}: {explained}") from None
+                raise ChatError(_explain_verification(exc, name)) from None
+            except ssl.SSLError as exc:
+                raw.close()
+                raise _handshake_error(exc, where) from None
+            except TimeoutError:
+                raw.close()
+                raise _handshake_timeout(where, timeout) from None
+            except OSError as exc:
+                raw.close()
+                raise _handshake_lost(where, exc) from None
+            problem = (tls.server_leaf_problem(sock.getpeercert(binary_form=True) or b"")
+                       if ssl_context.verify_mode == ssl.CERT_REQUIRED else None)
+            if problem is not None:
+                sock.close()
+                if trust is not None:
+                    raise IdentityRefused(f"refusing {where}: the server's certificate was refused: {problem}")
+                raise ChatError(f"the server's certificate was refused: {problem}")
+            if trust is not None:
+                try:
+                    trust.confirmed()
+                except identity.IdentityError as exc:
+                    sock.close()
+                    raise ChatError(str(exc)) from None
+        self._conn = Connection(sock, self._on_lines)
+        self._thread = threading.Thread(target=self._run, name=f"securechat-client-{where}", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _open(host: str, port: int, timeout: float) -> socket.socket:
+        """A TCP connection to ``host:port``, tuned; ChatError saying what to check on failure."""
         where = f"{host}:{port}"
         try:
             raw = socket.create_connection((host, port), timeout=timeout)
@@ -235,51 +316,7 @@ class ChatClient:
                                 "this machine on the same network?") from None
             raise ChatError(f"cannot connect to {where}: {describe_error(exc)}") from None
         tune_socket(raw)
-        sock: socket.socket | ssl.SSLSocket = raw
-        if ssl_context is not None:
-            try:
-                sock = ssl_context.wrap_socket(raw, server_hostname=server_hostname or host)
-            except ssl.SSLCertVerificationError as exc:
-                raw.close()
-                raise ChatError(_explain_verification(exc, server_hostname or host)) from None
-            except ssl.SSLError as exc:
-                raw.close()
-                refusal = explain_alert(exc.reason)
-                if refusal is not None:
-                    raise CertificateRefused(f"{where} refused the connection: {refusal}") from None
-                if exc.reason == _HANDSHAKE_FAILURE:
-                    raise ChatError(f"TLS handshake with {where} failed ({exc.reason}): the server may "
-                                    "require a client certificate (pass --cert and --key), or accept other "
-                                    "TLS versions (check --tls-min)") from None
-                if exc.reason in _PLAINTEXT_PEER_REASONS:
-                    raise ChatError(f"{where} did not answer in TLS: the server probably runs without "
-                                    "encryption "
-                                    "(--plain); connect with --plain only if you accept that anyone on the "
-                                    "network can read the chat") from None
-                raise ChatError(f"TLS handshake with {where} failed ({exc.reason or exc}): check --tls-min "
-                                "(the server may require TLS 1.3, or allow only 1.2)") from None
-            except TimeoutError:
-                raw.close()
-                raise ChatError(f"{where} accepted the connection but did not complete the TLS "
-                                "handshake within "
-                                f"{timeout:g} s: is it a securechat server?") from None
-            except OSError as exc:
-                raw.close()
-                raise ChatError(f"the server at {where} closed the connection during the TLS handshake "
-                                f"({describe_error(exc)}): is it a securechat server, with a compatible "
-                                "--tls-min?") from None
-            if verify is not None:
-                try:
-                    verify(sock)
-                except identity.IdentityError as exc:
-                    sock.close()
-                    raise IdentityRefused(f"refusing {where}: {exc}") from None
-                except BaseException:
-                    sock.close()
-                    raise
-        self._conn = Connection(sock, self._on_lines)
-        self._thread = threading.Thread(target=self._run, name=f"securechat-client-{where}", daemon=True)
-        self._thread.start()
+        return raw
 
     def _run(self) -> None:
         assert self._conn is not None
@@ -300,8 +337,24 @@ class ChatClient:
             with self._deliver_lock:
                 if self.on_line is not None and self.nick is not None:
                     self.on_line(line)
+                elif self._lines.qsize() >= (MAX_QUEUED_LINES if self._welcomed else MAX_LINES_BEFORE_WELCOME):
+                    self._hang_up_flooded()
+                    return
                 else:
+                    # A busy room may follow the welcome before register() has read it.
+                    self._welcomed = self._welcomed or protocol.welcome_nick(line) is not None
                     self._lines.put(line)
+
+    def _hang_up_flooded(self) -> None:
+        """Connection thread: the server sent more than the client keeps; end the connection."""
+        assert self._conn is not None
+        if not self._welcomed:
+            self._overflow = (f"the server sent more than {MAX_LINES_BEFORE_WELCOME} lines before accepting a "
+                              "nickname: it is not a securechat server, or a hostile one; disconnected")
+        else:
+            self._overflow = (f"more than {MAX_QUEUED_LINES} received lines were left unread; disconnected "
+                              "(read them with recv_line(), or pass on_line)")
+        self._conn.abort("flooded")
 
     # -- registering ------------------------------------------------------------------------
 
@@ -313,9 +366,9 @@ class ChatClient:
         """
         self.send(nick)
         deadline = time.monotonic() + timeout
-        while True:
+        for _ in range(MAX_LINES_BEFORE_WELCOME):
             line = self.recv_line(max(0.0, deadline - time.monotonic()))
-            if line is None:
+            if line is None or time.monotonic() > deadline:
                 if self.closed:
                     self._raise_ended()
                 raise ChatError(f"no answer from the server within {timeout:g} s after sending the nickname")
@@ -331,6 +384,9 @@ class ChatClient:
                 return accepted
             self._check_refusal(line)
             # Anything else before the welcome (the greeting) is of no interest to the caller.
+        self.close(timeout=0.5)
+        raise ChatError(f"the server sent {MAX_LINES_BEFORE_WELCOME} lines without answering the nickname: it "
+                        "is not a securechat server, or a hostile one; disconnected")
 
     def _check_refusal(self, line: str) -> None:
         """Raise the ChatError a pre-welcome notice stands for, if any."""
@@ -453,6 +509,8 @@ class ChatClient:
         """One line for people about why the connection ended."""
         if self._saw_shutdown:
             return "the server shut down"
+        if self._overflow:
+            return self._overflow
         reason = self._end_reason or "closed"
         refusal = explain_alert(reason.removeprefix("TLS error: "))
         if refusal is not None:
@@ -492,37 +550,33 @@ class ChatClient:
         self.close()
 
 
-def pin_verifier(pin: str) -> Callable[[ssl.SSLSocket], None]:
-    """A ``verify`` for :meth:`ChatClient.connect`: the server's certificate, or the CA that signed it,
-    must have the SHA-256 fingerprint ``pin`` (use with :func:`securechat.identity.pinned_context`)."""
-    expected = tls.normalise_fingerprint(pin)  # ValueError now rather than at connect time
+def _handshake_error(exc: ssl.SSLError, where: str) -> ChatError:
+    """The ChatError for a TLS handshake that failed (not a certificate verification failure)."""
+    refusal = explain_alert(exc.reason)
+    if refusal is not None:
+        return CertificateRefused(f"{where} refused the connection: {refusal}")
+    if exc.reason == _HANDSHAKE_FAILURE:
+        return ChatError(f"TLS handshake with {where} failed ({exc.reason}): the server may require a client "
+                         "certificate (pass --cert and --key), or accept other TLS versions (check --tls-min)")
+    if exc.reason in _PLAINTEXT_PEER_REASONS:
+        return ChatError(f"{where} did not answer in TLS: the server probably runs without encryption "
+                         "(--plain); connect with --plain only if you accept that anyone on the network can read "
+                         "the chat")
+    if exc.reason in _BAD_CERTIFICATE_REASONS:
+        return ChatError(f"{where} presented a certificate that cannot be read ({exc.reason}): it is not a "
+                         "securechat server, or its certificate is damaged")
+    return ChatError(f"TLS handshake with {where} failed ({exc.reason or exc}): check --tls-min "
+                     "(the server may require TLS 1.3, or allow only 1.2)")
 
-    def verify(sock: ssl.SSLSocket) -> None:
-        identity.check_pin(sock, expected)
 
-    return verify
+def _handshake_timeout(where: str, timeout: float) -> ChatError:
+    return ChatError(f"{where} accepted the connection but did not complete the TLS handshake within "
+                     f"{timeout:g} s: is it a securechat server?")
 
 
-def tofu_verifier(host: str, port: int, known: identity.KnownHosts | None = None,
-                  on_first_contact: Callable[[str, str, Path], None] | None = None,
-                  ) -> Callable[[ssl.SSLSocket], None]:
-    """A ``verify`` for :meth:`ChatClient.connect`: trust on first use, like SSH's known_hosts.
-
-    The first time ``host:port`` is met its fingerprint is remembered (``on_first_contact(key,
-    fingerprint, path)`` is told); later the server must present the same one.
-    """
-    known = known or identity.KnownHosts()
-
-    def verify(sock: ssl.SSLSocket) -> None:
-        try:
-            fingerprint, first = known.check(sock, host, port)
-        except OSError as exc:
-            raise ChatError(f"cannot use the known hosts file {known.path} ({describe_error(exc)}): fix "
-                            "it, or connect with --pin FINGERPRINT or --ca instead") from None
-        if first and on_first_contact is not None:
-            on_first_contact(known.key(host, port), fingerprint, known.path)
-
-    return verify
+def _handshake_lost(where: str, exc: OSError) -> ChatError:
+    return ChatError(f"the server at {where} closed the connection during the TLS handshake "
+                     f"({describe_error(exc)}): is it a securechat server, with a compatible --tls-min?")
 
 
 def _explain_verification(exc: ssl.SSLCertVerificationError, name: str) -> str:
@@ -612,45 +666,50 @@ def _pin_arg(text: str) -> str:
         return tls.normalise_fingerprint(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(
-            f"{exc}; expected the SHA-256 fingerprint the server prints at start, like AA:BB:...:FF "
-            "(64 hex digits; 'securechat fingerprint certs/server.pem' on the server shows it)") from None
+            f"{exc}; expected the SHA-256 fingerprint on the server's '[SERVER] CA SHA-256 fingerprint' line, "
+            "like AA:BB:...:FF (64 hex digits; 'securechat fingerprint certs/ca.pem' on the server shows it)"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="securechat connect", description="Join a securechat server.")
-    p.add_argument("host", help="the server's IP address or host name")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
+    p = options.Parser(prog=PROG, description="Join a securechat server.")
+    p.add_argument("host", type=options.host, help="the server's IP address or host name")
+    p.add_argument("--port", type=options.port, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
     p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
     trust = p.add_argument_group(
         "recognising the server (one of)").add_mutually_exclusive_group()
-    trust.add_argument("--ca", type=Path, default=None,
+    trust.add_argument("--ca", type=options.path, default=None,
                        help="the CA certificate that signed the server's certificate; copy it from the "
                        "server's certs/ folder (default: what 'securechat join' saved for this server, else "
                        f"{DEFAULT_CA})")
     trust.add_argument("--pin", type=_pin_arg, metavar="FINGERPRINT",
-                       help="trust exactly the server whose certificate (or its CA) has this SHA-256 "
-                       "fingerprint, as the server prints it at start; no CA file needed")
+                       help="trust the server whose CA has this SHA-256 fingerprint (the server's '[SERVER] CA "
+                       "SHA-256 fingerprint' line; its own certificate's fingerprint works too, until renewal); "
+                       "no CA file needed")
     trust.add_argument("--tofu", action="store_true",
-                       help="trust on first use: remember the server's fingerprint at first contact (in "
+                       help="trust on first use: remember the server's CA fingerprint at first contact (in "
                        f"{identity.known_hosts_path()}) and refuse the connection if it ever changes")
     mine = p.add_argument_group("proving who you are (servers started with --require-client-cert)")
-    mine.add_argument("--cert", type=Path, metavar="PEM",
+    mine.add_argument("--cert", type=options.path, metavar="PEM",
                       help="your client certificate (client-NAME.pem from 'securechat gen-certs --client "
                       "NAME'); its name is your nickname on such servers")
-    mine.add_argument("--key", type=Path, metavar="KEY",
+    mine.add_argument("--key", type=options.path, metavar="KEY",
                       help="the private key of --cert (default: the .key file next to it, else --cert "
                       "itself)")
     p.add_argument("--plain", action="store_true",
                    help="connect WITHOUT encryption, to a server started with --plain")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
                    help="oldest TLS version accepted (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--timeout", type=options.duration(), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="time allowed to connect and complete the handshake (default: %(default)g)")
     return p
 
 
+PROG = "securechat connect"
+
+
 def _err(message: str) -> None:
-    print(f"securechat: {message}", file=sys.stderr, flush=True)
+    options.print_error(PROG, message)
 
 
 def _no_password() -> bytes:
@@ -700,6 +759,10 @@ def load_client_certificate(ctx: ssl.SSLContext, cert: Path, key: Path | None) -
         raise ChatError(f"{str(key)!r} is not a PEM private key: pass the client-NAME.key file that goes "
                         f"with {str(cert)!r} with --key") from None
     try:
+        certdir.check_key_and_dir(key)  # a key others can read (or swap) is not only yours
+    except certdir.UnsafePermissions as exc:
+        raise ChatError(str(exc)) from None
+    try:
         ctx.load_cert_chain(str(cert), str(key), password=_no_password)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
@@ -714,36 +777,43 @@ def load_client_certificate(ctx: ssl.SSLContext, cert: Path, key: Path | None) -
     return name
 
 
-def _first_contact(key: str, fingerprint: str, path: Path) -> None:
-    _err(f"first contact with {key}; remembering its certificate fingerprint {fingerprint}  "
-         f"(stored in {path})")
+def _first_contact(key: str, fingerprint: str, path: Path, kind: str) -> None:
+    _err(f"first contact with {key}; remembering the fingerprint of its {kind}, {fingerprint} (stored in "
+         f"{path}). Check that it is the one on the server's '{identity.line_for(kind)}' line: if not, "
+         "delete that line from the file and do not chat")
 
 
-def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext, Callable[[ssl.SSLSocket], None] | None]:
-    """The TLS context and post-handshake check the command line asks for; ChatError on any problem."""
-    verify: Callable[[ssl.SSLSocket], None] | None = None
+def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, identity.ServerTrust | None]:
+    """The TLS context, or the --pin/--tofu trust, the command line asks for; ChatError on any problem."""
     if not (args.pin or args.tofu or args.ca) and (joined := _joined_context(args)) is not None:
         return joined, None
     if args.pin or args.tofu:
-        # The fingerprint replaces the CA chain and the host name check: no CA file involved.
-        context = identity.pinned_context(tls_min=args.tls_min)
+        prepare = None
+        if args.cert is not None:
+            # Checked now for a clear error; loaded into the verifying context once the server passed.
+            args.cert_name = load_client_certificate(tls.client_context(tls_min=args.tls_min), args.cert, args.key)
+            cert, key = args.cert, args.key
+
+            def prepare(ctx: ssl.SSLContext) -> None:
+                load_client_certificate(ctx, cert, key)
+
         if args.pin:
-            verify = pin_verifier(args.pin)
-        else:
-            verify = tofu_verifier(args.host, args.port, on_first_contact=_first_contact)
-    else:
-        ca = args.ca or DEFAULT_CA
-        if not ca.is_file():
-            raise ChatError(f"CA file {str(ca)!r} not found: {_CA_HELP}; or recognise the server by its "
-                            "fingerprint with --pin FINGERPRINT (it prints it at start) or --tofu")
-        try:
-            context = tls.client_context(ca, tls_min=args.tls_min)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ChatError(f"cannot load the CA file {str(ca)!r} ({describe_error(exc)}): is it ca.pem? "
-                            f"{_CA_HELP}") from None
+            return None, identity.PinTrust(args.pin, tls_min=args.tls_min, prepare=prepare)
+        return None, identity.TofuTrust(args.host, args.port, on_first_contact=_first_contact,
+                                        tls_min=args.tls_min, prepare=prepare)
+    ca = args.ca or DEFAULT_CA
+    if not ca.is_file():
+        raise ChatError(f"CA file {str(ca)!r} not found: {_CA_HELP}; or recognise the server by its CA "
+                        "fingerprint with --pin FINGERPRINT (the server's '[SERVER] CA SHA-256 fingerprint' line) "
+                        "or --tofu")
+    try:
+        context = tls.client_context(ca, tls_min=args.tls_min)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ChatError(f"cannot load the CA file {str(ca)!r} ({describe_error(exc)}): is it ca.pem? "
+                        f"{_CA_HELP}") from None
     if args.cert is not None:
         args.cert_name = load_client_certificate(context, args.cert, args.key)
-    return context, verify
+    return context, None
 
 
 def _joined_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -777,19 +847,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--plain cannot be combined with --ca, --pin, --tofu or --cert: they need TLS")
     args.cert_name = None
     context: ssl.SSLContext | None = None
-    verify: Callable[[ssl.SSLSocket], None] | None = None
+    trust: identity.ServerTrust | None = None
     if args.plain:
         _err("WARNING: --plain: NO ENCRYPTION. Everything you type, and your nickname, can be read and "
              "altered "
              "by anyone on the network.")
     else:
         try:
-            context, verify = build_context(args)
+            context, trust = build_context(args)
         except ChatError as exc:
             _err(str(exc))
             return EXIT_FAILURE
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    frontend = _Interactive(args, context, verify) if interactive else _LineMode(args, context, verify)
+    if not interactive:  # a pipe or file that fails (> /dev/full, | head -1): say so once, keep chatting
+        options.guard_stdout(PROG)
+    frontend = _Interactive(args, context, trust) if interactive else _LineMode(args, context, trust)
     try:
         return frontend.run()
     except ChatError as exc:
@@ -807,10 +879,10 @@ class _Frontend:
     """What both front ends share: connecting, and choosing a nickname."""
 
     def __init__(self, args: argparse.Namespace, context: ssl.SSLContext | None,
-                 verify: Callable[[ssl.SSLSocket], None] | None = None) -> None:
+                 trust: identity.ServerTrust | None = None) -> None:
         self.args = args
         self.context = context
-        self.verify = verify
+        self.trust = trust
         self.client = ChatClient()
 
     @property
@@ -821,8 +893,9 @@ class _Frontend:
     def connect(self) -> None:
         args = self.args
         self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout,
-                            verify=self.verify)
-        self.client.wait_greeting(min(1.0, self.args.timeout) if self.context is None else self.args.timeout)
+                            trust=self.trust)
+        plain = self.context is None and self.trust is None
+        self.client.wait_greeting(min(1.0, self.args.timeout) if plain else self.args.timeout)
 
     def leave(self) -> int:
         """Say /quit, let the server answer, and report how it ended.
@@ -842,9 +915,9 @@ class _LineMode(_Frontend):
     """stdin is a pipe or a file: send each line, print each received line, leave at EOF."""
 
     def __init__(self, args: argparse.Namespace, context: ssl.SSLContext | None,
-                 verify: Callable[[ssl.SSLSocket], None] | None = None) -> None:
-        super().__init__(args, context, verify)
-        self.stdin: queue.Queue[str | None] = queue.Queue()
+                 trust: identity.ServerTrust | None = None) -> None:
+        super().__init__(args, context, trust)
+        self.stdin: queue.Queue[str | None] = queue.Queue(MAX_STDIN_LINES)
         self.out_lock = threading.Lock()
 
     def _read_stdin(self) -> None:
@@ -913,7 +986,7 @@ class _Interactive(_Frontend):
 
         print(f"Connecting to {self.args.host}:{self.args.port}...", flush=True)
         self.connect()
-        print(f"Connected ({'TLS' if self.context else 'NOT ENCRYPTED'}).", flush=True)
+        print(f"Connected ({'TLS' if self.client.tls else 'NOT ENCRYPTED'}).", flush=True)
         session: PromptSession[str] = PromptSession(history=InMemoryHistory())
         nick = self._choose_nick(session, self.wanted_nick)
         if nick is None:

@@ -197,6 +197,8 @@ def describe_error(exc: BaseException) -> str:
         return "connection broken"
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, socket.gaierror):  # its errno is an EAI_* code: os.strerror says "unknown error -2"
+        return f"no such host name or address ({exc.strerror or exc})"
     if isinstance(exc, OSError) and exc.errno is not None:
         return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__

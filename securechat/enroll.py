@@ -42,7 +42,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -56,7 +55,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from securechat import DEFAULT_PORT, certs, protocol, tls
+from securechat import DEFAULT_PORT, certs, options, protocol, tls
 from securechat.conn import describe_error
 from securechat.console import announce
 from securechat.invites import (
@@ -627,29 +626,32 @@ def renew(host: str, port: int, ctx: ssl.SSLContext, *, timeout: float = 10.0
 # -- command line ------------------------------------------------------------------------------
 
 
-def build_join_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="securechat join",
+PROG = "securechat join"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = options.Parser(
+        prog=PROG,
         description="Join a securechat server with the invite code its admin gave you ('securechat invite' "
         "on the server). Makes your key here (it never leaves this machine), fetches your certificate and "
         "the server's CA, and remembers them: afterwards 'securechat connect HOST' needs nothing else.")
-    p.add_argument("host", help="the server's address, as given with the code")
+    p.add_argument("host", type=options.host, help="the server's address, as given with the code")
     p.add_argument("code", help="the invite code, like 7-crayon-galaxy-lunar")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--port", type=options.port, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
+    p.add_argument("--timeout", type=options.duration(), default=10.0, metavar="SECONDS",
                    help="time allowed to connect (default: %(default)g)")
     return p
 
 
-def main_join(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``securechat join HOST CODE``: 0 once the profile is saved, 1 on any failure."""
     from securechat import profiles
 
-    args = build_join_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         where = profiles.prepare(args.host, args.port)
     except OSError as exc:
-        print(f"join: cannot write the profile in {profiles.servers_dir()}: {describe_error(exc)}", file=sys.stderr)
+        options.print_error(PROG, f"cannot write the profile in {profiles.servers_dir()}: {describe_error(exc)}")
         return 1
     try:
         enrolled = join(args.host, args.port, args.code, timeout=args.timeout)
@@ -657,16 +659,16 @@ def main_join(argv: Sequence[str] | None = None) -> int:
     except JoinError as exc:
         with contextlib.suppress(OSError):
             where.rmdir()  # only if empty: a profile from an earlier join stays
-        print(f"join: {exc}", file=sys.stderr)
+        options.print_error(PROG, str(exc))
         return 1
     except OSError as exc:
-        print(f"join: cannot save the profile: {describe_error(exc)}", file=sys.stderr)
+        options.print_error(PROG, f"cannot save the profile: {describe_error(exc)}")
         return 1
     port = "" if args.port == DEFAULT_PORT else f" --port {args.port}"
     who = f" as {enrolled.name}" if enrolled.name else " (you pick a nickname when you connect)"
     print(f"Joined {args.host}{who}. From now on: securechat connect {args.host}{port}")
     print(f"(server CA fingerprint {tls.fingerprint(enrolled.ca_pem.decode('ascii'))}; saved in {profile.dir})")
     if not enrolled.names_host(args.host):
-        print(f"join: note: the server's certificate does not name {args.host!r}, so 'connect' will refuse it: ask "
-              f"the server's admin to run 'securechat gen-certs --ip/--host {args.host}'", file=sys.stderr)
+        options.print_error(PROG, f"note: the server's certificate does not name {args.host!r}, so 'connect' will "
+                            f"refuse it: ask the server's admin to run 'securechat gen-certs --ip/--host {args.host}'")
     return 0

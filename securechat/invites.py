@@ -29,7 +29,6 @@ import os
 import re
 import secrets
 import sqlite3
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from securechat import DEFAULT_PORT
+from securechat import DEFAULT_PORT, options
 
 DB_NAME = "invites.db"
 
@@ -158,7 +157,7 @@ def parse_code(text: str) -> tuple[int, str]:
     return nameplate, format_code(nameplate, parts[1:])
 
 
-def _utc(ts: float) -> str:
+def utc(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
@@ -302,7 +301,7 @@ class Store:
             raise InviteError(f"this invite was cancelled after {MAX_WRONG_TRIES} wrong codes: ask for a "
                               "new one")
         if invite.expires <= self.clock():
-            raise InviteError(f"this invite expired at {_utc(invite.expires)}: ask for a new one")
+            raise InviteError(f"this invite expired at {utc(invite.expires)}: ask for a new one")
         return invite
 
     def lookup(self, nameplate: int) -> Invite:
@@ -413,8 +412,9 @@ class Store:
             db.execute("UPDATE issued SET last_seen = ? WHERE serial = ?", (self.clock(), serial_hex(serial)))
 
 
-# -- command line ------------------------------------------------------------------------------
+# -- command line: securechat invite ------------------------------------------------------------
 
+PROG = "securechat invite"
 DEFAULT_CERTS = Path("certs")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 60}
@@ -424,38 +424,29 @@ def parse_duration(text: str) -> float:
     """``90s``, ``15m``, ``2h``, ``1d`` (a bare number is minutes) -> seconds, within the bounds."""
     match = _DURATION.fullmatch(text.strip().lower())
     if not match:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 15m, 2h, 1d)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (examples: 90s, 15m, 2h, 1d)")
     seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if not 0 < seconds <= MAX_EXPIRES:
         raise argparse.ArgumentTypeError(f"an invite lives more than 0 and at most {MAX_EXPIRES / 86400:g} days")
     return seconds
 
 
-def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be {low} to {high}")
-        return value
-
-    return convert
+parse_duration.__name__ = "duration"  # a validating type, for argparse's messages and the option walk
 
 
 def _name_arg(text: str) -> str:
-    from securechat import protocol
-    from securechat.certs import validate_client_name
+    from securechat.certs import validate_client_name  # the nickname rules, reserved names included
 
     try:
-        name = validate_client_name(text)
+        return validate_client_name(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    why = protocol.nick_error(name)  # the certificate's name is the nickname: it must be one the server takes
-    if why:
-        raise argparse.ArgumentTypeError(f"{name!r} cannot be a nickname: {why}")
-    return name
+
+
+def _cancel_arg(text: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,24}", text):  # a nameplate number, or a name
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither an invite number nor a name")
 
 
 def _human(seconds: float) -> str:
@@ -479,9 +470,15 @@ def _join_host(certs_dir: Path) -> str:
     return (addrs or names or ["<this machine's IP>"])[0]
 
 
-def build_invite_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="securechat invite",
+def certs_dir_option(p: argparse.ArgumentParser) -> None:
+    """``--certs DIR``, shared by invite, revoke and certs."""
+    p.add_argument("--certs", type=options.path, default=DEFAULT_CERTS, metavar="DIR",
+                   help="the server's certificate directory, with the CA (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = options.Parser(
+        prog=PROG,
         description="Make a one-time code that lets someone join this server from their own machine: "
         "'securechat join HOST CODE' there fetches the CA certificate and, for a named invite, a client "
         "certificate whose key never leaves that machine. Works while the server runs.",
@@ -491,24 +488,26 @@ def build_invite_parser() -> argparse.ArgumentParser:
                    help="the person's name: their certificate's name and their nickname (mutual TLS)")
     p.add_argument("--expires", type=parse_duration, default=DEFAULT_EXPIRES, metavar="TIME",
                    help="how long the code works: 90s, 15m, 2h, 1d (default: 15m)")
-    p.add_argument("--uses", type=_bounded_int(1, MAX_USES, "--uses"), default=1, metavar="N",
+    p.add_argument("--uses", type=options.count(1, MAX_USES), default=1, metavar="N",
                    help="how many people or machines may join with it (default: 1)")
-    p.add_argument("--cert-days", type=_bounded_int(1, MAX_CERT_DAYS, "--cert-days"), default=DEFAULT_CERT_DAYS,
+    p.add_argument("--cert-days", type=options.count(1, MAX_CERT_DAYS), default=DEFAULT_CERT_DAYS,
                    metavar="N", help="client certificate lifetime in days; clients renew their own "
                    "(default: %(default)s)")
-    p.add_argument("--host", help="the address joiners type (default: one from the server certificate)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the server's port (default: %(default)s)")
-    p.add_argument("--certs", type=Path, default=DEFAULT_CERTS, metavar="DIR",
-                   help="the server's certificate directory, with the CA (default: %(default)s)")
+    p.add_argument("--host", type=options.host,
+                   help="the address joiners type (default: one from the server certificate)")
+    p.add_argument("--port", type=options.port, default=DEFAULT_PORT,
+                   help="the server's port (default: %(default)s)")
+    certs_dir_option(p)
     action = p.add_mutually_exclusive_group()
     action.add_argument("--list", action="store_true", help="list the invites still usable")
-    action.add_argument("--cancel", metavar="NUMBER|NAME", help="cancel an invite by its number or name")
+    action.add_argument("--cancel", type=_cancel_arg, metavar="NUMBER|NAME",
+                        help="cancel an invite by its number or name")
     return p
 
 
-def main_invite(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``securechat invite``: 0, 1 on failure, 2 on a usage error."""
-    parser = build_invite_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if (args.list or args.cancel) and args.name:
         parser.error("NAME cannot be combined with --list or --cancel")
@@ -519,19 +518,18 @@ def main_invite(argv: Sequence[str] | None = None) -> int:
         if args.cancel:
             cancelled = store.cancel(args.cancel)
             if not cancelled:
-                print(f"invite: no usable invite {args.cancel!r} (securechat invite --list shows them)",
-                      file=sys.stderr)
+                options.print_error(PROG, f"no usable invite {args.cancel!r} (securechat invite --list shows them)")
                 return 1
             for inv in cancelled:
                 print(f"Cancelled invite {inv.nameplate}{f' for {inv.name}' if inv.name else ''}.")
             return 0
         if not (args.certs / "ca.key").is_file():
-            print(f"invite: no CA in {args.certs} (ca.key): run this where the server's certs/ folder is, or "
-                  "pass --certs DIR", file=sys.stderr)
+            options.print_error(PROG, f"no CA in {args.certs} (ca.key): run this where the server's certs/ folder "
+                                "is, or pass --certs DIR")
             return 1
         invite = store.create(args.name, expires_in=args.expires, uses=args.uses, cert_days=args.cert_days)
     except StoreError as exc:
-        print(f"invite: {exc}", file=sys.stderr)
+        options.print_error(PROG, str(exc))
         return 1
     host = args.host or _join_host(args.certs)
     port = "" if args.port == DEFAULT_PORT else f" --port {args.port}"
@@ -550,67 +548,5 @@ def _list_invites(store: Store) -> int:
     print(f"{'number':>6}  {'name':<24}  {'uses left':>9}  {'wrong tries':>11}  expires")
     for inv in invites:
         print(f"{inv.nameplate:>6}  {inv.name or '(guest)':<24}  {inv.uses_left:>9}  "
-              f"{inv.tries:>8}/{MAX_WRONG_TRIES}  {_utc(inv.expires)}")
+              f"{inv.tries:>8}/{MAX_WRONG_TRIES}  {utc(inv.expires)}")
     return 0
-
-
-def build_revoke_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="securechat revoke",
-        description="Revoke a client certificate: the server refuses it from now on (even after a restart), "
-        "ends its live session within 2 seconds, and it cannot be renewed.")
-    p.add_argument("which", metavar="NAME|SERIAL", help="a name (every certificate with it) or a serial "
-                   "('securechat certs' lists them)")
-    p.add_argument("--certs", type=Path, default=DEFAULT_CERTS, metavar="DIR",
-                   help="the server's certificate directory, with the CA (default: %(default)s)")
-    return p
-
-
-def main_revoke(argv: Sequence[str] | None = None) -> int:
-    """``securechat revoke NAME|SERIAL``: 0, or 1 when nothing matched."""
-    args = build_revoke_parser().parse_args(argv)
-    extra: list[x509.Certificate] = []
-    minted = args.certs / f"client-{args.which}.pem"  # a gen-certs --client certificate, not in the registry
-    if re.fullmatch(r"[A-Za-z0-9_-]{1,24}", args.which) and minted.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            extra.append(x509.load_pem_x509_certificate(minted.read_bytes()))
-    try:
-        revoked = Store(args.certs).revoke(args.which, extra=extra)
-    except StoreError as exc:
-        print(f"revoke: {exc}", file=sys.stderr)
-        return 1
-    if not revoked:
-        print(f"revoke: no unrevoked certificate named or numbered {args.which!r} ('securechat certs' lists "
-              "them)", file=sys.stderr)
-        return 1
-    for cert in revoked:
-        print(f"Revoked {cert.name} (serial {cert.serial}). A running server ends the session within 2 s.")
-    return 0
-
-
-def build_certs_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="securechat certs",
-                                description="List the client certificates the CA issued through invites.")
-    p.add_argument("--certs", type=Path, default=DEFAULT_CERTS, metavar="DIR",
-                   help="the server's certificate directory, with the CA (default: %(default)s)")
-    return p
-
-
-def main_certs(argv: Sequence[str] | None = None) -> int:
-    """``securechat certs``: name, serial, expiry, revoked, last seen."""
-    args = build_certs_parser().parse_args(argv)
-    try:
-        issued = Store(args.certs).certificates()
-    except StoreError as exc:
-        print(f"certs: {exc}", file=sys.stderr)
-        return 1
-    if not issued:
-        print("No client certificates issued yet (securechat invite NAME makes one possible).")
-        return 0
-    print(f"{'name':<24}  {'serial':<40}  {'expires':<20}  {'revoked':<20}  last seen")
-    for cert in issued:
-        print(f"{cert.name:<24}  {cert.serial:<40}  {_utc(cert.not_after):<20}  "
-              f"{_utc(cert.revoked) if cert.revoked else 'no':<20}  "
-              f"{_utc(cert.last_seen) if cert.last_seen else 'never'}")
-    return 0
-

@@ -24,8 +24,12 @@ because everything a client says is relayed behind its ``[nick]``.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
+import string
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 ENCODING = "utf-8"
@@ -50,12 +54,13 @@ RESERVED_NICKS = frozenset(
     }
 )  # fmt: skip
 
-# Characters that look alike in common terminal fonts are folded before comparing nicks, so
-# "AIice" (capital i) cannot pose as "Alice". Case folding already joins I and i, and a capital I
-# looks like l, so i, l and 1 all fold to one letter, and 0 to o (Unicode TR39's ASCII
-# confusables, made transitive). Two nicks differing only there cannot both be online.
-_LOOKALIKE = str.maketrans({"i": "l", "1": "l", "0": "o"})
-
+# Look-alike nicknames are folded with Unicode TR39's confusables data (confusables.txt, as shipped
+# by the confusable-homoglyphs package): two nicks are the same person when they look the same.
+# TR39's own rows give I~l~1, 0~O and m~rn; it has no row for two other ASCII digraphs that read as
+# one letter in terminal fonts, so these are added to it (the same ones disarm's "contractions"
+# name). Collisions only matter while both nicks are online.
+_DIGRAPH_LOOKALIKES = {"w": "vv", "d": "cl"}
+_NICK_CHARS = string.ascii_letters + string.digits + "_-"
 
 class ProtocolError(Exception):
     """The peer broke the protocol badly enough to be disconnected."""
@@ -91,7 +96,10 @@ class LineBuffer:
             data = self._partial + data
         lines = data.split(b"\n")
         self._partial = lines.pop()
-        if len(self._partial) > self.max_line:
+        # A line of exactly max_line bytes may be waiting for the "\n" of its "\r\n" (they can
+        # arrive in different TLS records): the "\r" is a terminator, not part of the line.
+        if len(self._partial) > self.max_line and not (
+                len(self._partial) == self.max_line + 1 and self._partial.endswith(b"\r")):
             raise LineTooLong(f"line longer than {self.max_line} bytes")
         for i, line in enumerate(lines):
             if line.endswith(b"\r"):
@@ -128,34 +136,162 @@ _ESCAPE_SEQUENCE = re.compile(
 # other than the one it was sent in ("Trojan Source", CVE-2021-42574).
 BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 
-_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029" + BIDI_CONTROLS + "]")
+# Characters str.isprintable() lets through that draw nothing: the combining grapheme joiner,
+# Hangul fillers, Khmer inherent vowels, Mongolian free variation selectors, the braille blank, and
+# the variation selectors (VS1-256: a run of them can carry a whole hidden message, "emoji
+# smuggling"). Everything in category Cf (zero-width space/joiner, word joiner, BOM, soft hyphen,
+# tag characters, bidi controls...) is invisible too and is removed by category.
+_PRINTABLE_INVISIBLES = ("\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u2800\u3164\uffa0"
+                         "\ufe00-\ufe0f\U000e0100-\U000e01ef")
+_PRINTABLE_INVISIBLE = re.compile(f"[{_PRINTABLE_INVISIBLES}]")
+_ASCII_CONTROLS = re.compile("[\x00-\x1f\x7f]")
+_ZWJ = "\u200d"
+_EMOJI_STYLE = "\ufe0e\ufe0f"  # VS15 (text style) and VS16 (emoji style) after a visible character
+_PICTOGRAPHIC = ("So", "Sk")  # emoji and their skin-tone modifiers
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _visible_only(text: str) -> str:
+    """Drop controls, format characters and other invisibles, keeping emoji sequences intact.
+
+    A zero-width joiner survives only between two pictographs (the family and profession emoji
+    👩‍💻 are built that way; between letters it hides text), and one VS15/VS16 only right after a
+    visible character. Tag characters always go, so the subdivision flags (🏴 + tags) show as a
+    plain black flag: the same characters spell hidden ASCII text ("ASCII smuggling").
+    """
+    out: list[str] = []
+    last = len(text) - 1
+    for i, ch in enumerate(text):
+        if ch == _ZWJ:
+            base = out[-2] if len(out) > 1 and out[-1] in _EMOJI_STYLE else (out[-1] if out else "")
+            after = text[i + 1] if i < last else ""
+            if (base and unicodedata.category(base) in _PICTOGRAPHIC and after
+                    and unicodedata.category(after) == "So" and not _PRINTABLE_INVISIBLE.match(after)):
+                out.append(ch)
+        elif ch in _EMOJI_STYLE:
+            if out and out[-1] not in _EMOJI_STYLE and out[-1] != _ZWJ:
+                out.append(ch)
+        elif unicodedata.category(ch) not in _DROPPED_CATEGORIES and not _PRINTABLE_INVISIBLE.match(ch):
+            out.append(ch)
+    if out and out[-1] == _ZWJ:  # a joiner whose next pictograph was itself dropped
+        out.pop()
+    return "".join(out)
 
 
 def sanitize(text: str) -> str:
-    """Neutralise untrusted text so it cannot drive another user's terminal.
+    """Neutralise untrusted text so it cannot drive another user's terminal or hide text in it.
 
     Removes ANSI/VT escape sequences whole (so ``ESC [2J`` leaves nothing behind), every
-    remaining C0/C1 control character, line/paragraph separators and Unicode bidi controls. A tab
+    remaining control character (C0, C1), line/paragraph separators, every format character
+    (Unicode category Cf: bidi controls, zero-width space and joiner, word joiner, BOM, tags...)
+    and the other invisibles (:data:`_PRINTABLE_INVISIBLES`), keeping emoji sequences whole. A tab
     becomes a space. Everything else, emoji and accents included, is kept.
     """
-    if text.isprintable():  # fast path: no Cc, Cf, Zl, Zp, ... at all
+    # Fast path, the common case: isprintable() is False for any Cc, Cf, Zl, Zp...; ASCII has no
+    # other invisible.
+    if text.isprintable() and (text.isascii() or not _PRINTABLE_INVISIBLE.search(text)):
         return text
-    text = text.replace("\t", " ")
-    text = _ESCAPE_SEQUENCE.sub("", text)
-    return _UNSAFE_CHARS.sub("", text)
+    text = _ESCAPE_SEQUENCE.sub("", text.replace("\t", " "))
+    if text.isascii():  # only C0 controls and DEL can be left: no emoji sequence to keep whole
+        return _ASCII_CONTROLS.sub("", text)
+    return _visible_only(text)
 
 
 def is_safe(text: str) -> bool:
     """True when ``text`` holds nothing :func:`sanitize` would remove."""
-    return _UNSAFE_CHARS.search(text) is None
+    return sanitize(text) == text
+
+
+def _confusable_pairs() -> Iterator[tuple[str, str]]:
+    """(character, look-alike) pairs of TR39's confusables.txt, from the confusable-homoglyphs data.
+
+    The package stores each row both ways (source -> prototype and back); the direction does not
+    matter here, only which characters end up in one class.
+    """
+    from importlib.resources import files
+
+    data = json.loads(files("confusable_homoglyphs").joinpath("confusables.json").read_text("utf-8"))
+    for char, alikes in data.items():
+        for alike in alikes:
+            # Right-to-left characters come wrapped in LRM marks in the package's data.
+            yield char.strip("\u200e\u200f"), alike["c"].strip("\u200e\u200f")
+
+
+@functools.cache
+def _fold_table() -> dict[int, str]:
+    """Character -> the string standing for its look-alike class (a ``str.translate`` table).
+
+    Classes are the connected components of TR39's confusable rows, joined with each ASCII
+    letter's other case (so capital I, which looks like l, also takes small i along) and the
+    digraph rows above. A class holding a sequence (m ~ rn) is written as that sequence, so
+    typing the sequence and typing the letter fold alike. Built once, on first use (~0.1 s).
+    """
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    for a, b in _confusable_pairs():
+        if a and b:
+            union(a, b)
+    for ch in string.ascii_uppercase:
+        union(ch, ch.lower())
+    for letter, digraph in _DIGRAPH_LOOKALIKES.items():
+        union(letter, digraph)
+    classes: dict[str, list[str]] = {}
+    for member in list(parent):
+        classes.setdefault(find(member), []).append(member)
+    table: dict[int, str] = {}
+    for members in classes.values():
+        sequences = sorted(m for m in members if len(m) > 1)
+        # Prefer a plain ASCII lower-case letter as the name of a class: keys stay readable.
+        name = sequences[0] if sequences else min(members, key=lambda m: (not (m.isascii() and m.islower()), m))
+        for m in members:
+            if len(m) == 1:
+                table[ord(m)] = name
+    for _ in range(4):  # a class named by a sequence: fold the sequence's own letters too
+        changed = False
+        for code, name in table.items():
+            if len(name) > 1:
+                folded = name.translate(table)
+                if folded != name and len(folded) < 64:
+                    table[code], changed = folded, True
+        if not changed:
+            break
+    return table
+
+
+@functools.cache
+def _ascii_fold_table() -> dict[int, str]:
+    """The part of :func:`_fold_table` for the characters a nickname may hold: the fast path."""
+    table = _fold_table()
+    return {ord(ch): table.get(ord(ch), ch.lower()) for ch in _NICK_CHARS}
 
 
 def nick_key(nick: str) -> str:
-    """The form in which two nicks are compared: case and look-alike characters folded."""
-    return unicodedata.normalize("NFKC", nick).casefold().translate(_LOOKALIKE)
+    """The form in which two nicks are compared: case and look-alikes folded (TR39 skeleton classes).
+
+    ``AIice``, ``alice`` and ``ALICE``, ``rn``/``m``, ``vv``/``w``, ``cl``/``d``, ``b0b``/``bob``
+    share a key. Runs on every join, rename and /msg lookup, so a nickname (ASCII) takes one
+    ``str.translate`` through a 64-entry table built once.
+    """
+    if nick.isascii():
+        return nick.translate(_ascii_fold_table())
+    return unicodedata.normalize("NFKC", nick).casefold().translate(_fold_table())
 
 
-_RESERVED_KEYS = frozenset(nick_key(n) for n in RESERVED_NICKS)
+@functools.cache
+def _reserved_keys() -> frozenset[str]:
+    return frozenset(nick_key(n) for n in RESERVED_NICKS)
 
 
 def nick_error(nick: str) -> str | None:
@@ -169,7 +305,7 @@ def nick_error(nick: str) -> str | None:
         return f"a nickname has at most {MAX_NICK_CHARS} characters"
     if not NICK_RE.match(nick):
         return "a nickname uses only letters A-Z, digits, '_' and '-'"
-    if nick_key(nick) in _RESERVED_KEYS:
+    if nick_key(nick) in _reserved_keys():
         return f"{nick!r} is reserved"
     return None
 
@@ -182,6 +318,9 @@ class Command:
     arg: str
 
 
+_COMMAND_RE = re.compile(r"/(\S*)\s*(.*)\Z", re.DOTALL)
+
+
 def parse(line: str) -> Command | str:
     """Turn a decoded, sanitised line into a :class:`Command` or the chat text to relay.
 
@@ -190,8 +329,10 @@ def parse(line: str) -> Command | str:
     if line.startswith("/"):
         if line.startswith("//"):
             return line[1:]
-        name, _, arg = line[1:].partition(" ")
-        return Command(name.lower(), arg.strip())
+        # Any whitespace ends the command name ("/who\t", "/msg\tbob hi"); tabs in the argument
+        # are spaces, as in relayed text.
+        name, arg = _COMMAND_RE.match(line).groups()  # type: ignore[union-attr]
+        return Command(name.lower(), arg.replace("\t", " ").strip())
     if line.strip().lower() == "exit":
         return Command("quit", "")
     return line

@@ -31,7 +31,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from securechat import certs, tls
+from securechat import certdir, certs, tls
 
 log = logging.getLogger("securechat.renewal")
 
@@ -210,7 +210,9 @@ class CertRenewer:
 
     def _reload(self, not_after: dt.datetime, outcome: Outcome, why: str) -> Outcome:
         try:
-            context = self.build_context()
+            # Shared lock: never the key of one gen-certs/renewal run with the certificate of another.
+            with certdir.locked(self.cert.parent, shared=True):
+                context = self.build_context()
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("cannot load the server certificate %s (%s): %s; still serving the old one",
                       self.cert, why, exc)

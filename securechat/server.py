@@ -29,10 +29,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, cast
 
-from securechat import DEFAULT_HOST, DEFAULT_PORT, console, protocol, tls
+from securechat import DEFAULT_HOST, DEFAULT_PORT, console, options, protocol, tls
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.console import announce
 from securechat.handshake import Handshaker
@@ -886,43 +886,25 @@ DEFAULT_CERT = DEFAULT_CERT_DIR / "server.pem"
 DEFAULT_KEY = DEFAULT_CERT_DIR / "server.key"
 
 
-# Local argparse types until the shared ones (securechat/options.py) land on main.
-def _positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    """An argparse type: a whole number of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return value
+PROG = "securechat serve"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="securechat serve",
+    p = options.Parser(
+        prog=PROG,
         description="Run the securechat server. TLS by default: with the default paths and no certificate yet, "
         "a local CA and a server certificate are minted into certs/ first.",
     )
-    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s, every interface)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
-    p.add_argument("--cert", type=Path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
-    p.add_argument("--key", type=Path, help=f"server private key, PEM (default: {DEFAULT_KEY})")
+    p.add_argument("--host", type=options.host, default=DEFAULT_HOST,
+                   help="address to listen on (default: %(default)s, every interface)")
+    p.add_argument("--port", type=options.listen_port, default=DEFAULT_PORT,
+                   help="TCP port, 0 for any free one (default: %(default)s)")
+    p.add_argument("--cert", type=options.path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
+    p.add_argument("--key", type=options.path, help=f"server private key, PEM (default: {DEFAULT_KEY})")
     p.add_argument("--require-client-cert", action="store_true",
                    help="mutual TLS: only clients with a certificate signed by --ca may join, and each one's "
                    "nickname is its certificate's name (mint them with 'securechat gen-certs --client NAME')")
-    p.add_argument("--ca", type=Path,
+    p.add_argument("--ca", type=options.path,
                    help=f"CA that signs client certificates (default: {DEFAULT_CERT_DIR / 'ca.pem'})")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
                    help="oldest TLS version accepted (default: %(default)s; 1.2 for old clients)")
@@ -931,52 +913,105 @@ def build_parser() -> argparse.ArgumentParser:
                    "of expiry if ca.key is beside it); expiry warnings stay")
     p.add_argument("--plain", action="store_true",
                    help="serve WITHOUT encryption: everything is readable by anyone on the network")
-    p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
+    p.add_argument("--max-clients", type=options.count(1), default=DEFAULT_MAX_CLIENTS, metavar="N",
                    help="most chatters at once, counting only those whose nickname was accepted "
                    "(default: %(default)s)")
-    p.add_argument("--max-per-ip", type=int, default=0, metavar="N",
+    p.add_argument("--max-per-ip", type=options.count(0, zero="for no limit"), default=0, metavar="N",
                    help="most chatters from one address, 0 for no limit (default: %(default)s; a LAN often "
                    "shares one address behind NAT)")
-    p.add_argument("--max-pending", type=_positive_int, default=MAX_PENDING, metavar="N",
+    p.add_argument("--max-pending", type=options.count(1), default=MAX_PENDING, metavar="N",
                    help="most connections still logging in (TLS handshake, nickname) at once; when full, the "
                    "oldest from the busiest address is closed to make room (default: %(default)s)")
-    p.add_argument("--max-pending-per-ip", type=_count, default=MAX_PENDING_PER_ADDRESS, metavar="N",
+    p.add_argument("--max-pending-per-ip", type=options.count(0, zero="for no limit"),
+                   default=MAX_PENDING_PER_ADDRESS, metavar="N",
                    help="most connections still logging in from one address, 0 for no limit; beyond it, that "
                    "address's oldest is closed (default: %(default)s)")
-    p.add_argument("--login-timeout", type=float, default=LOGIN_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--login-timeout", type=options.duration(), default=LOGIN_TIMEOUT, metavar="SECONDS",
                    help="time from connecting to choosing a nickname (default: %(default)g)")
-    p.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--handshake-timeout", type=options.duration(), default=HANDSHAKE_TIMEOUT, metavar="SECONDS",
                    help="time allowed for the TLS handshake (default: %(default)g)")
-    p.add_argument("--flood-rate", type=float, default=FLOOD_RATE, metavar="LINES",
+    p.add_argument("--flood-rate", type=options.rate(), default=FLOOD_RATE, metavar="LINES",
                    help="lines a second each client may send on average, 0 for no limit (default: %(default)g)")
-    p.add_argument("--flood-burst", type=float, default=FLOOD_BURST, metavar="LINES",
+    p.add_argument("--flood-burst", type=options.rate(zero="the same as 1"), default=FLOOD_BURST, metavar="LINES",
                    help="lines a client may send at once before the rate applies (default: %(default)g)")
-    p.add_argument("--announce-limit", type=int, default=ANNOUNCE_LIMIT, metavar="N",
+    p.add_argument("--announce-limit", type=options.count(0, zero="for always"), default=ANNOUNCE_LIMIT, metavar="N",
                    help="announce joins and leaves while at most N people are online, 0 for always "
                    "(default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
     return p
 
 
-def _load_context(args: argparse.Namespace) -> ssl.SSLContext:
-    """The server's TLS context, minting certificates first when the defaults don't exist yet."""
-    cert = args.cert or DEFAULT_CERT
-    key = args.key or DEFAULT_KEY
-    if args.cert is None and args.key is None and not DEFAULT_CERT.exists():
-        from securechat import certs
+class StartError(Exception):
+    """Why ``serve`` cannot start, in one line (printed after ``securechat serve: ``)."""
 
-        print(f"[SERVER] No certificate in {DEFAULT_CERT_DIR}/ yet: minting a local CA and a server certificate",
-              flush=True)
-        result = certs.mint(DEFAULT_CERT_DIR)
-        print(f"[SERVER] Wrote {', '.join(str(p) for p in result.written)}", flush=True)
-        print(f"[SERVER] Copy {DEFAULT_CERT_DIR / 'ca.pem'} to each client machine and connect with "
-              f"--ca ca.pem", flush=True)
+
+def _load_context(args: argparse.Namespace) -> ssl.SSLContext:
+    """The server's TLS context, minting certificates first when the defaults don't exist yet.
+
+    Raises StartError with one line for everything an operator can get wrong on disk.
+    """
+    from securechat import certdir, certs
+
+    cert = Path(args.cert or DEFAULT_CERT)
+    key = Path(args.key or DEFAULT_KEY)
+    if args.cert is None and args.key is None:
+        _first_run(certs)
     for label, path in (("certificate", cert), ("key", key)):
-        if not Path(path).exists():
-            raise SystemExit(f"serve: {label} file not found: {path} "
-                             f"(run 'securechat gen-certs' or pass --cert/--key)")
-    _enable_invites(args)
-    return _context_factory(args)()
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "not found"
+            raise StartError(f"{label} file {what}: {path} (run 'securechat gen-certs' or pass --cert/--key)")
+    try:
+        certdir.check_key_and_dir(key)
+        if not args.no_renew and (cert.parent / certs.CA_KEY).exists():
+            certdir.check_key(cert.parent / certs.CA_KEY)  # renewal will use it
+        # Shared lock: a gen-certs or a renewal running now cannot hand us one run's key with another's
+        # certificate.
+        with certdir.locked(cert.parent, shared=True):
+            _enable_invites(args)
+            return _context_factory(args)()
+    except certdir.UnsafePermissions as exc:
+        raise StartError(str(exc)) from None
+    except ssl.SSLError as exc:
+        why = ("the key does not belong to the certificate" if exc.reason == "KEY_VALUES_MISMATCH" else
+               f"they are not a PEM certificate chain and its private key (OpenSSL: {exc.reason or exc})")
+        raise StartError(f"cannot load the certificate {cert} with key {key}: {why}") from None
+    except (OSError, ValueError) as exc:
+        raise StartError(f"cannot load the certificate {cert} with key {key}: {describe_error(exc)}") from None
+
+
+def _first_run(certs: ModuleType) -> None:
+    """Mint into certs/ unless a server certificate is there (under the directory's lock)."""
+    directory = DEFAULT_CERT_DIR
+    if directory.exists() and not directory.is_dir():
+        raise StartError(f"{directory} is a file, not a directory of certificates: move it away, or pass "
+                         "--cert/--key")
+    if DEFAULT_CERT.exists():
+        return
+
+    def refuse_partial_set(directory: Path) -> None:  # runs under the lock: no other minter is half-way
+        present = [name for name in (certs.CA_CERT, certs.CA_KEY, DEFAULT_KEY.name) if (directory / name).exists()]
+        if present == [certs.CA_CERT]:
+            raise StartError(f"{directory}/ holds {certs.CA_CERT} but no {certs.CA_KEY} and no "
+                             f"{DEFAULT_CERT.name}: that is a client's copy of the CA. Run the server where the CA "
+                             f"was minted, copy {DEFAULT_CERT.name} and {DEFAULT_KEY.name} here, or pass --cert/--key")
+        if present and present != [certs.CA_CERT, certs.CA_KEY]:  # a CA alone is fine: the certificate is issued
+            raise StartError(f"{directory}/ holds an incomplete set ({', '.join(present)}; no "
+                             f"{DEFAULT_CERT.name}): restore the missing files, pass --cert/--key, or start over "
+                             "with 'securechat gen-certs --force' (clients must then get the new ca.pem)")
+
+    try:
+        result = certs.mint_if_missing(directory, refuse_partial_set)
+    except certs.CertError as exc:
+        raise StartError(f"cannot mint a certificate in {directory}/: {exc}") from None
+    except OSError as exc:
+        raise StartError(f"cannot write {exc.filename or directory}: {describe_error(exc)}") from None
+    if result is None:  # another process minted it first
+        return
+    print(f"[SERVER] No certificate in {directory}/ yet: minting a local CA and a server certificate",
+          flush=True)
+    print(f"[SERVER] Wrote {', '.join(str(p) for p in result.written)}", flush=True)
+    print(f"[SERVER] Copy {directory / 'ca.pem'} to each client machine and connect with "
+          f"--ca ca.pem", flush=True)
 
 
 def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
@@ -986,8 +1021,8 @@ def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
     client_ca = None
     if args.require_client_cert:
         client_ca = args.ca or DEFAULT_CERT_DIR / "ca.pem"
-        if not Path(client_ca).exists():
-            raise SystemExit(f"serve: CA file not found: {client_ca} (pass --ca, the CA that signed the client "
+        if not Path(client_ca).is_file():
+            raise StartError(f"CA file not found: {client_ca} (pass --ca, the CA that signed the client "
                              "certificates)")
     authority = getattr(args, "authority", None)
     if authority is not None:  # invites: ALPN for enrollment, optional client certificates from our CA
@@ -999,7 +1034,7 @@ def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
 
 
 def _enable_invites(args: argparse.Namespace) -> None:
-    """Take invites when the local CA is beside the certificate (minting it first if need be)."""
+    """Take invites when the local CA (ca.pem and ca.key) is beside the server certificate."""
     from securechat.enroll import Authority
 
     where = Authority.beside(args.cert or DEFAULT_CERT)
@@ -1013,6 +1048,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plain and args.require_client_cert:
         parser.error("--require-client-cert needs TLS; it cannot be combined with --plain")
+    # The console is for the operator; the chat must not die with it (> /dev/full, | head -1).
+    options.guard_stdout(PROG)
     listener = console.nonblocking_logging(logging.INFO if args.verbose else logging.WARNING,
                                            "%(asctime)s %(levelname)s %(name)s: %(message)s")
     console.stdout.start()  # now, so the process's thread count is steady from the first client on
@@ -1059,11 +1096,8 @@ def _serve(args: argparse.Namespace) -> int:
             context = None
         else:
             context = _load_context(args)
-    except SystemExit as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        print(f"serve: cannot load the certificate: {describe_error(exc)}", file=sys.stderr)
+    except StartError as exc:
+        options.print_error(PROG, str(exc))
         return 1
     server = ChatServer(args.host, args.port, context, max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
@@ -1074,18 +1108,20 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         server.bind()
     except OSError as exc:
-        print(f"serve: cannot listen on {args.host}:{args.port}: {describe_error(exc)}", file=sys.stderr)
+        options.print_error(PROG, f"cannot listen on {args.host}:{args.port}: {describe_error(exc)}")
         return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop_from_signal()
 
-    # Both signals only wake the accept loop; the shutdown then runs in the main thread, so a
+    # These signals only wake the accept loop; the shutdown then runs in the main thread, so a
     # second Ctrl-C cannot interrupt it half-way with a traceback. The kernel may deliver a signal
     # to any thread, and Python runs handlers only in the main one: the wakeup pipe makes sure
-    # the main thread's poll() returns.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # the main thread's poll() returns. SIGHUP (the terminal closed, the ssh session dropped)
+    # would otherwise kill the server without a word to anyone: it is a shutdown like SIGTERM.
+    for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, on_signal)
     signal_r, signal_w = os.pipe()
     os.set_blocking(signal_r, False)
     os.set_blocking(signal_w, False)
@@ -1110,9 +1146,11 @@ def _serve(args: argparse.Namespace) -> int:
               "anyone on the network.", flush=True)
     else:
         prints = tls.file_fingerprints(args.cert or DEFAULT_CERT)
-        print(f"[SERVER] TLS certificate SHA-256 fingerprint: {prints[0]}", flush=True)
-        if len(prints) > 1:  # the chain's CA: what --tofu remembers, and a --pin that survives renewal
-            print(f"[SERVER] CA SHA-256 fingerprint: {prints[-1]}", flush=True)
+        # Which is which: the CA's is what --tofu remembers, and the --pin that survives renewal.
+        print(f"[SERVER] Server certificate SHA-256 fingerprint{'' if len(prints) > 1 else ' (for --pin)'}: "
+              f"{prints[0]}", flush=True)
+        if len(prints) > 1:
+            print(f"[SERVER] CA SHA-256 fingerprint (for --pin): {prints[-1]}", flush=True)
     host, port = server.address
     print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
     if args.authority is not None:

@@ -2,8 +2,8 @@
 
 Both ends are ours, so the default is TLS 1.3 only (Mozilla's "modern" profile); ``tls_min="1.2"``
 opens the door to older clients with Mozilla's "intermediate" cipher list (AEAD only, no CBC).
-Certificate and hostname verification are always on for clients; the only way to relax them is to
-pin a fingerprint instead (see :func:`client_context`'s ``pin`` parameter in the identity work).
+Certificate and hostname verification are always on for clients: ``--pin`` and ``--tofu`` only choose
+which certificate a normal verifying context trusts (see :mod:`securechat.identity`).
 """
 
 from __future__ import annotations
@@ -231,6 +231,41 @@ def client_context(
     if certfile is not None:
         ctx.load_cert_chain(str(certfile), str(keyfile) if keyfile is not None else None)
     return ctx
+
+
+UNPARSEABLE = "it cannot be parsed"
+
+
+def server_leaf_problem(der: bytes) -> str | None:
+    """What makes a certificate that OpenSSL verified unfit to be a server's, or None.
+
+    OpenSSL checks the chain, validity, host name and, when the extension is there, the purpose; it
+    accepts a leaf that is itself a CA, or one without extendedKeyUsage. A server certificate here
+    is what ``gen-certs`` mints: not a CA, and explicitly for serverAuth. Applied after every
+    verified handshake (``--ca``, ``--pin``, ``--tofu`` alike), so all modes accept the same servers.
+    """
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        is_ca = constraints.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    except Exception:  # ValueError, InvalidVersion, ...: what OpenSSL took, cryptography could not
+        return UNPARSEABLE
+    if is_ca:
+        return "it is a CA certificate, not a server certificate"
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return "it does not say it is for TLS servers (no extendedKeyUsage serverAuth)"
+    except Exception:
+        return UNPARSEABLE
+    if ExtendedKeyUsageOID.SERVER_AUTH not in usages:
+        return "it is not a server certificate (no extendedKeyUsage serverAuth: a client certificate?)"
+    return None
 
 
 def format_fingerprint(digest: bytes) -> str:

@@ -82,6 +82,7 @@ def cert_files(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA,
     d = tmp_path_factory.mktemp("certs")
     ca.cert_pem.write_to_path(str(d / "ca.pem"))
     server_cert.private_key_pem.write_to_path(str(d / "server.key"))
+    (d / "server.key").chmod(0o600)  # securechat refuses keys others can read (securechat.certdir)
     for i, blob in enumerate(server_cert.cert_chain_pems):
         blob.write_to_path(str(d / "server.pem"), append=i > 0)
     return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key", "dir": d}

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from securechat import certs
+from securechat.certdir import LOCK_NAME
 from securechat.certs import CertError, cert_not_after, issue_server_cert, mint
 from securechat.tls import client_context, file_fingerprint, server_context
 
@@ -51,7 +52,9 @@ def load_key(path: Path):  # type: ignore[no-untyped-def]
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int, int]]:
     return {
-        p.name: (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns) for p in sorted(directory.iterdir())
+        p.name: (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns)
+        for p in sorted(directory.iterdir())
+        if p.name != LOCK_NAME  # the (empty) lock file of securechat.certdir is no content
     }
 
 
@@ -315,7 +318,9 @@ def test_file_modes_whatever_the_umask(tmp_path, umask):  # type: ignore[no-unty
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     for pem in pems:
         assert stat.S_IMODE(pem.stat().st_mode) == 0o644, pem
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in keys + pems)
+    lock = tmp_path / "out" / LOCK_NAME  # securechat.certdir's lock file: empty, owner only
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600 and lock.stat().st_size == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([LOCK_NAME, *(p.name for p in keys + pems)])
 
 
 def test_rerun_keeps_ca_and_issues_new_server_cert(tmp_path):  # type: ignore[no-untyped-def]

@@ -232,7 +232,7 @@ def test_plain_client_to_plain_server_warns(start_server: StartServer) -> None:
     _, port = start_server(None)
     result = run(connect_argv(port, "--nick", "alice", "--plain"), stdin="hi\n")
     assert result.returncode == 0
-    assert result.stderr.startswith("securechat: WARNING: --plain: NO ENCRYPTION")
+    assert result.stderr.startswith("securechat connect: WARNING: --plain: NO ENCRYPTION")
     assert len(result.stderr.splitlines()) == 1
 
 
@@ -259,7 +259,7 @@ def test_server_shutdown_mid_session(certs: Certs, tls_server: Served, procs: li
     rc, err = alice.wait(5)
     # Chosen: an announced shutdown is an orderly end, not the client's failure.
     assert rc == 0
-    assert err == "securechat: the server shut down\n"
+    assert err == "securechat connect: the server shut down\n"
 
 
 def test_kicked_by_the_server(certs: Certs, tls_server: Served) -> None:

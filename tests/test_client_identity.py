@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import queue
 import socket
 import ssl
 import subprocess
@@ -29,8 +28,6 @@ from securechat.client import (
     CertificateRefused,
     ChatClient,
     IdentityRefused,
-    pin_verifier,
-    tofu_verifier,
 )
 from securechat.server import ChatServer
 
@@ -50,6 +47,7 @@ class Pki:
         pem, key = self.dir / f"client-{name}.pem", self.dir / f"client-{name}.key"
         leaf.cert_chain_pems[0].write_to_path(str(pem))
         leaf.private_key_pem.write_to_path(str(key))
+        key.chmod(0o600)  # as gen-certs writes it; securechat refuses keys others can read
         return pem, key
 
     def client(self, name: str) -> tuple[Path, Path]:
@@ -338,35 +336,51 @@ def test_pin_without_a_ca_file(which: str, pki: Pki, serve: Callable[..., ChatSe
 
 
 class RecordingServer:
-    """A TLS server that greets like securechat and records every byte a client sends."""
+    """A TLS server that greets like securechat and records every byte each client connection sends."""
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self.ctx = ctx
         self.listener = socket.create_server((LOOPBACK, 0))
-        self.listener.settimeout(10)
+        self.listener.settimeout(0.1)
         self.port = self.listener.getsockname()[1]
-        self.received: queue.Queue[bytes] = queue.Queue()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.received: list[bytes] = []
+        self.handlers: list[threading.Thread] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
-    def _serve(self) -> None:
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            handler = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            handler.start()
+            self.handlers.append(handler)
+
+    def _serve(self, conn: socket.socket) -> None:
         data = b""
         try:
-            conn, _ = self.listener.accept()
+            conn.settimeout(10)
             with self.ctx.wrap_socket(conn, server_side=True) as sock:
-                sock.settimeout(10)
                 sock.sendall(b"* securechat: send your nickname\n")
                 while chunk := sock.recv(4096):
                     data += chunk
         except (OSError, ssl.SSLError):
             pass
-        self.received.put(data)
+        self.received.append(data)
 
     def close(self) -> bytes:
-        try:
-            return self.received.get(timeout=10)
-        finally:
-            self.listener.close()
+        """Everything every connection sent, once they have ended."""
+        self.stopping.set()
+        self.thread.join(5)
+        for handler in self.handlers:
+            handler.join(10)
+        self.listener.close()
+        return b"".join(self.received)
 
 
 def test_pin_mismatch_is_refused_before_anything_is_sent(pki: Pki, env: dict[str, str],
@@ -374,8 +388,9 @@ def test_pin_mismatch_is_refused_before_anything_is_sent(pki: Pki, env: dict[str
     recorder = RecordingServer(tls.server_context(pki.minted.server_cert, pki.minted.server_key))
     wrong = "AB:" * 31 + "CD"
     result = run(argv(recorder.port, "--pin", wrong, "--nick", "alice"), env, stdin="secret\n", cwd=tmp_path)
-    assert_failed(result, f"refusing 127.0.0.1:{recorder.port}", "does not match the pinned fingerprint",
-                  f"expected {wrong}", f"presented {pki.minted.server_fingerprint}")
+    assert_failed(result, f"refusing 127.0.0.1:{recorder.port}", "matches the pinned fingerprint",
+                  f"expected {wrong}", f"presented server certificate {pki.minted.server_fingerprint}, "
+                  f"CA certificate {pki.minted.ca_fingerprint}")
     assert len(result.stderr.splitlines()) == 1
     assert recorder.close() == b""  # not the nick, not a line
 
@@ -387,13 +402,12 @@ def test_pin_mismatch_is_refused_before_anything_is_sent(pki: Pki, env: dict[str
     assert recorder.close() == b"alice\n"
 
 
-def test_library_pin_verifier(pki: Pki, serve: Callable[..., ChatServer]) -> None:
+def test_library_pin_trust(pki: Pki, serve: Callable[..., ChatServer]) -> None:
     server = serve()
     with pytest.raises(IdentityRefused, match="expected"):
-        ChatClient().connect(LOOPBACK, server.address[1], ssl_context=identity.pinned_context(),
-                             verify=pin_verifier("00" * 32), timeout=5)
+        ChatClient().connect(LOOPBACK, server.address[1], trust=identity.PinTrust("00" * 32), timeout=5)
     with pytest.raises(ValueError):
-        pin_verifier("AB:CD")
+        identity.PinTrust("AB:CD")
 
 
 @pytest.mark.parametrize("pin", ["AB:CD", "zz" * 32, ""])
@@ -426,8 +440,10 @@ def test_tofu_first_contact_match_and_change(pki: Pki, serve: Callable[..., Chat
     assert first.returncode == 0, first.stderr
     # server.pem carries the chain, so the CA is what is remembered (renewals are not changes).
     fp = pki.minted.ca_fingerprint
-    assert first.stderr == (f"securechat: first contact with 127.0.0.1:{port}; remembering its certificate "
-                            f"fingerprint {fp}  (stored in {known_hosts})\n")
+    assert first.stderr == (f"securechat connect: first contact with 127.0.0.1:{port}; remembering the fingerprint of "
+                            f"its CA certificate, {fp} (stored in {known_hosts}). Check that it is the one on "
+                            "the server's '[SERVER] CA SHA-256 fingerprint' line: if not, delete that line from "
+                            "the file and do not chat\n")
     assert known_hosts.read_text() == f"127.0.0.1:{port} {fp}\n"
     assert first.stdout.startswith("* welcome, alice!")
 
@@ -449,17 +465,16 @@ def test_tofu_first_contact_match_and_change(pki: Pki, serve: Callable[..., Chat
     assert known_hosts.read_text() == f"127.0.0.1:{port} {fp}\n"  # still the original
 
 
-def test_library_tofu_verifier(pki: Pki, serve: Callable[..., ChatServer], tmp_path: Path) -> None:
+def test_library_tofu_trust(pki: Pki, serve: Callable[..., ChatServer], tmp_path: Path) -> None:
     # The library with an explicit KnownHosts file; the first-contact callback is told where.
     server = serve()
-    told: list[tuple[str, str, Path]] = []
+    told: list[tuple[str, str, Path, str]] = []
     known = identity.KnownHosts(tmp_path / "kh")
-    ctx = identity.pinned_context()
     pem, key = pki.client("dave")
-    ctx.load_cert_chain(str(pem), str(key))
+    trust = identity.TofuTrust(LOOPBACK, server.address[1], known, lambda *a: told.append(a),
+                               prepare=lambda ctx: ctx.load_cert_chain(str(pem), str(key)))
     with ChatClient() as client:
-        client.connect(LOOPBACK, server.address[1], ssl_context=ctx, timeout=5,
-                       verify=tofu_verifier(LOOPBACK, server.address[1], known,
-                                            lambda *a: told.append(a)))
+        client.connect(LOOPBACK, server.address[1], trust=trust, timeout=5)
         assert client.register("dave", timeout=5) == "dave"
-    assert told == [(f"127.0.0.1:{server.address[1]}", pki.minted.ca_fingerprint, tmp_path / "kh")]
+    assert told == [(f"127.0.0.1:{server.address[1]}", pki.minted.ca_fingerprint, tmp_path / "kh",
+                     "CA certificate")]

@@ -30,9 +30,12 @@ def test_main_writes_and_reports(tmp_path, capsys, certs_handshake):  # type: ig
         assert str(out / name) in stdout
     assert f"CA SHA-256 fingerprint:     {file_fingerprint(out / 'ca.pem')}" in stdout
     assert f"Server SHA-256 fingerprint: {file_fingerprint(out / 'server.pem')}" in stdout
+    # With clients, the suggested command carries each one's --cert/--key (issue 11).
+    assert "Start the server with: securechat serve --require-client-cert" in stdout
     assert (
-        f"Copy {out / 'ca.pem'} to each client machine, then run: securechat connect chat.lan --ca ca.pem"
-        in (stdout)
+        f"Give alice {out / 'client-alice.pem'}, {out / 'client-alice.key'} and {out / 'ca.pem'} (only theirs), "
+        "then alice runs: securechat connect chat.lan --ca ca.pem --cert client-alice.pem --key client-alice.key"
+        in stdout
     )
     certs_handshake(
         server_context(out / "server.pem", out / "server.key"), client_context(out / "ca.pem"), "192.168.1.20"
@@ -64,7 +67,7 @@ def test_main_refusal_is_one_line_exit_1_untouched(tmp_path, capsys, damage):  #
     assert main(["--out", str(tmp_path), *extra]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("gen-certs: ") and captured.err.count("\n") == 1
+    assert captured.err.startswith("securechat gen-certs: ") and captured.err.count("\n") == 1
     assert "--force" in captured.err
     assert snapshot(tmp_path) == before
 
@@ -84,7 +87,9 @@ def test_main_refusal_is_one_line_exit_1_untouched(tmp_path, capsys, damage):  #
 )
 def test_main_usage_errors_exit_2_and_write_nothing(tmp_path, capsys, args):  # type: ignore[no-untyped-def]
     assert main(["--out", str(tmp_path / "out"), *args]) == 2
-    assert "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("securechat gen-certs: ") and err.endswith("; see 'securechat gen-certs --help'\n")
+    assert err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
@@ -129,4 +134,4 @@ def test_python_m_securechat_gen_certs(tmp_path):  # type: ignore[no-untyped-def
         tmp_path,
     )
     assert again.returncode == 1
-    assert again.stderr.startswith("gen-certs: ")
+    assert again.stderr.startswith("securechat gen-certs: ")

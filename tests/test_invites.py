@@ -321,7 +321,8 @@ def test_man_in_the_middle_fails_loudly_on_both_sides_and_gets_no_certificate(se
     relay.close()
     assert joined.returncode == 1
     (line,) = joined.stderr.splitlines()
-    assert line.startswith("join: ") and "intercepting the connection" in line and "Nothing was saved" in line
+    assert line.startswith("securechat join: ")
+    assert "intercepting the connection" in line and "Nothing was saved" in line
     server.wait_log("someone in the middle is intercepting the connection")
     # The relay saw the PAKE message and a refusal; no certificate, no CA certificate.
     assert [m.split(" ")[0] for m in relay.from_server] == ["PAKE", "ERR"]
@@ -347,8 +348,8 @@ def test_wrong_code_three_tries_then_burned(server: Server, tmp_path: Path) -> N
     assert "the invite is now burned" in said[2]
     joined = alice.join(server, code)  # the right code, too late
     assert joined.returncode == 1
-    assert joined.stderr.splitlines() == [f"join: {LOOPBACK}:{server.port} refused the invite: this invite was "
-                                          f"cancelled after 3 wrong codes: ask for a new one"]
+    assert joined.stderr.splitlines() == [f"securechat join: {LOOPBACK}:{server.port} refused the invite: this "
+                                          "invite was cancelled after 3 wrong codes: ask for a new one"]
     server.wait_log("wrong code; the invite is now burned")
 
 
@@ -357,8 +358,8 @@ def test_reused_code_is_refused(server: Server, tmp_path: Path) -> None:
     assert Machine(tmp_path / "alice").join(server, code).returncode == 0
     again = Machine(tmp_path / "mallory").join(server, code)
     assert again.returncode == 1
-    assert again.stderr.splitlines() == [f"join: {LOOPBACK}:{server.port} refused the invite: this invite has "
-                                         "already been used: ask for a new one"]
+    assert again.stderr.splitlines() == [f"securechat join: {LOOPBACK}:{server.port} refused the invite: this "
+                                         "invite has already been used: ask for a new one"]
 
 
 def test_expired_code_says_it_expired(server: Server, tmp_path: Path) -> None:
@@ -367,8 +368,8 @@ def test_expired_code_says_it_expired(server: Server, tmp_path: Path) -> None:
     joined = Machine(tmp_path / "alice").join(server, code)
     assert joined.returncode == 1
     (line,) = joined.stderr.splitlines()
-    assert re.fullmatch(rf"join: {re.escape(LOOPBACK)}:{server.port} refused the invite: this invite expired at "
-                        r"\d{4}-\d\d-\d\d \d\d:\d\d UTC: ask for a new one", line)
+    assert re.fullmatch(rf"securechat join: {re.escape(LOOPBACK)}:{server.port} refused the invite: this invite "
+                        r"expired at \d{4}-\d\d-\d\d \d\d:\d\d UTC: ask for a new one", line)
 
 
 def test_race_of_two_joins_with_one_code_gives_one_certificate(server: Server) -> None:
@@ -406,7 +407,7 @@ def test_invite_list_and_cancel(server: Server, tmp_path: Path) -> None:
     joined = Machine(tmp_path / "carol").join(server, code)
     assert joined.returncode == 1 and "this invite was cancelled" in joined.stderr
     missing = server.cli("invite", "--cancel", "carol")
-    assert missing.returncode == 1 and missing.stderr.startswith("invite: no usable invite")
+    assert missing.returncode == 1 and missing.stderr.startswith("securechat invite: no usable invite")
 
 
 def test_guests_cannot_take_a_certificate_holders_name(server: Server, tmp_path: Path) -> None:
@@ -417,7 +418,7 @@ def test_guests_cannot_take_a_certificate_holders_name(server: Server, tmp_path:
 
 
 def test_clients_without_alpn_or_with_another_alpn_chat_as_before(server: Server) -> None:
-    for alpn in (None, ["h2", "http/1.1"]):
+    for nick, alpn in (("dave", None), ("erin", ["h2", "http/1.1"])):
         ctx = ssl.create_default_context(cafile=str(server.home / "certs" / "ca.pem"))
         if alpn:
             ctx.set_alpn_protocols(alpn)
@@ -426,8 +427,8 @@ def test_clients_without_alpn_or_with_another_alpn_chat_as_before(server: Server
         assert sock.selected_alpn_protocol() is None
         client = LineClient(sock)
         client.expect("* securechat: send your nickname")
-        client.send("dave")
-        client.expect("* welcome, dave!")
+        client.send(nick)  # not the same nick twice: the first one's departure may not be processed yet
+        client.expect(f"* welcome, {nick}!")
         client.close()
 
 
@@ -437,8 +438,8 @@ def test_join_against_a_server_without_invites_is_one_line(servers: list[Server]
     servers.append(srv)
     joined = Machine(tmp_path / "alice").join(srv, "7-crayon-galaxy-lunar")
     assert joined.returncode == 1
-    assert joined.stderr.splitlines() == [f"join: {LOOPBACK}:{srv.port} does not take invites (an older securechat, "
-                                          "or a server without its local CA beside its certificate)"]
+    assert joined.stderr.splitlines() == [f"securechat join: {LOOPBACK}:{srv.port} does not take invites (an older "
+                                          "securechat, or a server without its local CA beside its certificate)"]
 
 
 def test_mutual_tls_server_takes_invites_and_still_requires_certificates(servers: list[Server],
@@ -574,27 +575,28 @@ def test_concurrent_wrong_guesses_never_exceed_three(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "status", "said"), [
-    (["invite", "alice", "--expires", "9d"], 2, "at most 7 days"),
-    (["invite", "alice", "--uses", "0"], 2, "--uses must be 1 to 200"),
-    (["invite", "admin"], 2, "'admin' cannot be a nickname"),
-    (["invite", "alice"], 1, "invite: no CA in certs (ca.key)"),
-    (["invite", "--list"], 1, "invite: no certificate directory certs"),
-    (["revoke", "alice"], 1, "revoke: no certificate directory certs"),
-    (["join", LOOPBACK, "7-crayon-galaxy"], 1, "join: '7-crayon-galaxy' is not an invite code"),
+    (["invite", "alice", "--expires", "9d"], 2, "argument --expires: an invite lives more than 0 and at most 7 days"),
+    (["invite", "alice", "--uses", "0"], 2, "0 is out of range: a whole number from 1 to 200"),
+    (["invite", "admin"], 2, "invalid client name 'admin': 'admin' is reserved"),
+    (["invite", "alice"], 1, "securechat invite: no CA in certs (ca.key)"),
+    (["invite", "--list"], 1, "securechat invite: no certificate directory certs"),
+    (["revoke", "alice"], 1, "securechat revoke: no certificate directory certs"),
+    (["join", LOOPBACK, "7-crayon-galaxy"], 1, "securechat join: '7-crayon-galaxy' is not an invite code"),
 ])
 def test_command_line_mistakes_are_one_line(tmp_path: Path, args: list[str], status: int, said: str) -> None:
     done = subprocess.run([sys.executable, "-m", "securechat", *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=30, env=_env(tmp_path / "config"))
     assert done.returncode == status
-    assert said in done.stderr.splitlines()[-1]
+    (line,) = done.stderr.splitlines()
+    assert said in line and line.startswith(f"securechat {args[0]}: ")
     assert "Traceback" not in done.stderr
 
 
 def test_revoking_what_does_not_exist_is_one_line(server: Server) -> None:
     done = server.cli("revoke", "nobody")
     assert done.returncode == 1
-    assert done.stderr.splitlines() == ["revoke: no unrevoked certificate named or numbered 'nobody' ('securechat "
-                                        "certs' lists them)"]
+    assert done.stderr.splitlines() == ["securechat revoke: no unrevoked certificate named or numbered 'nobody' "
+                                        "('securechat certs' lists them)"]
 
 
 def test_openssl_s_client_without_a_certificate_chats_with_an_invite_server(server: Server) -> None:
@@ -623,5 +625,5 @@ def test_join_with_an_unwritable_config_fails_before_spending_the_invite(server:
                           cwd=tmp_path, capture_output=True, text=True, timeout=30, env=_env(blocker))
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
-    assert line.startswith("join: cannot write the profile in ")
+    assert line.startswith("securechat join: cannot write the profile in ")
     assert Machine(tmp_path / "alice").join(server, code).returncode == 0  # still unused

@@ -1,8 +1,10 @@
-"""The sans-IO protocol core: framing, sanitising, nicks, commands, formatting. No network."""
+"""The sans-IO protocol core (framing, sanitising, nicks, commands, formatting), then the same edges over real TLS."""
 
 from __future__ import annotations
 
+import time
 import unicodedata
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -10,6 +12,8 @@ from hypothesis import strategies as st
 
 from securechat import protocol
 from securechat.protocol import Command, LineBuffer, LineTooLong
+from securechat.server import ChatServer
+from tests.conftest import LineClient
 
 # -- framing --------------------------------------------------------------------------------
 
@@ -43,6 +47,32 @@ def test_ten_megabytes_without_newline_never_held_beyond_the_bound() -> None:
             assert len(buf.partial) <= protocol.MAX_LINE_BYTES
 
 
+def test_a_full_length_line_whose_crlf_is_split_across_reads() -> None:
+    buf = LineBuffer(max_line=10)
+    assert buf.feed(b"x" * 10 + b"\r") == []
+    assert buf.feed(b"\n") == [b"x" * 10]
+    assert buf.feed(b"y" * 10 + b"\r") == []
+    with pytest.raises(LineTooLong):  # a "\r" that turned out to be part of the line
+        buf.feed(b"z")
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary(min_size=0, max_size=16).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")),
+                max_size=10),
+       st.lists(st.integers(min_value=1, max_value=20), min_size=1))
+def test_lines_of_exactly_the_bound_pass_whatever_the_chunking(pads: list[bytes], sizes: list[int]) -> None:
+    lines = [(pad * 16)[:16].ljust(16, b"x") for pad in pads]  # each exactly max_line bytes
+    stream = b"".join(line + b"\r\n" for line in lines)
+    buf = LineBuffer(max_line=16)
+    got: list[bytes] = []
+    pos, i = 0, 0
+    while pos < len(stream):
+        got += buf.feed(stream[pos:pos + sizes[i % len(sizes)]])
+        pos += sizes[i % len(sizes)]
+        i += 1
+    assert got == lines
+
+
 @settings(max_examples=300)
 @given(st.lists(st.binary(max_size=200).map(lambda b: b.replace(b"\n", b"")), max_size=20),
        st.lists(st.integers(min_value=1, max_value=64), min_size=1))
@@ -70,6 +100,31 @@ def test_decode_never_raises(raw: bytes) -> None:
 
 FORBIDDEN = {chr(c) for c in range(0x20)} | {chr(c) for c in range(0x7F, 0xA0)} | set(protocol.BIDI_CONTROLS) | {
     "\u2028", "\u2029"}
+VARIATION_SELECTORS = {chr(c) for c in range(0xFE00, 0xFE10)} | {chr(c) for c in range(0xE0100, 0xE01F0)}
+
+
+def invisible(ch: str) -> bool:
+    """What the README promises never reaches another user's screen."""
+    return (ch in FORBIDDEN or unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+            or ch in "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u2800\u3164\uffa0"
+            or ch in VARIATION_SELECTORS)
+
+
+def emoji_glue_is_legitimate(text: str) -> bool:
+    """Each invisible left in sanitised text is a ZWJ between pictographs or one VS15/16 after a glyph."""
+    for i, ch in enumerate(text):
+        if ch == "\u200d":
+            before = text[i - 2] if i > 1 and text[i - 1] in "\ufe0e\ufe0f" else text[i - 1] if i else ""
+            after = text[i + 1] if i + 1 < len(text) else ""
+            if not (before and unicodedata.category(before) in ("So", "Sk") and after
+                    and unicodedata.category(after) == "So"):
+                return False
+        elif ch in "\ufe0e\ufe0f":
+            if i == 0 or invisible(text[i - 1]):
+                return False
+        elif invisible(ch):
+            return False
+    return True
 
 
 @pytest.mark.parametrize(
@@ -85,6 +140,25 @@ FORBIDDEN = {chr(c) for c in range(0x20)} | {chr(c) for c in range(0x7F, 0xA0)} 
         ("\x1bcreset", "reset"),
         ("a\rb", "ab"),
         ("plain text, émoji 🎉", "plain text, émoji 🎉"),
+        # Invisible (category Cf and friends): hidden text, or text that looks like other text.
+        ("pay\u200bpal", "paypal"),  # zero-width space
+        ("a\u200cb\u200dc\u2060d\ufeffe\u00adf", "abcdef"),  # ZWNJ, ZWJ between letters, WJ, BOM, SHY
+        ("hi\U000e0069\U000e0067\U000e006e\U000e006f\U000e0072\U000e0065", "hi"),  # tags: "ignore"
+        ("ok\U000e0001", "ok"),  # language tag
+        ("\u2061\u2062\u2063\u2064x", "x"),  # invisible operators
+        ("a\u034fb\u3164c\u115fd\uffa0e\u2800f", "abcdef"),  # CGJ, Hangul fillers, braille blank
+        ("x\ufe00\ufe01\U000e0100\U000e01ef", "x"),  # variation selectors carrying hidden bytes
+        ("\u180ex\u180b", "x"),  # Mongolian vowel separator, free variation selector
+        # Emoji sequences stay whole: ZWJ between pictographs, one VS16 after a visible character.
+        ("👩\u200d💻 at work", "👩\u200d💻 at work"),
+        ("👩🏽\u200d💻", "👩🏽\u200d💻"),  # with a skin tone
+        ("❤\ufe0f\u200d🔥", "❤\ufe0f\u200d🔥"),
+        ("1\ufe0f\u20e3", "1\ufe0f\u20e3"),  # keycap
+        ("❤\ufe0f\ufe0f\ufe0f", "❤\ufe0f"),  # one selector, not a run
+        ("👩\u200d\u200d💻", "👩\u200d💻"),
+        ("👩\u200d", "👩"),  # a joiner at the end joins nothing
+        ("👩\u200d\u2800x", "👩x"),  # nor one whose next pictograph was dropped
+        ("🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f", "🏴"),  # flag of Scotland: tags
     ],
 )
 def test_sanitize_examples(dirty: str, clean: str) -> None:
@@ -96,8 +170,23 @@ def test_sanitize_examples(dirty: str, clean: str) -> None:
 def test_sanitize_never_lets_a_control_or_escape_through(text: str) -> None:
     out = protocol.sanitize(text)
     assert not FORBIDDEN & set(out)
+    assert emoji_glue_is_legitimate(out)
     assert protocol.is_safe(out)
     assert protocol.sanitize(out) == out  # idempotent
+
+
+@settings(max_examples=500)
+@given(st.lists(st.one_of(
+    st.sampled_from(["a", "b", " ", "👩", "💻", "🏽", "❤", "1", "\u20e3", "\u200d", "\u200b", "\ufe0f", "\ufe0e",
+                     "\ufe00", "\U000e0041", "\U000e007f", "\u2800", "\u3164", "\u00ad", "\u2060", "\ufeff"]),
+    st.characters(categories=("Cf", "Mn", "So", "Sk"))), max_size=40).map("".join))
+def test_invisibles_and_emoji_glue(text: str) -> None:
+    """Dense mixes of joiners, selectors, tags, pictographs: nothing invisible survives alone."""
+    out = protocol.sanitize(text)
+    assert emoji_glue_is_legitimate(out), (text, out)
+    assert protocol.sanitize(out) == out
+    visible = [ch for ch in text if not invisible(ch)]
+    assert [ch for ch in out if not invisible(ch)] == visible  # only invisibles were removed
 
 
 @settings(max_examples=300)
@@ -109,7 +198,7 @@ def test_arbitrary_bytes_decode_and_sanitize_to_safe_text(raw: bytes) -> None:
 
 @given(st.text(alphabet=st.characters(categories=("L", "N", "P", "S", "Zs")), max_size=100))
 def test_printable_text_is_kept(text: str) -> None:
-    if all(ch not in FORBIDDEN and unicodedata.category(ch) not in ("Cc", "Cf") for ch in text):
+    if not any(invisible(ch) for ch in text):
         assert protocol.sanitize(text) == text
 
 
@@ -141,11 +230,43 @@ def test_bad_nicks(nick: str, why: str) -> None:
     assert error is not None and why in error
 
 
-def test_lookalike_nicks_collide() -> None:
-    assert protocol.nick_key("Alice") == protocol.nick_key("alice")
-    assert protocol.nick_key("AIice") == protocol.nick_key("alice")  # capital i for l
-    assert protocol.nick_key("b0b") == protocol.nick_key("BOB")
-    assert protocol.nick_key("alice") != protocol.nick_key("alicia")
+@pytest.mark.parametrize(("a", "b"), [
+    ("Alice", "alice"), ("AIice", "alice"), ("ALICE", "alice"), ("b0b", "BOB"), ("l33t", "I33T"),
+    ("rn", "m"), ("jirn", "jim"), ("RN", "m"), ("vv", "w"), ("VVill", "will"), ("cl", "d"), ("cIaire", "daire"),
+    ("a1ice", "alice"),
+])
+def test_lookalike_nicks_collide(a: str, b: str) -> None:
+    assert protocol.nick_key(a) == protocol.nick_key(b)
+
+
+@pytest.mark.parametrize(("a", "b"), [("alice", "alicia"), ("sam", "fam"), ("bob", "rob"), ("ann", "anna")])
+def test_different_nicks_stay_different(a: str, b: str) -> None:
+    assert protocol.nick_key(a) != protocol.nick_key(b)
+
+
+def test_the_fold_comes_from_the_unicode_confusables_data() -> None:
+    """Rows nobody would hand-write: Cyrillic, Greek and mathematical look-alikes of Latin letters."""
+    assert protocol.nick_key("\u0430lice") == protocol.nick_key("alice")  # Cyrillic a
+    assert protocol.nick_key("b\u03bfb") == protocol.nick_key("bob")  # Greek omicron
+    assert protocol.nick_key("\u217e") == protocol.nick_key("d")  # SMALL ROMAN NUMERAL FIVE HUNDRED
+    assert len(protocol._fold_table()) > 5000
+
+
+@given(st.from_regex(protocol.NICK_RE, fullmatch=True))
+def test_nick_key_is_a_fixed_point_and_ignores_case(nick: str) -> None:
+    key = protocol.nick_key(nick)
+    assert protocol.nick_key(key) == key
+    assert protocol.nick_key(nick.upper()) == protocol.nick_key(nick.lower()) == key
+    assert protocol.nick_key(nick) == protocol.unicodedata.normalize("NFKC", nick).casefold().translate(
+        protocol._fold_table())  # the ASCII fast path agrees with the general one
+
+
+def test_nick_key_is_cheap() -> None:
+    protocol.nick_key("warm-up")
+    start = time.perf_counter()
+    for _ in range(10_000):
+        protocol.nick_key("Alice_Wonderland-42")
+    assert time.perf_counter() - start < 0.5  # ~1 us each; 50 us would still pass
 
 
 # -- commands and formatting ----------------------------------------------------------------
@@ -162,6 +283,10 @@ def test_lookalike_nicks_collide() -> None:
         ("exit", Command("quit", "")),
         ("/quit", Command("quit", "")),
         ("exit stage left", "exit stage left"),
+        ("/who\t", Command("who", "")),
+        ("/who \t ", Command("who", "")),
+        ("/msg\tbob\thi", Command("msg", "bob hi")),
+        ("/nick\u3000bob", Command("nick", "bob")),  # any Unicode whitespace
     ],
 )
 def test_parse(line: str, parsed: object) -> None:
@@ -207,3 +332,55 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
 def test_token_bucket_off() -> None:
     bucket = protocol.TokenBucket(rate=0, burst=1, now=0.0)
     assert all(bucket.allow(0.0) for _ in range(1000))
+
+
+# -- the same edges over real TLS sockets -----------------------------------------------------
+
+
+def test_a_4096_byte_line_whose_cr_and_lf_arrive_in_different_tls_records(serve: Callable[..., ChatServer],
+                                                                           connect: Callable[..., LineClient]
+                                                                           ) -> None:
+    server = serve()
+    alice, bob = connect(server, "alice"), connect(server, "bob")
+    alice.expect("* bob joined")
+    line = "x" * protocol.MAX_LINE_BYTES
+    alice.send((line + "\r").encode())  # one TLS record...
+    time.sleep(0.2)  # ...read by the server on its own
+    alice.send(b"\n")  # and the newline in the next record
+    assert bob.expect("[alice] ") == f"[alice] {line}"
+    alice.send("still here")
+    assert bob.expect("[alice] ") == "[alice] still here"
+
+
+def test_invisible_characters_are_not_relayed(serve: Callable[..., ChatServer],
+                                              connect: Callable[..., LineClient]) -> None:
+    server = serve()
+    alice, bob = connect(server, "alice"), connect(server, "bob")
+    alice.expect("* bob joined")
+    alice.send("pay\u200bpal\u2060 \U000e0068\U000e0069hi\ufeff 👩\u200d💻")
+    assert bob.expect("[alice] ") == "[alice] paypal hi 👩\u200d💻"
+    alice.send("/me waves\u200b\u200d")
+    assert bob.expect("[alice] ") == "[alice] * waves"
+    alice.send("/msg bob psst\u2062")
+    assert bob.expect("[alice -> bob] ") == "[alice -> bob] psst"
+
+
+def test_commands_take_any_whitespace(serve: Callable[..., ChatServer], connect: Callable[..., LineClient]) -> None:
+    server = serve()
+    alice, bob = connect(server, "alice"), connect(server, "bob")
+    alice.expect("* bob joined")
+    alice.send("/who\t")
+    assert alice.expect("* ").startswith("* 2 online: ")
+    alice.send("/msg\tbob\thello")
+    assert bob.expect("[alice -> bob] ") == "[alice -> bob] hello"
+
+
+@pytest.mark.parametrize(("first", "second"), [("m", "rn"), ("will", "VViII"), ("dan", "clan"), ("alice", "AIice")])
+def test_lookalike_nick_is_refused_by_the_server(first: str, second: str, serve: Callable[..., ChatServer],
+                                                 connect: Callable[..., LineClient]) -> None:
+    server = serve()
+    connect(server, first)
+    other = connect(server)
+    other.expect("* securechat: send your nickname")
+    other.send(second)
+    assert other.expect("* nickname refused").startswith("* nickname refused: ")

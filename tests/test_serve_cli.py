@@ -74,8 +74,8 @@ def _join(port: int, ca: Path, nick: str) -> LineClient:
 def test_first_run_mints_certificates_then_serves_and_sigterm_exits_cleanly(run_serve, tmp_path: Path) -> None:
     served = run_serve()
     served.wait_for("[SERVER] No certificate in certs/")
-    fingerprint = served.wait_for("[SERVER] TLS certificate SHA-256 fingerprint: ").rsplit(" ", 1)[1]
-    ca_fingerprint = served.wait_for("[SERVER] CA SHA-256 fingerprint: ").rsplit(" ", 1)[1]
+    fingerprint = served.wait_for("[SERVER] Server certificate SHA-256 fingerprint").rsplit(" ", 1)[1]
+    ca_fingerprint = served.wait_for("[SERVER] CA SHA-256 fingerprint").rsplit(" ", 1)[1]
     assert ca_fingerprint == tls.file_fingerprint(tmp_path / "certs" / "ca.pem")
     assert served.wait_for("[SERVER] Waiting for connections on") == \
         f"[SERVER] Waiting for connections on {LOOPBACK}:{served.port}"
@@ -113,6 +113,25 @@ def test_ctrl_c_exits_zero_without_traceback(run_serve, cert_files: dict[str, Pa
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_sighup_shuts_down_gracefully_like_sigterm(run_serve, cert_files: dict[str, Path]) -> None:
+    """The terminal closing (SIGHUP) tells everyone and exits 0; it used to kill the server silently."""
+    served = run_serve("--cert", str(cert_files["cert"]), "--key", str(cert_files["key"]))
+    served.wait_for("[SERVER] Waiting for connections")
+    alice = _join(served.port, cert_files["ca"], "alice")
+    bob = _join(served.port, cert_files["ca"], "bob")
+    alice.expect("* bob joined")
+    served.proc.send_signal(signal.SIGHUP)
+    for client in (alice, bob):
+        assert client.expect("* server") == "* server shutting down"
+        with pytest.raises(EOFError):
+            client.readline()
+    assert served.proc.wait(timeout=5) == 0
+    out, err = served.proc.communicate()
+    assert "[SERVER] Stopped" in out
+    assert "Traceback" not in err
+
+
 def test_second_run_reuses_the_certificates(run_serve, tmp_path: Path) -> None:
     first = run_serve()
     first.wait_for("[SERVER] Waiting")
@@ -129,7 +148,7 @@ def test_explicit_certificate_paths_that_do_not_exist(run_serve, tmp_path: Path)
     served = run_serve("--cert", str(tmp_path / "missing.pem"), "--key", str(tmp_path / "missing.key"))
     out, err = served.proc.communicate(timeout=20)
     assert served.proc.returncode == 1
-    assert err.strip().splitlines() == [f"serve: certificate file not found: {tmp_path / 'missing.pem'} "
+    assert err.strip().splitlines() == [f"securechat serve: certificate file not found: {tmp_path / 'missing.pem'} "
                                         "(run 'securechat gen-certs' or pass --cert/--key)"]
     assert not (tmp_path / "certs").exists()  # nothing minted behind the user's back
 
@@ -156,7 +175,7 @@ def test_port_in_use_is_one_line(run_serve, cert_files: dict[str, Path]) -> None
                                "--cert", str(cert_files["cert"]), "--key", str(cert_files["key"])],
                               capture_output=True, text=True, timeout=20)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"serve: cannot listen on {LOOPBACK}:{port}: address already in use"
+    assert proc.stderr.strip() == f"securechat serve: cannot listen on {LOOPBACK}:{port}: address already in use"
 
 
 def test_plain_and_mutual_tls_cannot_be_combined() -> None:
