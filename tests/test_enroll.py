@@ -127,3 +127,21 @@ def test_join_notices_a_server_certificate_that_does_not_name_the_host(ca_dir: P
     enrolled = enroll.Enrolled(None, b"", None, None, "", leaf.public_bytes(serialization.Encoding.DER))
     assert enrolled.names_host("127.0.0.1") and enrolled.names_host("LOCALHOST")
     assert not enrolled.names_host("203.0.113.9") and not enrolled.names_host("chat.example.lan")
+
+
+def test_a_join_after_the_server_certificate_was_renewed_binds_the_new_one(serve: Callable[..., ChatServer],
+                                                                          ca_dir: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    server = _start(serve, ca_dir)
+    authority = server.authority
+    assert authority is not None
+    before = (ca_dir / "server.pem").read_bytes()
+    certs.issue_server_cert(ca_dir)  # what renewal does, then it builds a new context
+    assert (ca_dir / "server.pem").read_bytes() != before
+    server.ssl_context = authority.configure(tls.server_context(ca_dir / "server.pem", ca_dir / "server.key"),
+                                             ca_dir / "server.pem")
+    code = authority.store.create("grace").code
+    enrolled = enroll.join(LOOPBACK, server.address[1], code)
+    assert enrolled.name == "grace"
+    assert enrolled.server_fingerprint == tls.file_fingerprint(ca_dir / "server.pem")
