@@ -10,7 +10,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from securechat import __version__, options
+from securechat import __version__, addr, options
 
 # subcommand -> (module with main(argv) -> int, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,36 +56,44 @@ def _run(command: str, argv: Sequence[str]) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
-def _ask(prompt: str, valid: Callable[[str], bool]) -> str:
-    """Ask until ``valid``; EOF raises EOFError for the caller to turn into a clean exit."""
+def _ask(prompt: str, why_not: Callable[[str], str | None]) -> str:
+    """Ask until ``why_not(answer)`` is None, saying why before each re-ask; EOF raises EOFError."""
     while True:
         answer = input(prompt).strip()
-        if valid(answer):
+        reason = why_not(answer)
+        if reason is None:
             return answer
+        print(reason)
+
+
+def _option_error(answer: str) -> str | None:
+    return None if answer in ("1", "2") else "Please type 1 to run the server or 2 to join one as a client."
+
+
+def _host_error(answer: str) -> str | None:
+    if not answer:
+        return "The server's address is needed: the IP it prints at start, e.g. 192.168.0.20 (or 192.168.0.20:5555)."
+    try:
+        addr.split_host_port(answer)
+    except addr.AddressError as exc:
+        return f"That address won't do: {exc}."
+    return None
 
 
 def menu() -> int:
-    """The seed's menu, kept word for word."""
+    """The seed's menu, kept word for word; a re-asked question says why first."""
     try:
         print("Select mode:")
         print("1. Server")
         print("2. Client")
-        option = _ask("Option: ", lambda a: a in ("1", "2"))
+        option = _ask("Option: ", _option_error)
         if option == "1":
             return _run("serve", [])
-        host = _ask("Enter server IP: ", bool)
+        host = _ask("Enter server IP: ", _host_error)
     except (EOFError, KeyboardInterrupt):
         print()
         return EXIT_OK
-    return _run("connect", _host_port_args(host))
-
-
-def _host_port_args(answer: str) -> list[str]:
-    """``connect`` arguments for an answer to "Enter server IP:": ``HOST``, ``HOST:PORT`` or ``[V6]:PORT``."""
-    host, sep, port = answer.rpartition(":")
-    if sep and port.isdigit() and (host.count(":") == 0 or (host.startswith("[") and host.endswith("]"))):
-        return [host.strip("[]"), "--port", port]
-    return [answer]
+    return _run("connect", [host])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

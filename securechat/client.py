@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import queue
 import socket
 import ssl
@@ -41,8 +42,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from securechat import DEFAULT_PORT, certdir, identity, options, protocol, tls
+from securechat import DEFAULT_PORT, addr, certdir, identity, options, protocol, tls
 from securechat.conn import Connection, describe_error, tune_socket
+from securechat.session import ResumeState, backoff
 
 # Exit statuses, as securechat.cli defines them for every subcommand.
 EXIT_OK = 0
@@ -52,6 +54,11 @@ DEFAULT_CA = Path("certs") / "ca.pem"
 
 # Connecting and the TLS handshake: a LAN answers in milliseconds, so 10 s means nobody is there.
 DEFAULT_TIMEOUT = 10.0
+
+# A securechat server greets at once; a TLS server reached by a --plain client says nothing (it waits
+# for a ClientHello). Silence this long from a plain connection is the tell, well before the 10 s of
+# DEFAULT_TIMEOUT and long enough for a loaded LAN server to get to us.
+PLAIN_GREETING_WAIT = 2.0
 
 # After /quit, how long to wait for the server's "* goodbye" and close before closing ourselves.
 QUIT_WAIT = 2.0
@@ -173,6 +180,14 @@ class Disconnected(ChatError):
 
 _END = object()  # queue sentinel: the connection has ended
 
+# Where a client is with its server (after the first welcome).
+_LIVE, _RECONNECTING, _RESUMING, _REREGISTERING, _GAVE_UP = range(5)
+
+# The server's last word before closing on purpose: no reconnecting after these.
+_FINAL_NOTICES = frozenset({"goodbye", "disconnected for flooding"})
+_FINAL_PREFIXES = (protocol.LINE_TOO_LONG, "no nickname within", protocol.SERVER_FULL, protocol.CERT_REVOKED,
+                   protocol.CERT_REQUIRED)
+
 
 class ChatClient:
     """A connection to a securechat server.
@@ -191,8 +206,15 @@ class ChatClient:
     the caller's during :meth:`connect`, then the connection thread.
     """
 
-    def __init__(self, on_line: Callable[[str], None] | None = None) -> None:
+    def __init__(self, on_line: Callable[[str], None] | None = None, *, reconnect: bool = True) -> None:
         self.on_line = on_line
+        # Resuming after a dropped connection (securechat.session): asked for after the welcome.
+        self.reconnect = reconnect
+        self.resume = ResumeState()
+        self._phase = _LIVE
+        self._closing = threading.Event()  # close() was called: stop reconnecting
+        self._quitting = False
+        self._connect_args: dict[str, object] = {}
         # Held while a line is handed over and while on_line is switched, so lines keep their order.
         self._deliver_lock = threading.Lock()
         self.nick: str | None = None
@@ -207,6 +229,13 @@ class ChatClient:
         self._saw_shutdown = False
         self._last_notice = ""  # the server's last word, to explain why it closed the connection
         self._pending_lines: list[str] = []  # lines read by register() past its answer
+        # "/cap echo" (protocol.CAP_ECHO): asked after every welcome when want_echo is set (so also
+        # after a reconnection); its answer is consumed here, not delivered.
+        self.want_echo = False
+        self.echo = False  # the server copies our own lines back, exactly as relayed
+        self.flood_limit: tuple[float, float] | None = None  # (lines/s, burst) the server advertised
+        self._caps_asked = 0
+        self._caps_answered = threading.Event()
         self._overflow = ""  # why the client hung up on a server that sent too much, if it did
         self._welcomed = False  # a welcome line has arrived (connection thread)
 
@@ -236,7 +265,27 @@ class ChatClient:
         if trust is not None and ssl_context is not None:
             raise ValueError("pass ssl_context or trust, not both")
         self.host, self.port, self.tls = host, port, ssl_context is not None or trust is not None
-        where = f"{host}:{port}"
+        # Kept to connect again after a dropped connection (securechat.session).
+        self._connect_args = {"ssl_context": ssl_context, "server_hostname": server_hostname, "timeout": timeout,
+                              "trust": trust}
+        sock = self._establish(host, port, ssl_context=ssl_context, server_hostname=server_hostname,
+                               timeout=timeout, trust=trust)
+        self._conn = Connection(sock, self._on_lines)
+        self._thread = threading.Thread(target=self._run, name=f"securechat-client-{host}:{port}", daemon=True)
+        self._thread.start()
+
+    def _establish(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+        timeout: float,
+        trust: identity.ServerTrust | None,
+    ) -> socket.socket | ssl.SSLSocket:
+        """The connected (and, with TLS, verified) socket, as :meth:`connect` describes; raises ChatError."""
+        where = addr.join(host, port)
         name = server_hostname or host
         if trust is not None:
             try:
@@ -291,19 +340,20 @@ class ChatClient:
                 except identity.IdentityError as exc:
                     sock.close()
                     raise ChatError(str(exc)) from None
-        self._conn = Connection(sock, self._on_lines)
-        self._thread = threading.Thread(target=self._run, name=f"securechat-client-{where}", daemon=True)
-        self._thread.start()
+        return sock
 
     @staticmethod
     def _open(host: str, port: int, timeout: float) -> socket.socket:
         """A TCP connection to ``host:port``, tuned; ChatError saying what to check on failure."""
-        where = f"{host}:{port}"
+        where = addr.join(host, port)
         try:
             raw = socket.create_connection((host, port), timeout=timeout)
         except socket.gaierror as exc:
             raise ChatError(f"cannot find the host {host!r} ({exc.strerror}): check the name, or use the "
                             "server's IP address (the server prints it)") from None
+        except UnicodeError:  # not encodable as a host name at all (IDNA), e.g. bytes that are not UTF-8
+            raise ChatError(f"{host!r} is not a valid host name: check the name, or use the server's IP "
+                            "address (the server prints it)") from None
         except ConnectionRefusedError:
             raise ChatError(f"connection refused by {where}: is the server running, and on that port "
                             "(--port)?") from None
@@ -319,22 +369,114 @@ class ChatClient:
         return raw
 
     def _run(self) -> None:
-        assert self._conn is not None
         try:
-            self._end_reason = self._conn.run()
+            while True:
+                assert self._conn is not None
+                self._end_reason = self._conn.run()
+                if not self._should_reconnect() or not self._reconnect():
+                    break
         finally:
             self._ended.set()
             self._lines.put(_END)
 
+    # -- resuming after a dropped connection (the logic is in securechat.session) --------------
+
+    def _should_reconnect(self) -> bool:
+        """A connection that dropped, not one that was ended on purpose by either side."""
+        if not self.reconnect or not self.resume.token or self._closing.is_set() or self._quitting:
+            return False
+        if self._phase == _LIVE and (self._saw_shutdown or self._last_notice in _FINAL_NOTICES
+                                     or self._last_notice.startswith(_FINAL_PREFIXES)):
+            return False
+        return self._phase != _GAVE_UP
+
+    def _notify(self, text: str) -> None:
+        """Show a line of our own (the reconnecting state) as if received."""
+        with self._deliver_lock:
+            if self.on_line is not None and self.nick is not None:
+                self.on_line(text)
+            else:
+                self._lines.put(text)
+
+    def _reconnect(self) -> bool:
+        """Connect again, with backoff, until a socket is open (then resume) or close() is called."""
+        if self._phase == _LIVE:
+            self._notify(f"* connection lost ({self._end_reason}): reconnecting... (Ctrl-C quits)")
+            self._delays = backoff()
+        self._phase = _RECONNECTING
+        delay = next(self._delays)
+        while not self._closing.wait(delay):
+            try:
+                sock = self._establish(self.host, self.port, **self._connect_args)  # type: ignore[arg-type]
+            except (IdentityRefused, CertificateRefused) as exc:  # trying again will not help
+                self._notify(f"* cannot reconnect: {exc}")
+                return False
+            except ChatError as exc:
+                delay = next(self._delays)
+                self._notify(f"* still reconnecting ({exc}); next try in {delay:g} s")
+                continue
+            if self._closing.is_set():  # close() came while connecting
+                sock.close()
+                return False
+            self._conn = Connection(sock, self._on_lines)
+            self._phase = _RESUMING
+            self._conn.send(protocol.encode(self.resume.resume_line()))
+            return True
+        return False
+
+    def _resuming(self, line: str) -> str | None:
+        """A line received while resuming: the handshake's own lines are not shown."""
+        notice = protocol.NOTICE_PREFIX
+        if line.startswith(notice + protocol.GREETING):
+            return None
+        if protocol.welcome_nick(line) is not None:
+            if self._phase == _REREGISTERING:
+                assert self._conn is not None
+                self._conn.send(protocol.encode("/session"))
+                self._capabilities(line)  # a fresh session: ask for "/cap echo" again
+                for command in self.resume.rejoin_lines():
+                    self._conn.send(protocol.encode(command))
+                self._phase = _LIVE
+                return (f"* reconnected, but the server had forgotten this session: lines said meanwhile "
+                        f"are lost ({line[len(notice):]})")
+            self._phase = _LIVE
+            return line
+        if line.startswith(notice + protocol.RESUME_REFUSED):
+            assert self._conn is not None and self.nick is not None
+            self._phase = _REREGISTERING
+            self.resume.positions.clear()
+            self._conn.send(protocol.encode(self.nick))
+            return None
+        if line.startswith(notice + protocol.NICK_REFUSED):
+            self._phase = _GAVE_UP
+            return f"* cannot get the nickname back: {line[len(notice + protocol.NICK_REFUSED):]}"
+        if line.startswith((notice + protocol.CERT_REVOKED, notice + protocol.CERT_REQUIRED)):
+            self._phase = _GAVE_UP  # refused before the greeting: trying again will not help
+            return f"* cannot reconnect: {line[len(notice):]}"
+        return line
+
     def _on_lines(self, lines: list[bytes]) -> None:
         """Connection thread: decode, sanitise (the server is not trusted with our terminal), deliver."""
         for raw in lines:
-            line = protocol.sanitize(protocol.decode(raw))
+            shown = self.resume.filter(protocol.sanitize(protocol.decode(raw)))
+            if shown is not None and self._phase != _LIVE:
+                shown = self._resuming(shown)
+            if shown is None:
+                continue
+            line = shown
+            if self._capabilities(line):
+                continue
             if protocol.is_notice(line):
                 self._last_notice = line[len(protocol.NOTICE_PREFIX):]
                 if self._last_notice.startswith(protocol.SHUTDOWN):
                     self._saw_shutdown = True
             with self._deliver_lock:
+                # Our own nick follows every rename the server confirms (nicks are unique, and the
+                # server orders our lines, so "* <our nick> is now X" is about us); a refusal changes nothing.
+                rename = protocol.renamed(line)
+                if rename is not None and self.nick is not None and \
+                        protocol.nick_key(rename[0]) == protocol.nick_key(self.nick):
+                    self.nick = rename[1]
                 if self.on_line is not None and self.nick is not None:
                     self.on_line(line)
                 elif self._lines.qsize() >= (MAX_QUEUED_LINES if self._welcomed else MAX_LINES_BEFORE_WELCOME):
@@ -344,6 +486,28 @@ class ChatClient:
                     # A busy room may follow the welcome before register() has read it.
                     self._welcomed = self._welcomed or protocol.welcome_nick(line) is not None
                     self._lines.put(line)
+
+    def _capabilities(self, line: str) -> bool:
+        """Connection thread: ask for ``/cap echo`` after a welcome; True for its answer (consumed)."""
+        if self.want_echo and self._conn is not None and protocol.welcome_nick(line) is not None:
+            self._caps_asked += 1
+            self._conn.send(protocol.encode(f"/{protocol.CAP_COMMAND} {protocol.CAP_ECHO}"))
+            return False
+        if not self._caps_asked:
+            return False
+        cap = protocol.parse_cap_reply(line)
+        if cap is None and not line.startswith(("* unknown command /cap", "* " + protocol.CAP_REPLY)):
+            return False
+        self._caps_asked -= 1
+        self.echo = cap is not None and cap[0] == protocol.CAP_ECHO
+        if cap is not None:
+            self.flood_limit = (cap[1], cap[2])
+        self._caps_answered.set()
+        return True
+
+    def wait_capabilities(self, timeout: float) -> bool:
+        """After :meth:`register` with ``want_echo``: wait for the server's answer; True once it came."""
+        return self._caps_answered.wait(timeout)
 
     def _hang_up_flooded(self) -> None:
         """Connection thread: the server sent more than the client keeps; end the connection."""
@@ -374,6 +538,8 @@ class ChatClient:
                 raise ChatError(f"no answer from the server within {timeout:g} s after sending the nickname")
             accepted = protocol.welcome_nick(line)
             if accepted is not None:
+                if self.reconnect:
+                    self.send("/session")  # ids on room lines, and a token to resume with
                 self._pending_lines.append(line)
                 with self._deliver_lock:
                     self.nick = accepted
@@ -411,20 +577,22 @@ class ChatClient:
         if line.startswith(notice + protocol.TLS_REQUIRED):
             raise TLSRequired(f"{line[len(notice):]} (drop --plain and pass --ca with the server's ca.pem)")
 
-    def wait_greeting(self, timeout: float) -> None:
+    def wait_greeting(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the server's first line and raise if it is a refusal.
 
         A TLS or plain securechat server greets at once (or says it is full); a TLS server reached by
-        a plain client says nothing until the client speaks, so silence is not an error here.
+        a plain client says nothing until the client speaks. Returns False on silence, for the caller
+        to judge.
         """
         line = self.recv_line(timeout)
         if line is None:
             if self.closed:
                 self._raise_ended()
-            return
+            return False
         self._check_refusal(line)
         if not line.startswith(protocol.NOTICE_PREFIX + protocol.GREETING):
             self._pending_lines.append(line)
+        return True
 
     def set_on_line(self, callback: Callable[[str], None] | None) -> None:
         """Deliver received lines to ``callback`` (in the connection thread) from now on.
@@ -461,7 +629,12 @@ class ChatClient:
         """Queue one line for the server (a newline is added). False once the connection is gone."""
         if self._conn is None:
             raise RuntimeError("not connected")
-        if self._ended.is_set() or self._conn.closing:
+        if self._ended.is_set():
+            return False
+        if self._phase != _LIVE:
+            self._notify("* not connected (reconnecting...): line not sent")
+            return True
+        if self._conn.closing:
             return False
         return self._conn.send(protocol.encode(text.replace("\n", " ")))
 
@@ -491,6 +664,11 @@ class ChatClient:
         return self._ended.is_set()
 
     @property
+    def reconnecting(self) -> bool:
+        """True while a dropped connection is being re-established (see :mod:`securechat.session`)."""
+        return self._phase != _LIVE and not self._ended.is_set()
+
+    @property
     def server_shut_down(self) -> bool:
         """True when the server announced ``* server shutting down``."""
         return self._saw_shutdown
@@ -514,7 +692,7 @@ class ChatClient:
         reason = self._end_reason or "closed"
         refusal = explain_alert(reason.removeprefix("TLS error: "))
         if refusal is not None:
-            return f"{self.host}:{self.port} refused the connection: {refusal}"
+            return f"{addr.join(self.host, self.port)} refused the connection: {refusal}"
         if reason == "closed by peer":
             if self._last_notice:
                 return f"the server closed the connection: {self._last_notice}"
@@ -527,7 +705,8 @@ class ChatClient:
 
     def quit(self, wait: float = QUIT_WAIT) -> None:
         """Leave politely: send ``/quit``, give the server ``wait`` seconds to close, then close."""
-        if self._conn is not None and not self._ended.is_set():
+        self._quitting = True
+        if self._conn is not None and not self._ended.is_set() and self._phase == _LIVE:
             self.send("/quit")
             self._ended.wait(wait)
         self.close()
@@ -536,6 +715,7 @@ class ChatClient:
         """Close the connection (flushing what is queued, TLS close_notify) and wait for its thread."""
         if self._conn is None:
             return
+        self._closing.set()
         self._conn.close()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -673,8 +853,10 @@ def _pin_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = options.Parser(prog=PROG, description="Join a securechat server.")
-    p.add_argument("host", type=options.host, help="the server's IP address or host name")
-    p.add_argument("--port", type=options.port, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
+    p.add_argument("host", metavar="HOST[:PORT]",
+                   help="the server's IP address or host name, optionally with the port: 192.168.0.20, "
+                   "192.168.0.20:5555, [fe80::1%%eth0]:5555")
+    p.add_argument("--port", type=options.port, default=None, help=f"TCP port (default: {DEFAULT_PORT})")
     p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
     trust = p.add_argument_group(
         "recognising the server (one of)").add_mutually_exclusive_group()
@@ -702,6 +884,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oldest TLS version accepted (default: %(default)s)")
     p.add_argument("--timeout", type=options.duration(), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="time allowed to connect and complete the handshake (default: %(default)g)")
+    screen = p.add_argument_group(
+        "in a terminal", "Lines show as sent once the server has relayed them; a long paste is paced to the "
+        "server's flood limit (\"sending N lines...\") and a line the server dropped is marked \"not "
+        "delivered\". Each nick keeps its colour, yours is in reverse video, notices are dim, and a line "
+        "naming you is highlighted. Tab completes /commands and nicknames; the terminal's scrollback keeps the "
+        "history (Shift-PgUp, or tmux copy mode). With stdin or stdout not a terminal, lines are read and printed "
+        "plain: no colour, no bell, no timestamps.")
+    screen.add_argument("--timestamps", action=argparse.BooleanOptionalAction, default=True,
+                        help="show HH:MM before each line, and a line when the day changes (default: on)")
+    screen.add_argument("--bell", action=argparse.BooleanOptionalAction, default=True,
+                        help="ring the terminal bell when a line names you or is a private message to you; "
+                        "such lines are highlighted either way (default: on)")
+    screen.add_argument("--paste-verify", type=options.count(0, 1_000_000, "never asks"), default=5, metavar="N",
+                        help="ask before sending a paste of more than N lines, 0 never asks (default: "
+                        "%(default)s, as irssi's paste_verify_line_count)")
     return p
 
 
@@ -841,6 +1038,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``securechat connect``: 0 after leaving (or after the server shut down), 1 on any failure."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        args.host, port = addr.split_host_port(args.host)
+        args.host = options.host(args.host)  # what can be judged without the network (control characters, ...)
+    except (addr.AddressError, argparse.ArgumentTypeError) as exc:
+        parser.error(f"argument HOST[:PORT]: {exc}")
+    if port is not None and args.port is not None and port != args.port:
+        parser.error(f"two ports: {port} in {addr.join(args.host, port)} and --port {args.port}; give one")
+    args.port = port or args.port or DEFAULT_PORT
     if args.key is not None and args.cert is None:
         parser.error("--key needs --cert (your client certificate)")
     if args.plain and (args.cert or args.pin or args.tofu or args.ca):
@@ -858,10 +1063,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ChatError as exc:
             _err(str(exc))
             return EXIT_FAILURE
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    if not interactive:  # a pipe or file that fails (> /dev/full, | head -1): say so once, keep chatting
-        options.guard_stdout(PROG)
-    frontend = _Interactive(args, context, trust) if interactive else _LineMode(args, context, trust)
+    frontend: _Frontend
+    # TERM=dumb (Emacs shell, some IDE consoles): a terminal that cannot move the cursor or colour.
+    if sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb":
+        from securechat.ui import TerminalUI
+
+        frontend = TerminalUI(args, context, trust)
+    else:
+        options.guard_stdout(PROG)  # a pipe or file that fails (> /dev/full, | head -1): say so once, keep chatting
+        frontend = _LineMode(args, context, trust)
     try:
         return frontend.run()
     except ChatError as exc:
@@ -885,6 +1095,10 @@ class _Frontend:
         self.trust = trust
         self.client = ChatClient()
 
+    def run(self) -> int:
+        """Chat until the user leaves or the connection ends; the exit status."""
+        raise NotImplementedError
+
     @property
     def wanted_nick(self) -> str | None:
         """--nick, else the name in --cert (a mutual-TLS server grants that one anyway), else None."""
@@ -894,8 +1108,14 @@ class _Frontend:
         args = self.args
         self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout,
                             trust=self.trust)
-        plain = self.context is None and self.trust is None
-        self.client.wait_greeting(min(1.0, self.args.timeout) if plain else self.args.timeout)
+        if self.client.tls:
+            self.client.wait_greeting(self.args.timeout)
+        elif not self.client.wait_greeting(min(PLAIN_GREETING_WAIT, self.args.timeout)):
+            # Before the nickname goes out in clear: a TLS server waits for a ClientHello, silently.
+            where = addr.join(args.host, args.port)
+            raise TLSRequired(f"{where} sent no greeting within {min(PLAIN_GREETING_WAIT, args.timeout):g} s: "
+                              "it probably requires TLS; drop --plain and pass --ca with the server's ca.pem "
+                              "(or --pin/--tofu); nothing was sent")
 
     def leave(self) -> int:
         """Say /quit, let the server answer, and report how it ended.
@@ -903,6 +1123,9 @@ class _Frontend:
         Raises Disconnected when the server had already ended the connection for its own reasons
         (shutdown, kicked), so that is reported rather than passed off as a normal exit.
         """
+        if self.client.reconnecting:  # leaving while the network is down: nothing to say goodbye to
+            self.client.close()
+            return EXIT_OK
         if self.client.closed:
             self.client._raise_ended()
         self.client.quit()
@@ -969,105 +1192,3 @@ class _LineMode(_Frontend):
             if not self.client.send(text):
                 self.client.wait_closed(1.0)
                 self.client._raise_ended()
-
-
-class _Interactive(_Frontend):
-    """stdin and stdout are a terminal: a prompt_toolkit input line with messages printed above it."""
-
-    def run(self) -> int:
-        from prompt_toolkit import PromptSession
-        from prompt_toolkit.formatted_text import FormattedText
-        from prompt_toolkit.history import InMemoryHistory
-        from prompt_toolkit.patch_stdout import patch_stdout
-        from prompt_toolkit.shortcuts import print_formatted_text
-
-        def show(fragments: list[tuple[str, str]]) -> None:
-            print_formatted_text(FormattedText(fragments))
-
-        print(f"Connecting to {self.args.host}:{self.args.port}...", flush=True)
-        self.connect()
-        print(f"Connected ({'TLS' if self.client.tls else 'NOT ENCRYPTED'}).", flush=True)
-        session: PromptSession[str] = PromptSession(history=InMemoryHistory())
-        nick = self._choose_nick(session, self.wanted_nick)
-        if nick is None:
-            return self.leave()
-        # The accepted input line is erased: the "[nick] text" echo printed above replaces it, so a
-        # message is not shown twice.
-        session.app.erase_when_done = True
-        ended = threading.Event()
-        main_left = threading.Event()
-
-        def exit_if_running() -> None:
-            # Runs in the prompt's event loop; the prompt may have ended on its own meanwhile.
-            if session.app.is_running:
-                session.app.exit()
-
-        def exit_prompt() -> None:
-            # The prompt may be between two runs; keep asking until the main thread has noticed.
-            while not main_left.is_set():
-                loop = session.app.loop
-                if session.app.is_running and loop is not None:
-                    loop.call_soon_threadsafe(exit_if_running)
-                main_left.wait(0.1)
-
-        def on_line(line: str) -> None:
-            show(format_line(line))
-
-        def watch_end() -> None:
-            self.client.wait_closed()
-            ended.set()
-            exit_prompt()
-
-        with patch_stdout(raw=False):
-            self.client.set_on_line(on_line)
-            threading.Thread(target=watch_end, name="securechat-watch", daemon=True).start()
-            try:
-                while not ended.is_set():
-                    try:
-                        me = self.client.nick or nick
-                        text = session.prompt(
-                            [(nick_style(me), me), ("", "> ")],
-                            # the connection may have ended while no prompt was running
-                            pre_run=lambda: exit_if_running() if ended.is_set() else None,
-                        )
-                    except KeyboardInterrupt:
-                        break
-                    except EOFError:
-                        break
-                    if text is None or ended.is_set():
-                        break
-                    if _is_quit(text):
-                        break
-                    if not text.strip():
-                        continue
-                    echo = own_echo(self.client.nick or nick, text)
-                    if not self.client.send(text):
-                        break
-                    if echo is not None:
-                        show(format_line(echo))
-            finally:
-                main_left.set()
-        if ended.is_set() or self.client.closed:
-            self.client.close()
-            self.client._raise_ended()
-        return self.leave()
-
-    def _choose_nick(self, session: object, nick: str | None) -> str | None:
-        """Ask (or use --nick) until the server accepts one; None when the user gives up."""
-        while True:
-            if nick is None:
-                try:
-                    nick = session.prompt("Enter your nickname: ").strip()  # type: ignore[attr-defined]
-                except (EOFError, KeyboardInterrupt):
-                    return None
-            error = protocol.nick_error(nick)
-            if error is not None:
-                # Checked here first so the answer is instant; the server checks again anyway.
-                print(f"That nickname won't do: {error}.", flush=True)
-                nick = None
-                continue
-            try:
-                return self.client.register(nick, timeout=self.args.timeout)
-            except NickRefused as exc:
-                print(f"Nickname refused: {exc.reason}. Choose another.", flush=True)
-                nick = None

@@ -9,6 +9,8 @@ full, lines are dropped and counted instead of waited for.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import logging.handlers
 import queue
@@ -89,11 +91,44 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
             pass
 
 
-def nonblocking_logging(level: int, fmt: str, stream: TextIO | None = None) -> logging.handlers.QueueListener:
+LOG_FORMATS = ("console", "json")
+
+
+class ConsoleFormatter(logging.Formatter):
+    """What an operator reads, in the seed's style: ``[SERVER] WARNING: ...``, ``[SERVER] ...`` for info."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += " (" + self.formatException(record.exc_info).splitlines()[-1] + ")"
+        if record.levelno >= logging.WARNING:
+            return f"[SERVER] {record.levelname}: {message}"
+        return f"[SERVER] {message}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line for machines: time (UTC, ISO 8601), level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
+        entry = {"time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def log_formatter(kind: str) -> logging.Formatter:
+    """The formatter for ``--log-format kind`` (one of :data:`LOG_FORMATS`)."""
+    return JsonFormatter() if kind == "json" else ConsoleFormatter()
+
+
+def nonblocking_logging(level: int, fmt: str | logging.Formatter,
+                        stream: TextIO | None = None) -> logging.handlers.QueueListener:
     """Route the root logger through a bounded queue to ``stream`` (stderr); return the started listener."""
     records: queue.Queue[logging.LogRecord] = queue.Queue(QUEUE_LINES)
     target = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    target.setFormatter(logging.Formatter(fmt))
+    target.setFormatter(fmt if isinstance(fmt, logging.Formatter) else logging.Formatter(fmt))
     listener = logging.handlers.QueueListener(records, target, respect_handler_level=False)
     root = logging.getLogger()
     root.handlers[:] = [DroppingQueueHandler(records)]

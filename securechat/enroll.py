@@ -171,6 +171,7 @@ class SessionLike(Protocol):
 
     cert_serial: int | None
     nick: str
+    quitting: bool
 
     @property
     def conn(self) -> Any: ...
@@ -245,6 +246,7 @@ class Authority:
                     if serial is not None and serial_hex(serial) in revoked and not session.conn.closing:
                         log.warning("ending %s's session: certificate %s revoked", session.nick or "?",
                                     serial_hex(serial))
+                        session.quitting = True  # put out, not dropped: no nick to hold for a resume
                         session.conn.close(protocol.notice(f"{protocol.CERT_REVOKED}; goodbye"),
                                            reason="certificate revoked")
 

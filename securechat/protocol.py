@@ -10,16 +10,31 @@ client sends            meaning
 first line              the nickname (asked again until one is accepted)
 ``text``                a chat line, relayed to every other client as ``[nick] text``
 ``/nick NEW``           change nickname
-``/who``                list who is online
+``/who [ROOM]``         who is in the room (``* 2 online: a, b`` in the default room,
+                        ``* 2 in #dev: a, b`` elsewhere)
+``/join ROOM``          join a room (created on first join) and talk there; switch to it if
+                        already joined. Everyone starts in ``#lobby``
+``/part [ROOM]``        leave a room (default: the current one)
+``/rooms``              the rooms with people in them: ``* 2 rooms: #dev (2), #lobby (5)``
+``/history [N]``        N (default 50, at most 200) earlier lines of the current room
+``/session``            opt in to ids and resuming: ``* session TOKEN GRACE``, then every room
+                        line starts with ``@id=ID;room=NAME `` (the securechat client sends it)
+``/resume TOKEN R=ID``  instead of a nickname, within GRACE seconds of a dropped connection:
+                        same nick, same rooms, and the lines after each room's ID as missed
 ``/msg NICK text``      private message, delivered as ``[nick -> NICK] text``
 ``/me action``          an action, relayed as ``[nick] * action``
 ``/help``               list the commands
 ``/quit`` or ``exit``   leave
 ``//text``              a chat line that starts with ``/``
+``/cap echo``           (client programs) get our own lines back as relayed, see CAP_ECHO
 =====================  =================================================================
 
 Lines from the server that start with ``* `` are server notices; no client can produce one,
-because everything a client says is relayed behind its ``[nick]``.
+because everything a client says is relayed behind its ``[nick]``. Lines of a room that is not
+the one being typed into start with ``#room `` (``#dev [bob] hi``, ``#dev * carol joined``).
+Replayed lines start with ``(history HH:MM) `` (on joining: the last 50, then
+``* now live in #room``) or ``(missed HH:MM) `` (on resuming, or a returning person under
+mutual TLS); a line from another day shows its date too.
 """
 
 from __future__ import annotations
@@ -375,6 +390,8 @@ CERT_REQUIRED = "this server requires a client certificate"
 CERT_REVOKED = "your certificate has been revoked"
 SHUTDOWN = "server shutting down"
 LINE_TOO_LONG = "line too long"
+SESSION = "session "  # "* session TOKEN GRACE": the answer to /session
+RESUME_REFUSED = "resume refused: "
 
 
 def welcome_nick(line: str) -> str | None:
@@ -384,6 +401,38 @@ def welcome_nick(line: str) -> str | None:
         return None
     nick = line[len(prefix) :].split("!", 1)[0]
     return nick if NICK_RE.match(nick) else None
+
+
+# A client program asks for capabilities after joining with ``/cap NAME``; people never need it,
+# and clients that don't ask (ncat, openssl s_client) see nothing change. ``echo``: the server
+# sends the client a copy of each of its chat, action and private lines exactly as the others get
+# them, and a ``* not delivered (...): TEXT`` notice for each line it drops, so a client shows only
+# what was really delivered. The answer also advertises the flood limit, which a client paces to.
+CAP_COMMAND = "cap"
+CAP_ECHO = "echo"
+CAP_REPLY = "cap: "  # "* cap: echo on; flood 10 lines/s, burst 20" (rate 0: no limit)
+NOT_DELIVERED = "not delivered"  # "* not delivered (flood control): TEXT"
+NO_SUCH_NICK = "no such nick: "
+
+_CAP_REPLY_RE = re.compile(r"\* cap: (\w+) on; flood ([0-9.]+) lines/s, burst ([0-9.]+)\Z")
+_RENAMED_RE = re.compile(r"\* ([A-Za-z0-9_-]{1,%d}) is now ([A-Za-z0-9_-]{1,%d})\Z" % (MAX_NICK_CHARS, MAX_NICK_CHARS))
+
+
+def cap_reply(name: str, rate: float, burst: float) -> str:
+    """The server's answer to ``/cap NAME``, without the notice prefix."""
+    return f"{CAP_REPLY}{name} on; flood {rate:g} lines/s, burst {burst:g}"
+
+
+def parse_cap_reply(line: str) -> tuple[str, float, float] | None:
+    """``(capability, flood rate, flood burst)`` from a ``* cap: ...`` line, or None for any other line."""
+    m = _CAP_REPLY_RE.match(line)
+    return (m.group(1), float(m.group(2)), float(m.group(3))) if m else None
+
+
+def renamed(line: str) -> tuple[str, str] | None:
+    """``(old, new)`` from a ``* old is now new`` notice, or None for any other line."""
+    m = _RENAMED_RE.match(line)
+    return (m.group(1), m.group(2)) if m else None
 
 
 def is_notice(line: str) -> bool:
@@ -401,8 +450,9 @@ def sender_of(line: str) -> str | None:
 
 
 HELP_TEXT = (
-    "commands: /nick NEW (rename), /who (who is online), /msg NICK text (private), "
-    "/me action, /help, /quit (or exit); //text sends a line starting with '/'"
+    "commands: /join ROOM (join or switch), /part [ROOM], /rooms, /who [ROOM], /history [N], "
+    "/nick NEW (rename), /msg NICK text (private), /me action, /help, /quit (or exit); "
+    "//text sends a line starting with '/'"
 )
 
 

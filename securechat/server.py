@@ -7,8 +7,9 @@ done the connection gets a thread of its own, which registers a nick and then dr
 :class:`~securechat.conn.Connection`. Until its nickname is accepted a connection holds a place in
 the bounded pool of unauthenticated connections (:mod:`securechat.pending`), not a chat place: the
 oldest of the busiest address makes room for the newest, so silent sockets cannot lock anyone out.
-A chat line is formatted once and handed to every other member's bounded outbox by the
-:class:`Room`; the sender never writes to another client's socket and never waits for one.
+A chat line is formatted once and handed to every other member's bounded outbox by
+:class:`~securechat.rooms.Rooms` (through the room log, which gives it an id and stores it after
+delivery); the sender never writes to another client's socket and never waits for one.
 """
 
 from __future__ import annotations
@@ -32,12 +33,25 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, cast
 
-from securechat import DEFAULT_HOST, DEFAULT_PORT, console, options, protocol, tls
+from securechat import DEFAULT_HOST, DEFAULT_PORT, addr, console, listen, options, protocol, tls
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
 from securechat.console import announce
 from securechat.handshake import Handshaker
+from securechat.history import DEFAULT_DAYS, DEFAULT_LINES, MAX_HISTORY_DAYS, MAX_HISTORY_LINES, default_data_dir
 from securechat.pending import MAX_PENDING, MAX_PENDING_PER_ADDRESS, PendingPool, Throttle, Ticket, address_key
 from securechat.protocol import Command
+from securechat.roomlog import Directory, RoomLog, room_key
+from securechat.rooms import (
+    ANNOUNCE_LIMIT,
+    DEFAULT_ROOM,
+    GRACE_SECONDS,
+    MAX_HISTORY_PAGE,
+    REPLAY_LINES,
+    Room,
+    Rooms,
+    parse_positions,
+)
+from securechat.rooms import room_error as rooms_error
 
 if TYPE_CHECKING:
     from securechat.enroll import Authority
@@ -55,10 +69,6 @@ HANDSHAKE_TIMEOUT = 10.0
 
 # From handshake to accepted nickname; a person typing a nick needs seconds, not minutes.
 LOGIN_TIMEOUT = 30.0
-
-# Joins and leaves are announced while at most this many are online. Beyond, they are noise, and
-# quadratic: 5000 people joining one by one would be 12.5 million notices.
-ANNOUNCE_LIMIT = 200
 
 # Flood control: a fast typist sends a line or two a second; pasting 20 lines at once is fine.
 FLOOD_RATE = 10.0
@@ -100,85 +110,14 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class Room:
-    """The members of the chat and delivery to them.
-
-    The only object that knows who is connected, so another delivery back-end (several rooms,
-    several servers) can replace it without touching the connection code. Broadcasting iterates
-    an immutable snapshot, so senders never hold the lock while delivering.
-    """
-
-    def __init__(self, announce_limit: int = ANNOUNCE_LIMIT) -> None:
-        self.announce_limit = announce_limit
-        self._lock = threading.Lock()
-        self._by_key: dict[str, Session] = {}
-        self._members: tuple[Session, ...] = ()
-
-    def _announcing(self) -> bool:
-        return not self.announce_limit or len(self._members) <= self.announce_limit
-
-    def join(self, session: Session, nick: str) -> str | None:
-        """Add ``session`` as ``nick``; return why not, or None."""
-        key = protocol.nick_key(nick)
-        with self._lock:
-            if key in self._by_key:
-                return f"{nick!r} is taken"
-            self._by_key[key] = session
-            self._members = (*self._members, session)
-            session.nick = nick
-        if self._announcing():
-            self.broadcast(protocol.notice(f"{nick} joined"), exclude=session)
-        return None
-
-    def rename(self, session: Session, new: str) -> str | None:
-        """Rename a member; return why not, or None."""
-        old = session.nick
-        key = protocol.nick_key(new)
-        with self._lock:
-            holder = self._by_key.get(key)
-            if holder is not None and holder is not session:
-                return f"{new!r} is taken"
-            del self._by_key[protocol.nick_key(old)]
-            self._by_key[key] = session
-            session.nick = new
-        self.broadcast(protocol.notice(f"{old} is now {new}"), exclude=None)
-        return None
-
-    def leave(self, session: Session, why: str, *, quiet: bool = False) -> None:
-        """Remove a member and, unless ``quiet``, tell the others ``* nick left (why)``.
-
-        In a room over the announce limit an ordinary departure (no ``why``) goes unannounced,
-        like an arrival; a disconnection with a reason is always told.
-        """
-        with self._lock:
-            if self._by_key.get(protocol.nick_key(session.nick)) is not session:
-                return
-            # Counted with the leaver, as its arrival was: who joined unannounced leaves so.
-            announcing = self._announcing()
-            del self._by_key[protocol.nick_key(session.nick)]
-            self._members = tuple(m for m in self._members if m is not session)
-        if not quiet and (why or announcing):
-            self.broadcast(protocol.notice(f"{session.nick} left ({why})" if why else f"{session.nick} left"))
-
-    def broadcast(self, data: bytes, exclude: Session | None = None) -> None:
-        """Queue ``data`` for every member but ``exclude``. Never blocks on a member."""
-        for member in self._members:
-            if member is not exclude:
-                member.conn.send(data)
-
-    def find(self, nick: str) -> Session | None:
-        return self._by_key.get(protocol.nick_key(nick))
-
-    def nicks(self) -> list[str]:
-        return sorted((m.nick for m in self._members), key=str.casefold)
-
-
 class Session:
     """One client's life on the server: nick registration, then chat. Runs in its own thread."""
 
     # Thousands of these live at once: no per-instance __dict__.
-    __slots__ = ("server", "peer", "nick", "bound_nick", "state", "conn", "bucket", "dropped", "slot",
-                 "admission", "cert_serial")
+    __slots__ = ("server", "peer", "nick", "bound_nick", "person", "state", "conn", "bucket", "dropped", "slot",
+                 "admission", "joined", "current", "tagged", "token", "quitting", "paged", "held_private",
+                 "private_mark", "dropped_at", "replaced", "echo",
+                 "cert_serial")
 
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -186,6 +125,8 @@ class Session:
         self.nick = ""
         # With mutual TLS the certificate's CN *is* the nickname: not chosen, not changeable.
         self.bound_nick = certificate_nick(sock)
+        # ... and names a person, whose read positions and offline messages are kept.
+        self.person = self.bound_nick or None
         self.state = State.NICK
         self.conn = Connection(
             sock,
@@ -200,6 +141,17 @@ class Session:
         self.dropped = 0
         self.slot: _Slot | None = None  # the chat place, from the accepted nickname on
         self.admission: _Admission | None = None  # the place among the unauthenticated, until then
+        self.echo = False  # "/cap echo": copy this client its own lines as relayed (protocol.CAP_ECHO)
+        self.joined: list[Room] = []
+        self.current: Room | None = None
+        self.tagged = False  # "@id=...;room=... " in front of room lines (/session)
+        self.token = ""  # resume token, once asked for
+        self.quitting = False  # left with /quit, or put out by the server: nothing to hold
+        self.paged: dict[str, str] = {}  # room key -> oldest id /history has shown
+        self.held_private: list[bytes] | None = None  # private lines that came while dropped
+        self.private_mark: str | None = None  # newest stored private message given
+        self.dropped_at: dict[str, str | None] = {}  # room key -> last id when the connection dropped
+        self.replaced = False  # a resumed connection took over this session
         self.cert_serial: int | None = None  # the client certificate's, watched for revocation
 
     def __repr__(self) -> str:
@@ -215,9 +167,16 @@ class Session:
         was_member = self.state is State.CHAT
         self.state = State.CLOSED
         self.server._release_session(self)
+        rooms = self.server.rooms
+        if self.replaced:
+            log.info("%s %s: taken over by a resumed connection", self.peer, self.nick)
+            return
         if was_member:
-            # While the server shuts down everyone leaves at once; nobody needs the roll call.
-            self.server.room.leave(self, _leave_reason(why), quiet=self.server.stopping)
+            if self.server.stopping:
+                # While the server shuts down everyone leaves at once; nobody needs the roll call.
+                rooms.unregister(self, "", quiet=True)
+            elif self.quitting or not rooms.hold(self, _held_expired):
+                rooms.unregister(self, _leave_reason(why))
         log.info("%s %s disconnected: %s", self.peer, self.nick or "(no nick)", why)
 
     def reply(self, text: str) -> None:
@@ -232,7 +191,10 @@ class Session:
                 self.dropped += 1
                 if self.dropped == 1:
                     self.reply(f"slow down: at most {self.server.flood_rate:g} lines a second; lines dropped")
+                if self.echo:  # a line the server dropped must never look delivered to its sender
+                    self.reply(f"{protocol.NOT_DELIVERED} (flood control): {protocol.sanitize(protocol.decode(raw))}")
                 if self.dropped >= FLOOD_DISCONNECT:
+                    self.quitting = True  # put out, not dropped: no session to hold
                     self.conn.close(protocol.notice("disconnected for flooding"), reason="disconnected for flooding")
                     log.warning("%s %s disconnected for flooding", self.peer, self.nick)
                 continue
@@ -267,9 +229,12 @@ class Session:
         if isinstance(parsed, Command) and parsed.name == "quit":
             self.cmd_quit("")
             return
+        if isinstance(parsed, Command) and parsed.name == "resume":
+            self._resume(parsed.arg)
+            return
         if self.bound_nick is not None:
             return self._register_bound(nick, self.bound_nick)
-        error = protocol.nick_error(nick) or self.server.reserved(nick) or self.server.room.join(self, nick)
+        error = protocol.nick_error(nick) or self.server.reserved(nick) or self.server.rooms.register(self, nick)
         if error:
             self.reply(protocol.NICK_REFUSED + error + "; send another")
             return
@@ -278,7 +243,7 @@ class Session:
     def _register_bound(self, asked: str, nick: str) -> None:
         """Join under the certificate's name, whatever nick line was sent."""
         error = protocol.nick_error(nick)
-        if error is None and self.server.room.join(self, nick) is not None:
+        if error is None and self.server.rooms.register(self, nick) is not None:
             error = f"{nick!r} is already connected"
         if error:
             self.conn.close(protocol.notice(f"{protocol.NICK_REFUSED}{error} (your certificate names you "
@@ -289,17 +254,36 @@ class Session:
     def _welcome(self, nick: str, aside: str) -> None:
         self.state = State.CHAT
         self.conn.deadline = None
-        nicks = self.server.room.nicks()
+        nicks = self.server.rooms.nicks()
         self.reply(f"{protocol.WELCOME}{nick}!{aside} {len(nicks)} online: {', '.join(nicks)}. "
                    "/help lists commands")
         log.info("%s is %s%s", self.peer, nick, " (certificate)" if self.bound_nick else "")
+        self.server.rooms.enter_default(self)
+
+    def _resume(self, arg: str) -> None:
+        """``/resume TOKEN ROOM=ID ...``: take back a dropped session within its grace period."""
+        token, *positions = arg.split()
+        rooms = self.server.rooms
+        old = rooms.resume(self, token, self.person) if token else None
+        if old is None:
+            self.reply(f"{protocol.RESUME_REFUSED}unknown or expired session; send your nickname")
+            return
+        self.state = State.CHAT
+        self.conn.deadline = None
+        self.tagged, self.token = True, old.token
+        self.paged, self.private_mark, self.dropped_at = old.paged, old.private_mark, old.dropped_at
+        nicks = rooms.nicks()
+        self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
+                   "/help lists commands")
+        log.info("%s resumed %s", self.peer, self.nick)
+        rooms.rejoin(self, old, parse_positions(positions))
 
     def _chat(self, text: str) -> None:
         parsed = protocol.parse(text)
         if isinstance(parsed, str):
             line = protocol.sanitize(parsed)
             if line.strip():
-                self.server.room.broadcast(protocol.chat(self.nick, line), exclude=self)
+                self.server.rooms.say(self, line)
             return
         handler = COMMANDS.get(parsed.name)
         if handler is None:
@@ -314,6 +298,7 @@ class Session:
                             reason="no nickname in time")
 
     def _on_too_long(self) -> None:
+        self.quitting = True
         limit = protocol.MAX_LINE_BYTES
         self.conn.close(protocol.notice(f"{protocol.LINE_TOO_LONG} (over {limit} bytes); goodbye"),
                         reason=f"{protocol.LINE_TOO_LONG}: over {limit} bytes")
@@ -324,45 +309,110 @@ class Session:
         if self.bound_nick is not None:
             self.reply(f"{protocol.NICK_REFUSED}your nickname is bound to your certificate ({self.bound_nick})")
             return
-        error = protocol.nick_error(arg) or self.server.reserved(arg) or self.server.room.rename(self, arg)
+        error = protocol.nick_error(arg) or self.server.reserved(arg) or self.server.rooms.rename(self, arg)
         if error:
             self.reply(protocol.NICK_REFUSED + error)
 
     def cmd_who(self, arg: str) -> None:
-        nicks = self.server.room.nicks()
-        self.reply(f"{len(nicks)} online: {', '.join(nicks)}")
+        name = arg.strip() or (self.current.name if self.current else "")
+        if not name:
+            self.reply("you are in no room: /who NAME, or /join NAME")
+            return
+        nicks = self.server.rooms.who(name) if rooms_error(name) is None else None
+        if nicks is None:
+            self.reply(f"no room #{protocol.sanitize(name.lstrip('#'))}")
+        elif room_key(name) == room_key(DEFAULT_ROOM):  # the seed's one-room answer, unchanged
+            self.reply(f"{len(nicks)} online: {', '.join(nicks)}")
+        else:
+            self.reply(f"{len(nicks)} in #{name.lstrip('#')}: {', '.join(nicks)}")
+
+    def cmd_join(self, arg: str) -> None:
+        name = arg.strip()
+        if not name:
+            where = ", ".join(f"#{r.name}" for r in self.joined) or "no room"
+            self.reply(f"you are in {where}" + (f"; talking in #{self.current.name}" if self.current else "")
+                       + "; /join NAME joins or switches")
+            return
+        error = rooms_error(name)
+        if error:
+            self.reply(error)
+            return
+        self.server.rooms.join(self, name)
+
+    def cmd_part(self, arg: str) -> None:
+        name = arg.strip()
+        error = rooms_error(name) if name else None
+        if error:
+            self.reply(error)
+            return
+        self.server.rooms.part(self, name)
+
+    def cmd_rooms(self, arg: str) -> None:
+        listing = self.server.rooms.rooms()
+        self.reply(f"{len(listing)} room{'s' if len(listing) != 1 else ''}: "
+                   + ", ".join(f"#{name} ({count})" for name, count in listing))
+
+    def cmd_history(self, arg: str) -> None:
+        word = arg.split()[0] if arg.split() else ""
+        if word and not (word.isascii() and word.isdigit() and int(word) > 0):
+            self.reply("usage: /history [N] (N lines further back)")
+            return
+        self.server.rooms.history(self, int(word) if word else REPLAY_LINES)
+
+    def cmd_session(self, arg: str) -> None:
+        """Opt in to ids on room lines and to resuming after a dropped connection."""
+        self.server.rooms.tag(self)
+        token = self.server.rooms.new_token(self)
+        self.reply(f"{protocol.SESSION}{token} {self.server.rooms.grace:g}")
 
     def cmd_msg(self, arg: str) -> None:
         target_nick, _, text = arg.partition(" ")
         if not target_nick or not text.strip():
             self.reply("usage: /msg NICK text")
             return
-        target = self.server.room.find(target_nick)
-        if target is None:
-            self.reply(f"no such nick: {protocol.sanitize(target_nick)}")
-            return
-        target.conn.send(protocol.private(self.nick, target.nick, protocol.sanitize(text)))
+        error = self.server.rooms.private(self, target_nick, protocol.sanitize(text))
+        if error:
+            self.reply(error)
 
     def cmd_me(self, arg: str) -> None:
         action = protocol.sanitize(arg).strip()
         if action:
-            self.server.room.broadcast(protocol.action(self.nick, action), exclude=self)
+            self.server.rooms.say(self, action, "action")
 
     def cmd_help(self, arg: str) -> None:
         self.reply(protocol.HELP_TEXT)
 
     def cmd_quit(self, arg: str) -> None:
+        self.quitting = True
         self.conn.close(protocol.notice("goodbye"))
+
+    def cmd_cap(self, arg: str) -> None:
+        if arg.strip().lower() != protocol.CAP_ECHO:
+            self.reply(f"{protocol.CAP_REPLY}unknown capability {protocol.sanitize(arg)!r}; known: {protocol.CAP_ECHO}")
+            return
+        self.echo = True
+        self.reply(protocol.cap_reply(protocol.CAP_ECHO, self.server.flood_rate, self.server.flood_burst))
+
+
+
+def _held_expired(member: object) -> None:
+    log.info("%s did not come back in time", getattr(member, "nick", "?"))
 
 
 # Command name (without the slash) -> handler: the whole command set, in one table.
 COMMANDS: dict[str, Callable[[Session, str], None]] = {
     "nick": Session.cmd_nick,
     "who": Session.cmd_who,
+    "join": Session.cmd_join,
+    "part": Session.cmd_part,
+    "rooms": Session.cmd_rooms,
+    "history": Session.cmd_history,
+    "session": Session.cmd_session,
     "msg": Session.cmd_msg,
     "me": Session.cmd_me,
     "help": Session.cmd_help,
     "quit": Session.cmd_quit,
+    protocol.CAP_COMMAND: Session.cmd_cap,
 }
 
 
@@ -409,9 +459,17 @@ class ChatServer:
         announce_limit: int = ANNOUNCE_LIMIT,
         max_pending: int = MAX_PENDING,
         max_pending_per_ip: int = MAX_PENDING_PER_ADDRESS,
+        dual_stack: bool = False,
+        roomlog: RoomLog | None = None,
+        directory: Directory | None = None,
+        replay: int = REPLAY_LINES,
+        grace: float = GRACE_SECONDS,
+        offline_messages: bool = False,
         authority: Authority | None = None,
     ) -> None:
         self.host = host
+        # host "::" with dual_stack: one socket for IPv6 and IPv4 (IPV6_V6ONLY off), where the OS allows it.
+        self.dual_stack = dual_stack
         self.port = port
         self.ssl_context = ssl_context
         self.max_clients = max_clients
@@ -421,7 +479,10 @@ class ChatServer:
         self.flood_rate = flood_rate
         self.flood_burst = flood_burst
         self.outbox_limit = outbox_limit
-        self.room = Room(announce_limit)
+        # Who is in which room; lines go through ``roomlog`` (default: LocalLog, no history) and
+        # the people on other servers come from ``directory`` (default: nobody else).
+        self.rooms = Rooms(roomlog, directory, announce_limit=announce_limit, replay=replay, grace=grace,
+                           offline_messages=offline_messages)
         # Invites, renewals and the revocation denylist (securechat.enroll), when the CA is at hand.
         self.authority = authority
         self._lock = threading.Lock()
@@ -453,9 +514,15 @@ class ChatServer:
         """
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, self.port))
-        listener.listen(min(socket.SOMAXCONN, 4096))
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.dual_stack else 1)
+            listener.bind((self.host, self.port))
+            listener.listen(min(socket.SOMAXCONN, 4096))
+        except BaseException:
+            listener.close()
+            raise
         self._listener = listener
         self._start_handshakers()
         return self.address
@@ -493,6 +560,7 @@ class ChatServer:
         if self._listener is None:
             self.bind()
         assert self._listener is not None
+        self.rooms.start()  # here, not in bind(): the caller may set rooms.log once the port is known
         listener = self._listener
         listener.setblocking(False)
         poller = select.poll()
@@ -514,6 +582,9 @@ class ChatServer:
                 while not self._stop_requested():
                     try:
                         sock, peer = listener.accept()
+                        # The seed's ('ip', port), also for IPv4 clients of a dual-stack socket
+                        # (::ffff:192.0.2.1): per-address limits and logs then see one address.
+                        peer = (addr.unmap(peer[0]), peer[1])
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError as exc:
@@ -575,6 +646,15 @@ class ChatServer:
             self._threads_done.wait_for(lambda: self._threads == 0, timeout)
         self._waker.close()
         self._throttle.flush(force=True)
+        self.rooms.close()  # after the sessions: a graceful stop stores every line said
+
+    def abandon(self) -> None:
+        """Undo :meth:`bind` for a server that will not serve after all."""
+        for handshaker in self._handshakers:
+            handshaker.stop()
+        if self._listener is not None:
+            self._listener.close()
+        self._waker.close()
 
     def __enter__(self) -> ChatServer:
         return self
@@ -895,8 +975,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the securechat server. TLS by default: with the default paths and no certificate yet, "
         "a local CA and a server certificate are minted into certs/ first.",
     )
-    p.add_argument("--host", type=options.host, default=DEFAULT_HOST,
-                   help="address to listen on (default: %(default)s, every interface)")
+    p.add_argument("--listen", type=options.host, metavar="ADDR", default=None,
+                   help="listen on this one address of this machine, e.g. 192.168.0.20 or ::1 (default: every "
+                   f"interface, IPv6 and IPv4: [::] and {DEFAULT_HOST}). Not a certificate name: that is "
+                   "'gen-certs --host'")
+    p.add_argument("--host", type=options.host, dest="listen", help=argparse.SUPPRESS)  # the older spelling of --listen
     p.add_argument("--port", type=options.listen_port, default=DEFAULT_PORT,
                    help="TCP port, 0 for any free one (default: %(default)s)")
     p.add_argument("--cert", type=options.path, help=f"server certificate chain, PEM (default: {DEFAULT_CERT})")
@@ -937,7 +1020,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-limit", type=options.count(0, zero="for always"), default=ANNOUNCE_LIMIT, metavar="N",
                    help="announce joins and leaves while at most N people are online, 0 for always "
                    "(default: %(default)s)")
+    p.add_argument("--data", type=options.path, metavar="DIR",
+                   help="where history is kept, in history-PORT.sqlite3 (mode 0600; default: "
+                   "$XDG_DATA_HOME/securechat, else ~/.local/share/securechat). History is stored UNENCRYPTED")
+    p.add_argument("--no-history", action="store_true",
+                   help="keep no history at all: no replay on joining, no /history, no catch-up after a drop")
+    p.add_argument("--history-days", type=options.rate(MAX_HISTORY_DAYS, zero="for no age limit"),
+                   default=DEFAULT_DAYS, metavar="DAYS",
+                   help="forget lines older than this, 0 for never (default: %(default)g)")
+    p.add_argument("--history-lines", type=options.count(0, MAX_HISTORY_LINES, zero="for no limit"),
+                   default=DEFAULT_LINES, metavar="N",
+                   help="keep at most the last N lines of each room, 0 for no limit (default: %(default)s)")
+    p.add_argument("--replay", type=options.count(0, MAX_HISTORY_PAGE, zero="for none"), default=REPLAY_LINES,
+                   metavar="N", help="lines of history shown on joining a room (default: %(default)s)")
+    p.add_argument("--grace", type=options.rate(options.MAX_TIMEOUT, zero="for not at all"),
+                   default=GRACE_SECONDS, metavar="SECONDS",
+                   help="how long a dropped securechat client's nick and rooms are held for it to resume, "
+                   "0 for not at all (default: %(default)g)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
+    p.add_argument("--log-format", choices=console.LOG_FORMATS, default="console",
+                   help="log lines on stderr: 'console', readable ([SERVER] WARNING: ...), or 'json', one "
+                   "object a line for machines (default: %(default)s)")
     return p
 
 
@@ -1048,16 +1151,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plain and args.require_client_cert:
         parser.error("--require-client-cert needs TLS; it cannot be combined with --plain")
+    try:
+        args.listen, args.dual_stack = listen.plan(args.listen)
+    except listen.ListenError as exc:
+        parser.error(str(exc))
     # The console is for the operator; the chat must not die with it (> /dev/full, | head -1).
     options.guard_stdout(PROG)
     listener = console.nonblocking_logging(logging.INFO if args.verbose else logging.WARNING,
-                                           "%(asctime)s %(levelname)s %(name)s: %(message)s")
+                                           console.log_formatter(args.log_format))
     console.stdout.start()  # now, so the process's thread count is steady from the first client on
     try:
         return _serve(args)
     finally:
         console.stdout.flush()
         listener.stop()
+
+
+def _bind(server: ChatServer, args: argparse.Namespace) -> OSError | None:
+    """Bind ``server``; the error, if any. Dual stack falls back to IPv4 where IPv6 is switched off."""
+    try:
+        server.bind()
+        return None
+    except OSError as exc:
+        if not args.dual_stack:
+            return exc
+    server.host, server.dual_stack, args.listen, args.dual_stack = DEFAULT_HOST, False, DEFAULT_HOST, False
+    try:
+        server.bind()
+    except OSError as exc:
+        return exc
+    return None
 
 
 # Descriptors a connection may hold (its socket, its session's eventfd), and what the server keeps
@@ -1099,17 +1222,37 @@ def _serve(args: argparse.Namespace) -> int:
     except StartError as exc:
         options.print_error(PROG, str(exc))
         return 1
-    server = ChatServer(args.host, args.port, context, max_clients=args.max_clients, max_per_ip=args.max_per_ip,
+    server = ChatServer(args.listen, args.port, context, dual_stack=args.dual_stack,
+                        max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
                         flood_rate=args.flood_rate, flood_burst=args.flood_burst,
                         announce_limit=args.announce_limit, max_pending=args.max_pending,
-                        max_pending_per_ip=args.max_pending_per_ip, authority=args.authority)
+                        max_pending_per_ip=args.max_pending_per_ip, replay=args.replay, grace=args.grace,
+                        offline_messages=args.require_client_cert and not args.no_history,
+                        authority=args.authority)
     _raise_descriptor_limit(args.max_clients + args.max_pending)
-    try:
-        server.bind()
-    except OSError as exc:
-        options.print_error(PROG, f"cannot listen on {args.host}:{args.port}: {describe_error(exc)}")
+    failure = _bind(server, args)
+    if failure is not None:
+        where = addr.join(args.listen, args.port)
+        if failure.errno == errno.EADDRNOTAVAIL:
+            options.print_error(PROG, f"cannot listen on {where}: {addr.host_text(args.listen)} is not an address "
+                                "of this machine; leave --listen out to listen on all of them")
+        else:
+            options.print_error(PROG, f"cannot listen on {where}: {describe_error(failure)}")
         return 1
+    history_path = None
+    if not args.no_history:
+        from securechat.history import DB_NAME, HistoryError, SqliteLog
+
+        # One file per port: two servers on one machine are two chats (and a port-0 test server
+        # gets a file of its own).
+        history_path = (args.data or default_data_dir()) / DB_NAME.format(port=server.address[1])
+        try:
+            server.rooms.log = SqliteLog(history_path, days=args.history_days, lines=args.history_lines)
+        except HistoryError as exc:
+            options.print_error(PROG, f"history: {exc}")
+            server.abandon()
+            return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop_from_signal()
@@ -1141,6 +1284,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.authority is not None:
         print("[SERVER] Invites: add a person or machine with 'securechat invite [NAME]' (no restart needed)",
               flush=True)
+    if history_path is None:
+        print("[SERVER] History is off (--no-history)", flush=True)
+    else:
+        print(f"[SERVER] History (unencrypted) in {history_path}", flush=True)
     if context is None:
         print("[SERVER] WARNING: --plain: NO ENCRYPTION. Every message and nickname can be read and altered by "
               "anyone on the network.", flush=True)
@@ -1152,7 +1299,12 @@ def _serve(args: argparse.Namespace) -> int:
         if len(prints) > 1:
             print(f"[SERVER] CA SHA-256 fingerprint (for --pin): {prints[-1]}", flush=True)
     host, port = server.address
-    print(f"[SERVER] Waiting for connections on {host}:{port}", flush=True)
+    for line in listen.banner(host, port, server.dual_stack):
+        print(line, flush=True)
+    for line in listen.connect_hint(host, port, server.dual_stack,
+                                    cert=None if context is None else args.cert or DEFAULT_CERT,
+                                    mutual=args.require_client_cert):
+        print(line, flush=True)
     if args.authority is not None:
         args.authority.start(server)
     server.serve_forever(signal_fd=signal_r)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +20,11 @@ from securechat import tls
 from securechat.server import ChatServer
 
 LOOPBACK = "127.0.0.1"
+
+# `securechat serve` keeps history in $XDG_DATA_HOME/securechat by default: in tests, never the real one.
+_DATA_HOME = tempfile.mkdtemp(prefix="securechat-test-data-")
+os.environ["XDG_DATA_HOME"] = _DATA_HOME
+atexit.register(shutil.rmtree, _DATA_HOME, ignore_errors=True)
 
 Handshake = Callable[[ssl.SSLContext, ssl.SSLContext, str], None]
 
