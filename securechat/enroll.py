@@ -555,7 +555,7 @@ def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
         wire.send(f"CONFIRM {seen.hex()} {_b64(_mac(k, b'client', seen, csr_hash))} {_b64(csr_der)}")
         verb, _, rest = wire.read().partition(" ")
         if verb == "ERR":
-            raise JoinError(f"{where} refused: {rest}. Nothing was saved")
+            raise JoinError(f"{where} refused the invite: {rest}. Nothing was saved")
         fields = rest.split(" ")
         if verb != "OK" or len(fields) != 4:
             raise JoinError(f"{where} answered something unexpected: {INTERCEPTED}? Nothing was saved")
