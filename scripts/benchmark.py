@@ -163,6 +163,9 @@ class SecurechatAdapter(Adapter):
             str(max(max_clients, 1000)),
             "--login-timeout",
             "300",
+            # History stays on (the default), in a throwaway directory beside the certificates.
+            "--data",
+            str(Path(certs["cert"]).parent / "history"),
         ]
 
     def on_login_line(self, client: BenchClient, line: bytes) -> bool:
