@@ -145,3 +145,15 @@ def test_a_join_after_the_server_certificate_was_renewed_binds_the_new_one(serve
     enrolled = enroll.join(LOOPBACK, server.address[1], code)
     assert enrolled.name == "grace"
     assert enrolled.server_fingerprint == tls.file_fingerprint(ca_dir / "server.pem")
+
+
+@pytest.mark.parametrize("refusal", ["your certificate has been revoked: ask the server's admin for a new invite",
+                                     "this server requires a client certificate: join with an invite"])
+def test_a_client_resuming_after_its_certificate_was_revoked_gives_up(refusal: str) -> None:
+    from securechat import client as client_module
+
+    chat = client_module.ChatClient()
+    chat.resume.token = "t" * 22  # it had a session to resume
+    chat._phase = client_module._RESUMING  # reconnected; this is the server's first line
+    assert chat._resuming(f"* {refusal}") == f"* cannot reconnect: {refusal}"
+    assert not chat._should_reconnect()
