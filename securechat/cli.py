@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "connect": ("securechat.client", "join a chat server: securechat connect HOST"),
     "gen-certs": ("securechat.certs", "mint a local CA and a server certificate into certs/"),
     "fingerprint": ("securechat.identity", "print a certificate file's SHA-256 fingerprint"),
+    "invite": ("securechat.invites", "make a one-time code for someone to join: securechat invite [NAME]"),
+    "join": ("securechat.enroll", "join a server with an invite code: securechat join HOST CODE"),
+    "revoke": ("securechat.revoke", "revoke a client certificate: securechat revoke NAME|SERIAL"),
+    "certs": ("securechat.issued", "list the client certificates issued through invites"),
 }
 
 USAGE = """usage: securechat [COMMAND] [OPTIONS]

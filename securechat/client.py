@@ -185,7 +185,8 @@ _LIVE, _RECONNECTING, _RESUMING, _REREGISTERING, _GAVE_UP = range(5)
 
 # The server's last word before closing on purpose: no reconnecting after these.
 _FINAL_NOTICES = frozenset({"goodbye", "disconnected for flooding"})
-_FINAL_PREFIXES = (protocol.LINE_TOO_LONG, "no nickname within", protocol.SERVER_FULL)
+_FINAL_PREFIXES = (protocol.LINE_TOO_LONG, "no nickname within", protocol.SERVER_FULL, protocol.CERT_REVOKED,
+                   protocol.CERT_REQUIRED)
 
 
 class ChatClient:
@@ -478,6 +479,9 @@ class ChatClient:
         if line.startswith(notice + protocol.NICK_REFUSED):
             self._phase = _GAVE_UP
             return f"* cannot get the nickname back: {line[len(notice + protocol.NICK_REFUSED):]}"
+        if line.startswith((notice + protocol.CERT_REVOKED, notice + protocol.CERT_REQUIRED)):
+            self._phase = _GAVE_UP  # refused before the greeting: trying again will not help
+            return f"* cannot reconnect: {line[len(notice):]}"
         return line
 
     def _on_lines(self, lines: list[bytes]) -> None:
@@ -597,6 +601,8 @@ class ChatClient:
             raise NickRefused(reason.removesuffix("; send another"))
         if line.startswith(notice + protocol.SERVER_FULL):
             raise ServerFull(f"{line[len(notice):]}")
+        if line.startswith((notice + protocol.CERT_REQUIRED, notice + protocol.CERT_REVOKED)):
+            raise CertificateRefused(f"{self.host}:{self.port} refused the connection: {line[len(notice):]}")
         if line.startswith(notice + protocol.TLS_REQUIRED):
             raise TLSRequired(f"{line[len(notice):]} (drop --plain and pass --ca with the server's ca.pem)")
 
@@ -886,7 +892,8 @@ def build_parser() -> argparse.ArgumentParser:
         "recognising the server (one of)").add_mutually_exclusive_group()
     trust.add_argument("--ca", type=options.path, default=None,
                        help="the CA certificate that signed the server's certificate; copy it from the "
-                       f"server's certs/ folder (default: {DEFAULT_CA})")
+                       "server's certs/ folder (default: what 'securechat join' saved for this server, else "
+                       f"{DEFAULT_CA})")
     trust.add_argument("--pin", type=_pin_arg, metavar="FINGERPRINT",
                        help="trust the server whose CA has this SHA-256 fingerprint (the server's '[SERVER] CA "
                        "SHA-256 fingerprint' line; its own certificate's fingerprint works too, until renewal); "
@@ -1031,6 +1038,8 @@ def _first_contact(key: str, fingerprint: str, path: Path, kind: str) -> None:
 
 def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, identity.ServerTrust | None]:
     """The TLS context, or the --pin/--tofu trust, the command line asks for; ChatError on any problem."""
+    if not (args.pin or args.tofu or args.ca) and (joined := _joined_context(args)) is not None:
+        return joined, None
     if args.pin or args.tofu:
         prepare = None
         if args.cert is not None:
@@ -1058,6 +1067,27 @@ def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, iden
     if args.cert is not None:
         args.cert_name = load_client_certificate(context, args.cert, args.key)
     return context, None
+
+
+def _joined_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The context for a server joined with an invite (``securechat join``), renewing first if due."""
+    from securechat import profiles
+
+    profile = profiles.load(args.host, args.port)
+    if profile is None:
+        return None
+    if args.cert is None:
+        profiles.renew_if_due(profile, tls_min=args.tls_min, timeout=args.timeout, say=_err)
+    try:
+        context = tls.client_context(profile.ca, tls_min=args.tls_min)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ChatError(f"cannot load {profile.ca} ({describe_error(exc)}): join again with a new invite") \
+            from None
+    if args.cert is not None:
+        args.cert_name = load_client_certificate(context, args.cert, args.key)
+    elif profile.has_cert:
+        args.cert_name = load_client_certificate(context, profile.cert, profile.key)
+    return context
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -385,6 +385,9 @@ WELCOME = "welcome, "  # "* welcome, alice! 3 online: alice, bob, carol. /help l
 NICK_REFUSED = "nickname refused: "
 SERVER_FULL = "server full"
 TLS_REQUIRED = "this server requires TLS"
+# Refusals of a client certificate after the handshake (invites and revocation, securechat.enroll).
+CERT_REQUIRED = "this server requires a client certificate"
+CERT_REVOKED = "your certificate has been revoked"
 SHUTDOWN = "server shutting down"
 LINE_TOO_LONG = "line too long"
 SESSION = "session "  # "* session TOKEN GRACE": the answer to /session

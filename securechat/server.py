@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType, ModuleType
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from securechat import DEFAULT_HOST, DEFAULT_PORT, addr, console, listen, options, protocol, redislog, tls
 from securechat.conn import OUTBOX_LIMIT, Connection, Waker, close_gracefully, describe_error, tune_socket
@@ -53,6 +53,9 @@ from securechat.rooms import (
     parse_rooms,
 )
 from securechat.rooms import room_error as rooms_error
+
+if TYPE_CHECKING:
+    from securechat.enroll import Authority
 
 log = logging.getLogger("securechat.server")
 
@@ -114,7 +117,8 @@ class Session:
     # Thousands of these live at once: no per-instance __dict__.
     __slots__ = ("server", "peer", "nick", "bound_nick", "person", "state", "conn", "bucket", "dropped", "slot",
                  "admission", "joined", "current", "tagged", "token", "quitting", "paged", "held_private",
-                 "private_mark", "dropped_at", "replaced", "echo")
+                 "private_mark", "dropped_at", "replaced", "echo",
+                 "cert_serial")
 
     def __init__(self, server: ChatServer, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -149,6 +153,7 @@ class Session:
         self.private_mark: str | None = None  # newest stored private message given
         self.dropped_at: dict[str, str | None] = {}  # room key -> last id when the connection dropped
         self.replaced = False  # a resumed connection took over this session
+        self.cert_serial: int | None = None  # the client certificate's, watched for revocation
 
     def __repr__(self) -> str:
         return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
@@ -230,7 +235,7 @@ class Session:
             return
         if self.bound_nick is not None:
             return self._register_bound(nick, self.bound_nick)
-        error = protocol.nick_error(nick) or self.server.rooms.register(self, nick)
+        error = protocol.nick_error(nick) or self.server.reserved(nick) or self.server.rooms.register(self, nick)
         if error:
             self.reply(protocol.NICK_REFUSED + error + "; send another")
             return
@@ -315,7 +320,7 @@ class Session:
         if self.bound_nick is not None:
             self.reply(f"{protocol.NICK_REFUSED}your nickname is bound to your certificate ({self.bound_nick})")
             return
-        error = protocol.nick_error(arg) or self.server.rooms.rename(self, arg)
+        error = protocol.nick_error(arg) or self.server.reserved(arg) or self.server.rooms.rename(self, arg)
         if error:
             self.reply(protocol.NICK_REFUSED + error)
 
@@ -471,6 +476,7 @@ class ChatServer:
         replay: int = REPLAY_LINES,
         grace: float = GRACE_SECONDS,
         offline_messages: bool = False,
+        authority: Authority | None = None,
     ) -> None:
         self.host = host
         # host "::" with dual_stack: one socket for IPv6 and IPv4 (IPV6_V6ONLY off), where the OS allows it.
@@ -488,6 +494,8 @@ class ChatServer:
         # the people on other servers come from ``directory`` (default: nobody else).
         self.rooms = Rooms(roomlog, directory, announce_limit=announce_limit, replay=replay, grace=grace,
                            offline_messages=offline_messages)
+        # Invites, renewals and the revocation denylist (securechat.enroll), when the CA is at hand.
+        self.authority = authority
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
         self._chatters = 0  # sessions holding a chat place (a _Slot): what max_clients bounds
@@ -671,6 +679,15 @@ class ChatServer:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    def sessions(self) -> list[Session]:
+        """A snapshot of the sessions past the handshake."""
+        with self._lock:
+            return list(self._sessions)
+
+    def reserved(self, nick: str) -> str | None:
+        """Why a client without a certificate may not take ``nick`` (it is a certificate's name), or None."""
+        return self.authority.reserved(nick) if self.authority is not None else None
+
     @property
     def client_count(self) -> int:
         """Sessions past the handshake."""
@@ -752,6 +769,10 @@ class ChatServer:
         if admission.evicted:  # between the handshake's end and this call: its place is gone
             sock.close()
             return
+        if self.authority is not None and self.authority.wants(sock):  # a join: takes no chat place
+            if not self._start(self._run_enroll, sock, peer, admission):
+                admission.ticket.release()
+            return
         # Early word for the common case; _take_place decides, atomically, at the nickname.
         with self._lock:
             refusal = self._refusal(address_key(str(peer[0])))
@@ -785,9 +806,29 @@ class ChatServer:
         finally:
             self._refusal_done()
 
+    def _run_enroll(self, sock: ssl.SSLSocket, peer: tuple, admission: _Admission) -> None:
+        """An enrollment exchange (securechat.enroll): unauthenticated from start to end, so it holds its
+        pending place throughout; evicted, its blocking read is ended by shutting the socket down."""
+        assert self.authority is not None
+        try:
+            admission.hand_to(functools.partial(_shut_down, sock))
+            self.authority.serve(sock, peer)
+        except Exception:  # one joiner's bug must not take the server down
+            log.exception("unexpected error enrolling %s", peer)
+        finally:
+            admission.ticket.release()
+            _say_and_close(sock, b"")
+
     def _run_session(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, admission: _Admission) -> None:
         session = None
         try:
+            serial = None
+            if self.authority is not None:
+                refusal, serial = self.authority.admit(sock)
+                if refusal is not None:
+                    log.warning("refused %s: %s", peer, refusal)
+                    _say_and_close(sock, protocol.notice(refusal))
+                    return
             for attempt in range(SESSION_ATTEMPTS):
                 try:
                     session = Session(self, sock, peer)
@@ -802,6 +843,7 @@ class ChatServer:
                     return
             assert session is not None
             session.admission = admission
+            session.cert_serial = serial
             admission.hand_to(functools.partial(session.conn.abort, EVICTED))
             with self._lock:
                 self._sessions.add(session)
@@ -906,11 +948,21 @@ class _Slot:
                 per_ip.pop(self.ip, None)
 
 
+def _shut_down(sock: socket.socket | ssl.SSLSocket) -> None:
+    """End a blocking read in the socket's owner thread, from any thread: the plain socket's shutdown
+    is one syscall on the descriptor and leaves the TLS object alone (which only its owner touches)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # already shut down or closed
+        pass
+
+
 def _say_and_close(sock: socket.socket | ssl.SSLSocket, data: bytes) -> None:
     """Send one short message and close, from the thread that owns ``sock``."""
     try:
         sock.settimeout(2)
-        sock.sendall(data)
+        if data:
+            sock.sendall(data)
         close_gracefully(sock)
     except (OSError, ValueError):
         pass
@@ -1030,6 +1082,7 @@ def _load_context(args: argparse.Namespace) -> ssl.SSLContext:
         # Shared lock: a gen-certs or a renewal running now cannot hand us one run's key with another's
         # certificate.
         with certdir.locked(cert.parent, shared=True):
+            _enable_invites(args)
             return _context_factory(args)()
     except certdir.UnsafePermissions as exc:
         raise StartError(str(exc)) from None
@@ -1086,8 +1139,22 @@ def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
         if not Path(client_ca).is_file():
             raise StartError(f"CA file not found: {client_ca} (pass --ca, the CA that signed the client "
                              "certificates)")
+    authority = getattr(args, "authority", None)
+    if authority is not None:  # invites: ALPN for enrollment, optional client certificates from our CA
+        return lambda: authority.configure(
+            tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
+                               require_client_cert=args.require_client_cert), cert)
     return lambda: tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
                                       require_client_cert=args.require_client_cert)
+
+
+def _enable_invites(args: argparse.Namespace) -> None:
+    """Take invites when the local CA (ca.pem and ca.key) is beside the server certificate."""
+    from securechat.enroll import Authority
+
+    where = Authority.beside(args.cert or DEFAULT_CERT)
+    if where is not None:
+        args.authority = Authority(where, require_client_cert=args.require_client_cert)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1161,6 +1228,7 @@ def _raise_descriptor_limit(connections: int) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    args.authority = None
     try:
         if args.plain:
             context = None
@@ -1182,7 +1250,7 @@ def _serve(args: argparse.Namespace) -> int:
                         announce_limit=args.announce_limit, max_pending=args.max_pending,
                         max_pending_per_ip=args.max_pending_per_ip, replay=args.replay, grace=args.grace,
                         offline_messages=args.require_client_cert and not args.no_history,
-                        roomlog=roomlog, directory=directory)
+                        authority=args.authority, roomlog=roomlog, directory=directory)
     _raise_descriptor_limit(args.max_clients + args.max_pending)
     failure = _bind(server, args)
     if failure is not None:
@@ -1244,6 +1312,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.require_client_cert:
         print("[SERVER] Mutual TLS: only clients with a certificate from the CA may join; nicknames are "
               "their certificates' names", flush=True)
+    if args.authority is not None:
+        print("[SERVER] Invites: add a person or machine with 'securechat invite [NAME]' (no restart needed)",
+              flush=True)
     if directory is not None:
         print(f"[SERVER] Sharing rooms and history through Redis at {redislog.redact(args.redis)} "
               f"(this server is {directory.origin})", flush=True)
@@ -1268,7 +1339,11 @@ def _serve(args: argparse.Namespace) -> int:
                                     cert=None if context is None else args.cert or DEFAULT_CERT,
                                     mutual=args.require_client_cert):
         print(line, flush=True)
+    if args.authority is not None:
+        args.authority.start(server)
     server.serve_forever(signal_fd=signal_r)
+    if args.authority is not None:
+        args.authority.stop()
     signal.set_wakeup_fd(-1)
     os.close(signal_r)
     os.close(signal_w)

@@ -108,6 +108,11 @@ def _cases(root: Path, busy_port: int, closed_port: int) -> list[Case]:
         "connect": ["--port", str(closed_port), "--timeout", "5", "--nick", "walker"],
         "gen-certs": ["--out", str(root / "walk-out")],
         "fingerprint": [],
+        # Invites: nothing listens at closed_port, and the walk's certs/ has a CA (and a registry to make).
+        "invite": ["--certs", str(root / "certs"), "--host", LOOPBACK],
+        "join": ["--port", str(closed_port), "--timeout", "5"],
+        "revoke": ["--certs", str(root / "certs")],
+        "certs": ["--certs", str(root / "certs")],
     }
     needs = {("serve", "--ca"): ["--require-client-cert"], ("connect", "--key"): ["--cert", str(client)]}
     cases: list[Case] = []
