@@ -523,6 +523,7 @@ class ChatServer:
 
         Port 0 picks a free port. Once this returns, connections queue until :meth:`serve_forever`.
         """
+        protocol.prepare()  # the look-alike tables: built here, not during someone's first join
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:

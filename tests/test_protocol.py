@@ -384,3 +384,32 @@ def test_lookalike_nick_is_refused_by_the_server(first: str, second: str, serve:
     other.expect("* securechat: send your nickname")
     other.send(second)
     assert other.expect("* nickname refused").startswith("* nickname refused: ")
+
+
+def test_sessions_joining_at_once_share_one_look_alike_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table is built once even when many first joins race for it (each used to build its own)."""
+    import threading
+
+    monkeypatch.setattr(protocol, "_FOLD_TABLE", None)
+    built: list[int] = []
+    real_build = protocol._build_fold_table
+
+    def counting_build() -> dict[int, str]:
+        built.append(1)
+        return real_build()
+
+    monkeypatch.setattr(protocol, "_build_fold_table", counting_build)
+    start = threading.Barrier(16)
+    tables: list[dict[int, str]] = []
+
+    def first_join() -> None:
+        start.wait()
+        tables.append(protocol._fold_table())
+
+    threads = [threading.Thread(target=first_join) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 1
+    assert all(table is tables[0] for table in tables)
