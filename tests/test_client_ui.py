@@ -422,6 +422,9 @@ def test_up_recalls_a_line_and_an_overlong_line_is_not_sent(certs: Certs, tls_se
         expect(bob, "* alice joined")
         term.type("first\r")
         expect(bob, "[alice] first")
+        # prompt_toolkit reloads the input history in the background after a line is accepted; the
+        # server's echo on our screen comes after that, so Up has something to recall.
+        term.wait_for("[alice] first", history=False)
         term.keys("Up")
         term.wait_until(lambda s: "alice> first" in s, history=False)
         term.keys("Enter")
