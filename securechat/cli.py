@@ -14,7 +14,7 @@ from securechat import __version__, addr, options
 
 # subcommand -> (module with main(argv) -> int, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("securechat.server", "run the chat server (TLS; mints certificates into certs/ on first run)"),
+    "serve": ("securechat.serve", "run the chat server (TLS; mints certificates into certs/ on first run)"),
     "connect": ("securechat.client", "join a chat server: securechat connect HOST"),
     "gen-certs": ("securechat.certs", "mint a local CA and a server certificate into certs/"),
     "fingerprint": ("securechat.identity", "print a certificate file's SHA-256 fingerprint"),

@@ -159,10 +159,10 @@ def close_all(socks: list[socket.socket]) -> None:
 
 
 def test_defaults_are_the_documented_ones() -> None:
-    from securechat import pending, server
+    from securechat import pending, serve
 
     assert (pending.MAX_PENDING, pending.MAX_PENDING_PER_ADDRESS) == (POOL, PER_ADDRESS)
-    args = server.build_parser().parse_args([])
+    args = serve.build_parser().parse_args([])
     assert (args.max_pending, args.max_pending_per_ip, args.max_per_ip) == (POOL, PER_ADDRESS, 0)
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert f"| {POOL} | `--max-pending`" in readme and f"| {PER_ADDRESS} | `--max-pending-per-ip`" in readme
