@@ -119,10 +119,11 @@ _owed = threading.local()
 
 @contextlib.contextmanager
 def batched_wakeups() -> Iterator[None]:
-    """Within it, every outbox this thread fills is woken once, at the end, as during ``on_lines``.
+    """Within it, every outbox this thread fills is woken once, at the end.
 
-    For a thread that delivers a batch of lines it did not read from a socket (a shared room log's
-    reader): without it, each line would wake each member's thread again.
+    Around ``on_lines`` (a batch read from one socket) and around a shared room log's reader
+    delivering a batch it did not read from a socket: without it, each line would wake each
+    member's thread again.
     """
     if getattr(_owed, "wakers", None) is not None:  # already batching (nested)
         yield
@@ -383,14 +384,8 @@ class Connection:
                         self.on_too_long()
                         break
                     if lines:
-                        owed: list[Waker] = []
-                        _owed.wakers = owed
-                        try:
+                        with batched_wakeups():
                             self.on_lines(lines)
-                        finally:
-                            _owed.wakers = None
-                            for waker in owed:
-                                waker.wake()
                     if self.closing:
                         break
                 else:
