@@ -831,23 +831,6 @@ def nick_style(nick: str) -> str:
     return "bold fg:" + NICK_PALETTE[zlib.crc32(key) % len(NICK_PALETTE)]
 
 
-def format_line(line: str) -> list[tuple[str, str]]:
-    """Style fragments for one received line: a notice dimmed, a chat line's sender coloured.
-
-    The text is put into fragments as literal text, so nothing in it is ever read as markup.
-    """
-    line = protocol.sanitize(line)
-    if protocol.is_notice(line):
-        return [(NOTICE_STYLE, line)]
-    sender = protocol.sender_of(line)
-    if sender is None:
-        return [("", line)]
-    close = line.index("] ")
-    head = line[1:close]  # "nick" or "nick -> other"
-    return [("", "["), (nick_style(sender), sender), ("", head[len(sender):]), ("", "] "),
-            ("", line[close + 2:])]
-
-
 def own_echo(nick: str, text: str) -> str | None:
     """How a line the user sent looks to the others, to show locally (the server doesn't echo)."""
     parsed = protocol.parse(text)

@@ -22,7 +22,6 @@ from securechat.client import (
     ChatError,
     NickRefused,
     ServerFull,
-    format_line,
     nick_style,
     own_echo,
 )
@@ -209,14 +208,19 @@ def test_nick_colours_are_stable_and_case_blind() -> None:
     assert len({nick_style(f"user{i}") for i in range(50)}) > 3  # the palette is actually used
 
 
-def test_format_line_keeps_text_literal_and_sanitises() -> None:
-    assert format_line("* bob joined") == [("italic fg:ansibrightblack", "* bob joined")]
-    fragments = format_line("[bob] <b>bold</b> \x1b[31mred\x1b[0m")
-    assert "".join(text for _, text in fragments) == "[bob] <b>bold</b> red"
-    assert fragments[1] == (nick_style("bob"), "bob")
-    private = format_line("[bob -> alice] hi")
-    assert "".join(t for _, t in private) == "[bob -> alice] hi" and private[1] == (nick_style("bob"), "bob")
-    assert format_line("no sender here") == [("", "no sender here")]
+def test_received_lines_are_shown_as_literal_sanitised_text() -> None:
+    from securechat.ui import Display
+
+    def fragments(line: str) -> list[tuple[str, str]]:
+        return Display(lambda: "carol", timestamps=False).render(line).fragments
+
+    assert fragments("* bob joined") == [("italic fg:ansibrightblack", "* bob joined"), ("", "\n")]
+    chat = fragments("[bob] <b>bold</b> \x1b[31mred\x1b[0m")
+    assert "".join(text for _, text in chat) == "[bob] <b>bold</b> red\n"
+    assert chat[1] == (nick_style("bob"), "bob")
+    private = fragments("[bob -> alice] hi")
+    assert "".join(t for _, t in private) == "[bob -> alice] hi\n" and private[1] == (nick_style("bob"), "bob")
+    assert fragments("no sender here") == [("", "no sender here"), ("", "\n")]
 
 
 def test_own_echo() -> None:
