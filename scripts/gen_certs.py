@@ -13,7 +13,7 @@ from pathlib import Path
 # other installed securechat so the script always matches the code next to it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from securechat.certs import main
+from securechat.pki.gencerts import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="gen_certs.py"))

@@ -1,6 +1,11 @@
-"""securechat: real-time LAN chat, TLS by default, with its own certificate tooling."""
+"""securechat: real-time LAN chat, TLS by default, with its own certificate tooling.
+
+The package by role: ``wire`` (what both ends speak), ``pki`` (the local certificate authority),
+``store`` (where room lines live), ``server`` and ``client``; ``cli`` is the face.
+"""
+
+from securechat.wire.addr import DEFAULT_HOST, DEFAULT_PORT
 
 __version__ = "0.1.0"
 
-DEFAULT_HOST = "0.0.0.0"
-DEFAULT_PORT = 5555
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "__version__"]

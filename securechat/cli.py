@@ -10,18 +10,19 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from securechat import __version__, addr, options
+from securechat import __version__
+from securechat.wire import addr, options
 
 # subcommand -> (module with main(argv) -> int, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("securechat.serve", "run the chat server (TLS; mints certificates into certs/ on first run)"),
-    "connect": ("securechat.client", "join a chat server: securechat connect HOST"),
-    "gen-certs": ("securechat.certs", "mint a local CA and a server certificate into certs/"),
-    "fingerprint": ("securechat.identity", "print a certificate file's SHA-256 fingerprint"),
-    "invite": ("securechat.invites", "make a one-time code for someone to join: securechat invite [NAME]"),
-    "join": ("securechat.enroll", "join a server with an invite code: securechat join HOST CODE"),
-    "revoke": ("securechat.revoke", "revoke a client certificate: securechat revoke NAME|SERIAL"),
-    "certs": ("securechat.issued", "list the client certificates issued through invites"),
+    "serve": ("securechat.server.serve", "run the chat server (TLS; mints certificates into certs/ on first run)"),
+    "connect": ("securechat.client.connect", "join a chat server: securechat connect HOST"),
+    "gen-certs": ("securechat.pki.gencerts", "mint a local CA and a server certificate into certs/"),
+    "fingerprint": ("securechat.client.identity", "print a certificate file's SHA-256 fingerprint"),
+    "invite": ("securechat.pki.invites", "make a one-time code for someone to join: securechat invite [NAME]"),
+    "join": ("securechat.client.join", "join a server with an invite code: securechat join HOST CODE"),
+    "revoke": ("securechat.pki.revoke", "revoke a client certificate: securechat revoke NAME|SERIAL"),
+    "certs": ("securechat.pki.issued", "list the client certificates issued through invites"),
 }
 
 USAGE = """usage: securechat [COMMAND] [OPTIONS]
@@ -35,7 +36,7 @@ With no command, securechat asks whether to run as server or client.
 Run 'securechat COMMAND --help' for the options of a command.
 """
 
-# Exit statuses shared by every subcommand (see securechat.options for the error-line convention).
+# Exit statuses shared by every subcommand (see securechat.wire.options for the error-line convention).
 EXIT_OK = options.EXIT_OK
 EXIT_FAILURE = options.EXIT_FAILURE
 EXIT_USAGE = options.EXIT_USAGE

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from securechat import tls
-from securechat.server import ChatServer
+from securechat.server.engine import ChatServer
+from securechat.wire import tls
 from tests.redis_server import redis_server  # noqa: F401  (fixture: a real redis-server on loopback)
 
 LOOPBACK = "127.0.0.1"
@@ -92,7 +92,7 @@ def cert_files(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA,
     d = tmp_path_factory.mktemp("certs")
     ca.cert_pem.write_to_path(str(d / "ca.pem"))
     server_cert.private_key_pem.write_to_path(str(d / "server.key"))
-    (d / "server.key").chmod(0o600)  # securechat refuses keys others can read (securechat.certdir)
+    (d / "server.key").chmod(0o600)  # securechat refuses keys others can read (securechat.pki.certdir)
     for i, blob in enumerate(server_cert.cert_chain_pems):
         blob.write_to_path(str(d / "server.pem"), append=i > 0)
     return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key", "dir": d}

@@ -1,6 +1,6 @@
 """Never a traceback, for every option and every file (issue 10, item 4; issue 11's one error convention).
 
-The rule (securechat.options): a bad command line exits 2, any other failure exits 1, and stderr is
+The rule (securechat.wire.options): a bad command line exits 2, any other failure exits 1, and stderr is
 ONE line starting with the program that speaks (``securechat serve: ``, ``securechat connect: ``,
 ``securechat gen-certs: ``, ``securechat fingerprint: ``, or ``securechat: `` for the dispatcher);
 argparse's multi-line usage is not printed (``--help`` shows it).
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from securechat import certs, cli, options
-from securechat.server import ChatServer
+from securechat import cli
+from securechat.pki import certs
+from securechat.server.engine import ChatServer
+from securechat.wire import options
 from tests.conftest import LineClient
 
 LOOPBACK = "127.0.0.1"
@@ -156,10 +158,10 @@ def _problem(case: Case, result: subprocess.CompletedProcess[str]) -> str | None
 
 
 def test_no_option_is_typed_as_a_bare_int_or_float() -> None:
-    """Numbers go through securechat.options, which refuses nan, inf, negatives and out-of-range values."""
+    """Numbers go through securechat.wire.options, which refuses nan, inf, negatives and out-of-range values."""
     for command, parser in _parsers():
         for action in parser._actions:
-            assert action.type not in (int, float), f"{command} {action.option_strings}: use securechat.options"
+            assert action.type not in (int, float), f"{command} {action.option_strings}: use securechat.wire.options"
 
 
 @pytest.mark.slow
@@ -238,7 +240,7 @@ def test_serve_with_odd_certs_directories(tmp_path: Path, layout: str, words: st
 
 
 def _client_joins(port: int, ca: Path) -> None:
-    from securechat import tls
+    from securechat.wire import tls
 
     raw = socket.create_connection((LOOPBACK, port), timeout=10)
     client = LineClient(tls.client_context(ca).wrap_socket(raw, server_hostname="localhost"))
@@ -358,7 +360,7 @@ def test_line_mode_client_without_a_working_stdout_still_chats(
 
 def test_a_name_lookup_failure_is_described_in_words() -> None:
     """`serve --host` with a name that does not resolve said "unknown error -2" (os.strerror of EAI_NONAME)."""
-    from securechat.conn import describe_error
+    from securechat.wire.conn import describe_error
 
     text = describe_error(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
     assert text == "no such host name or address (Name or service not known)"

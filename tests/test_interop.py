@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from securechat import certs, tls
-from securechat.server import ChatServer
+from securechat.pki import certs
+from securechat.server.engine import ChatServer
+from securechat.wire import tls
 
 
 class LineProcess:

@@ -1,0 +1,62 @@
+"""``securechat join HOST CODE``: enroll with an invite code and remember the server as a profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Sequence
+
+from securechat.client import profiles
+from securechat.client.enroll import join
+from securechat.pki.enrollment import (
+    JoinError,
+)
+from securechat.wire import options, tls
+from securechat.wire.addr import DEFAULT_PORT
+from securechat.wire.conn import describe_error
+
+PROG = "securechat join"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = options.Parser(
+        prog=PROG,
+        description="Join a securechat server with the invite code its admin gave you ('securechat invite' "
+        "on the server). Makes your key here (it never leaves this machine), fetches your certificate and "
+        "the server's CA, and remembers them: afterwards 'securechat connect HOST' needs nothing else.")
+    p.add_argument("host", type=options.host, help="the server's address, as given with the code")
+    p.add_argument("code", help="the invite code, like 7-crayon-galaxy-lunar")
+    p.add_argument("--port", type=options.port, default=DEFAULT_PORT, help="TCP port (default: %(default)s)")
+    p.add_argument("--timeout", type=options.duration(), default=10.0, metavar="SECONDS",
+                   help="time allowed to connect (default: %(default)g)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``securechat join HOST CODE``: 0 once the profile is saved, 1 on any failure."""
+    args = build_parser().parse_args(argv)
+    try:
+        where = profiles.prepare(args.host, args.port)
+    except OSError as exc:
+        options.print_error(PROG, f"cannot write the profile in {profiles.servers_dir()}: {describe_error(exc)}")
+        return 1
+    try:
+        enrolled = join(args.host, args.port, args.code, timeout=args.timeout)
+        profile = profiles.save(args.host, args.port, enrolled)
+    except JoinError as exc:
+        with contextlib.suppress(OSError):
+            where.rmdir()  # only if empty: a profile from an earlier join stays
+        options.print_error(PROG, str(exc))
+        return 1
+    except OSError as exc:
+        options.print_error(PROG, f"cannot save the profile: {describe_error(exc)}")
+        return 1
+    port = "" if args.port == DEFAULT_PORT else f" --port {args.port}"
+    who = f" as {enrolled.name}" if enrolled.name else " (you pick a nickname when you connect)"
+    print(f"Joined {args.host}{who}. From now on: securechat connect {args.host}{port}")
+    print(f"(server CA fingerprint {tls.fingerprint(enrolled.ca_pem.decode('ascii'))}; saved in {profile.dir})")
+    if not enrolled.names_host(args.host):
+        options.print_error(PROG, f"note: the server's certificate does not name {args.host!r}, so 'connect' will "
+                            f"refuse it: ask the server's admin to run 'securechat gen-certs --ip/--host {args.host}'")
+    return 0

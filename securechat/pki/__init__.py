@@ -1,0 +1,1 @@
+"""The local certificate authority: minting, certificate files, renewal, the ledger, invites, enrollment."""

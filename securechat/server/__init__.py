@@ -1,0 +1,1 @@
+"""The chat server: connections and handshakes, sessions, rooms, and the ``serve`` command line."""

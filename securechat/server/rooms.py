@@ -1,0 +1,699 @@
+"""Rooms: who is in which room, and delivery of every room's lines through the room log.
+
+The server's sessions only call :class:`Rooms`; :class:`Rooms` only talks to a
+:class:`~securechat.store.roomlog.RoomLog` (where lines get their ids and are kept) and a
+:class:`~securechat.store.roomlog.Directory` (who is on the other servers). A line said in a room is
+appended to the log; the log hands it back to :meth:`Rooms._deliver`, which formats it once per
+form and queues it on each member's bounded outbox. Nobody writes to another client's socket.
+
+What a member sees (see the protocol table in :mod:`securechat.wire.protocol`):
+
+- a line of the room it is typing into (its *current* room) exactly as the seed showed it:
+  ``[nick] text``, ``* alice joined``;
+- a line of another room it follows, behind the room's name: ``#dev [bob] hi``;
+- history (on joining, or ``/history``) as ``(history 09:05) [bob] hi``, missed lines (resuming
+  after a dropped connection, or a person's return under mutual TLS) as ``(missed 09:05) ...``,
+  each batch followed by ``* now live in #room``;
+- with ``/session`` (opt-in; the securechat client sends it) every room line is preceded by a tag
+  ``@id=<id>;room=<name> `` so the client knows its last id in each room.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from securechat.server.room import (
+    ANNOUNCE_LIMIT,
+    DEFAULT_ROOM,
+    EXCLUDE_SENDER,
+    GRACE_SECONDS,
+    HELD_PRIVATE_LIMIT,
+    MAX_CATCHUP,
+    MAX_CATCHUP_LINES,
+    MAX_HISTORY_PAGE,
+    MAX_JOINED,
+    MAX_ROOMS,
+    REPLAY_BYTES,
+    REPLAY_LINES,
+    Member,
+    Room,
+    render,
+    room_error,
+    tag,
+    time_label,
+)
+from securechat.store.roomlog import Directory, Entry, LocalDirectory, LocalLog, RoomLog
+from securechat.wire import protocol
+from securechat.wire.ids import id_key, room_key
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("securechat.rooms")
+
+
+class Rooms:
+    """Every room on this server, the nick registry, and delivery through the room log."""
+
+    def __init__(
+        self,
+        roomlog: RoomLog | None = None,
+        directory: Directory | None = None,
+        *,
+        announce_limit: int = ANNOUNCE_LIMIT,
+        replay: int = REPLAY_LINES,
+        offline_messages: bool = False,
+        grace: float = GRACE_SECONDS,
+    ) -> None:
+        self.log = roomlog if roomlog is not None else LocalLog()
+        self.directory = directory if directory is not None else LocalDirectory()
+        self.announce_limit = announce_limit
+        self.replay = replay
+        # Under mutual TLS a name is a person: a /msg to someone offline is kept for them.
+        self.offline_messages = offline_messages
+        self.grace = grace
+        self._lock = threading.Lock()
+        self._nicks: dict[str, Member] = {}  # nick_key -> member (held sessions included)
+        self._held: dict[str, _Held] = {}  # resume token -> a dropped session waiting for its client
+        self._tokens: dict[str, Member] = {}  # resume token -> its member, connected or held
+        self._resume_lock = threading.Lock()  # holding, expiring and resuming one at a time
+        self._rooms: dict[str, Room] = {}  # room_key -> room
+        self._by_name: dict[str, Room] = {}  # exact display name -> room (the fast path)
+        self._started = False
+
+    def start(self) -> None:
+        """Connect to the log: from now on its entries are delivered here."""
+        if not self._started:
+            self._started = True
+            self.log.start(self._deliver)
+
+    def close(self) -> None:
+        """Stop the grace timers and close the log (a graceful close stores everything)."""
+        with self._lock:
+            held = list(self._held.values())
+            self._held.clear()
+        for h in held:
+            h.timer.cancel()
+        self.log.close()
+
+    def _changed(self, member: Member, *also: Room) -> None:
+        """``member``'s nick, current room or tags changed: rebuild the delivery lists it is in."""
+        for room in {*member.joined, *also}:
+            with room.lock:
+                room.rebuild()
+
+    def tag(self, member: Member) -> None:
+        """``member`` asked for tags (/session) on every room line from now on."""
+        member.tagged = True
+        self._changed(member)
+
+    # -- nicknames -------------------------------------------------------------------------
+
+    def register(self, member: Member, nick: str) -> str | None:
+        """Give ``member`` the name ``nick`` (no room yet); return why not, or None."""
+        key = protocol.nick_key(nick)
+        held = self._nicks.get(key)
+        if held is not None and member.person and held.person == member.person and held.held_private is not None:
+            # The same person (certificate) is back with a fresh client instead of resuming:
+            # the held session is over now, not at the end of its grace period.
+            self._expire(held.token)
+        with self._lock:
+            holder = self._nicks.get(key)
+            if holder is not None and holder.held_private is not None:
+                return f"{nick!r} is held for its dropped connection to resume (up to {self.grace:g} s)"
+            if holder is not None:
+                return f"{nick!r} is taken"
+            if not self.directory.claim(nick):
+                return f"{nick!r} is taken"
+            self._nicks[key] = member
+            member.nick = nick
+        return None
+
+    def rename(self, member: Member, new: str) -> str | None:
+        """Rename ``member`` and tell each of its rooms; return why not, or None."""
+        old = member.nick
+        key = protocol.nick_key(new)
+        with self._lock:
+            holder = self._nicks.get(key)
+            if holder is not None and holder is not member:
+                return f"{new!r} is taken"
+            if protocol.nick_key(old) != key and not self.directory.claim(new):
+                return f"{new!r} is taken"
+            del self._nicks[protocol.nick_key(old)]
+            self._nicks[key] = member
+            member.nick = new
+        self._changed(member)
+        if protocol.nick_key(old) != key:
+            self.directory.release(old)
+        if member.token:  # a shared directory resumes it on another server under the new nick
+            self.directory.remember_session(member.token, new, member.person)
+        for room in list(member.joined):
+            self.directory.parted(room.name, old)
+            self.directory.joined(room.name, new)
+            self.log.append(room.name, "notice", "", f"{old} is now {new}")
+        return None
+
+    def unregister(self, member: Member, why: str, *, quiet: bool = False) -> None:
+        """``member`` is gone for good: leave every room (telling each, unless ``quiet``), free the nick."""
+        self._save_marks(member)
+        for room in list(member.joined):
+            self._leave_room(member, room, why, quiet=quiet)
+        member.current = None
+        with self._lock:
+            if member.token and self._tokens.get(member.token) is member:
+                del self._tokens[member.token]
+            key = protocol.nick_key(member.nick)
+            if self._nicks.get(key) is not member:
+                return
+            del self._nicks[key]
+        self.directory.release(member.nick)
+
+    def find(self, nick: str) -> Member | None:
+        """The local member called ``nick`` (held sessions included), or None."""
+        return self._nicks.get(protocol.nick_key(nick))
+
+    def nicks(self) -> list[str]:
+        """Everyone online here and on the other servers, sorted."""
+        with self._lock:
+            here = [m.nick for m in self._nicks.values()]
+        return sorted({*here, *self.directory.everyone()}, key=str.casefold)
+
+    # -- rooms -------------------------------------------------------------------------------
+
+    def _room(self, name: str, *, create: bool) -> Room | None:
+        room = self._by_name.get(name)
+        if room is not None:
+            return room
+        key = room_key(name)
+        with self._lock:
+            room = self._rooms.get(key)
+            if room is None and create and len(self._rooms) < MAX_ROOMS:
+                room = self._rooms[key] = Room(name)
+                self._by_name[name] = room
+        return room
+
+    def _add(self, name: str, member: Member) -> tuple[Room, int] | None:
+        """Put ``member`` in room ``name`` (created if need be, None past MAX_ROOMS), catching up.
+
+        Under the registry lock, so a room being emptied at that moment cannot be dropped with
+        the newcomer in it (lock order: registry, then room).
+        """
+        key = room_key(name)
+        with self._lock:
+            room = self._rooms.get(key)
+            if room is None:
+                if len(self._rooms) >= MAX_ROOMS:
+                    return None
+                room = self._rooms[key] = Room(name)
+                self._by_name[name] = room
+            with room.lock:
+                room.add_catching(member)
+                return room, len(room.members)
+
+    def _drop_if_empty(self, room: Room) -> None:
+        with self._lock, room.lock:
+            if not room.members and not room.catching and self._rooms.get(room.key) is room:
+                del self._rooms[room.key]
+                self._by_name.pop(room.name, None)
+
+    def enter_default(self, member: Member) -> None:
+        """A new arrival: join the default room, or, for a returning person, the rooms it was in
+        with what it missed, and its stored private messages."""
+        marks = self.log.marks(member.person) if member.person else {}
+        rooms = {name: mark for name, mark in marks.items() if not name.startswith("@")}
+        if not rooms:
+            self.join(member, DEFAULT_ROOM, confirm=False)
+        share = max(1, len(rooms))
+        for name, mark in rooms.items():
+            if room_error(name) is None and len(member.joined) < MAX_JOINED:
+                self.join(member, name, after=mark, confirm=False, budget=REPLAY_BYTES // share,
+                          max_lines=MAX_CATCHUP_LINES // share)
+        if member.person and self._offline_messages(member, marks.get("@" + member.nick)):
+            self._save_marks(member)  # now, so even a crash of the server never gives them twice
+
+    def join(self, member: Member, name: str, *, after: str | None = None, confirm: bool = True,
+             budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES) -> None:
+        """Join ``name`` (created on first join) and make it the current room; replies to ``member``.
+
+        With ``after`` (an id), the lines after it are replayed as missed instead of the last
+        :attr:`replay` lines as history.
+        """
+        if name.startswith("#"):
+            name = name[1:]
+        key = room_key(name)
+        for followed in member.joined:
+            if followed.key == key:
+                previous, member.current = member.current, followed
+                self._changed(member, *([previous] if previous else []))
+                member.conn.send(protocol.notice(f"now talking in #{followed.name}"))
+                return
+        if len(member.joined) >= MAX_JOINED:
+            member.conn.send(protocol.notice(f"you follow {MAX_JOINED} rooms already: /part one first"))
+            return
+        added = self._add(name, member)
+        if added is None:
+            member.conn.send(protocol.notice(f"too many rooms on this server ({MAX_ROOMS}); join an existing one"))
+            return
+        room, count = added
+        previous = member.current
+        member.current = room
+        member.joined.append(room)
+        if previous is not None:
+            with previous.lock:
+                previous.rebuild()
+        self.directory.joined(room.name, member.nick)
+        if confirm:  # not at login: the welcome line says it
+            member.conn.send(protocol.notice(f"you joined #{room.name} ({count} here); now talking in #{room.name}"))
+        # Read before telling the room: the replay ends with what was said before this arrival.
+        if after is None:
+            entries = self._read(room, None, self.replay, before=True)
+            if entries:
+                member.paged[room.key] = entries[0].id  # /history goes on from there
+        else:
+            entries = self._missed(member, room, after)
+        if not self.announce_limit or count <= self.announce_limit:
+            self.log.append(room.name, "join", member.nick, "")
+        self._catch_up(member, room, entries, "history" if after is None else "missed", budget, max_lines)
+
+    def _read(self, room: Room, anchor: str | None, limit: int, *, before: bool) -> list[Entry]:
+        if limit <= 0 or not self.log.stores:
+            return []
+        try:
+            if before:
+                return self.log.read_before(room.name, anchor, limit)
+            return self.log.read_after(room.name, anchor, limit)
+        except Exception as exc:  # storage trouble must not cost the chat
+            log.error("cannot read the history of #%s: %s", room.name, exc)
+            return []
+
+    def _missed(self, member: Member, room: Room, after: str | None) -> list[Entry]:
+        """What ``member`` missed in ``room`` after id ``after`` (not its own lines), oldest first.
+
+        Beyond :data:`MAX_CATCHUP` lines, the newest ones: a gap before the live lines would be
+        worse than one further back, which /history can page through.
+        """
+        entries = self._read(room, after, MAX_CATCHUP, before=False)
+        if len(entries) >= MAX_CATCHUP:
+            entries = self._read(room, None, MAX_CATCHUP, before=True)
+            if entries:
+                member.paged[room.key] = entries[0].id
+        return [e for e in entries if e.sender != member.nick]
+
+    def _catch_up(self, member: Member, room: Room, entries: list[Entry], how: str,
+                  budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES) -> None:
+        """Send ``entries`` as history or missed lines, then the live lines that arrived meanwhile.
+
+        At most ``budget`` bytes of them, the newest: the member's thread is the one sending, so
+        nothing drains its outbox meanwhile, and overflowing it would cut the member off.
+        """
+        now = time.time()
+        send = member.conn.send
+        skipped = max(0, len(entries) - max_lines)
+        entries = entries[skipped:]
+        lines = [self._replayed(member, entry, how, now) for entry in entries]
+        if sum(map(len, lines)) > budget:
+            keep = 0
+            for data in reversed(lines):
+                budget -= len(data)
+                if budget < 0:
+                    break
+                keep += 1
+            skipped += len(lines) - keep
+            lines, entries = lines[len(lines) - keep:], entries[len(lines) - keep:]
+        if skipped and entries:
+            member.paged[room.key] = entries[0].id
+        if entries or skipped:
+            plural = "s" if len(entries) != 1 else ""
+            more = f" ({skipped} earlier not shown: /history pages back)" if skipped else ""
+            send(protocol.notice(f"history of #{room.name}: {len(entries)} line{plural}{more}" if how == "history"
+                                 else f"missed in #{room.name}: {len(entries)} line{plural}{more}"))
+            for data in lines:
+                send(data)
+        with room.lock:
+            waiting = room.catching.pop(member, [])
+            room.settle(member)
+            if entries:
+                send(protocol.notice(f"now live in #{room.name}"))
+            last = id_key(entries[-1].id) if entries else None
+            for entry in waiting:
+                if last is None or id_key(entry.id) > last:
+                    if entry.kind in EXCLUDE_SENDER and entry.sender == member.nick:
+                        continue
+                    send(self._live(member, room, entry))
+            if room.last_id is None and entries:
+                room.last_id = entries[-1].id
+
+    def _replayed(self, member: Member, entry: Entry, how: str, now: float) -> bytes:
+        where = "" if member.current is not None and member.current.key == room_key(entry.room) else f"#{entry.room} "
+        line = f"({how} {time_label(entry.ts, now)}) {where}{render(entry)}"
+        if member.tagged:
+            line = tag(entry) + line
+        return protocol.encode(line)
+
+    def _live(self, member: Member, room: Room, entry: Entry) -> bytes:
+        line = render(entry) if member.current is room else f"#{room.name} {render(entry)}"
+        if member.tagged:
+            line = tag(entry) + line
+        return protocol.encode(line)
+
+    def part(self, member: Member, name: str) -> None:
+        """Leave ``name`` (the current room when empty); replies to ``member``."""
+        if name.startswith("#"):
+            name = name[1:]
+        target = member.current if not name else next((r for r in member.joined if r.key == room_key(name)), None)
+        if target is None:
+            member.conn.send(protocol.notice(f"you are not in #{protocol.sanitize(name)}" if name
+                                             else "you are in no room"))
+            return
+        self._leave_room(member, target, "")
+        member.conn.send(protocol.notice(f"you left #{target.name}"))
+        if member.current is not None:
+            member.conn.send(protocol.notice(f"now talking in #{member.current.name}"))
+
+    def _leave_room(self, member: Member, room: Room, why: str, *, quiet: bool = False) -> None:
+        with room.lock:
+            announcing = not self.announce_limit or len(room.members) <= self.announce_limit
+            room.remove(member)
+        if room in member.joined:
+            member.joined.remove(room)
+        member.paged.pop(room.key, None)
+        if member.current is room:
+            member.current = member.joined[-1] if member.joined else None
+            if member.current is not None:
+                self._changed(member)
+        self.directory.parted(room.name, member.nick)
+        if not quiet and (why or announcing):
+            self.log.append(room.name, "part", member.nick, why)
+        self._drop_if_empty(room)
+
+    def rooms(self) -> list[tuple[str, int]]:
+        """Every room with people in it, here and on the other servers: (name, members), by name."""
+        with self._lock:
+            counts = {room.name: len(room.members) for room in self._rooms.values()}
+        for name, n in self.directory.rooms().items():
+            counts[name] = counts.get(name, 0) + n
+        return sorted(((n, c) for n, c in counts.items() if c), key=lambda item: item[0].casefold())
+
+    def who(self, name: str) -> list[str] | None:
+        """The members of room ``name`` everywhere, sorted; None when there is no such room here."""
+        name = name.removeprefix("#")
+        room = self._room(name, create=False)
+        here = [m.nick for m in room.members] if room is not None else []
+        there = self.directory.members(name)
+        if room is None and not there:
+            return None
+        return sorted({*here, *there}, key=str.casefold)
+
+    # -- saying things ---------------------------------------------------------------------
+
+    def say(self, member: Member, text: str, kind: str = "chat") -> None:
+        """A chat line (or ``/me`` action) in the member's current room."""
+        room = member.current
+        if room is None:
+            member.conn.send(protocol.notice("you are in no room: /join NAME"))
+            return
+        self.log.append(room.name, kind, member.nick, text)
+
+    def private(self, member: Member, target_nick: str, text: str) -> str | None:
+        """A private message; return why it cannot be sent, or None."""
+        target = self.find(target_nick)
+        if target is not None:
+            name, store = target.nick, False
+        elif self.directory.online(target_nick):
+            name, store = target_nick, False
+        elif self.offline_messages and protocol.nick_error(target_nick) is None:
+            name, store = target_nick, True
+            member.conn.send(protocol.notice(f"{target_nick} is offline: kept for their next login"))
+        else:
+            return f"no such nick: {protocol.sanitize(target_nick)}"
+        self.log.append("@" + name, "private", member.nick, text, name, store=store)
+        if member.echo and protocol.nick_key(name) != protocol.nick_key(member.nick):
+            member.conn.send(protocol.private(member.nick, name, text))
+        return None
+
+    def history(self, member: Member, count: int) -> None:
+        """Page back through the current room: ``count`` lines before the oldest one already shown."""
+        room = member.current
+        if room is None:
+            member.conn.send(protocol.notice("you are in no room: /join NAME"))
+            return
+        if not self.log.stores:
+            member.conn.send(protocol.notice("history is off on this server"))
+            return
+        before = member.paged.get(room.key)
+        entries = self._read(room, before, min(count, MAX_HISTORY_PAGE), before=True)
+        if not entries:
+            member.conn.send(protocol.notice(f"no earlier lines in #{room.name}"))
+            return
+        member.paged[room.key] = entries[0].id
+        now = time.time()
+        member.conn.send(protocol.notice(f"history of #{room.name}: {len(entries)} earlier "
+                                         f"line{'s' if len(entries) != 1 else ''}"))
+        for entry in entries:
+            member.conn.send(self._replayed(member, entry, "history", now))
+        member.conn.send(protocol.notice(f"end of history; now live in #{room.name}"))
+
+    # -- delivery (the log's callback) -----------------------------------------------------
+
+    def _deliver(self, entry: Entry) -> None:
+        """Queue ``entry`` for every member of its room. Runs on the log's thread; never blocks."""
+        name = entry.room
+        if name[:1] == "@":
+            self._deliver_private(entry)
+            return
+        room = self._by_name.get(name)
+        if room is None:
+            room = self._rooms.get(room_key(name))
+            if room is None:
+                return
+        exclude = entry.sender if entry.kind in EXCLUDE_SENDER else None
+        if exclude is not None:
+            sender = self._nicks.get(protocol.nick_key(exclude))
+            if sender is not None and sender.echo:
+                exclude = None  # "/cap echo": the sender sees its line exactly as the others do
+        here = protocol.encode(render(entry))
+        there: bytes | None = None
+        with room.lock:
+            room.last_id = entry.id
+            for nick, send in room.fast:
+                if nick != exclude:
+                    send(here)
+            if not room.slow:
+                return
+            catching = room.catching
+            for member in room.slow:
+                if member.nick == exclude:
+                    continue
+                if member in catching:
+                    catching[member].append(entry)
+                elif member.tagged:
+                    member.conn.send(self._live(member, room, entry))
+                elif member.current is room:
+                    member.conn.send(here)
+                else:
+                    if there is None:
+                        there = protocol.encode(f"#{room.name} {render(entry)}")
+                    member.conn.send(there)
+
+    def _deliver_private(self, entry: Entry) -> None:
+        target = self._nicks.get(protocol.nick_key(entry.target))
+        if target is None:
+            return
+        data = protocol.encode(render(entry))
+        held = target.held_private
+        if held is not None:  # dropped, in its grace period: kept for the resume
+            if len(held) < HELD_PRIVATE_LIMIT:
+                held.append(data)
+            return
+        target.conn.send(data)
+
+    def _offline_messages(self, member: Member, mark: str | None) -> bool:
+        """Give a returning person the private messages kept for it while it was away; True if any."""
+        if not self.log.stores:
+            return False
+        try:
+            entries = self.log.read_after("@" + member.nick, mark, MAX_CATCHUP)
+        except Exception as exc:
+            log.error("cannot read the messages kept for %s: %s", member.nick, exc)
+            return False
+        if not entries:
+            return False
+        now = time.time()
+        member.conn.send(protocol.notice(f"{len(entries)} private message{'s' if len(entries) != 1 else ''} "
+                                         "while you were away:"))
+        for entry in entries:
+            member.conn.send(protocol.encode(f"(missed {time_label(entry.ts, now)}) {render(entry)}"))
+        member.private_mark = entries[-1].id
+        return True
+
+    # -- read positions and resuming -------------------------------------------------------
+
+    def _save_marks(self, member: Member) -> None:
+        """Under mutual TLS: remember where the person is in each of its rooms."""
+        if not member.person or not self.log.stores:
+            return
+        marks = {room.name: room.last_id or "0-0" for room in member.joined}
+        if member.private_mark:
+            marks["@" + member.nick] = member.private_mark
+        else:
+            previous = self.log.marks(member.person).get("@" + member.nick)
+            if previous:
+                marks["@" + member.nick] = previous
+        try:
+            self.log.set_marks(member.person, marks)
+        except Exception as exc:
+            log.error("cannot keep the read positions of %s: %s", member.person, exc)
+
+    def new_token(self, member: Member) -> str:
+        """Give ``member`` a resume token (once): unguessable, and nothing else."""
+        with self._lock:
+            if not member.token:
+                member.token = secrets.token_urlsafe(18)
+                self._tokens[member.token] = member
+        self.directory.remember_session(member.token, member.nick, member.person)
+        return member.token
+
+    def _detach(self, member: Member) -> None:
+        """Stop delivering to ``member`` but keep its nick and rooms (its lines stay in the log)."""
+        self._save_marks(member)
+        member.dropped_at = {room.key: room.last_id for room in member.joined}
+        member.held_private = []
+        for room in member.joined:
+            with room.lock:
+                room.remove(member)
+
+    def hold(self, member: Member, on_expiry: _Expiry) -> bool:
+        """``member``'s connection dropped: keep its nick and rooms for :attr:`grace` seconds.
+
+        Only a member that asked for a token (/session) is held. It leaves the rooms' delivery
+        (its lines are read back from the log on resume) but not the rooms, and nobody is told
+        anything unless the grace period runs out. False when it is not held (then unregister it).
+        """
+        with self._resume_lock:
+            if member.replaced:  # a new connection already took over: nothing left to do
+                return True
+            if not member.token or self.grace <= 0:
+                return False
+            self._detach(member)
+            timer = threading.Timer(self.grace, self._expire, (member.token,))
+            timer.daemon = True
+            with self._lock:
+                self._held[member.token] = _Held(member, timer, on_expiry)
+            timer.start()
+        return True
+
+    def _expire(self, token: str) -> None:
+        with self._resume_lock:
+            with self._lock:
+                held = self._held.pop(token, None)
+                if held is not None:
+                    self._tokens.pop(token, None)
+        if held is None:
+            return
+        member = held.member
+        # The nick is free before anyone is told it left.
+        with self._lock:
+            key = protocol.nick_key(member.nick)
+            if self._nicks.get(key) is member:
+                del self._nicks[key]
+        self.directory.release(member.nick)
+        rooms = list(member.joined)
+        member.joined.clear()
+        for room in rooms:
+            self.directory.parted(room.name, member.nick)
+            self.log.append(room.name, "part", member.nick, "connection lost")
+            self._drop_if_empty(room)
+        held.on_expiry(member)
+
+    def resume(self, member: Member, token: str, person: str | None) -> Member | None:
+        """Take over session ``token``: the old member, or None when there is no such session.
+
+        The old one is either held (its connection dropped) or still connected: a connection that
+        died silently (Wi-Fi gone) looks alive to the server for up to two minutes, and the
+        returning client must not wait for that. Under mutual TLS it must be the same certificate.
+        """
+        with self._resume_lock:
+            with self._lock:
+                old = self._tokens.get(token)
+                if old is None or old.person != person:
+                    return None
+                held = self._held.pop(token, None)
+            if held is not None:
+                held.timer.cancel()
+            else:
+                self._detach(old)
+                old.replaced = True
+                old.conn.abort("resumed from another connection")
+            with self._lock:
+                member.nick = old.nick
+                member.token = token
+                self._tokens[token] = member
+                self._nicks[protocol.nick_key(old.nick)] = member
+        return old
+
+    def adopt(self, member: Member, token: str, person: str | None) -> bool:
+        """Take over a session that another server gave ``token`` (a shared back-end; that server is gone).
+
+        The directory knows the token's nick, which is taken over here; then :meth:`rejoin_rooms`.
+        False (nothing done) when the token is unknown everywhere.
+        """
+        nick = self.directory.session_nick(token, person)
+        if nick is None:
+            return False
+        key = protocol.nick_key(nick)
+        with self._lock:
+            if key in self._nicks or token in self._tokens:
+                return False  # here already: resume() is the way back
+            if not self.directory.take_over(nick):
+                return False
+            self._nicks[key] = member
+            self._tokens[token] = member
+            member.nick, member.token = nick, token
+        self.directory.remember_session(token, nick, person)
+        return True
+
+    def rejoin_rooms(self, member: Member, rooms: list[tuple[str, str]]) -> None:
+        """An adopted member joins ``rooms`` again (``(name, last id seen)``), each with what it missed."""
+        self.tag(member)
+        share = REPLAY_BYTES // max(1, len(rooms))
+        for name, after in rooms[:MAX_JOINED]:
+            self.join(member, name, after=after, confirm=False, budget=share)
+        if not member.joined:
+            self.join(member, DEFAULT_ROOM, confirm=False)
+
+    def rejoin(self, member: Member, old: Member, positions: dict[str, str]) -> None:
+        """Put a resumed ``member`` back in ``old``'s rooms with what it missed (after its ids)."""
+        rooms, current = list(old.joined), old.current
+        old.joined.clear()
+        for room in rooms:
+            added = self._add(room.name, member)  # the room may have emptied and gone meanwhile
+            if added is None:
+                continue
+            member.joined.append(added[0])
+            if current is room or member.current is None:
+                member.current = added[0]
+        for data in old.held_private or []:
+            member.conn.send(data)
+        share = max(1, len(member.joined))
+        for room in list(member.joined):
+            # Without an id from the client (it saw no line there), from where the drop happened.
+            after = positions.get(room.key) or old.dropped_at.get(room.key)
+            self._catch_up(member, room, self._missed(member, room, after), "missed", REPLAY_BYTES // share,
+                           MAX_CATCHUP_LINES // share)
+
+
+class _Expiry(Protocol):
+    def __call__(self, member: Member) -> None: ...
+
+
+class _Held:
+    __slots__ = ("member", "timer", "on_expiry")
+
+    def __init__(self, member: Member, timer: threading.Timer, on_expiry: _Expiry) -> None:
+        self.member = member
+        self.timer = timer
+        self.on_expiry = on_expiry

@@ -1,0 +1,420 @@
+"""One client's life on the server: the nickname, then chat commands (one table), then its departure.
+
+A :class:`Session` is driven by the thread that owns its connection; everything it says to others goes
+through :class:`~securechat.server.rooms.Rooms`. What it needs from the server that holds it is the
+:class:`Host` protocol, so this module does not import the engine.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from securechat.server.pending import PendingPool, Ticket
+from securechat.server.room import (
+    DEFAULT_ROOM,
+    REPLAY_LINES,
+    Room,
+    parse_positions,
+    parse_rooms,
+)
+from securechat.server.room import room_error as rooms_error
+from securechat.server.rooms import Rooms
+from securechat.wire import protocol
+from securechat.wire.conn import Connection
+from securechat.wire.ids import room_key
+from securechat.wire.protocol import Command
+
+log = logging.getLogger("securechat.server")
+
+
+# Lines dropped in a row before a flooder is disconnected.
+FLOOD_DISCONNECT = 100
+
+
+class Admission(Protocol):
+    """A connection's place among the unauthenticated (the engine's), and how to give it up."""
+
+    ticket: Ticket
+
+    def evict(self) -> None: ...
+
+
+class Slot(Protocol):
+    """A chatter's place in the server's counts (max_clients, max_per_ip), given back exactly once."""
+
+    def release(self) -> None: ...
+
+
+class Host(Protocol):
+    """What a session needs from the server that holds it (:class:`securechat.server.engine.ChatServer`)."""
+
+    rooms: Rooms
+    pending: PendingPool
+    login_timeout: float
+    flood_rate: float
+    flood_burst: float
+    outbox_limit: int
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def reserved(self, nick: str) -> str | None: ...
+
+    def take_place(self, session: Session) -> str | None: ...
+
+    def give_back_place(self, session: Session) -> None: ...
+
+    def release_session(self, session: Session) -> None: ...
+
+
+class State(enum.Enum):
+    """Where a session is in its life."""
+
+    NICK = "waiting for a nickname"
+    CHAT = "chatting"
+    CLOSED = "closed"
+
+
+class Session:
+    """One client's life on the server: nick registration, then chat. Runs in its own thread."""
+
+    # Thousands of these live at once: no per-instance __dict__.
+    __slots__ = ("server", "peer", "nick", "bound_nick", "person", "state", "conn", "bucket", "dropped", "slot",
+                 "admission", "joined", "current", "tagged", "token", "quitting", "paged", "held_private",
+                 "private_mark", "dropped_at", "replaced", "echo",
+                 "cert_serial")
+
+    def __init__(self, server: Host, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
+        self.server = server
+        self.peer = peer
+        self.nick = ""
+        # With mutual TLS the certificate's CN *is* the nickname: not chosen, not changeable.
+        self.bound_nick = certificate_nick(sock)
+        # ... and names a person, whose read positions and offline messages are kept.
+        self.person = self.bound_nick or None
+        self.state = State.NICK
+        self.conn = Connection(
+            sock,
+            self._on_lines,
+            outbox_limit=server.outbox_limit,
+            on_tick=self._on_tick,
+            on_too_long=self._on_too_long,
+        )
+        now = time.monotonic()
+        self.conn.deadline = now + server.login_timeout if server.login_timeout > 0 else None
+        self.bucket = protocol.TokenBucket(server.flood_rate, server.flood_burst, now)
+        self.dropped = 0
+        self.slot: Slot | None = None  # the chat place, from the accepted nickname on
+        self.admission: Admission | None = None  # the place among the unauthenticated, until then
+        self.echo = False  # "/cap echo": copy this client its own lines as relayed (protocol.CAP_ECHO)
+        self.joined: list[Room] = []
+        self.current: Room | None = None
+        self.tagged = False  # "@id=...;room=... " in front of room lines (/session)
+        self.token = ""  # resume token, once asked for
+        self.quitting = False  # left with /quit, or put out by the server: nothing to hold
+        self.paged: dict[str, str] = {}  # room key -> oldest id /history has shown
+        self.held_private: list[bytes] | None = None  # private lines that came while dropped
+        self.private_mark: str | None = None  # newest stored private message given
+        self.dropped_at: dict[str, str | None] = {}  # room key -> last id when the connection dropped
+        self.replaced = False  # a resumed connection took over this session
+        self.cert_serial: int | None = None  # the client certificate's, watched for revocation
+
+    def __repr__(self) -> str:
+        return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
+
+    # -- owner thread --------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.conn.send(protocol.notice(protocol.GREETING))
+        self.conn.run(on_end=self._ended)
+
+    def _ended(self, why: str) -> None:
+        was_member = self.state is State.CHAT
+        self.state = State.CLOSED
+        self.server.release_session(self)
+        rooms = self.server.rooms
+        if self.replaced:
+            log.info("%s %s: taken over by a resumed connection", self.peer, self.nick)
+            return
+        if was_member:
+            if self.server.stopping:
+                # While the server shuts down everyone leaves at once; nobody needs the roll call.
+                rooms.unregister(self, "", quiet=True)
+            elif self.quitting or not rooms.hold(self, _held_expired):
+                rooms.unregister(self, _leave_reason(why))
+        log.info("%s %s disconnected: %s", self.peer, self.nick or "(no nick)", why)
+
+    def reply(self, text: str) -> None:
+        self.conn.send(protocol.notice(text))
+
+    def _on_lines(self, lines: list[bytes]) -> None:
+        now = time.monotonic()
+        for raw in lines:
+            if self.conn.closing:
+                return
+            if not self.bucket.allow(now):
+                self.dropped += 1
+                if self.dropped == 1:
+                    self.reply(f"slow down: at most {self.server.flood_rate:g} lines a second; lines dropped")
+                if self.echo:  # a line the server dropped must never look delivered to its sender
+                    self.reply(f"{protocol.NOT_DELIVERED} (flood control): {protocol.sanitize(protocol.decode(raw))}")
+                if self.dropped >= FLOOD_DISCONNECT:
+                    self.quitting = True  # put out, not dropped: no session to hold
+                    self.conn.close(protocol.notice("disconnected for flooding"), reason="disconnected for flooding")
+                    log.warning("%s %s disconnected for flooding", self.peer, self.nick)
+                continue
+            self.dropped = 0
+            # Not sanitised yet: a nickname with a control character in it is refused, not
+            # quietly repaired; chat text is sanitised where it is relayed.
+            text = protocol.decode(raw)
+            if self.state is State.NICK:
+                self._login(text.strip())
+            else:
+                self._chat(text)
+
+    def _login(self, nick: str) -> None:
+        """A nickname line: trade the pending place for a chat place, or go back among the pending."""
+        server = self.server
+        admission = self.admission
+        if admission is not None and not admission.ticket.release():
+            return  # evicted a moment ago: the abort already asked for ends this connection
+        refusal = server.take_place(self)
+        if refusal is None:
+            self._register(nick)
+            if self.state is State.CHAT:
+                return
+            server.give_back_place(self)
+        if refusal is not None:
+            self.conn.close(protocol.notice(refusal), reason=refusal)
+        elif admission is not None and not self.conn.closing:
+            admission.ticket = server.pending.admit(admission.ticket.address, admission.evict)
+
+    def _register(self, nick: str) -> None:
+        parsed = protocol.parse(nick)
+        if isinstance(parsed, Command) and parsed.name == "quit":
+            self.cmd_quit("")
+            return
+        if isinstance(parsed, Command) and parsed.name == "resume":
+            self._resume(parsed.arg)
+            return
+        if self.bound_nick is not None:
+            return self._register_bound(nick, self.bound_nick)
+        error = protocol.nick_error(nick) or self.server.reserved(nick) or self.server.rooms.register(self, nick)
+        if error:
+            self.reply(protocol.NICK_REFUSED + error + "; send another")
+            return
+        self._welcome(nick, "")
+
+    def _register_bound(self, asked: str, nick: str) -> None:
+        """Join under the certificate's name, whatever nick line was sent."""
+        error = protocol.nick_error(nick)
+        if error is None and self.server.rooms.register(self, nick) is not None:
+            error = f"{nick!r} is already connected"
+        if error:
+            self.conn.close(protocol.notice(f"{protocol.NICK_REFUSED}{error} (your certificate names you "
+                                            f"{nick!r}); goodbye"), reason="certificate nick unusable")
+            return
+        self._welcome(nick, "" if asked == nick else f" (your certificate names you {nick})")
+
+    def _welcome(self, nick: str, aside: str) -> None:
+        self.state = State.CHAT
+        self.conn.deadline = None
+        nicks = self.server.rooms.nicks()
+        self.reply(f"{protocol.WELCOME}{nick}!{aside} {len(nicks)} online: {', '.join(nicks)}. "
+                   "/help lists commands")
+        log.info("%s is %s%s", self.peer, nick, " (certificate)" if self.bound_nick else "")
+        self.server.rooms.enter_default(self)
+
+    def _resume(self, arg: str) -> None:
+        """``/resume TOKEN ROOM=ID ...``: take back a dropped session within its grace period."""
+        token, *positions = arg.split()
+        rooms = self.server.rooms
+        old = rooms.resume(self, token, self.person) if token else None
+        if old is None and token and rooms.adopt(self, token, self.person):
+            # A session from another server sharing these rooms (--redis): back in its rooms, caught up.
+            self.state = State.CHAT
+            self.conn.deadline = None
+            nicks = rooms.nicks()
+            self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
+                       "/help lists commands")
+            log.info("%s resumed %s from another server", self.peer, self.nick)
+            rooms.rejoin_rooms(self, parse_rooms(positions))
+            return
+        if old is None:
+            self.reply(f"{protocol.RESUME_REFUSED}unknown or expired session; send your nickname")
+            return
+        self.state = State.CHAT
+        self.conn.deadline = None
+        self.tagged, self.token = True, old.token
+        self.paged, self.private_mark, self.dropped_at = old.paged, old.private_mark, old.dropped_at
+        nicks = rooms.nicks()
+        self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
+                   "/help lists commands")
+        log.info("%s resumed %s", self.peer, self.nick)
+        rooms.rejoin(self, old, parse_positions(positions))
+
+    def _chat(self, text: str) -> None:
+        parsed = protocol.parse(text)
+        if isinstance(parsed, str):
+            line = protocol.sanitize(parsed)
+            if line.strip():
+                self.server.rooms.say(self, line)
+            return
+        handler = COMMANDS.get(parsed.name)
+        if handler is None:
+            self.reply(f"unknown command /{protocol.sanitize(parsed.name)}; /help lists commands")
+        else:
+            handler(self, parsed.arg)  # unsanitised: each handler sanitises what it relays
+
+    def _on_tick(self, now: float) -> None:
+        if self.state is State.NICK:
+            self.conn.deadline = None
+            self.conn.close(protocol.notice(f"no nickname within {self.server.login_timeout:g} s; goodbye"),
+                            reason="no nickname in time")
+
+    def _on_too_long(self) -> None:
+        self.quitting = True
+        limit = protocol.MAX_LINE_BYTES
+        self.conn.close(protocol.notice(f"{protocol.LINE_TOO_LONG} (over {limit} bytes); goodbye"),
+                        reason=f"{protocol.LINE_TOO_LONG}: over {limit} bytes")
+
+    # -- commands ------------------------------------------------------------------------
+
+    def cmd_nick(self, arg: str) -> None:
+        if self.bound_nick is not None:
+            self.reply(f"{protocol.NICK_REFUSED}your nickname is bound to your certificate ({self.bound_nick})")
+            return
+        error = protocol.nick_error(arg) or self.server.reserved(arg) or self.server.rooms.rename(self, arg)
+        if error:
+            self.reply(protocol.NICK_REFUSED + error)
+
+    def cmd_who(self, arg: str) -> None:
+        name = arg.strip() or (self.current.name if self.current else "")
+        if not name:
+            self.reply("you are in no room: /who NAME, or /join NAME")
+            return
+        nicks = self.server.rooms.who(name) if rooms_error(name) is None else None
+        if nicks is None:
+            self.reply(f"no room #{protocol.sanitize(name.lstrip('#'))}")
+        elif room_key(name) == room_key(DEFAULT_ROOM):  # the seed's one-room answer, unchanged
+            self.reply(f"{len(nicks)} online: {', '.join(nicks)}")
+        else:
+            self.reply(f"{len(nicks)} in #{name.lstrip('#')}: {', '.join(nicks)}")
+
+    def cmd_join(self, arg: str) -> None:
+        name = arg.strip()
+        if not name:
+            where = ", ".join(f"#{r.name}" for r in self.joined) or "no room"
+            self.reply(f"you are in {where}" + (f"; talking in #{self.current.name}" if self.current else "")
+                       + "; /join NAME joins or switches")
+            return
+        error = rooms_error(name)
+        if error:
+            self.reply(error)
+            return
+        self.server.rooms.join(self, name)
+
+    def cmd_part(self, arg: str) -> None:
+        name = arg.strip()
+        error = rooms_error(name) if name else None
+        if error:
+            self.reply(error)
+            return
+        self.server.rooms.part(self, name)
+
+    def cmd_rooms(self, arg: str) -> None:
+        listing = self.server.rooms.rooms()
+        self.reply(f"{len(listing)} room{'s' if len(listing) != 1 else ''}: "
+                   + ", ".join(f"#{name} ({count})" for name, count in listing))
+
+    def cmd_history(self, arg: str) -> None:
+        word = arg.split()[0] if arg.split() else ""
+        if word and not (word.isascii() and word.isdigit() and int(word) > 0):
+            self.reply("usage: /history [N] (N lines further back)")
+            return
+        self.server.rooms.history(self, int(word) if word else REPLAY_LINES)
+
+    def cmd_session(self, arg: str) -> None:
+        """Opt in to ids on room lines and to resuming after a dropped connection."""
+        self.server.rooms.tag(self)
+        token = self.server.rooms.new_token(self)
+        self.reply(f"{protocol.SESSION}{token} {self.server.rooms.grace:g}")
+
+    def cmd_msg(self, arg: str) -> None:
+        target_nick, _, text = arg.partition(" ")
+        if not target_nick or not text.strip():
+            self.reply("usage: /msg NICK text")
+            return
+        error = self.server.rooms.private(self, target_nick, protocol.sanitize(text))
+        if error:
+            self.reply(error)
+
+    def cmd_me(self, arg: str) -> None:
+        action = protocol.sanitize(arg).strip()
+        if action:
+            self.server.rooms.say(self, action, "action")
+
+    def cmd_help(self, arg: str) -> None:
+        self.reply(protocol.HELP_TEXT)
+
+    def cmd_quit(self, arg: str) -> None:
+        self.quitting = True
+        self.conn.close(protocol.notice("goodbye"))
+
+    def cmd_cap(self, arg: str) -> None:
+        if arg.strip().lower() != protocol.CAP_ECHO:
+            self.reply(f"{protocol.CAP_REPLY}unknown capability {protocol.sanitize(arg)!r}; known: {protocol.CAP_ECHO}")
+            return
+        self.echo = True
+        self.reply(protocol.cap_reply(protocol.CAP_ECHO, self.server.flood_rate, self.server.flood_burst))
+
+
+def _held_expired(member: object) -> None:
+    log.info("%s did not come back in time", getattr(member, "nick", "?"))
+
+
+# Command name (without the slash) -> handler: the whole command set, in one table.
+COMMANDS: dict[str, Callable[[Session, str], None]] = {
+    "nick": Session.cmd_nick,
+    "who": Session.cmd_who,
+    "join": Session.cmd_join,
+    "part": Session.cmd_part,
+    "rooms": Session.cmd_rooms,
+    "history": Session.cmd_history,
+    "session": Session.cmd_session,
+    "msg": Session.cmd_msg,
+    "me": Session.cmd_me,
+    "help": Session.cmd_help,
+    "quit": Session.cmd_quit,
+    protocol.CAP_COMMAND: Session.cmd_cap,
+}
+
+
+def certificate_nick(sock: socket.socket | ssl.SSLSocket) -> str | None:
+    """The commonName of a verified client certificate, or None without one."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    cert = sock.getpeercert()
+    if not cert:
+        return None
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]", cert.get("subject", ()))
+    for rdn in subject:
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""  # a certificate without a CN: nick_error refuses the empty name
+
+
+def _leave_reason(why: str) -> str:
+    """How a departure is worded for the others."""
+    if why in ("closed", "closed by peer"):
+        return ""
+    if why.startswith("not reading"):
+        return "disconnected: not reading its messages"
+    return why

@@ -1,0 +1,450 @@
+"""Several securechat servers sharing one chat through a real redis-server.
+
+In-process servers (ChatServer with the Redis room log and directory) for what the cluster does;
+``securechat serve --redis`` subprocesses for the faults: Redis restarting, a server killed, Redis
+unreachable at start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from securechat.server.engine import ChatServer
+from securechat.store.redis_config import RedisConfig
+from securechat.store.redis_directory import RedisDirectory
+from securechat.store.redis_log import RedisRoomLog
+from tests.conftest import LOOPBACK, LineClient
+
+Serve = Callable[..., ChatServer]
+Connect = Callable[..., LineClient]
+
+
+@pytest.fixture
+def node(serve: Serve) -> Iterator[Callable[..., ChatServer]]:
+    """``node(url)``: an in-process server sharing its rooms through the Redis at ``url``."""
+    directories: list[RedisDirectory] = []
+
+    def start(url: str, ttl: float = 15.0, **options: object) -> ChatServer:
+        config = RedisConfig(url)
+        directory = RedisDirectory(config, ttl=ttl)
+        directory.start()
+        directories.append(directory)
+        server = serve(roomlog=RedisRoomLog(config), directory=directory, **options)
+        servers.append(server)
+        return server
+
+    servers: list[ChatServer] = []
+    yield start
+    for server in servers:  # sessions end (and release their nicks) before the directory closes
+        server.shutdown()
+    for directory in directories:
+        directory.close()
+
+
+def test_two_servers_share_a_chat(redis_server, node, connect: Connect) -> None:
+    redis = redis_server()
+    a, b = node(redis.url), node(redis.url)
+    alice = connect(a, "alice")
+    bob = connect(b, "bob")
+    assert alice.expect("* bob joined") == "* bob joined"  # a join on B is told on A
+    bob.send("hello from B")
+    assert alice.expect("[bob]") == "[bob] hello from B"
+    alice.send("hello from A")
+    assert bob.expect("[alice]") == "[alice] hello from A"
+    alice.send("/who")
+    assert alice.expect("* 2 online") == "* 2 online: alice, bob"
+    # Nicknames are unique across servers, look-alikes included.
+    carol = connect(b)
+    carol.expect("* securechat")
+    carol.send("AIice")
+    assert carol.expect("* nickname refused") == "* nickname refused: 'AIice' is taken; send another"
+    carol.send("carol")
+    assert carol.expect("* welcome") == "* welcome, carol! 3 online: alice, bob, carol. /help lists commands"
+    alice.expect("* carol joined")
+    # Private messages go to whichever server holds the nick.
+    alice.send("/msg CAROL psst")
+    assert carol.expect("[alice") == "[alice -> carol] psst"
+    carol.send("/msg nobody hm")
+    assert carol.expect("* no such") == "* no such nick: nobody"
+    # Rooms span servers: /rooms counts everyone, only a room's members hear it.
+    bob.send("/join dev")
+    bob.expect("* you joined #dev")
+    alice.send("/join Dev")
+    alice.expect("* you joined #Dev")
+    assert bob.expect("* alice joined") == "* alice joined"
+    alice.send("in dev")
+    assert bob.expect("[alice]") == "[alice] in dev"
+    carol.send("/rooms")
+    assert carol.expect("* 2 rooms") == "* 2 rooms: #dev (2), #lobby (3)"
+    carol.send("/who dev")
+    assert carol.expect("* 2 in") == "* 2 in #dev: alice, bob"
+    # Leaving is told on every server.
+    bob.send("/quit")
+    assert alice.expect("* bob left") == "* bob left"
+    assert carol.expect("* bob left") == "* bob left"
+    carol.send("/who")
+    assert carol.expect("* 2 online") == "* 2 online: alice, carol"
+
+
+def test_history_said_on_one_server_is_replayed_on_another(redis_server, node, connect: Connect) -> None:
+    redis = redis_server()
+    a, b = node(redis.url), node(redis.url)
+    alice = connect(a, "alice")
+    for i in range(3):
+        alice.send(f"line {i}")
+    alice.send("/who")
+    alice.expect("* 1 online")
+    bob = connect(b, "bob")
+    assert bob.expect("* history of #lobby") == "* history of #lobby: 4 lines"
+    replayed = [bob.readline() for _ in range(4)]
+    assert [re.sub(r"^\(history \d\d:\d\d\) ", "", line) for line in replayed] == [
+        "* alice joined", "[alice] line 0", "[alice] line 1", "[alice] line 2"]
+    assert bob.readline() == "* now live in #lobby"
+
+
+def test_three_servers_one_order_for_everyone(redis_server, node, connect: Connect) -> None:
+    redis = redis_server()
+    servers = [node(redis.url, flood_rate=0) for _ in range(3)]
+    clients = [connect(server, f"user{i}") for i, server in enumerate(servers)]
+    listeners = [connect(server, f"listener{i}") for i, server in enumerate(servers)]
+    for listener in listeners:
+        listener.send("/who")
+        listener.expect("* 6 online")
+    for round_ in range(20):
+        for i, client in enumerate(clients):
+            client.send(f"{i}:{round_}")
+    seen = []
+    for listener in listeners:
+        lines = [listener.expect(lambda line: line.startswith("[user")) for _ in range(60)]
+        for i in range(3):
+            mine = [line for line in lines if line.startswith(f"[user{i}]")]
+            assert mine == [f"[user{i}] {i}:{r}" for r in range(20)]  # each sender's order
+        seen.append(lines)
+    assert seen[0] == seen[1] == seen[2]  # and one order on every server
+
+
+# -- faults, with real server processes --------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """A ``securechat serve --redis`` process."""
+
+    def __init__(self, proc: subprocess.Popen[str], port: int) -> None:
+        self.proc = proc
+        self.port = port
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if line.startswith("[SERVER] Waiting for connections"):
+                return
+        err = self.proc.stderr.read() if self.proc.stderr and self.proc.poll() is not None else ""
+        raise AssertionError(f"server not ready: {seen!r} {err!r}")
+
+
+@pytest.fixture
+def serve_proc(tmp_path: Path, cert_files: dict[str, Path]) -> Iterator[Callable[..., Proc]]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, ready: bool = True) -> Proc:
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "securechat", "serve", "--host", LOOPBACK, "--port", str(port),
+             "--cert", str(cert_files["cert"]), "--key", str(cert_files["key"]), "--no-renew", *args],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        procs.append(proc)
+        served = Proc(proc, port)
+        if ready:
+            served.wait_ready()
+        return served
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.communicate(timeout=10)
+
+
+def _join(port: int, ctx: ssl.SSLContext, nick: str) -> LineClient:
+    raw = socket.create_connection((LOOPBACK, port), timeout=10)
+    client = LineClient(ctx.wrap_socket(raw, server_hostname="localhost"))
+    client.expect("* securechat")
+    client.send(nick)
+    client.expect(f"* welcome, {nick}!")
+    return client
+
+
+def test_redis_unreachable_at_start_is_one_line(serve_proc) -> None:
+    pytest.importorskip("redis")
+    served = serve_proc("--redis", "redis://127.0.0.1:1/0", ready=False)
+    out, err = served.proc.communicate(timeout=30)
+    assert served.proc.returncode == 1
+    assert err.strip().splitlines() == [err.strip()]
+    assert err.startswith("securechat serve: cannot use Redis at redis://127.0.0.1:1/0: ") and "refused" in err.lower()
+    assert "Traceback" not in out + err and "Waiting for connections" not in out
+
+
+def test_a_wrong_password_is_one_line_and_never_shown(redis_server, serve_proc) -> None:
+    redis = redis_server(password="right")
+    served = serve_proc("--redis", redis.url.replace(":right@", ":wrong@"), ready=False)
+    out, err = served.proc.communicate(timeout=30)
+    assert served.proc.returncode == 1
+    assert err == (f"securechat serve: cannot use Redis at redis://:***@127.0.0.1:{redis.port}/0: "
+                   "Redis refused the password in the URL\n")
+
+
+@pytest.mark.slow
+def test_redis_restart_local_chat_goes_on_and_the_other_servers_lines_arrive(redis_server, serve_proc,
+                                                                            client_ctx) -> None:
+    redis = redis_server()
+    a = serve_proc("--redis", redis.url)
+    b = serve_proc("--redis", redis.url)
+    alice, anna = _join(a.port, client_ctx, "alice"), _join(a.port, client_ctx, "anna")
+    bob = _join(b.port, client_ctx, "bob")
+    alice.expect("* bob joined")
+    bob.send("before")
+    assert alice.expect("[bob]") == "[bob] before"
+    redis.stop(signal.SIGKILL)
+    # Redis is gone: A's people still talk to each other; B's line waits for Redis.
+    anna.send("during, on A")
+    assert alice.expect("[anna]") == "[anna] during, on A"
+    bob.send("during, on B")
+    time.sleep(0.5)
+    redis.start()
+    # Back: what was said on B meanwhile reaches A, and A's line reaches B; each exactly once.
+    assert alice.expect("[bob]", timeout=20) == "[bob] during, on B"
+    assert bob.expect("[anna]", timeout=20) == "[anna] during, on A"
+    bob.send("after")
+    assert alice.expect("[bob]") == "[bob] after"
+    assert not [line for line in alice.lines_until_quiet(0.5) if line.startswith("[")]
+    bob.send("/who")
+    assert bob.expect("* 3 online") == "* 3 online: alice, anna, bob"
+
+
+@pytest.mark.slow
+def test_a_killed_server_vanishes_and_its_people_move_to_another(redis_server, serve_proc, client_ctx) -> None:
+    redis = redis_server()
+    a = serve_proc("--redis", redis.url, "--presence-ttl", "1")
+    b = serve_proc("--redis", redis.url, "--presence-ttl", "1")
+    alice = _join(a.port, client_ctx, "alice")
+    bob = _join(b.port, client_ctx, "bob")
+    alice.expect("* bob joined")
+    alice.send("/who")
+    assert alice.expect("* 2 online") == "* 2 online: alice, bob"
+    b.proc.kill()
+    b.proc.wait()
+    killed = time.monotonic()
+    while True:
+        alice.send("/who")
+        if alice.expect("* ") == "* 1 online: alice":
+            break
+        assert time.monotonic() - killed < 3, "bob still listed long after the TTL"
+        time.sleep(0.2)
+    # bob's client reconnects to A, under the same nick, and sees what was said meanwhile.
+    alice.send("while bob was away")
+    bob.close()
+    bob = _join(a.port, client_ctx, "bob")
+    assert bob.expect("* history of #lobby")
+    assert bob.expect(lambda line: "while bob was away" in line).endswith("[alice] while bob was away")
+    alice.expect("* bob joined")
+    bob.send("back")
+    assert alice.expect("[bob]") == "[bob] back"
+
+
+@pytest.mark.slow
+def test_a_session_resumes_on_another_server_when_its_own_is_killed(redis_server, serve_proc, client_ctx) -> None:
+    redis = redis_server()
+    a = serve_proc("--redis", redis.url, "--presence-ttl", "5")
+    b = serve_proc("--redis", redis.url, "--presence-ttl", "5")
+    alice = _join(a.port, client_ctx, "alice")
+    anna = _join(a.port, client_ctx, "anna")
+    bob = _join(b.port, client_ctx, "bob")
+    alice.expect("* bob joined")
+    bob.send("/session")
+    token = bob.expect("* session ").split()[2]
+    alice.send("seen by bob")
+    tagged = bob.expect(lambda line: "seen by bob" in line)
+    last_id = re.match(r"@id=([0-9]+-[0-9]+);room=lobby \[alice\] seen by bob\Z", tagged)
+    assert last_id is not None, tagged
+    b.proc.kill()
+    b.proc.wait()
+    bob.close()
+    for i in range(3):
+        alice.send(f"missed {i}")
+    anna.expect("[alice] missed 2")  # said, and so stored, before bob is back
+    # bob's client comes back on A with its token and the last id it saw: same nick, what it missed, once.
+    raw = socket.create_connection((LOOPBACK, a.port), timeout=10)
+    back = LineClient(client_ctx.wrap_socket(raw, server_hostname="localhost"))
+    back.expect("* securechat")
+    back.send(f"/resume {token} lobby={last_id[1]}")
+    assert back.expect("* welcome").startswith("* welcome, bob! (resumed)")
+    missed = [back.expect(lambda line: "[alice]" in line) for _ in range(3)]
+    assert [re.sub(r"^@id=[0-9-]+;room=lobby \(missed \d\d:\d\d\) ", "", line) for line in missed] == [
+        "[alice] missed 0", "[alice] missed 1", "[alice] missed 2"]
+    assert not [line for line in back.lines_until_quiet(0.5) if "[alice]" in line]  # nothing twice
+    alice.send("/who")
+    assert alice.expect("* 3 online") == "* 3 online: alice, anna, bob"
+    back.send("I am back")
+    assert alice.expect("[bob]") == "[bob] I am back"
+    # The token is bob's alone: a second use while bob is here is refused.
+    raw = socket.create_connection((LOOPBACK, a.port), timeout=10)
+    thief = LineClient(client_ctx.wrap_socket(raw, server_hostname="localhost"))
+    thief.expect("* securechat")
+    thief.send("/resume not-the-token lobby=1-0")
+    assert thief.expect("* resume refused") == "* resume refused: unknown or expired session; send your nickname"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_the_client_moves_to_the_next_server_of_connect_a_b_and_catches_up(redis_server, serve_proc, client_ctx,
+                                                                          cert_files: dict[str, Path],
+                                                                          how: int) -> None:
+    """Killed, or stopped in order ("* server shutting down", a rolling restart): the client moves on."""
+    redis = redis_server()
+    a = serve_proc("--redis", redis.url)
+    b = serve_proc("--redis", redis.url)
+    alice = _join(a.port, client_ctx, "alice")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "securechat", "connect", f"{LOOPBACK}:{b.port},{LOOPBACK}:{a.port}",
+         "--ca", str(cert_files["ca"]), "--nick", "reader"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line.rstrip("\n"))
+
+    def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, out
+            time.sleep(0.05)
+
+    import threading
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        alice.expect("* reader joined")  # on B, the first server of the list
+        alice.send("before")
+        wait_for(lambda: "[alice] before" in out)
+        time.sleep(0.3)  # the client has asked for its session token by now
+        b.proc.send_signal(how)
+        b.proc.wait(15)
+        for i in range(3):
+            alice.send(f"while moving {i}")
+        wait_for(lambda: any(line.startswith("* welcome, reader! (resumed)") for line in out))
+        wait_for(lambda: sum("while moving" in line for line in out) == 3)
+        time.sleep(0.5)
+        moving = [line for line in out if "while moving" in line]
+        assert [re.sub(r"^\(missed \d\d:\d\d\) ", "", line) for line in moving] == [
+            f"[alice] while moving {i}" for i in range(3)]
+        assert any(line.startswith("* connection lost") and "reconnecting" in line for line in out)
+        assert out.count("[alice] before") == 1
+        assert proc.stdin is not None
+        proc.stdin.write("on A now\n")
+        proc.stdin.flush()
+        assert alice.expect("[reader]") == "[reader] on A now"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+
+def test_connect_parses_a_list_of_servers() -> None:
+    from securechat.client.connect import parse_servers
+
+    assert parse_servers("a,b:6000,[::1]:7000,[::1], c ") == [
+        ("a", 5555), ("b", 6000), ("::1", 7000), ("::1", 5555), ("c", 5555)]
+    assert parse_servers("::1") == [("::1", 5555)]
+    assert parse_servers("a,b", 6000) == [("a", 6000), ("b", 6000)]  # --port: for those without one
+    with pytest.raises(ValueError, match="two ports"):
+        parse_servers("a,b:6001", 6000)
+    for bad in ("a,,b", "a:0", "a:x", "[::1]x", ":5555", "a:70000", "999.1.1.1", "a,1.2.3", "a\x01b",
+                ",".join(["a"] * 17)):
+        with pytest.raises(ValueError):
+            parse_servers(bad)
+
+
+def test_connect_with_a_bad_server_list_is_a_usage_error() -> None:
+    proc = subprocess.run([sys.executable, "-m", "securechat", "connect", "a,b:x"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("securechat connect: argument HOST[:PORT]: 'b:x': the port after ':' must be")
+    assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_redis_port_that_never_answers_is_one_line_at_start(serve_proc) -> None:
+    pytest.importorskip("redis")
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never says a word
+        silent.bind((LOOPBACK, 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        served = serve_proc("--redis", f"redis://{LOOPBACK}:{port}/0", ready=False)
+        started = time.monotonic()
+        out, err = served.proc.communicate(timeout=30)
+    assert served.proc.returncode == 1 and time.monotonic() - started < 10
+    assert err.startswith(f"securechat serve: cannot use Redis at redis://{LOOPBACK}:{port}/0: no answer within 3 s")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_two_serve_processes_share_a_chat_through_redis_over_tls_with_a_password(redis_server, serve_proc,
+                                                                                client_ctx) -> None:
+    import trustme
+
+    redis_ca = trustme.CA()
+    redis = redis_server(password="s3cret", tls=redis_ca.issue_cert("127.0.0.1"), ca=redis_ca)
+    a = serve_proc("--redis", redis.url, "--redis-ca", str(redis.ca_file))
+    b = serve_proc("--redis", redis.url, "--redis-ca", str(redis.ca_file))
+    alice = _join(a.port, client_ctx, "alice")
+    bob = _join(b.port, client_ctx, "bob")
+    alice.expect("* bob joined")
+    bob.send("over rediss://")
+    assert alice.expect("[bob]") == "[bob] over rediss://"
+    # Without the CA, the same URL is refused in one line.
+    served = serve_proc("--redis", redis.url, ready=False)
+    out, err = served.proc.communicate(timeout=30)
+    assert served.proc.returncode == 1
+    assert err.startswith("securechat serve: cannot use Redis at rediss://:***@127.0.0.1:") and "not trusted" in err
+    assert "s3cret" not in out + err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--redis", "http://127.0.0.1:6379"], "--redis wants a redis:// or rediss:// URL, not 'http://127.0.0.1:6379'"),
+    (["--redis-ca", "ca.pem"], "--redis-ca needs --redis"),
+    (["--redis", "redis://127.0.0.1:6379/0", "--redis-ca", "ca.pem"], "--redis-ca needs a rediss:// (TLS) URL"),
+    (["--redis", "redis://127.0.0.1:6379/0", "--presence-ttl", "0.5"], "--presence-ttl must be at least 1 second"),
+])
+def test_bad_redis_options_are_usage_errors(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "securechat", "serve", "--plain", "--port", "0", *args],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr == f"securechat serve: {message}; see 'securechat serve --help'\n"
