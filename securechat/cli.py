@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "join": ("securechat.client.join", "join a server with an invite code: securechat join HOST CODE"),
     "revoke": ("securechat.pki.revoke", "revoke a client certificate: securechat revoke NAME|SERIAL"),
     "certs": ("securechat.pki.issued", "list the client certificates issued through invites"),
+    "send": ("securechat.client.send", "share a file with a room or a person: securechat send HOST FILE [--to NICK]"),
+    "get": ("securechat.client.get", "fetch a shared file: securechat get HOST ID [--out DIR]"),
 }
 
 USAGE = """usage: securechat [COMMAND] [OPTIONS]

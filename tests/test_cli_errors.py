@@ -44,7 +44,7 @@ BAD_CHOICES = ["", "bogus", "1.1"]
 BAD_STRINGS: list[str | bytes] = ["", "\x01", b"\xff\xfe"]
 
 # Types that validate at parse time: a bad value is a usage error, never a runtime one.
-VALIDATING_TYPES = {"port", "duration", "count", "rate", "host"}
+VALIDATING_TYPES = {"port", "duration", "count", "rate", "host", "size"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,9 @@ def _cases(root: Path, busy_port: int, closed_port: int) -> list[Case]:
         "join": ["--port", str(closed_port), "--timeout", "5"],
         "revoke": ["--certs", str(root / "certs")],
         "certs": ["--certs", str(root / "certs")],
+        # Files: nothing listens at closed_port, so a bad value that got through fails at connecting.
+        "send": ["--port", str(closed_port), "--timeout", "5", "--nick", "walker"],
+        "get": ["--port", str(closed_port), "--timeout", "5", "--nick", "walker"],
     }
     needs = {("serve", "--ca"): ["--require-client-cert"], ("connect", "--key"): ["--cert", str(client)]}
     cases: list[Case] = []

@@ -51,6 +51,7 @@ from securechat.client.errors import (
     handshake_lost,
     handshake_timed_out,
 )
+from securechat.client.files import TicketDesk
 from securechat.wire import addr, protocol, tls
 from securechat.wire.addr import DEFAULT_PORT
 from securechat.wire.conn import Connection, describe_error, tune_socket
@@ -144,6 +145,10 @@ class ChatClient:
         self._caps_answered = threading.Event()
         self._overflow = ""  # why the client hung up on a server that sent too much, if it did
         self._welcomed = False  # a welcome line has arrived (connection thread)
+        self.tickets = TicketDesk()  # answers to /ticket (file transfers), consumed, not shown
+        self.server_hostname: str | None = None
+        self.context_factory: Callable[[], ssl.SSLContext] | None = None  # a fresh context like the chat's
+        self._anchor: bytes | None = None  # the certificate --pin/--tofu chose to trust
 
     # -- connecting -----------------------------------------------------------------------
 
@@ -157,6 +162,7 @@ class ChatClient:
         timeout: float = DEFAULT_TIMEOUT,
         trust: identity.ServerTrust | None = None,
         alternates: Sequence[tuple[str, int]] = (),
+        context_factory: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         """Open the TCP connection and, unless ``ssl_context`` and ``trust`` are None, complete the TLS handshake.
 
@@ -168,7 +174,8 @@ class ChatClient:
         server's chain over a probe connection that sends nothing, picks the certificate to trust,
         then connects with a verifying context trusting only that one (see :mod:`securechat.client.identity`).
         Raises :class:`ChatError` with an explanation on any failure (:class:`IdentityRefused` when the
-        server is not the one ``trust`` expects; nothing was sent to it then).
+        server is not the one ``trust`` expects; nothing was sent to it then). ``context_factory``
+        makes a context like ``ssl_context`` for file transfers (:meth:`file_context`).
         """
         if self._conn is not None:
             raise RuntimeError("already connected")
@@ -176,6 +183,7 @@ class ChatClient:
             raise ValueError("pass ssl_context or trust, not both")
         self.host, self.port, self.tls = host, port, ssl_context is not None or trust is not None
         self.servers = [(host, port), *alternates]
+        self.server_hostname, self.context_factory = server_hostname, context_factory
         # Kept to connect again after a dropped connection (securechat.wire.resume).
         self._connect_args = {"ssl_context": ssl_context, "server_hostname": server_hostname, "timeout": timeout,
                               "trust": trust}
@@ -209,7 +217,8 @@ class ChatClient:
             except identity.IdentityError as exc:
                 raise IdentityRefused(f"refusing {where}: {exc}") from None
             try:
-                ssl_context = trust.context(trust.choose(chain))
+                self._anchor = trust.choose(chain)
+                ssl_context = trust.context(self._anchor)
             except identity.IdentityError as exc:
                 raise IdentityRefused(f"refusing {where}: {exc}") from None
             # What OpenSSL does not check is checked on the probe's leaf too, so that a client
@@ -251,6 +260,20 @@ class ChatClient:
                     sock.close()
                     raise ChatError(str(exc)) from None
         return sock
+
+    def file_context(self) -> ssl.SSLContext:
+        """A fresh context that recognises the server as the chat connection did (for a file connection,
+        which offers another ALPN protocol)."""
+        trust = self._connect_args.get("trust")
+        if isinstance(trust, identity.ServerTrust) and self._anchor is not None:
+            return trust.context(self._anchor)
+        if self.context_factory is None:
+            raise ChatError("file transfers need TLS and a context_factory")
+        return self.context_factory()
+
+    def open_socket(self, timeout: float) -> socket.socket:
+        """A new TCP connection to the current server (for a file connection); ChatError on failure."""
+        return self._open(self.host, self.port, timeout)
 
     @staticmethod
     def _open(host: str, port: int, timeout: float) -> socket.socket:
@@ -398,7 +421,7 @@ class ChatClient:
             if shown is None:
                 continue
             line = shown
-            if self._capabilities(line):
+            if self._capabilities(line) or self.tickets.consume(line):
                 continue
             if protocol.is_notice(line):
                 self._last_notice = line[len(protocol.NOTICE_PREFIX):]

@@ -7,7 +7,7 @@ import argparse
 import os
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -35,14 +35,10 @@ def _pin_arg(text: str) -> str:
         ) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = options.Parser(prog=PROG, description="Join a securechat server.")
-    p.add_argument("host", metavar="HOST[:PORT]",
-                   help="the server's IP address or host name, optionally with the port: 192.168.0.20, "
-                   "192.168.0.20:5555, [fe80::1%%eth0]:5555; several servers of one chat (serve --redis) "
-                   "separated by commas: the first that answers is used, the others when it goes away")
+def add_server_arguments(p: argparse.ArgumentParser, *, nick: str) -> None:
+    """The options that reach and recognise a server, shared by ``connect``, ``send`` and ``get``."""
     p.add_argument("--port", type=options.port, default=None, help=f"TCP port (default: {DEFAULT_PORT})")
-    p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
+    p.add_argument("--nick", help=nick)
     trust = p.add_argument_group(
         "recognising the server (one of)").add_mutually_exclusive_group()
     trust.add_argument("--ca", type=options.path, default=None,
@@ -63,12 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--key", type=options.path, metavar="KEY",
                       help="the private key of --cert (default: the .key file next to it, else --cert "
                       "itself)")
-    p.add_argument("--plain", action="store_true",
-                   help="connect WITHOUT encryption, to a server started with --plain")
     p.add_argument("--tls-min", choices=sorted(tls.TLS_VERSIONS), default=tls.DEFAULT_TLS_MIN,
                    help="oldest TLS version accepted (default: %(default)s)")
     p.add_argument("--timeout", type=options.duration(), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="time allowed to connect and complete the handshake (default: %(default)g)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = options.Parser(prog=PROG, description="Join a securechat server.")
+    p.add_argument("host", metavar="HOST[:PORT]",
+                   help="the server's IP address or host name, optionally with the port: 192.168.0.20, "
+                   "192.168.0.20:5555, [fe80::1%%eth0]:5555; several servers of one chat (serve --redis) "
+                   "separated by commas: the first that answers is used, the others when it goes away")
+    add_server_arguments(p, nick="nickname (default: the name in --cert, else asked)")
+    p.add_argument("--plain", action="store_true",
+                   help="connect WITHOUT encryption, to a server started with --plain")
     screen = p.add_argument_group(
         "in a terminal", "Lines show as sent once the server has relayed them; a long paste is paced to the "
         "server's flood limit (\"sending N lines...\") and a line the server dropped is marked \"not "
@@ -224,6 +229,20 @@ def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, iden
     return context, None
 
 
+def context_factory(args: argparse.Namespace, context: ssl.SSLContext | None) -> Callable[[], ssl.SSLContext] | None:
+    """Fresh contexts recognising the server as ``context`` does, for file connections (which offer
+    their own ALPN protocol); None under --pin/--tofu, where the chat client keeps what it trusted."""
+    if context is None:
+        return None
+
+    def make() -> ssl.SSLContext:
+        made, _ = build_context(args)
+        assert made is not None
+        return made
+
+    return make
+
+
 def _joined_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The context for a server joined with an invite (``securechat join``), renewing first if due."""
     from securechat.client import profiles
@@ -268,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         try:
             context, trust = build_context(args)
+            args.context_factory = context_factory(args, context)
         except ChatError as exc:
             _err(str(exc))
             return EXIT_FAILURE

@@ -16,6 +16,7 @@ import zlib
 from securechat.client import identity
 from securechat.client.chat import MAX_STDIN_LINES, PLAIN_GREETING_WAIT, ChatClient
 from securechat.client.errors import TLSRequired
+from securechat.client.transfers import Transfers, is_transfer
 from securechat.wire import addr, protocol
 from securechat.wire.options import EXIT_OK
 
@@ -64,6 +65,14 @@ class Frontend:
         self.context = context
         self.trust = trust
         self.client = ChatClient()
+        self.transfers = Transfers(self.client, self.remark, self.transfers_changed, timeout=args.timeout)
+
+    def remark(self, text: str) -> None:
+        """Show a line of the client's own (a transfer's end); any thread."""
+        raise NotImplementedError
+
+    def transfers_changed(self) -> None:
+        """A transfer's progress moved (any thread): the terminal screen redraws its status line."""
 
     def run(self) -> int:
         """Chat until the user leaves or the connection ends; the exit status."""
@@ -77,7 +86,8 @@ class Frontend:
     def connect(self) -> None:
         args = self.args
         self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout,
-                            trust=self.trust, alternates=getattr(args, "alternates", ()))
+                            trust=self.trust, alternates=getattr(args, "alternates", ()),
+                            context_factory=getattr(args, "context_factory", None))
         if self.client.tls:
             self.client.wait_greeting(self.args.timeout)
         elif not self.client.wait_greeting(min(PLAIN_GREETING_WAIT, self.args.timeout)):
@@ -131,6 +141,9 @@ class LineMode(Frontend):
             except (OSError, ValueError):
                 pass  # stdout closed (a pipe whose reader left): keep chatting silently
 
+    def remark(self, text: str) -> None:
+        self._print(f"-!- {protocol.sanitize(text)}")
+
     def _next_input(self) -> str | None:
         """The next stdin line; None at EOF; raises Disconnected if the connection ends first."""
         while True:
@@ -158,7 +171,11 @@ class LineMode(Frontend):
         while True:
             text = self._next_input()
             if text is None or is_quit(text):
+                self.transfers.wait()  # a script's "/send FILE" then EOF: the file goes first
                 return self.leave()
+            if is_transfer(text):
+                self.transfers.command(text)
+                continue
             if not self.client.send(text):
                 self.client.wait_closed(1.0)
                 self.client._raise_ended()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import re
 import sys
 import threading
@@ -51,6 +52,7 @@ from prompt_toolkit.shortcuts import print_formatted_text
 
 from securechat.client.errors import NickRefused
 from securechat.client.frontend import NOTICE_STYLE, Frontend, is_quit, nick_style, own_echo
+from securechat.client.transfers import is_transfer
 from securechat.wire import addr, protocol
 
 # irssi's paste_verify_line_count default: a paste of more lines than this asks before sending.
@@ -68,7 +70,7 @@ CAP_WAIT = 3.0
 # The input area grows with a multi-line paste, up to this many rows (the chat stays visible).
 INPUT_MAX_ROWS = 8
 
-COMMANDS = ("/help", "/me", "/msg", "/nick", "/quit", "/who")
+COMMANDS = ("/get", "/help", "/me", "/msg", "/nick", "/quit", "/send", "/who")
 
 TIME_STYLE = "fg:ansibrightblack"
 DAY_STYLE = "bold fg:ansibrightblack"
@@ -483,6 +485,8 @@ class TerminalUI(Frontend):
             if self._queue:
                 print(f"-!- {len(self._queue)} line(s) still waiting were not sent", flush=True)
                 self._queue.clear()
+            if self.transfers.busy:
+                print(f"-!- stopped: {self.transfers.status()}", flush=True)
 
     def _status(self) -> str:
         if self._paste is not None:
@@ -491,21 +495,37 @@ class TerminalUI(Frontend):
             return f" sending {self._batch} lines... {len(self._queue)} to go "
         if self.completer.choices:
             return " " + "  ".join(self.completer.choices) + " "
-        return ""
+        moving = self.transfers.status()
+        return f" {moving} " if moving else ""
 
     def _typed(self) -> None:
         if not self._completing:
             self.completer.reset()
 
-    def _on_line(self, line: str) -> None:
-        """Connection thread: hand the line to the application's loop."""
+    def remark(self, text: str) -> None:
+        self._soon(lambda: self._print(self.display.local(text)), lambda: print(f"-!- {text}", flush=True))
+
+    def transfers_changed(self) -> None:
+        self._soon(self._redraw, lambda: None)
+
+    def _redraw(self) -> None:
+        if self._app is not None:
+            self._app.invalidate()
+
+    def _soon(self, on_loop: Callable[[], object], otherwise: Callable[[], object]) -> None:
+        """Run ``on_loop`` on the application's loop (from any thread), or ``otherwise`` when it is not running."""
         loop = self._loop
         if loop is None:
+            otherwise()
             return
         try:
-            loop.call_soon_threadsafe(self._received, line)
+            loop.call_soon_threadsafe(on_loop)
         except RuntimeError:  # the loop has closed: the application is over
-            pass
+            otherwise()
+
+    def _on_line(self, line: str) -> None:
+        """Connection thread: hand the line to the application's loop."""
+        self._soon(functools.partial(self._received, line), lambda: None)
 
     def _watch_end(self) -> None:
         self.client.wait_closed()
@@ -574,6 +594,9 @@ class TerminalUI(Frontend):
             if is_quit(line):
                 self.app.exit()
                 return
+            if is_transfer(line):
+                self.transfers.command(line)
+                continue
             size = len(protocol.encode(line))
             if size > protocol.MAX_LINE_BYTES:
                 self._print(self.display.local(f"not sent: line too long ({size} bytes, at most "

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from securechat.pki.enrollment import ALPN as ENROLL_ALPN
 from securechat.server.handshake import Handshaker
 from securechat.server.pending import MAX_PENDING, MAX_PENDING_PER_ADDRESS, PendingPool, Throttle, Ticket, address_key
 from securechat.server.room import (
@@ -43,9 +44,11 @@ from securechat.wire import addr, protocol
 from securechat.wire.addr import DEFAULT_HOST, DEFAULT_PORT
 from securechat.wire.conn import OUTBOX_LIMIT, Waker, close_gracefully, describe_error, tune_socket
 from securechat.wire.console import announce
+from securechat.wire.filexfer import ALPN as FILE_ALPN
 
 if TYPE_CHECKING:
     from securechat.pki.authority import Authority
+    from securechat.server.files import FileService
 
 log = logging.getLogger("securechat.server")
 
@@ -117,6 +120,7 @@ class ChatServer:
         grace: float = GRACE_SECONDS,
         offline_messages: bool = False,
         authority: Authority | None = None,
+        files: FileService | None = None,
     ) -> None:
         self.host = host
         # host "::" with dual_stack: one socket for IPv6 and IPv4 (IPV6_V6ONLY off), where the OS allows it.
@@ -136,6 +140,9 @@ class ChatServer:
                            offline_messages=offline_messages)
         # Invites, renewals and the revocation denylist (securechat.pki.enrollment), when the CA is at hand.
         self.authority = authority
+        # Shared files (securechat.server.files): /ticket on the chat, transfers on ALPN securechat-file/1.
+        self.files = files
+        self._alpn_context: ssl.SSLContext | None = None  # the last context given our ALPN names
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
         self._chatters = 0  # sessions holding a chat place (a Slot): what max_clients bounds
@@ -335,8 +342,14 @@ class ChatServer:
         return len(self._sessions)
 
     def _current_context(self) -> ssl.SSLContext:
-        assert self.ssl_context is not None
-        return self.ssl_context
+        context = self.ssl_context
+        assert context is not None
+        if context is not self._alpn_context and self.files is not None:
+            with self._lock:  # each context (a renewal makes a new one) offers our ALPN names once
+                if context is not self._alpn_context:
+                    context.set_alpn_protocols([*([ENROLL_ALPN] if self.authority is not None else []), FILE_ALPN])
+                    self._alpn_context = context
+        return context
 
     def _admit(self, sock: socket.socket, peer: tuple) -> None:
         """Give a new connection a pending place and pass it on; runs in the accept loop, never waits."""
@@ -414,6 +427,10 @@ class ChatServer:
             if not self._start(self._run_enroll, sock, peer, admission):
                 admission.ticket.release()
             return
+        if self.files is not None and sock.selected_alpn_protocol() == FILE_ALPN:  # a transfer: no chat place
+            if not self._start(self._run_file, sock, peer, admission):
+                admission.ticket.release()
+            return
         # Early word for the common case; _take_place decides, atomically, at the nickname.
         with self._lock:
             refusal = self._refusal(address_key(str(peer[0])))
@@ -459,6 +476,22 @@ class ChatServer:
         finally:
             admission.ticket.release()
             _say_and_close(sock, b"")
+
+    def _run_file(self, sock: ssl.SSLSocket, peer: tuple, admission: Admission) -> None:
+        """A file connection (securechat.server.filehandler): it holds its pending place until its ticket
+        is accepted."""
+        from securechat.server.filehandler import FileHandler
+        from securechat.server.filethread import ThreadTransport
+
+        assert self.files is not None
+        transport = ThreadTransport(sock, peer, FileHandler(self.files), admission)
+        try:
+            admission.hand_to(functools.partial(transport.abort, EVICTED))
+            transport.run()
+        except Exception:  # one transfer's bug must not take the server down
+            log.exception("unexpected error with the file connection of %s", peer)
+        finally:
+            admission.ticket.release()
 
     def _run_session(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, admission: Admission) -> None:
         session = None

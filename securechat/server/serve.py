@@ -31,10 +31,13 @@ from securechat.server.engine import (
 from securechat.server.pending import MAX_PENDING, MAX_PENDING_PER_ADDRESS
 from securechat.server.room import ANNOUNCE_LIMIT, GRACE_SECONDS, MAX_HISTORY_PAGE, REPLAY_LINES
 from securechat.store import redis_config, redis_options
+from securechat.store.files import DEFAULT_DAYS as FILES_DAYS
+from securechat.store.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_QUOTA, MAX_FILE_SIZE, FilesError
 from securechat.store.history import DEFAULT_DAYS, DEFAULT_LINES, MAX_HISTORY_DAYS, MAX_HISTORY_LINES, default_data_dir
 from securechat.wire import addr, console, options, tls
 from securechat.wire.addr import DEFAULT_HOST, DEFAULT_PORT
 from securechat.wire.conn import describe_error
+from securechat.wire.filexfer import human_size
 
 if TYPE_CHECKING:
     pass
@@ -118,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
                    default=GRACE_SECONDS, metavar="SECONDS",
                    help="how long a dropped securechat client's nick and rooms are held for it to resume, "
                    "0 for not at all (default: %(default)g)")
+    files = p.add_argument_group("shared files (/send and /get in the client; 'securechat send' and 'get')")
+    files.add_argument("--max-file-size", type=options.size(MAX_FILE_SIZE), default=DEFAULT_MAX_FILE_SIZE,
+                       metavar="SIZE", help="largest file one may share, e.g. 100M, 2G (default: 100M)")
+    files.add_argument("--files-quota", type=options.size(zero="for no limit"), default=DEFAULT_QUOTA, metavar="SIZE",
+                       help="bytes one person may keep shared at once, 0 for no limit (default: 1G)")
+    files.add_argument("--files-days", type=options.rate(MAX_HISTORY_DAYS, zero="for no age limit"),
+                       default=FILES_DAYS, metavar="DAYS",
+                       help="forget shared files older than this, 0 for never (default: %(default)g)")
+    files.add_argument("--no-files", action="store_true",
+                       help="no file sharing: /ticket is refused and no file connection is taken")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
     p.add_argument("--log-format", choices=console.LOG_FORMATS, default="console",
                    help="log lines on stderr: 'console', readable ([SERVER] WARNING: ...), or 'json', one "
@@ -268,6 +281,27 @@ def _bind(server: ChatServer, args: argparse.Namespace) -> OSError | None:
     return None
 
 
+def _open_files(args: argparse.Namespace, server: ChatServer, tls_on: bool, cluster: object) -> str:
+    """Set up file sharing (``server.files``) as the options say; the banner line. FilesError if it cannot."""
+    from securechat.server.files import FileService
+    from securechat.store.files import FileStore
+
+    if args.no_files:
+        return "[SERVER] File sharing is off (--no-files)"
+    if not tls_on:
+        return "[SERVER] File sharing is off (it needs TLS)"
+    port = server.address[1]
+    root = (args.data or default_data_dir()) / "files" / str(port)
+    index = None
+    store = FileStore(root, max_size=args.max_file_size, quota=args.files_quota, days=args.files_days, index=index)
+    server.files = FileService(store, server.rooms, origin=getattr(index, "origin", ""))
+    server.files.start()
+    limits = [f"up to {human_size(args.max_file_size)} each",
+              f"{human_size(args.files_quota)} per person" if args.files_quota else "no quota",
+              f"kept {args.files_days:g} days" if args.files_days else "kept until deleted"]
+    return f"[SERVER] Shared files (unencrypted) in {root}: {', '.join(limits)}"
+
+
 # Descriptors a connection may hold (its socket, its session's eventfd), and what the server keeps
 # besides (listener, wakers, log files, certificate reloads), with room to spare.
 FDS_PER_CONNECTION = 2
@@ -355,6 +389,15 @@ def _serve(args: argparse.Namespace) -> int:
             server.abandon()
             return 1
 
+    try:
+        files_line = _open_files(args, server, context is not None, cluster)
+    except FilesError as exc:
+        options.print_error(PROG, f"files: {exc}")
+        server.abandon()
+        if directory is not None:
+            directory.close()
+        return 1
+
     def on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop_from_signal()
 
@@ -392,6 +435,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("[SERVER] History is off (--no-history)", flush=True)
     else:
         print(f"[SERVER] History (unencrypted) in {history_path}", flush=True)
+    print(files_line, flush=True)
     if context is None:
         print("[SERVER] WARNING: --plain: NO ENCRYPTION. Every message and nickname can be read and altered by "
               "anyone on the network.", flush=True)
@@ -426,6 +470,8 @@ def _serve(args: argparse.Namespace) -> int:
     if directory is not None:
         directory.drain()  # its people may resume on another server of the chat
     server.shutdown()
+    if server.files is not None:
+        server.files.close()
     if directory is not None:
         directory.close()
     print("[SERVER] Stopped", flush=True)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, cast
 
+from securechat.server.files import FileService
 from securechat.server.pending import PendingPool, Ticket
 from securechat.server.room import (
     DEFAULT_ROOM,
@@ -27,6 +28,7 @@ from securechat.server.room import room_error as rooms_error
 from securechat.server.rooms import Rooms
 from securechat.wire import protocol
 from securechat.wire.conn import Connection
+from securechat.wire.filexfer import TAG_RE, TICKET_COMMAND, ticket_refused
 from securechat.wire.ids import room_key
 from securechat.wire.protocol import Command
 
@@ -60,6 +62,7 @@ class Host(Protocol):
     flood_rate: float
     flood_burst: float
     outbox_limit: int
+    files: FileService | None  # shared files (None: --no-files)
 
     @property
     def stopping(self) -> bool: ...
@@ -88,7 +91,7 @@ class Session:
     __slots__ = ("server", "peer", "nick", "bound_nick", "person", "state", "conn", "bucket", "dropped", "slot",
                  "admission", "joined", "current", "tagged", "token", "quitting", "paged", "held_private",
                  "private_mark", "dropped_at", "replaced", "echo",
-                 "cert_serial")
+                 "cert_serial", "nick_since")
 
     def __init__(self, server: Host, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -124,6 +127,7 @@ class Session:
         self.dropped_at: dict[str, str | None] = {}  # room key -> last id when the connection dropped
         self.replaced = False  # a resumed connection took over this session
         self.cert_serial: int | None = None  # the client certificate's, watched for revocation
+        self.nick_since = 0.0  # when it took its current nick (wall clock): which private files are its own
 
     def __repr__(self) -> str:
         return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
@@ -224,6 +228,7 @@ class Session:
 
     def _welcome(self, nick: str, aside: str) -> None:
         self.state = State.CHAT
+        self.nick_since = time.time()
         self.conn.deadline = None
         nicks = self.server.rooms.nicks()
         self.reply(f"{protocol.WELCOME}{nick}!{aside} {len(nicks)} online: {', '.join(nicks)}. "
@@ -240,6 +245,7 @@ class Session:
             # A session from another server sharing these rooms (--redis): back in its rooms, caught up.
             self.state = State.CHAT
             self.conn.deadline = None
+            self.nick_since = time.time()
             nicks = rooms.nicks()
             self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
                        "/help lists commands")
@@ -253,6 +259,7 @@ class Session:
         self.conn.deadline = None
         self.tagged, self.token = True, old.token
         self.paged, self.private_mark, self.dropped_at = old.paged, old.private_mark, old.dropped_at
+        self.nick_since = getattr(old, "nick_since", time.time())
         nicks = rooms.nicks()
         self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
                    "/help lists commands")
@@ -293,6 +300,8 @@ class Session:
         error = protocol.nick_error(arg) or self.server.reserved(arg) or self.server.rooms.rename(self, arg)
         if error:
             self.reply(protocol.NICK_REFUSED + error)
+        else:
+            self.nick_since = time.time()  # files shared with the earlier holder of this nick are not its
 
     def cmd_who(self, arg: str) -> None:
         name = arg.strip() or (self.current.name if self.current else "")
@@ -367,6 +376,15 @@ class Session:
         self.quitting = True
         self.conn.close(protocol.notice("goodbye"))
 
+    def cmd_ticket(self, arg: str) -> None:
+        """``/ticket ...``: permission to move one file, on a connection of its own (securechat.server.files)."""
+        if self.server.files is None:
+            tag = (arg.split() + ["", ""])[1]
+            off = "file sharing is off on this server"
+            self.reply(ticket_refused(tag, off) if TAG_RE.match(tag) else off)
+            return
+        self.server.files.command(self, arg)
+
     def cmd_cap(self, arg: str) -> None:
         if arg.strip().lower() != protocol.CAP_ECHO:
             self.reply(f"{protocol.CAP_REPLY}unknown capability {protocol.sanitize(arg)!r}; known: {protocol.CAP_ECHO}")
@@ -393,6 +411,7 @@ COMMANDS: dict[str, Callable[[Session, str], None]] = {
     "help": Session.cmd_help,
     "quit": Session.cmd_quit,
     protocol.CAP_COMMAND: Session.cmd_cap,
+    TICKET_COMMAND: Session.cmd_ticket,
 }
 
 

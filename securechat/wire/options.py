@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+from securechat.wire.filexfer import human_size, parse_size
+
 # Exit statuses shared by every subcommand (cli.py re-exports them).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the command ran and failed (connection refused, certificate refused, ...)
@@ -162,6 +164,19 @@ def rate(maximum: float = MAX_LINE_RATE, zero: str = "for no limit") -> Callable
         return value
 
     return _type("rate", check)
+
+
+def size(maximum: int = 1 << 50, zero: str = "") -> Callable[[str], int]:
+    """Bytes: ``100M``, ``1G``, ``512K`` or a whole number; K, M, G, T are powers of 1024."""
+
+    def check(text: str) -> int:
+        value = parse_size(text)
+        if value > maximum or (value == 0 and not zero):
+            raise ValueError(f"{text.strip()} is out of range: from 1 byte to {human_size(maximum)}"
+                             + (f", 0 {zero}" if zero else ""))
+        return value
+
+    return _type("size", check)
 
 
 _DOTTED = re.compile(r"[0-9.]+")
