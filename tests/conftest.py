@@ -18,6 +18,7 @@ import trustme
 
 from securechat.server.engine import ChatServer
 from securechat.wire import tls
+from tests.filehelp import chat, file_server  # noqa: F401  (fixtures: file sharing)
 from tests.redis_server import redis_server  # noqa: F401  (fixture: a real redis-server on loopback)
 
 LOOPBACK = "127.0.0.1"

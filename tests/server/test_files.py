@@ -1,0 +1,473 @@
+"""Sharing files end to end on loopback: real TLS, real files, and every way a client can lie or vanish."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from securechat.client import files as cf
+from securechat.client.chat import ChatClient
+from securechat.server import filehandler
+from securechat.server.engine import ChatServer
+from securechat.wire import filexfer, protocol
+from securechat.wire.filexfer import TransferError
+from tests.filehelp import (
+    RawFile,
+    blobs,
+    heard,
+    partials,
+    sha,
+    ticket,
+    wait_line,
+)
+
+MiB = 1 << 20
+
+
+def _file(tmp_path: Path, name: str, size: int) -> tuple[Path, bytes]:
+    data = os.urandom(size)
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path, data
+
+
+def _shared(line: str) -> bool:
+    return " shared " in line and "/get " in line
+
+
+def _id_of(line: str) -> str:
+    return line.rsplit("/get ", 1)[1]
+
+
+def test_a_room_file_reaches_the_room_and_comes_back_whole(file_server: Callable[..., ChatServer],
+                                                           chat: Callable[..., ChatClient], tmp_path: Path) -> None:
+    server = file_server()
+    alice, bob = chat(server, "alice"), chat(server, "bob")
+    path, data = _file(tmp_path, "report.pdf", int(2.1 * MiB))
+    file_id, name, size = cf.send_file(alice, path, "-")
+    assert (name, size) == ("report.pdf", len(data)) and filexfer.ID_RE.match(file_id)
+    assert wait_line(bob, _shared) == f"* alice shared report.pdf (2.1 MiB): /get {file_id}"
+    out = tmp_path / "bob"
+    out.mkdir()
+    saved = cf.get_file(bob, file_id, out)
+    assert saved == out / "report.pdf" and saved.read_bytes() == data
+    assert cf.get_file(alice, file_id, out).name == "report (1).pdf"  # never over an existing file
+    assert (out / "report.pdf").read_bytes() == data
+    assert not list(out.glob(".securechat-*"))  # no partial left behind
+    # On the server: one blob named by its hash, 0600 in 0700 directories, nothing half-written.
+    assert blobs(server) == [sha(data)] and partials(server) == []
+    assert server.files is not None
+    blob = server.files.store.blob_path(sha(data))
+    assert stat.S_IMODE(blob.stat().st_mode) == 0o600
+    for d in (blob.parent, server.files.store.root, server.files.store.blobs, server.files.store.partial):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_someone_not_in_the_room_probing_its_file_id_gets_no_such_file(
+        file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], tmp_path: Path) -> None:
+    server = file_server()
+    alice, carol = chat(server, "alice"), chat(server, "carol")
+    alice.send("/join dev")
+    wait_line(alice, lambda line: "now talking in #dev" in line)
+    path, _ = _file(tmp_path, "plans.txt", 1000)
+    file_id, _, _ = cf.send_file(alice, path, "#dev")
+    # carol knows the id (it leaked), but is not in #dev: the same answer as for an id that does not exist.
+    with pytest.raises(TransferError, match=f"^no such file: {file_id}$"):
+        ticket(carol, lambda tag: filexfer.get_request(tag, file_id))
+    with pytest.raises(TransferError, match="^no such file: "):
+        ticket(carol, lambda tag: filexfer.get_request(tag, filexfer.new_id()))
+    with pytest.raises(TransferError):
+        cf.get_file(carol, file_id, tmp_path)
+    carol.send("/join dev")  # a member reads the room's files, as it reads its history
+    wait_line(carol, lambda line: "now talking in #dev" in line)
+    assert cf.get_file(carol, file_id, tmp_path).read_bytes() == path.read_bytes()
+
+
+def test_a_private_file_is_for_its_two_people_only(file_server: Callable[..., ChatServer],
+                                                   chat: Callable[..., ChatClient], tmp_path: Path) -> None:
+    server = file_server()
+    alice, bob, carol = chat(server, "alice"), chat(server, "bob"), chat(server, "carol")
+    path, data = _file(tmp_path, "salary.xlsx", 5000)
+    file_id, _, _ = cf.send_file(alice, path, "bob")
+    assert wait_line(bob, _shared) == f"[alice -> bob] * shared salary.xlsx (4.9 KiB): /get {file_id}"
+    assert not [line for line in heard(carol) if _shared(line)]  # nothing said in the room
+    with pytest.raises(TransferError, match="no such file"):
+        cf.get_file(carol, file_id, tmp_path)
+    for who in (bob, alice):
+        out = tmp_path / str(who.nick)
+        out.mkdir()
+        assert cf.get_file(who, file_id, out).read_bytes() == data
+
+
+def test_a_guest_who_takes_a_nick_later_cannot_fetch_its_earlier_holders_files(
+        file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], tmp_path: Path) -> None:
+    server = file_server()
+    alice, bob, carol = chat(server, "alice"), chat(server, "bob"), chat(server, "carol")
+    path, _ = _file(tmp_path, "secret.txt", 100)
+    file_id, _, _ = cf.send_file(alice, path, "bob")
+    bob.quit()
+    mallory = chat(server, "bob")  # the nick is free again: a new guest takes it
+    with pytest.raises(TransferError, match="no such file"):
+        cf.get_file(mallory, file_id, tmp_path)
+    mallory.quit()
+    carol.send("/nick bob")  # and one who renames to it
+    wait_line(carol, lambda line: line == "* carol is now bob")
+    with pytest.raises(TransferError, match="no such file"):
+        cf.get_file(carol, file_id, tmp_path)
+
+
+def test_targets_the_sender_cannot_reach_are_refused(file_server: Callable[..., ChatServer],
+                                                     chat: Callable[..., ChatClient], tmp_path: Path) -> None:
+    server = file_server()
+    alice = chat(server, "alice")
+    path, _ = _file(tmp_path, "x.bin", 10)
+    with pytest.raises(TransferError, match=r"you are not in #dev: /join it first"):
+        cf.send_file(alice, path, "#dev")
+    with pytest.raises(TransferError, match="no such nick: nobody"):
+        cf.send_file(alice, path, "nobody")
+    alice.send("/part")
+    wait_line(alice, lambda line: "you left" in line)
+    with pytest.raises(TransferError, match="you are in no room"):
+        cf.send_file(alice, path, "-")
+
+
+def test_size_and_quota_limits_are_one_line_each(file_server: Callable[..., ChatServer],
+                                                 chat: Callable[..., ChatClient], tmp_path: Path) -> None:
+    server = file_server(max_size=3000, quota=5000)
+    alice, bob = chat(server, "alice"), chat(server, "bob")
+    big, _ = _file(tmp_path, "big.bin", 3001)
+    with pytest.raises(TransferError, match=r"^too large: 2.9 KiB, this server takes files up to 2.9 KiB$"):
+        cf.send_file(alice, big, "-")
+    small, _ = _file(tmp_path, "small.bin", 3000)
+    cf.send_file(alice, small, "-")
+    # An upload in progress holds its share of the quota from its ticket on.
+    held = ticket(alice, lambda tag: filexfer.put_request(tag, "-", 1500, "held.bin"))
+    assert held
+    with pytest.raises(TransferError, match=r"^over your quota: you share 4.4 KiB of 4.9 KiB; 500 bytes left$"):
+        cf.send_file(alice, small, "-")
+    cf.send_file(bob, small, "-")  # bob's quota is his own
+    assert partials(server) == []
+
+
+def _put(server: ChatServer, client: ChatClient, ca: Path, size: int, name: str = "f.bin") -> tuple[RawFile, str]:
+    token = ticket(client, lambda tag: filexfer.put_request(tag, "-", size, name))
+    raw = RawFile(server, ca)
+    raw.send(filexfer.control(op="put", ticket=token))
+    assert raw.control() == {"ok": "put", "offset": 0}
+    return raw, token
+
+
+def test_more_bytes_than_declared_ends_the_upload_and_removes_it(
+        file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], cert_files: dict[str, Path]) -> None:
+    server = file_server(quota=10_000)
+    alice, bob = chat(server, "alice"), chat(server, "bob")
+    raw, token = _put(server, alice, cert_files["ca"], 1000)
+    raw.data(os.urandom(3000))
+    _, controls = raw.until_end()
+    assert controls == [{"error": "more bytes than declared (1000): the upload was dropped"}]
+    assert partials(server) == [] and blobs(server) == []
+    again = RawFile(server, cert_files["ca"])  # the ticket died with it
+    again.send(filexfer.control(op="put", ticket=token))
+    assert again.until_end()[1] == [{"error": "the ticket is unknown or expired: ask for a new one"}]
+    assert ticket(alice, lambda tag: filexfer.put_request(tag, "-", 10_000, "x"))  # its quota came back
+    assert not [line for line in heard(bob) if _shared(line)]  # nothing was announced
+
+
+def test_fewer_bytes_than_declared_is_refused_at_the_end(file_server: Callable[..., ChatServer],
+                                                         chat: Callable[..., ChatClient],
+                                                         cert_files: dict[str, Path]) -> None:
+    server = file_server()
+    alice = chat(server, "alice")
+    raw, _ = _put(server, alice, cert_files["ca"], 1000)
+    data = os.urandom(600)
+    raw.data(data)
+    raw.send(filexfer.control(op="end", sha256=sha(data)))
+    assert raw.until_end()[1] == [{"error": "the size does not match: 600 bytes arrived, 1000 were declared"}]
+    assert partials(server) == [] and blobs(server) == []
+
+
+def test_a_lying_hash_stores_nothing_and_tells_nobody(file_server: Callable[..., ChatServer],
+                                                      chat: Callable[..., ChatClient],
+                                                      cert_files: dict[str, Path]) -> None:
+    server = file_server()
+    alice, bob = chat(server, "alice"), chat(server, "bob")
+    data = os.urandom(3 * MiB)
+    raw, _ = _put(server, alice, cert_files["ca"], len(data))
+    raw.data(data)
+    raw.send(filexfer.control(op="end", sha256=sha(data + b"!")))
+    assert raw.until_end()[1] == [{"error": "the SHA-256 does not match the bytes that arrived: the file was dropped"}]
+    assert partials(server) == [] and blobs(server) == []
+    assert not [line for line in heard(bob) if _shared(line)]
+    alice.send("still here")  # the chat connection is untouched
+    assert wait_line(bob, lambda line: line.startswith("[alice]")) == "[alice] still here"
+
+
+def test_a_transfer_cut_half_way_resumes_from_the_last_confirmed_byte(
+        file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], cert_files: dict[str, Path],
+        tmp_path: Path) -> None:
+    server = file_server()
+    alice, bob = chat(server, "alice"), chat(server, "bob")
+    data = os.urandom(12 * MiB)
+    raw, token = _put(server, alice, cert_files["ca"], len(data), "video.mp4")
+    raw.data(data[:7 * MiB])
+    acked = raw.control()["ack"]
+    assert acked >= filexfer.ACK_EVERY
+    raw.sock.close()  # cut: no end, no goodbye
+    # The partial file stays for the sender to resume; the room has heard nothing.
+    deadline = time.monotonic() + 5
+    while not partials(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(partials(server)) == 1 and not [line for line in heard(bob) if _shared(line)]
+    resumed = _resume(server, cert_files["ca"], token)
+    offset = resumed.control()["offset"]
+    assert acked <= offset <= 7 * MiB  # at least what was confirmed; never more than was sent
+    resumed.data(data[offset:])
+    resumed.send(filexfer.control(op="end", sha256=sha(data)))
+    _, controls = resumed.until_end()
+    file_id = controls[-1]["id"]
+    assert [c for c in controls if "ack" not in c] == [{"ok": "done", "id": file_id}]
+    assert wait_line(bob, _shared).endswith(f"/get {file_id}")
+    assert cf.get_file(bob, file_id, tmp_path).read_bytes() == data
+    assert partials(server) == []
+
+
+def _resume(server: ChatServer, ca: Path, token: str) -> RawFile:
+    """A new connection with the upload's ticket; retried while the server is closing the cut one."""
+    for _ in range(50):
+        raw = RawFile(server, ca)
+        raw.send(filexfer.control(op="put", ticket=token))
+        event = raw.event()
+        if isinstance(event, filexfer.Control) and event.msg.get("ok") == "put":
+            raw.events.insert(0, event)
+            return raw
+        assert isinstance(event, filexfer.Control) and event.msg["error"].startswith("busy"), event
+        raw.close()
+        time.sleep(0.1)
+    raise AssertionError("never resumed")
+
+
+def test_an_upload_nobody_resumes_is_removed_and_its_quota_given_back(
+        file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], cert_files: dict[str, Path]) -> None:
+    server = file_server(quota=2 * MiB)
+    alice = chat(server, "alice")
+    raw, token = _put(server, alice, cert_files["ca"], 2 * MiB)
+    raw.data(os.urandom(MiB + 5))
+    raw.sock.close()
+    with pytest.raises(TransferError, match="over your quota"):
+        ticket(alice, lambda tag: filexfer.put_request(tag, "-", 1, "x"))
+    assert server.files is not None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the cut connection is noticed
+        held = server.files._tickets[token]
+        if held.upload is not None and held.upload.handler is None and held.upload.partial is not None:
+            break
+        time.sleep(0.05)
+    held.expires = time.monotonic() - 1  # as RESUME_SECONDS later
+    server.files.clean()
+    assert partials(server) == []
+    assert ticket(alice, lambda tag: filexfer.put_request(tag, "-", 2 * MiB, "x"))
+
+
+def test_the_client_resumes_by_itself_through_a_cut(file_server: Callable[..., ChatServer],
+                                                     cert_files: dict[str, Path], tmp_path: Path) -> None:
+    """A proxy in between cuts the first file connection after 5 MiB; send_file carries on and finishes."""
+    server = file_server()
+    proxy = _CuttingProxy(server.address[1], cut_connection=2, after=5 * MiB)
+    from securechat.wire import tls
+
+    def factory() -> object:
+        return tls.client_context(cert_files["ca"])
+
+    alice = ChatClient(reconnect=False)
+    alice.connect("127.0.0.1", proxy.port, ssl_context=tls.client_context(cert_files["ca"]),
+                  context_factory=factory, server_hostname="localhost")  # type: ignore[arg-type]
+    try:
+        alice.register("alice")
+        path, data = _file(tmp_path, "disk.img", 16 * MiB)
+        said: list[str] = []
+        file_id, _, _ = cf.send_file(alice, path, "-", say=said.append)
+        assert proxy.cut and any("connection lost" in s and "resuming" in s for s in said), said
+        assert server.files is not None and server.files.store.index.get(file_id) is not None
+        assert server.files.store.blob_path(sha(data)).read_bytes() == data
+    finally:
+        alice.close()
+        proxy.close()
+
+
+class _CuttingProxy:
+    """Forwards loopback connections to ``port``; the ``cut_connection``-th is cut after ``after`` bytes up."""
+
+    def __init__(self, port: int, *, cut_connection: int, after: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut_connection, self.after, self.cut = cut_connection, after, False
+        self._count = 0
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            self._count += 1
+            up = socket.create_connection(("127.0.0.1", self.target))
+            self._socks += [down, up]
+            limit = self.after if self._count == self.cut_connection else None
+            threading.Thread(target=self._pipe, args=(down, up, limit), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, down, None), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        moved = 0
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                moved += len(data)
+                if limit is not None and moved >= limit:
+                    self.cut = True
+                    break
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self._socks:
+            s.close()
+
+
+def test_a_hostile_file_name_reaches_every_screen_harmless(file_server: Callable[..., ChatServer],
+                                                           chat: Callable[..., ChatClient], tmp_path: Path) -> None:
+    server = file_server()
+    alice, bob = chat(server, "alice"), chat(server, "bob")
+    evil = "\x1b]0;pwned\x07\x1b[2J..\u202eexe.pdf"
+    path = tmp_path / evil
+    path.write_bytes(b"MZ...")
+    file_id, name, _ = cf.send_file(alice, path, "-")
+    assert name == "exe.pdf"
+    line = wait_line(bob, _shared)
+    assert line == f"* alice shared exe.pdf (5 bytes): /get {file_id}" and protocol.is_safe(line)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cf.get_file(bob, file_id, out) == out / "exe.pdf"
+
+
+def test_a_raw_client_cannot_name_a_file_with_a_path_either(file_server: Callable[..., ChatServer],
+                                                            chat: Callable[..., ChatClient],
+                                                            cert_files: dict[str, Path]) -> None:
+    server = file_server()
+    alice, bob = chat(server, "alice"), chat(server, "bob")
+    raw, _ = _put(server, alice, cert_files["ca"], 3, name="../../../../root/.ssh/authorized_keys")
+    raw.data(b"abc")
+    raw.send(filexfer.control(op="end", sha256=sha(b"abc")))
+    file_id = raw.until_end()[1][-1]["id"]
+    assert wait_line(bob, _shared) == f"* alice shared root_.ssh_authorized_keys (3 bytes): /get {file_id}"
+
+
+def test_tickets_are_single_purpose_and_checked(file_server: Callable[..., ChatServer],
+                                                chat: Callable[..., ChatClient], cert_files: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    server = file_server()
+    alice = chat(server, "alice")
+    path, _ = _file(tmp_path, "a.txt", 10)
+    file_id, _, _ = cf.send_file(alice, path, "-")
+    get_token = ticket(alice, lambda tag: filexfer.get_request(tag, file_id))
+    wrong = RawFile(server, cert_files["ca"])  # a download ticket does not upload
+    wrong.send(filexfer.control(op="put", ticket=get_token))
+    assert wrong.until_end()[1] == [{"error": "the ticket is unknown or expired: ask for a new one"}]
+    for _ in range(2):  # and it is good for one download
+        raw = RawFile(server, cert_files["ca"])
+        raw.send(filexfer.control(op="get", ticket=get_token, offset=0))
+        data, controls = raw.until_end()
+        if _ == 0:
+            assert data == path.read_bytes() and controls[-1] == {"ok": "done"}
+        else:
+            assert controls == [{"error": "the ticket is unknown or expired: ask for a new one"}]
+    forged = RawFile(server, cert_files["ca"])
+    forged.send(filexfer.control(op="get", ticket="A" * 22, offset=0))
+    assert forged.until_end()[1] == [{"error": "the ticket is unknown or expired: ask for a new one"}]
+
+
+def test_garbage_and_silence_on_a_file_connection(file_server: Callable[..., ChatServer],
+                                                  cert_files: dict[str, Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(filehandler, "HELLO_SECONDS", 0.5)
+    server = file_server()
+    garbage = RawFile(server, cert_files["ca"])
+    garbage.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert garbage.until_end()[1] == [{"error": "not a securechat file connection (unknown frame type)"}]
+    silent = RawFile(server, cert_files["ca"])
+    assert silent.until_end()[1] == [{"error": "no ticket in time"}]
+    deadline = time.monotonic() + 5
+    while len(server.pending) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(server.pending) == 0  # neither kept a place among the unauthenticated
+
+
+def test_a_server_without_files_says_so(serve: Callable[..., ChatServer], chat: Callable[..., ChatClient],
+                                        tmp_path: Path) -> None:
+    server = serve()
+    alice = chat(server, "alice")
+    path, _ = _file(tmp_path, "a.txt", 10)
+    with pytest.raises(TransferError, match="^file sharing is off on this server$"):
+        cf.send_file(alice, path, "-")
+    with pytest.raises(TransferError, match="does not take files"):
+        cf.open_connection(alice, 5)
+
+
+def test_the_same_bytes_twice_are_stored_once_and_counted_twice(file_server: Callable[..., ChatServer],
+                                                                chat: Callable[..., ChatClient],
+                                                                tmp_path: Path) -> None:
+    server = file_server(quota=3000)
+    alice = chat(server, "alice")
+    path, data = _file(tmp_path, "a.bin", 1500)
+    first, _, _ = cf.send_file(alice, path, "-")
+    second, _, _ = cf.send_file(alice, path, "-")
+    assert first != second and blobs(server) == [sha(data)]
+    with pytest.raises(TransferError, match="over your quota"):
+        cf.send_file(alice, path, "-")
+
+
+@pytest.mark.slow
+def test_chat_lines_keep_flowing_during_a_big_transfer(file_server: Callable[..., ChatServer],
+                                                      chat: Callable[..., ChatClient], tmp_path: Path) -> None:
+    """While alice uploads 64 MiB, every one of bob's lines reaches carol, in order."""
+    server = file_server()
+    alice, bob, carol = chat(server, "alice"), chat(server, "bob"), chat(server, "carol")
+    path, _ = _file(tmp_path, "big.bin", 64 * MiB)
+    done = threading.Event()
+    result: list[object] = []
+
+    def upload() -> None:
+        try:
+            result.append(cf.send_file(alice, path, "-"))
+        finally:
+            done.set()
+
+    threading.Thread(target=upload, daemon=True).start()
+    sent = 0
+    while not done.is_set() or sent < 20:
+        sent += 1
+        bob.send(f"line {sent}")
+        time.sleep(0.05)
+    assert result and isinstance(result[0], tuple)
+    got = []
+    while len(got) < sent:
+        line = carol.recv_line(5)
+        assert line is not None, got
+        if line.startswith("[bob] "):
+            got.append(line)
+    assert got == [f"[bob] line {i}" for i in range(1, sent + 1)]
