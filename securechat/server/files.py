@@ -151,6 +151,10 @@ class FileService:
         except _Refused as exc:
             who.reply(filexfer.ticket_refused(tag, str(exc)))
             return
+        except Exception as exc:  # the index is away (Redis down, a disk error): the chat goes on
+            log.error("files: cannot answer /ticket: %s", exc)
+            who.reply(filexfer.ticket_refused(tag, "file sharing is unavailable right now: try again later"))
+            return
         who.reply(filexfer.ticket_ok(tag, token))
 
     def _put(self, who: Requester, words: list[str]) -> str:

@@ -40,7 +40,8 @@ from securechat.wire.conn import describe_error
 from securechat.wire.filexfer import human_size
 
 if TYPE_CHECKING:
-    pass
+    from securechat.store.redis_directory import RedisDirectory
+    from securechat.store.roomlog import RoomLog
 
 # The operator reads one log: the command line's diagnostics go where the server's go.
 log = logging.getLogger("securechat.server")
@@ -281,7 +282,8 @@ def _bind(server: ChatServer, args: argparse.Namespace) -> OSError | None:
     return None
 
 
-def _open_files(args: argparse.Namespace, server: ChatServer, tls_on: bool, cluster: object) -> str:
+def _open_files(args: argparse.Namespace, server: ChatServer, tls_on: bool,
+                cluster: tuple[RoomLog, RedisDirectory] | None) -> str:
     """Set up file sharing (``server.files``) as the options say; the banner line. FilesError if it cannot."""
     from securechat.server.files import FileService
     from securechat.store.files import FileStore
@@ -293,6 +295,10 @@ def _open_files(args: argparse.Namespace, server: ChatServer, tls_on: bool, clus
     port = server.address[1]
     root = (args.data or default_data_dir()) / "files" / str(port)
     index = None
+    if cluster is not None:  # --redis: the index in Redis, bytes fetched from the server holding them
+        from securechat.store.redis_files import RedisFileIndex
+
+        index = RedisFileIndex(cluster[1].config, days=args.files_days)
     store = FileStore(root, max_size=args.max_file_size, quota=args.files_quota, days=args.files_days, index=index)
     server.files = FileService(store, server.rooms, origin=getattr(index, "origin", ""))
     server.files.start()

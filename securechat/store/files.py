@@ -132,12 +132,15 @@ class FileIndex(abc.ABC):
 
     # -- a shared index: bytes another server holds -------------------------------------------
 
+    def start(self, store: FileStore) -> None:  # noqa: B027 - optional: only a shared index serves others
+        """Begin serving ``store``'s contents to the other servers (a shared index)."""
+
     def fetch(self, record: FileRecord, store: FileStore) -> bool:
         """Bring ``record``'s blob here from the server that holds it; False when it cannot be had."""
         return False
 
-    def holding(self, sha256: str) -> None:  # noqa: B027 - optional: only a shared index tells anyone
-        """This server now holds that content (a shared index tells the others)."""
+    def holding(self, sha256: str, held: bool = True) -> None:  # noqa: B027 - optional: only a shared index tells
+        """This server now holds that content, or no longer does (a shared index tells the others)."""
 
 
 class SqliteIndex(FileIndex):
@@ -300,6 +303,7 @@ class FileStore:
 
     def start(self) -> None:
         """Sweep now and every :data:`SWEEP_INTERVAL` (retention, orphans) in a thread of its own."""
+        self.index.start(self)
         self.sweep()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="securechat-files", daemon=True)
         self._sweeper.start()
@@ -421,6 +425,7 @@ class FileStore:
                     if not self.index.referenced(sha):
                         with contextlib.suppress(FileNotFoundError):
                             (self.blobs / sha[:2] / sha).unlink()
+                        self.index.holding(sha, False)
         except Exception as exc:  # storage trouble must not end the sweeper (Redis away, a disk error)
             log.error("files: cannot enforce retention now: %s", exc)
 

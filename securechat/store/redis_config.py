@@ -102,14 +102,14 @@ class RedisConfig:
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
-    def client(self, *, timeout: float = COMMAND_TIMEOUT, single: bool = False) -> Any:
-        """A new client. ``single``: one connection, for a thread that owns it."""
+    def client(self, *, timeout: float = COMMAND_TIMEOUT, single: bool = False, binary: bool = False) -> Any:
+        """A new client. ``single``: one connection, for a thread that owns it; ``binary``: replies as bytes."""
         redis_mod = redis_module()
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
         options: dict[str, Any] = {
-            "decode_responses": True,
+            "decode_responses": not binary,
             "socket_timeout": timeout,
             "socket_connect_timeout": min(timeout, CONNECT_TIMEOUT),
             # No silent retries inside redis-py: each caller decides (backoff, or answering for
