@@ -18,6 +18,9 @@ Modes (defaults in brackets; every option can override them):
   rooms through one redis-server (``serve --redis``), N [100] clients spread round-robin over them,
   S [10] senders x M [200] lines flat out; then a light load (4 senders at 10 lines/s) for the
   latency of a line that crosses servers. Needs ``redis-server`` and redis-py.
+* ``files``: a --file-mib [256] MiB file up (``securechat send``) and down (``securechat get``), each
+  process timed from its start, next to the same bytes through ``ncat --ssl``; two chat clients trade a
+  line every 10 ms meanwhile (lost lines, latency). See scripts/bench_files.py.
 
 Every relayed line carries ``~B|sender|seq|send_ns|``, so each receiver checks loss, order and
 duplicates per sender, and latency is receive time minus send time (one clock, one process).
@@ -47,6 +50,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bench_files  # the files mode (beside this script)
+
 LOOPBACK = "127.0.0.1"
 MARK = b"~B|"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -58,6 +63,7 @@ MODE_DEFAULTS = {
     "hold": (5000, 1, 5, 2.0),
     "handshakes": (0, 0, 0, 0.0),
     "cluster": (100, 10, 200, 0.0),
+    "files": (0, 0, 0, 0.0),
 }
 
 # ncat's broker loop uses select() (FD_SETSIZE 1024); here it resets connections from ~1000 clients.
@@ -125,6 +131,23 @@ def proc_cpu(pid: int) -> float:
 def self_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def wait_port(port: int, proc: subprocess.Popen, name: str, timeout: float = 15.0) -> None:
+    """Wait until ``port`` is in LISTEN state (read from /proc, so no connection is made)."""
+    hexport = ":%04X" % port
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"{name} exited: {stderr}")
+        with open("/proc/net/tcp") as f:
+            for line in f:
+                parts = line.split()
+                if parts[1].endswith(hexport) and parts[3] == "0A":
+                    return
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} not listening on {port} after {timeout}s")
 
 
 # -- servers under test ------------------------------------------------------------------------
@@ -212,6 +235,13 @@ class NcatAdapter(Adapter):
         return b"is connected as" in line
 
 
+class FilesAdapter(SecurechatAdapter):
+    """securechat serve taking the files mode's big file (no size limit in the way, no quota)."""
+
+    def command(self, port: int, certs: dict[str, str], max_clients: int) -> list[str]:
+        return [*super().command(port, certs, max_clients), "--max-file-size", "1G", "--files-quota", "0"]
+
+
 ADAPTERS = {"securechat": SecurechatAdapter, "ncat": NcatAdapter}
 
 
@@ -245,21 +275,7 @@ class Server:
         self.pid = self.proc.pid
 
     def wait_listening(self, timeout: float = 15.0) -> None:
-        """Wait until the port is in LISTEN state (read from /proc, so no connection is made)."""
-        hexport = ":%04X" % self.port
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.adapter.name} exited: {self.proc.stderr.read().decode(errors='replace')}"
-                )
-            with open("/proc/net/tcp") as f:
-                for line in f:
-                    parts = line.split()
-                    if parts[1].endswith(hexport) and parts[3] == "0A":
-                        return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.adapter.name} not listening on {self.port} after {timeout}s")
+        wait_port(self.port, self.proc, self.adapter.name, timeout)
 
     def status(self) -> dict[str, float]:
         return proc_status(self.pid)
@@ -763,6 +779,7 @@ ROWS = {
         "rss_end_mib",
         "threads_end",
     ],
+    "files": bench_files.ROWS,
     "cluster": [
         "servers",
         "clients",
@@ -977,6 +994,29 @@ def cluster_main(args: argparse.Namespace, certs: dict[str, str], srv_cpu: int |
     return results
 
 
+# -- files mode: a big file up and down (scripts/bench_files.py) --------------------------------------
+
+
+def files_main(args: argparse.Namespace, certs: dict[str, str], srv_cpu: int | None, tmp: Path,
+               names: list[str]) -> dict:
+    """securechat and ncat alternately, --repeat times each; medians (the worst for losses)."""
+    payload = bench_files.make_payload(tmp, args.file_mib)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeat):
+        if "securechat" in runs:
+            server = Server(FilesAdapter(), certs, 10, srv_cpu, args.server_env)
+            try:
+                server.wait_listening()
+                runs["securechat"].append(bench_files.securechat_run(payload, certs, server, tmp))
+            except Exception as exc:
+                runs["securechat"].append({"server": "securechat", "error": f"{type(exc).__name__}: {exc}"})
+            finally:
+                server.stop()
+        if "ncat" in runs:
+            runs["ncat"].append(bench_files.ncat_run(payload, certs, srv_cpu, tmp, wait_port, free_port))
+    return {name: aggregate(rs) for name, rs in runs.items()}
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
@@ -1037,6 +1077,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--light-senders", type=int, default=4, help="cluster mode, light load: senders")
     p.add_argument("--light-lines", type=int, default=30, help="cluster mode, light load: lines each")
     p.add_argument("--light-rate", type=float, default=10.0, help="cluster mode, light load: lines/s each")
+    bench_files.add_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     c, s, n, r = MODE_DEFAULTS[args.mode]
@@ -1069,7 +1110,8 @@ def run_one(name: str, certs: dict[str, str], args: argparse.Namespace, srv_cpu:
 
 
 # Counters of wrong deliveries: the worst run is reported, not the median.
-WORST = {"lost", "loss_pct", "order_violations", "duplicates", "bad_lines", "lost_connections", "failed"}
+WORST = {"lost", "loss_pct", "order_violations", "duplicates", "bad_lines", "lost_connections", "failed",
+         "chat_lost", "chat_max_ms"}
 
 
 def aggregate(rs: list[dict]) -> dict:
@@ -1125,6 +1167,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "cluster":
             names = []
             results = cluster_main(args, certs, srv_cpu, Path(tmp))
+        if args.mode == "files":
+            results = files_main(args, certs, srv_cpu, Path(tmp), names)
+            names = []
         runs: dict[str, list[dict]] = {name: [] for name in names}
         for _ in range(args.repeat):  # alternate the servers, so drifting background load hits both alike
             for name in names:
@@ -1149,6 +1194,8 @@ def main(argv: list[str] | None = None) -> int:
         "lat_max_ms",
         "rss_connected_mib",
         "reach_all_max_ms",
+        "up_s",
+        "down_s",
     }:
         if isinstance(a.get(key), (int, float)) and isinstance(b.get(key), (int, float)) and b[key]:
             ratios[key] = round(a[key] / b[key], 2)

@@ -121,7 +121,9 @@ class Transfers:
                 self.changed()
 
         try:
-            self.say(work(running, progress, *args))
+            said = work(running, progress, *args)
+            if said:
+                self.say(said)
         except TransferError as exc:
             self.say(f"{running.verb} {running.name} failed: {exc}")
         except Exception as exc:  # a transfer's bug must not end the chat
@@ -132,9 +134,12 @@ class Transfers:
             self.changed()
 
     def _send(self, running: _Running, progress: Callable[[int, int], None], path: Path, target: str) -> str:
+        """Share; nothing more to say when the server's own line shows it (the room's, or our private
+        line copied back under /cap echo)."""
         file_id, name, size = send_file(self.client, path, target, progress, self._note(running), self.timeout)
-        where = "the room" if target == filexfer.CURRENT_ROOM else target
-        return f"shared {name} ({human_size(size)}) with {where}: /get {file_id}"
+        if target == filexfer.CURRENT_ROOM or target.startswith("#") or getattr(self.client, "echo", False):
+            return ""
+        return f"shared {name} ({human_size(size)}) with {target}: /get {file_id}"
 
     def _get(self, running: _Running, progress: Callable[[int, int], None], file_id: str, directory: Path) -> str:
         path = get_file(self.client, file_id, directory, progress, self._note(running), self.timeout)

@@ -53,7 +53,7 @@ from prompt_toolkit.shortcuts import print_formatted_text
 from securechat.client.errors import NickRefused
 from securechat.client.frontend import NOTICE_STYLE, Frontend, is_quit, nick_style, own_echo
 from securechat.client.transfers import is_transfer
-from securechat.wire import addr, protocol
+from securechat.wire import addr, filexfer, protocol
 
 # irssi's paste_verify_line_count default: a paste of more lines than this asks before sending.
 PASTE_VERIFY_LINES = 5
@@ -86,6 +86,10 @@ _NICK = r"[A-Za-z0-9_-]{1,%d}" % protocol.MAX_NICK_CHARS
 _JOINED_RE = re.compile(rf"\* ({_NICK}) joined\Z")
 _LEFT_RE = re.compile(rf"\* ({_NICK}) left(?: \(.*\))?\Z")
 _ONLINE_RE = re.compile(rf"\d+ online: ((?:{_NICK})(?:, {_NICK})*)")
+_SHARED_RE = re.compile(rf"shared .* \(.*\): /get ([{filexfer.ID_ALPHABET}]{{{filexfer.ID_LENGTH}}})\Z")
+
+# File ids remembered for Tab after /get: the last few shared.
+MAX_FILE_IDS = 20
 
 
 @dataclass
@@ -160,12 +164,15 @@ class Roster:
 
     def __init__(self) -> None:
         self._nicks: dict[str, str] = {}  # nick_key -> nick as written
+        self.file_ids: deque[str] = deque(maxlen=MAX_FILE_IDS)  # newest last
 
     def add(self, nick: str) -> None:
         self._nicks[protocol.nick_key(nick)] = nick
 
     def feed(self, line: str) -> None:
-        """Learn from one received line (welcome and /who lists, joins, leaves, renames, senders)."""
+        """Learn from one received line (welcome and /who lists, joins, leaves, renames, senders, files)."""
+        if m := _SHARED_RE.search(line):
+            self.file_ids.append(m.group(1))
         if protocol.is_notice(line):
             if m := _ONLINE_RE.search(line):
                 self._nicks = {}
@@ -199,8 +206,9 @@ class _Cycle:
 class TabCompleter:
     """irssi-style Tab: completes the word before the cursor; Tab again cycles through the matches.
 
-    A word starting with ``/`` at the start of the line completes to a command, anything else to
-    an online nick (``bob: `` at the start of a line, ``bob `` elsewhere).
+    A word starting with ``/`` at the start of the line completes to a command, the word after
+    ``/get`` to a file shared lately, anything else to an online nick (``bob: `` at the start of a
+    line, ``bob `` elsewhere).
     """
 
     def __init__(self, roster: Roster, me: Callable[[], str | None]) -> None:
@@ -214,6 +222,8 @@ class TabCompleter:
         word = text[start:cursor]
         if start == 0 and word.startswith("/"):
             return start, [c for c in COMMANDS if c.startswith(word.lower())], " "
+        if text[:start] == "/get ":  # the files shared lately, newest first
+            return start, [i for i in reversed(self.roster.file_ids) if i.startswith(word)], " "
         if not word:
             return start, [], ""
         me = self.me()

@@ -170,8 +170,8 @@ def test_line_mode_sends_a_file_before_leaving_at_the_end_of_input(served: Calla
     out = result.stdout.splitlines()
     assert "-!- usage: /send PATH [NICK|#room] (quote a path with spaces: /send \"my file.pdf\")" in out
     assert any(line.startswith("-!- usage: /get ID [DIR]") for line in out)
-    shared = [line for line in out if line.startswith("-!- shared a b.txt (7 bytes) with the room: /get ")]
-    assert shared, out
+    shared = [line for line in out if line.startswith("* alice shared a b.txt (7 bytes): /get ")]
+    assert shared, out  # the room's line says it (no second line of the client's own)
 
 
 def test_what_a_sender_can_get_wrong_is_one_line(served: Callable[..., Served], tmp_path: Path) -> None:
