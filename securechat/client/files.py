@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import os
 import select
+import stat
 import socket
 import ssl
 import threading
@@ -362,8 +363,10 @@ def _download_once(link: Link, ticket: str, part: Path, directory: Path, progres
     try:
         answer = link.control()
     except TransferError as exc:
-        if "past the end" in str(exc):  # a partial file that is not this file's: start over
+        if "past the end" in str(exc):  # a partial file that is not this file's
             part.unlink()
+            raise TransferError(f"removed {part.name}, a partial download longer than the file: try again") \
+                from None
         raise
     size = filexfer.field_int(answer, "size")
     sha = filexfer.field_str(answer, "sha256", filexfer.SHA256_RE)
@@ -446,12 +449,15 @@ def send_file(client: ChatClient, path: Path, target: str, progress: Progress = 
     """Share ``path`` with ``target`` (``#room``, a nick, or ``-`` for the current room) over
     ``client``'s server; (file id, name as shared, size)."""
     try:
-        source = open(path, "rb")
+        # Not blocking: a FIFO or a device would otherwise hang the open before we could refuse it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise TransferError(f"cannot read {path}: {describe_error(exc)}") from None
-    with source:
-        if not os.path.isfile(path):
-            raise TransferError(f"{path} is not a file")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TransferError(f"{path} is not a file")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as source:
         size = os.fstat(source.fileno()).st_size
         name = filexfer.clean_name(path.name)
         token = client.tickets.ask(client.send, lambda tag: filexfer.put_request(tag, target, size, name))

@@ -158,7 +158,8 @@ class FileService:
         who.reply(filexfer.ticket_ok(tag, token))
 
     def _put(self, who: Requester, words: list[str]) -> str:
-        if len(words) != 3 or not (words[1].isascii() and words[1].isdigit()):
+        # SIZE: a whole number of bytes; 18 digits is past any disk (and keeps it an exact float).
+        if len(words) != 3 or not (words[1].isascii() and words[1].isdigit() and len(words[1]) <= 18):
             raise _Refused("usage: /ticket put TAG #ROOM|NICK|- SIZE NAME")
         target, size, name = words[0], int(words[1]), filexfer.clean_name(words[2])
         room, recipient, recipient_key = self._target(who, target)

@@ -179,7 +179,9 @@ def test_what_a_sender_can_get_wrong_is_one_line(served: Callable[..., Served], 
     assert one_line(send(tmp_path, server, "missing.pdf", "--nick", "alice"), "send") == \
         "cannot read missing.pdf: no such file or directory"
     (tmp_path / "dir").mkdir()
-    assert one_line(send(tmp_path, server, "dir", "--nick", "alice"), "send").startswith("cannot read dir")
+    assert one_line(send(tmp_path, server, "dir", "--nick", "alice"), "send") == "dir is not a file"
+    os.mkfifo(tmp_path / "fifo")  # refused at once, not waited on
+    assert one_line(send(tmp_path, server, "fifo", "--nick", "alice"), "send") == "fifo is not a file"
     (tmp_path / "big.bin").write_bytes(b"b" * 1025)
     assert one_line(send(tmp_path, server, "big.bin", "--nick", "alice"), "send") == \
         "too large: 1.0 KiB, this server takes files up to 1.0 KiB"

@@ -123,6 +123,28 @@ def test_a_guest_who_takes_a_nick_later_cannot_fetch_its_earlier_holders_files(
         cf.get_file(carol, file_id, tmp_path)
 
 
+def test_an_empty_file_goes_and_comes_back(file_server: Callable[..., ChatServer],
+                                            chat: Callable[..., ChatClient], tmp_path: Path) -> None:
+    server = file_server()
+    alice = chat(server, "alice")
+    (tmp_path / "empty").write_bytes(b"")
+    file_id, _, size = cf.send_file(alice, tmp_path / "empty", "-")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert size == 0 and cf.get_file(alice, file_id, out).read_bytes() == b""
+
+
+def test_malformed_ticket_requests_get_one_line(file_server: Callable[..., ChatServer],
+                                                chat: Callable[..., ChatClient]) -> None:
+    server = file_server()
+    alice = chat(server, "alice")
+    for size in ("9" * 4000, "-5", "1e9", "٣"):  # digits that would overflow a float; not digits at all
+        with pytest.raises(TransferError, match="^usage: /ticket put"):
+            ticket(alice, lambda tag, size=size: f"/ticket put {tag} - {size} x.bin")
+    alice.send("/ticket frobnicate")
+    assert wait_line(alice, lambda line: "usage" in line).startswith("* usage: /ticket put TAG")
+
+
 def test_targets_the_sender_cannot_reach_are_refused(file_server: Callable[..., ChatServer],
                                                      chat: Callable[..., ChatClient], tmp_path: Path) -> None:
     server = file_server()
