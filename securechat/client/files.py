@@ -22,9 +22,9 @@ import hashlib
 import itertools
 import os
 import select
-import stat
 import socket
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable
