@@ -14,6 +14,7 @@ import pytest
 
 from securechat.client.chat import ChatClient
 from securechat.server.engine import ChatServer
+from securechat.server.filehandler import install
 from securechat.server.files import FileService
 from securechat.store.files import FileStore
 from securechat.wire import filexfer, tls
@@ -31,8 +32,9 @@ def file_server(serve: Callable[..., ChatServer], tmp_path: Path,
         # A context of its own: the server adds its ALPN names to it, which a shared one must not get.
         server = serve(context=tls.server_context(cert_files["cert"], cert_files["key"]))
         root = tmp_path / "data" / "files" / str(server.address[1])
-        server.files = FileService(FileStore(root, **store), server.rooms)
-        server.files.start()
+        files = FileService(FileStore(root, **store), server.rooms)
+        install(server, files)
+        files.start()
         return server
 
     return start

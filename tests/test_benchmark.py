@@ -51,3 +51,17 @@ def test_throughput_smoke() -> None:
     sc = report["results"]["securechat"]
     assert sc["threads_connected"] >= 5  # one thread per client: /proc was read
     assert sc["rss_connected_mib"] > 0
+
+
+def test_files_smoke() -> None:
+    """--mode files with a 4 MiB file: both ways through securechat (and ncat when installed), chat meanwhile."""
+    server = "both" if shutil.which("ncat") else "securechat"
+    report = run_benchmark("--mode", "files", "--server", server, "--file-mib", "4")
+    for name, res in report["results"].items():
+        assert "error" not in res, res
+        assert res["file_mib"] == 4 and res["up_s"] > 0 and res["down_s"] > 0, (name, res)
+        assert res.get("up_complete", True) and res["down_complete"], (name, res)
+    sc = report["results"]["securechat"]
+    assert sc["chat_lines"] > 0 and sc["chat_lost"] == 0, sc
+    if server == "both":
+        assert report["ratios_securechat_over_ncat"]["up_s"] > 0

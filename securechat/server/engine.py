@@ -481,7 +481,7 @@ class ChatServer:
         """A file connection (securechat.server.filehandler): it holds its pending place until its ticket
         is accepted."""
         from securechat.server.filehandler import FileHandler
-        from securechat.server.filethread import ThreadTransport
+        from securechat.server.filethread import ThreadTransport  # until the loop engine runs them
 
         assert self.files is not None
         transport = ThreadTransport(sock, peer, FileHandler(self.files), admission)

@@ -309,7 +309,9 @@ class FileHandler:
             return
         assert self.source is not None
         self.reading = True
-        transport.offload(self.source.read, min(READ_SIZE, self.size - self.sent), done=self._read)
+        # Never more than fits under the high-water mark (plus one frame): the outbox has a hard bound.
+        room = max(CHUNK, transport.high_water - transport.outbox_size)
+        transport.offload(self.source.read, min(READ_SIZE, room, self.size - self.sent), done=self._read)
 
     def _read(self, data: bytes | None, error: BaseException | None) -> None:
         self.reading = False
@@ -378,6 +380,12 @@ class FileHandler:
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()
+
+
+def install(server: Any, service: FileService) -> None:
+    """Share files on ``server`` (a ChatServer): ``/ticket`` on its sessions, and its connections that
+    chose ALPN ``securechat-file/1`` get a :class:`FileHandler` (the engine offers the name once set)."""
+    server.files = service
 
 
 def _open_at(store: Any, record: FileRecord, offset: int) -> BinaryIO:

@@ -285,6 +285,7 @@ def _bind(server: ChatServer, args: argparse.Namespace) -> OSError | None:
 def _open_files(args: argparse.Namespace, server: ChatServer, tls_on: bool,
                 cluster: tuple[RoomLog, RedisDirectory] | None) -> str:
     """Set up file sharing (``server.files``) as the options say; the banner line. FilesError if it cannot."""
+    from securechat.server.filehandler import install
     from securechat.server.files import FileService
     from securechat.store.files import FileStore
 
@@ -300,8 +301,9 @@ def _open_files(args: argparse.Namespace, server: ChatServer, tls_on: bool,
 
         index = RedisFileIndex(cluster[1].config, days=args.files_days)
     store = FileStore(root, max_size=args.max_file_size, quota=args.files_quota, days=args.files_days, index=index)
-    server.files = FileService(store, server.rooms, origin=getattr(index, "origin", ""))
-    server.files.start()
+    files = FileService(store, server.rooms, origin=getattr(index, "origin", ""))
+    install(server, files)
+    files.start()
     limits = [f"up to {human_size(args.max_file_size)} each",
               f"{human_size(args.files_quota)} per person" if args.files_quota else "no quota",
               f"kept {args.files_days:g} days" if args.files_days else "kept until deleted"]

@@ -15,6 +15,7 @@ import pytest
 
 from securechat.client.chat import ChatClient
 from securechat.client.transfers import USAGE_GET, USAGE_SEND, Transfers, _Running
+from securechat.server.filehandler import install
 from securechat.server.files import FileService
 from securechat.store import files as store_files
 from securechat.store.files import FileStore
@@ -57,8 +58,9 @@ def test_send_shows_progress_while_chat_goes_on_then_get_saves_it(
 
     monkeypatch.setattr(store_files.Partial, "write", slow_write)
     server, port = start_server(certs.server_context())
-    server.files = FileService(FileStore(tmp_path / "files"), server.rooms)
-    server.files.start()
+    files = FileService(FileStore(tmp_path / "files"), server.rooms)
+    install(server, files)
+    files.start()
     (tmp_path / "movie.mkv").write_bytes(os.urandom(24 * MiB))
     bob = peer(port, "bob", certs)
     try:
@@ -87,7 +89,7 @@ def test_send_shows_progress_while_chat_goes_on_then_get_saves_it(
         term.wait_for("-!- receiving zzzzzzzzzz failed: no such file: zzzzzzzzzz")
     finally:
         bob.close()
-        server.files.close()
+        files.close()
 
 
 def test_tab_after_get_offers_the_files_shared_lately() -> None:

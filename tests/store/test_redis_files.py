@@ -12,6 +12,7 @@ import pytest
 from securechat.client import files as cf
 from securechat.client.chat import ChatClient
 from securechat.server.engine import ChatServer
+from securechat.server.filehandler import install
 from securechat.server.files import FileService
 from securechat.store.files import FileStore
 from securechat.store.redis_config import RedisConfig
@@ -42,8 +43,9 @@ def node(serve: Callable[..., ChatServer], tmp_path: Path,
                        context=tls.server_context(cert_files["cert"], cert_files["key"]))
         servers.append(server)
         store = FileStore(tmp_path / f"node{len(servers)}" / "files", index=RedisFileIndex(config))
-        server.files = FileService(store, server.rooms, origin=config.origin)
-        server.files.start()
+        files = FileService(store, server.rooms, origin=config.origin)
+        install(server, files)
+        files.start()
         return server
 
     yield start
