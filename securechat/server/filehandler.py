@@ -240,8 +240,7 @@ class FileHandler:
         self._cancel_timer()
         partial = upload.partial
         upload.busy += 1
-        self.transport.offload(self.service.store.finish, partial, self.declared, ticket.size,
-                               lambda sha: self.service.record(ticket, sha), done=self._stored)
+        self.transport.offload(self.service.complete, ticket, partial, self.declared, done=self._stored)
 
     def _stored(self, record: FileRecord | None, error: BaseException | None) -> None:
         ticket, upload = self.ticket, self.upload
@@ -253,7 +252,6 @@ class FileHandler:
         if error is not None or record is None:
             self._fail(_why(error))
             return
-        self.service.announce(record)
         self.state = OVER
         self.transport.close(filexfer.control(ok="done", id=record.id), reason="upload stored")
 

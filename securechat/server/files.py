@@ -280,14 +280,26 @@ class FileService:
 
     # -- a finished upload -----------------------------------------------------------------------
 
-    def record(self, ticket: Ticket, sha256: str) -> FileRecord:
+    def complete(self, ticket: Ticket, partial: Partial, declared_sha: str) -> FileRecord:
+        """Check, store and index ``ticket``'s upload, then announce it (blocking: a worker's job).
+
+        TransferError (the partial file removed) when its size or hash lies, or the disk refuses.
+        """
+        record = self.store.finish(partial, declared_sha, ticket.size, lambda sha: self._record(ticket, sha))
+        self.announce(record)
+        return record
+
+    def _record(self, ticket: Ticket, sha256: str) -> FileRecord:
         """The index record of ``ticket``'s upload, whose bytes hash to ``sha256``."""
         return FileRecord(filexfer.new_id(), sha256, ticket.name, ticket.size, ticket.owner, ticket.sender,
                           person_key(ticket.sender), ticket.room, ticket.recipient, ticket.recipient_key,
                           time.time(), self.origin)
 
     def announce(self, record: FileRecord) -> None:
-        """Tell the room (or the recipient) that ``record`` is there to fetch, as a line of its log."""
+        """Tell the room (or the recipient) that ``record`` is there to fetch, as a line of its log.
+
+        May block (a shared directory asks Redis who is online): a worker's job.
+        """
         size = human_size(record.size)
         log.info("%s shared %s (%s) %s as %s", record.sender, record.name, size,
                  f"in #{record.room}" if record.room else f"with {record.recipient}", record.id)
