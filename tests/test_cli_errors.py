@@ -121,10 +121,15 @@ def _cases(root: Path, busy_port: int, closed_port: int) -> list[Case]:
     }
     needs = {("serve", "--ca"): ["--require-client-cert"], ("connect", "--key"): ["--cert", str(client)]}
     cases: list[Case] = []
-    for command, parser in _parsers():
+    parsers = dict(_parsers())
+    # send and get take connect's server options (connect.add_server_arguments): walked once, there.
+    shared = {a.dest for a in parsers["connect"]._actions}
+    for command, parser in parsers.items():
         positionals = [a for a in parser._actions if not a.option_strings]
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._VersionAction)) or action.nargs == 0:
+                continue
+            if command in ("send", "get") and action.dest in shared:
                 continue
             values, usage = _values(action, root)
             option = action.option_strings[-1] if action.option_strings else action.dest
