@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,10 @@ from securechat.server.files import FileService
 from securechat.store import files as store_files
 from securechat.store.files import FileStore
 from tests.client.test_client import Certs, certs, expect, peer, start_server  # noqa: F401
+from tests.client.test_client_ui import terms  # noqa: F401
 from tests.tmuxterm import Tmux, needs_tmux
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def terms() -> Iterator[list[Tmux]]:
-    started: list[Tmux] = []
-    yield started
-    for term in started:
-        term.close()
 
 
 def test_progress_and_usage_lines_without_a_network() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
+import ssl
 import stat
 import threading
 import time
@@ -16,7 +16,7 @@ from securechat.client import files as cf
 from securechat.client.chat import ChatClient
 from securechat.server import filehandler
 from securechat.server.engine import ChatServer
-from securechat.wire import filexfer, protocol
+from securechat.wire import filexfer, protocol, tls
 from securechat.wire.filexfer import TransferError
 from tests.filehelp import (
     RawFile,
@@ -27,6 +27,7 @@ from tests.filehelp import (
     ticket,
     wait_line,
 )
+from tests.server.test_catchup import Relay
 
 MiB = 1 << 20
 
@@ -299,76 +300,38 @@ def test_an_upload_nobody_resumes_is_removed_and_its_quota_given_back(
 
 def test_the_client_resumes_by_itself_through_a_cut(file_server: Callable[..., ChatServer],
                                                      cert_files: dict[str, Path], tmp_path: Path) -> None:
-    """A proxy in between cuts the first file connection after 5 MiB; send_file carries on and finishes."""
+    """A relay in between is cut once the server has 5 MiB and restored: send_file carries on and finishes."""
     server = file_server()
-    proxy = _CuttingProxy(server.address[1], cut_connection=2, after=5 * MiB)
-    from securechat.wire import tls
+    relay = Relay(server.address)
 
-    def factory() -> object:
+    def factory() -> ssl.SSLContext:
         return tls.client_context(cert_files["ca"])
 
     alice = ChatClient(reconnect=False)
-    alice.connect("127.0.0.1", proxy.port, ssl_context=tls.client_context(cert_files["ca"]),
-                  context_factory=factory, server_hostname="localhost")  # type: ignore[arg-type]
+    alice.connect("127.0.0.1", relay.port, ssl_context=factory(), context_factory=factory,
+                  server_hostname="localhost")
     try:
         alice.register("alice")
-        path, data = _file(tmp_path, "disk.img", 16 * MiB)
+        path, data = _file(tmp_path, "disk.img", 48 * MiB)
         said: list[str] = []
-        file_id, _, _ = cf.send_file(alice, path, "-", say=said.append)
-        assert proxy.cut and any("connection lost" in s and "resuming" in s for s in said), said
-        assert server.files is not None and server.files.store.index.get(file_id) is not None
+        result: list[str] = []
+        sender = threading.Thread(target=lambda: result.append(cf.send_file(alice, path, "-", say=said.append)[0]))
+        sender.start()
+        assert server.files is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(
+                t.upload is not None and t.upload.partial is not None and t.upload.partial.offset >= 5 * MiB
+                for t in list(server.files._tickets.values())):
+            time.sleep(0.005)
+        relay.cut()  # the file's connection (and the chat's) drop half-way
+        relay.restore()
+        sender.join(60)
+        assert result and any("connection lost" in s and "resuming" in s for s in said), said
+        assert server.files.store.index.get(result[0]) is not None
         assert server.files.store.blob_path(sha(data)).read_bytes() == data
     finally:
         alice.close()
-        proxy.close()
-
-
-class _CuttingProxy:
-    """Forwards loopback connections to ``port``; the ``cut_connection``-th is cut after ``after`` bytes up."""
-
-    def __init__(self, port: int, *, cut_connection: int, after: int) -> None:
-        self.target = port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.cut_connection, self.after, self.cut = cut_connection, after, False
-        self._count = 0
-        self._socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                down, _ = self.listener.accept()
-            except OSError:
-                return
-            self._count += 1
-            up = socket.create_connection(("127.0.0.1", self.target))
-            self._socks += [down, up]
-            limit = self.after if self._count == self.cut_connection else None
-            threading.Thread(target=self._pipe, args=(down, up, limit), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(up, down, None), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
-        moved = 0
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-                moved += len(data)
-                if limit is not None and moved >= limit:
-                    self.cut = True
-                    break
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.listener.close()
-        for s in self._socks:
-            s.close()
+        relay.close()
 
 
 def test_a_hostile_file_name_reaches_every_screen_harmless(file_server: Callable[..., ChatServer],
