@@ -64,6 +64,7 @@ class FileHandler:
         self.sent = 0
         self.size = 0
         self.timer: Any = None
+        self.moving = False  # counted among the server's transfers (FileService.enter)
 
     # -- the engine's calls --------------------------------------------------------------------
 
@@ -101,6 +102,9 @@ class FileHandler:
         previous, self.state = self.state, OVER
         self._cancel_timer()
         self._release_admission()
+        if self.moving:
+            self.moving = False
+            self.service.leave()
         if self.source is not None and not self.reading:
             self._close_source()
         ticket, upload = self.ticket, self.upload
@@ -119,10 +123,12 @@ class FileHandler:
             return
         op = msg.get("op")
         try:
-            if self.state == HELLO and op == "put":
-                self._begin_put(msg)
-            elif self.state == HELLO and op == "get":
-                self._begin_get(msg)
+            if self.state == HELLO and op in ("put", "get"):
+                if not self.service.enter():
+                    self._fail("busy: the server is moving as many files as it takes at once; try again")
+                    return
+                self.moving = True
+                (self._begin_put if op == "put" else self._begin_get)(msg)
             elif self.state == RECEIVING and op == "end":
                 self.declared = filexfer.field_str(msg, "sha256", filexfer.SHA256_RE)
                 self.state = FINISHING

@@ -44,6 +44,10 @@ MAX_TICKETS_PER_OWNER = 8
 # Tickets on the server at once: every person's few, with room to spare; bounds the table.
 MAX_TICKETS = 4096
 
+# Transfers moving at once on the server: each holds at most two 1 MiB batches (or a chunk in
+# flight), so this bounds their memory to ~128 MiB; one more is told "busy" and its client tries again.
+MAX_TRANSFERS = 64
+
 # Expired tickets and abandoned uploads are cleared this often (seconds).
 CLEAN_INTERVAL = 10.0
 
@@ -117,6 +121,7 @@ class FileService:
         self.origin = origin  # this server's name in a shared index ("" alone)
         self._lock = threading.Lock()
         self._tickets: dict[str, Ticket] = {}
+        self._moving = 0  # file connections past their ticket (MAX_TRANSFERS)
         self._stop = threading.Event()
         self._cleaner = threading.Thread(target=self._clean_loop, name="securechat-tickets", daemon=True)
 
@@ -220,6 +225,19 @@ class FileService:
         return ticket.token
 
     # -- the file connections' side --------------------------------------------------------------
+
+    def enter(self) -> bool:
+        """A file connection is about to move bytes: False when MAX_TRANSFERS are moving already."""
+        with self._lock:
+            if self._moving >= MAX_TRANSFERS:
+                return False
+            self._moving += 1
+            return True
+
+    def leave(self) -> None:
+        """A connection that :meth:`enter`-ed has ended."""
+        with self._lock:
+            self._moving -= 1
 
     def claim(self, token: str, op: str) -> Ticket | None:
         """The live ticket ``token`` for ``op``, or None. A get ticket is used up here; a put ticket

@@ -15,6 +15,7 @@ import pytest
 from securechat.client import files as cf
 from securechat.client.chat import ChatClient
 from securechat.server import filehandler
+from securechat.server import files as files_module
 from securechat.server.engine import ChatServer
 from securechat.wire import filexfer, protocol, tls
 from securechat.wire.filexfer import TransferError
@@ -274,6 +275,31 @@ def _resume(server: ChatServer, ca: Path, token: str) -> RawFile:
         raw.close()
         time.sleep(0.1)
     raise AssertionError("never resumed")
+
+
+def test_transfers_at_once_are_bounded(file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient],
+                                       cert_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files_module, "MAX_TRANSFERS", 1)
+    server = file_server()
+    alice = chat(server, "alice")
+    first, _ = _put(server, alice, cert_files["ca"], 1000)  # moving (it holds its place until it ends)
+    token = ticket(alice, lambda tag: filexfer.put_request(tag, "-", 10, "second.bin"))
+    second = RawFile(server, cert_files["ca"])
+    second.send(filexfer.control(op="put", ticket=token))
+    assert second.until_end()[1] == [
+        {"error": "busy: the server is moving as many files as it takes at once; try again"}]
+    first.close()
+    for _ in range(100):  # once the first has ended, the same ticket goes through
+        again = RawFile(server, cert_files["ca"])
+        again.send(filexfer.control(op="put", ticket=token))
+        if again.control().get("ok") == "put":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the second upload never got its turn")
+    again.data(b"0123456789")
+    again.send(filexfer.control(op="end", sha256=sha(b"0123456789")))
+    assert again.until_end()[1][-1]["ok"] == "done"
 
 
 def test_an_upload_nobody_resumes_is_removed_and_its_quota_given_back(
