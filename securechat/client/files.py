@@ -244,20 +244,19 @@ def _retrying(attempt: Callable[[int], Any], say: Callable[[str], None]) -> Any:
     """Run ``attempt(n)`` until it returns; a dropped connection is tried again (backing off), and
     the server's "busy" (the previous connection still closing) too. Anything else ends it."""
     for n in range(RETRIES + 1):
+        delay = 2 ** n
         try:
             return attempt(n)
         except TransferError as exc:
             if not str(exc).startswith("busy") or n == RETRIES:
                 raise
-            say("the server is still closing the previous connection; trying again")
-            time.sleep(0.5)
+            say(f"{exc}: trying again in {delay} s")
         except (ConnectionError, OSError, ssl.SSLError, filexfer.FrameError) as exc:
             if n == RETRIES:
                 raise TransferError(f"the connection kept dropping ({_reason(exc)}); gave up after {RETRIES} "
                                     "tries") from None
-            delay = 2 ** n
             say(f"connection lost ({_reason(exc)}): resuming in {delay} s")
-            time.sleep(delay)
+        time.sleep(delay)
     raise AssertionError("unreachable")
 
 
