@@ -120,7 +120,6 @@ class ChatServer:
         grace: float = GRACE_SECONDS,
         offline_messages: bool = False,
         authority: Authority | None = None,
-        files: FileService | None = None,
     ) -> None:
         self.host = host
         # host "::" with dual_stack: one socket for IPv6 and IPv4 (IPV6_V6ONLY off), where the OS allows it.
@@ -141,7 +140,7 @@ class ChatServer:
         # Invites, renewals and the revocation denylist (securechat.pki.enrollment), when the CA is at hand.
         self.authority = authority
         # Shared files (securechat.server.files): /ticket on the chat, transfers on ALPN securechat-file/1.
-        self.files = files
+        self.files: FileService | None = None  # set by securechat.server.filehandler.install
         self._alpn_context: ssl.SSLContext | None = None  # the last context given our ALPN names
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()

@@ -126,11 +126,14 @@ class RedisFileIndex(FileIndex):
     def start(self, store: FileStore) -> None:
         """Say which contents this server holds, then answer the other servers' fetches (a thread)."""
         self._store = store
-        pipe = self._client.pipeline(transaction=False)
-        for sha in store.blobs_held():
-            pipe.sadd(self._key("holders", sha), self.origin)
-        pipe.set(self._key("alive", self.origin), "1", px=int(ALIVE_TTL * 1000))
-        pipe.execute()
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for sha in store.blobs_held():
+                pipe.sadd(self._key("holders", sha), self.origin)
+            pipe.set(self._key("alive", self.origin), "1", px=int(ALIVE_TTL * 1000))
+            pipe.execute()
+        except redis_errors() as exc:  # the chat goes on; copies made here are announced as they come
+            log.warning("files: cannot tell Redis which files this server holds (%s)", describe_redis_error(exc))
         self._thread = threading.Thread(target=self._serve, name="securechat-files-redis", daemon=True)
         self._thread.start()
 
