@@ -5,8 +5,9 @@ room ``"@name"``; the person's read position there (``"@name"`` in its marks) sa
 
 - **Kept within bounds**: one sender may leave one person at most :data:`MAX_INBOX_PER_SENDER` unread
   messages, and a person has at most :data:`MAX_INBOX` unread in all; beyond, the sender is told so
-  and nothing is stored. (``/msg`` to a name the CA never gave out is not stored at all, when the
-  server knows the CA's names: see ``Rooms.persons``.)
+  and nothing is stored, and told again without counting anew for :data:`REFUSAL_MEMORY` seconds (a
+  sender repeating itself costs one count, not one per line), or until the person has read them here. ``/msg`` to a name the CA never gave
+  out is not stored at all, when the server knows the CA's names (see ``Rooms.persons``).
 - **Given back in batches**: at login, at most :data:`INBOX_BATCH_BYTES` of them are queued; the next
   batch only once the connection has *written* that one to its socket (the outbox's ``sent`` count),
   checked on the connection's own tick. So a flood of kept messages never overflows the outbox (which
@@ -38,11 +39,15 @@ INBOX_BATCH_BYTES = OUTBOX_LIMIT // 16
 # Kept messages read from the log at once (batches are cut from them; read again when used up).
 INBOX_READ = 200
 # Unread messages kept for one person: beyond, "inbox full". Also bounds what counting them reads.
-MAX_INBOX = 1000
+MAX_INBOX = 500
 # Unread messages one sender may leave one person: a long day of notes, not a flood.
 MAX_INBOX_PER_SENDER = 100
 # How often a connection giving back kept messages looks whether its last batch was written.
 INBOX_POLL = 0.05
+# A refusal ("too many waiting") is repeated without counting again for this long.
+REFUSAL_MEMORY = 10.0
+# Refusals remembered at once (sender, person): beyond, the memory starts over.
+MAX_REFUSALS = 10_000
 
 
 class HasLog(Protocol):
@@ -71,6 +76,7 @@ class Inbox:
         self.save_marks = save_marks
         self._lock = threading.Lock()
         self._cursors: dict[Member, _Cursor] = {}
+        self._refused: dict[tuple[str, str], tuple[float, str]] = {}  # (sender, person) -> (until, why)
 
     def _read(self, person: str, after: str | None, limit: int) -> list[Entry] | None:
         try:
@@ -86,18 +92,29 @@ class Inbox:
         roomlog = self.owner.log
         if not roomlog.stores:
             return None
+        now = time.monotonic()
+        with self._lock:
+            until, why = self._refused.get((sender, person), (0.0, ""))
+        if now < until:
+            return why
         try:
             mark = roomlog.marks(person).get("@" + person)
-        except Exception as exc:
-            log.error("cannot read the read positions of %s: %s", person, exc)
-            mark = None
-        waiting = self._read(person, mark, MAX_INBOX) or []
-        if len(waiting) >= MAX_INBOX:
-            return f"{person} has {MAX_INBOX} messages waiting already: try again once they have been online"
-        if sum(1 for entry in waiting if entry.sender == sender) >= MAX_INBOX_PER_SENDER:
-            return (f"{person} has {MAX_INBOX_PER_SENDER} of your messages waiting already: the next ones once "
-                    "they have read those")
-        return None
+            senders = roomlog.senders_after("@" + person, mark, MAX_INBOX)
+        except Exception as exc:  # storage trouble: keep nothing rather than keep without bounds
+            log.error("cannot count the messages kept for %s: %s", person, exc)
+            return f"cannot keep messages for {person} right now"
+        if len(senders) >= MAX_INBOX:
+            why = f"{person} has {MAX_INBOX} messages waiting already: try again once they have been online"
+        elif senders.count(sender) >= MAX_INBOX_PER_SENDER:
+            why = (f"{person} has {MAX_INBOX_PER_SENDER} of your messages waiting already: the next ones once "
+                   "they have read those")
+        else:
+            return None
+        with self._lock:
+            if len(self._refused) >= MAX_REFUSALS:
+                self._refused.clear()
+            self._refused[(sender, person)] = (now + REFUSAL_MEMORY, why)
+        return why
 
     # -- giving back ------------------------------------------------------------------------
 
@@ -147,6 +164,9 @@ class Inbox:
             return
         member.private_mark = cursor.last
         self.save_marks(member)
+        with self._lock:  # read: whoever was told "too many waiting" may write again
+            for refused in [key for key in self._refused if key[1] == member.nick]:
+                del self._refused[refused]
         if not cursor.pending and cursor.more and cursor.last is not None:
             entries = self._read(member.nick, cursor.last, INBOX_READ) or []
             cursor.pending.extend(entries)
