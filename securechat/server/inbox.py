@@ -4,17 +4,18 @@ Under mutual TLS a name is a person, and a ``/msg`` to someone offline is stored
 room ``"@name"``; the person's read position there (``"@name"`` in its marks) says what it was given.
 
 - **Kept within bounds**: one sender may leave one person at most :data:`MAX_INBOX_PER_SENDER` unread
-  messages, and a person has at most :data:`MAX_INBOX` unread in all; beyond, the sender is told so
-  and nothing is stored, and told again without counting anew for :data:`REFUSAL_MEMORY` seconds (a
-  sender repeating itself costs one count, not one per line), or until the person has read them here. ``/msg`` to a name the CA never gave
-  out is not stored at all, when the server knows the CA's names (see ``Rooms.persons``).
+  messages, and a person has at most :data:`MAX_INBOX` unread in all; beyond, the sender is told so and
+  nothing is stored. A refusal is repeated without counting anew for :data:`REFUSAL_MEMORY` seconds, or
+  until the person has read here (a sender repeating itself costs one count, not one per line).
+  ``/msg`` to a name the CA never gave out is not stored at all when the server knows the CA's names
+  (see ``Rooms.persons``).
 - **Given back in batches**: at login, at most :data:`INBOX_BATCH_BYTES` of them are queued; the next
   batch only once the connection has *written* that one to its socket (the outbox's ``sent`` count),
   checked on the connection's own tick. So a flood of kept messages never overflows the outbox (which
   would cut the person off as a reader that stopped reading).
 - **The read position moves only past what was written**: it is saved after each batch is written, so a
-  connection that drops half-way gets the rest (and at worst the unwritten part of one batch again) at
-  its next login, never nothing.
+  connection that drops half-way gets at its next login everything from the batch in flight on (that
+  batch perhaps twice). What the kernel had taken but the peer never read is gone, as for any line.
 """
 
 from __future__ import annotations

@@ -133,6 +133,7 @@ class Trust:
         self._snapshot: Snapshot | None = None
         self._failing = False  # the source failed last time: logins do not wait for it, the watcher retries
         self._noted = 0.0
+        self._empty_told = False
         # What a failing source raises: redis-py is only imported when Redis is used.
         self._errors: tuple[type[BaseException], ...] = (StoreError,)
         if publish is not None or isinstance(source, ClusterSource):
@@ -162,6 +163,10 @@ class Trust:
             if self._failing:
                 log.warning("the CA's ledger (%s) can be read again", self.source.where)
             self._failing = False
+            if version is None and current is None and not self._empty_told:
+                self._empty_told = True
+                log.warning("no ledger in %s yet: certificate holders are refused until the server holding ca.key "
+                            "publishes it (it does at start with --redis)", self.source.where)
 
     def _publish(self, current: Snapshot) -> None:
         assert self.publish is not None
