@@ -576,9 +576,18 @@ class Store:
         with self._tx(write=False) as db:
             return _generation(db)
 
-    def seen(self, serial: int) -> None:
+    def seen(self, cert: x509.Certificate, name: str) -> None:
+        """``cert`` (verified by TLS: this CA's) was just presented: note when, and enter it if the ledger
+        never recorded it (a ``gen-certs --client`` certificate from before the ledger did), so that its
+        name is held and ``revoke SERIAL`` knows it. One the name rule refuses is only not entered."""
+        now = self.clock()
         with self._tx() as db:
-            db.execute("UPDATE issued SET last_seen = ? WHERE serial = ?", (self.clock(), serial_hex(serial)))
+            if db.execute("UPDATE issued SET last_seen = ? WHERE serial = ?",
+                          (now, serial_hex(cert.serial_number))).rowcount:
+                return
+        days = round((cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds() / 86400)
+        with contextlib.suppress(Refused):
+            self.record(cert, name, days)
 
     # -- the cluster's copy -------------------------------------------------------------------
 

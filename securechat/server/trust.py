@@ -66,7 +66,7 @@ class Source(Protocol):
 
     def snapshot(self) -> Snapshot | None: ...
 
-    def seen(self, serial: int) -> None: ...
+    def seen(self, cert: x509.Certificate, name: str) -> None: ...
 
 
 class LocalSource:
@@ -83,8 +83,8 @@ class LocalSource:
         state = self.store.snapshot()
         return Snapshot(state.generation, state.revoked, state.superseded, state.held)
 
-    def seen(self, serial: int) -> None:
-        self.store.seen(serial)
+    def seen(self, cert: x509.Certificate, name: str) -> None:
+        self.store.seen(cert, name)
 
 
 class ClusterSource:
@@ -104,7 +104,7 @@ class ClusterSource:
         return Snapshot(published.generation, published.revoked, published.superseded,
                         {key: Held(*value) for key, value in published.held.items()})
 
-    def seen(self, serial: int) -> None:
+    def seen(self, cert: x509.Certificate, name: str) -> None:
         return None  # "last seen" is kept where the ledger is written
 
 
@@ -134,6 +134,7 @@ class Trust:
         self._failing = False  # the source failed last time: logins do not wait for it, the watcher retries
         self._noted = 0.0
         self._empty_told = False
+        self._unpublished = False  # publishing failed last time (told once)
         # What a failing source raises: redis-py is only imported when Redis is used.
         self._errors: tuple[type[BaseException], ...] = (StoreError,)
         if publish is not None or isinstance(source, ClusterSource):
@@ -142,8 +143,9 @@ class Trust:
 
     # -- reading (and publishing) -------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Re-read the ledger if it changed; keep the cluster's copy current if this server publishes it."""
+    def refresh(self, *, publish: bool = True) -> None:
+        """Re-read the ledger if it changed; and (``publish``: the watcher, not a login) keep the cluster's
+        copy current if this server publishes it."""
         with self._lock:
             try:
                 version = self.source.version()
@@ -151,8 +153,6 @@ class Trust:
                 if version is not None and (current is None or current.generation != version):
                     current = self.source.snapshot() or current
                     self._snapshot = current
-                if self.publish is not None and current is not None:
-                    self._publish(current)
             except self._errors as exc:
                 if not self._failing:
                     log.error("cannot read the CA's ledger (%s): %s; %s", self.source.where, _describe(exc),
@@ -167,23 +167,37 @@ class Trust:
                 self._empty_told = True
                 log.warning("no ledger in %s yet: certificate holders are refused until the server holding ca.key "
                             "publishes it (it does at start with --redis)", self.source.where)
+            if publish and self.publish is not None and current is not None:
+                self._publish(current)
 
     def _publish(self, current: Snapshot) -> None:
+        """Keep the cluster's copy at ``current`` (a failure is logged once; this server's own
+        enforcement, from the ledger itself, goes on meanwhile)."""
         assert self.publish is not None
-        if self.publish.version() != current.generation:
-            self.publish.publish(PublishedLedger(
-                current.generation, current.revoked, current.superseded,
-                {key: (held.name, held.state, held.until) for key, held in current.held.items()}))
-            log.info("published the CA's ledger (generation %d) to %s", current.generation, self.publish.where)
-            self._noted = 0.0
-        if isinstance(self.source, LocalSource) and self.clock() - self._noted > NOTE_EVERY:
-            self.source.store.note_published(self.publish.where)
-            self._noted = self.clock()
+        try:
+            if self.publish.version() != current.generation:
+                self.publish.publish(PublishedLedger(
+                    current.generation, current.revoked, current.superseded,
+                    {key: (held.name, held.state, held.until) for key, held in current.held.items()}))
+                log.info("published the CA's ledger (generation %d) to %s", current.generation, self.publish.where)
+                self._noted = 0.0
+            if isinstance(self.source, LocalSource) and self.clock() - self._noted > NOTE_EVERY:
+                self.source.store.note_published(self.publish.where)
+                self._noted = self.clock()
+        except self._errors as exc:
+            if not self._unpublished:
+                log.error("cannot publish the CA's ledger to %s: %s; the other servers keep the copy they have until "
+                          "it can", self.publish.where, _describe(exc))
+            self._unpublished = True
+            return
+        if self._unpublished:
+            log.warning("the CA's ledger is published to %s again", self.publish.where)
+        self._unpublished = False
 
     def _fresh(self) -> Snapshot | None:
         """The snapshot, re-read first unless the source is known to be failing (logins must not wait)."""
         if not self._failing:
-            self.refresh()
+            self.refresh(publish=False)
         return self._snapshot
 
     def close(self) -> None:
@@ -216,7 +230,7 @@ class Trust:
         if serial_hex(serial) in snapshot.superseded:
             return f"{protocol.CERT_REVOKED} (it was replaced by its renewal: connect with the renewed one)", serial
         try:
-            self.source.seen(serial)
+            self.source.seen(cert, _common_name(cert) or "")
         except StoreError as exc:
             log.error("cannot note that certificate %s was seen: %s", serial_hex(serial), exc)
         return None, serial

@@ -181,3 +181,26 @@ def test_a_certificate_of_a_revoked_name_is_refused_even_if_issued_afterwards(se
     (out / "a.key").write_bytes(enroll.key_pem(key))
     (out / "a.key").chmod(0o600)
     assert _first_line(server, out / "a.pem", out / "a.key").startswith(REVOKED)
+
+
+def test_a_certificate_the_ledger_never_recorded_is_entered_when_it_is_first_seen(server: Server,
+                                                                                  tmp_path: Path) -> None:
+    """A ``gen-certs --client`` certificate from before the ledger recorded them: seen, it is entered (its
+    name held, its serial revocable)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_cert, ca_key = certs._load_ca(server.home / "certs", now)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = builders.build_client(key, ca_cert, ca_key, "erin", 90, now)
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "erin.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "erin.key").write_bytes(enroll.key_pem(key))
+    (out / "erin.key").chmod(0o600)
+    store = ledger.Store(server.home / "certs")
+    assert store.get(cert.serial_number) is None
+    assert _first_line(server, out / "erin.pem", out / "erin.key") == "* securechat: send your nickname"
+    seen = store.get(cert.serial_number)
+    assert seen is not None and seen.name == "erin" and seen.last_seen is not None
+    assert "already issued" in server.cli("invite", "ERIN").stderr
+    assert server.cli("revoke", seen.serial).returncode == 0
+    assert _first_line(server, out / "erin.pem", out / "erin.key").startswith(REVOKED)
