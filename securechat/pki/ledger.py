@@ -581,13 +581,16 @@ class Store:
         never recorded it (a ``gen-certs --client`` certificate from before the ledger did), so that its
         name is held and ``revoke SERIAL`` knows it. One the name rule refuses is only not entered."""
         now = self.clock()
+        serial = serial_hex(cert.serial_number)
         with self._tx() as db:
-            if db.execute("UPDATE issued SET last_seen = ? WHERE serial = ?",
-                          (now, serial_hex(cert.serial_number))).rowcount:
+            if db.execute("UPDATE issued SET last_seen = ? WHERE serial = ?", (now, serial)).rowcount:
                 return
-        days = round((cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds() / 86400)
-        with contextlib.suppress(Refused):
-            self.record(cert, name, days)
+            days = round((cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds() / 86400)
+            with contextlib.suppress(Refused):
+                self._hold_name(db, name, names.ISSUED)
+                self._insert(db, cert, name, days, None, None, now)
+                db.execute("UPDATE issued SET last_seen = ? WHERE serial = ?", (now, serial))
+                _bump(db)
 
     # -- the cluster's copy -------------------------------------------------------------------
 
