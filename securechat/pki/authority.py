@@ -50,21 +50,24 @@ FIRST_LINE_DEADLINE = 5.0
 
 
 class Slots:
-    """At most ``total`` holders at once, and at most ``per_key`` under one key; thread-safe."""
+    """At most ``total`` exchanges of one kind (``what``) at once, and at most ``per_key`` under one key
+    (``per``: an address, a certificate); thread-safe."""
 
-    def __init__(self, total: int, per_key: int) -> None:
+    def __init__(self, what: str, total: int, per_key: int, per: str) -> None:
+        self.what = what
         self.total = total
         self.per_key = per_key
+        self.per = per
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
 
     def take(self, key: str) -> str | None:
-        """Take a slot for ``key``; None, or why not ("busy", "busy here")."""
+        """Take a slot for ``key``: None, or why not (for the peer)."""
         with self._lock:
             if sum(self._held.values()) >= self.total:
-                return "busy"
+                return f"the server is busy with other {self.what}: try again in a minute"
             if self._held.get(key, 0) >= self.per_key:
-                return "busy here"
+                return f"the server is busy with other {self.what} from your {self.per}: try again in a minute"
             self._held[key] = self._held.get(key, 0) + 1
         return None
 
@@ -103,8 +106,8 @@ class Authority:
         self.store = Store(self.dir, clock=clock)
         self.clock = clock
         self.require_client_cert = require_client_cert
-        self._joins = Slots(MAX_ENROLLING, MAX_ENROLLING_PER_ADDRESS)
-        self._renewals = Slots(MAX_RENEWING, 1)
+        self._joins = Slots("joins", MAX_ENROLLING, MAX_ENROLLING_PER_ADDRESS, "address")
+        self._renewals = Slots("renewals", MAX_RENEWING, 1, "certificate")
         self._ca_lock = threading.Lock()  # one signature at a time; also keeps ca.key reads simple
         self.store.generation()  # creates (or upgrades) the ledger now: a broken file fails the start
 
@@ -156,11 +159,9 @@ class Authority:
         slots, key = self._slot_for(verb, sock, peer)
         busy = slots.take(key)
         if busy is not None:
-            what = "renewals" if slots is self._renewals else "joins"
-            log.warning("%s from %s refused: %s (%d %s at once, %d per %s)", verb, peer, busy, slots.total, what,
-                        slots.per_key, "certificate" if slots is self._renewals else "address")
-            self._say(wire, f"ERR the server is busy with other {what}{' from your address' if busy != 'busy' else ''}"
-                      ": try again in a minute")
+            log.warning("%s from %s refused: %s (%d at once, %d per %s)", verb, peer, busy, slots.total,
+                        slots.per_key, slots.per)
+            self._say(wire, f"ERR {busy}")
             return
         wire.deadline = started + enrollment.EXCHANGE_DEADLINE
         try:
