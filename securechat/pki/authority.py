@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from securechat.pki import builders, certs, enrollment
 from securechat.pki.enrollment import ALPN, ID_JOINER, ID_SERVER, INTERCEPTED, Wire, b64, leaf_fingerprint, mac, unb64
 from securechat.pki.ledger import InviteError, Refused, Store, StoreError, serial_hex
-from securechat.wire import protocol, tls
+from securechat.wire import tls
 from securechat.wire.conn import describe_error
 from securechat.wire.console import announce
 
@@ -287,10 +287,10 @@ class Authority:
     def _renew(self, wire: Wire, sock: ssl.SSLSocket, peer: tuple[Any, ...], rest: str) -> None:
         """``RENEW <CSR>`` over a connection that presented the current certificate.
 
-        Checked here first (cheaply, to sign nothing in vain) and then again by the ledger in the
-        transaction that records the renewal (:meth:`Store.renew`): not revoked (nor its name), in the
-        last third of its life, not renewed before. So a ``revoke`` racing a renewal either comes
-        first and the renewal is refused, or comes second and revokes the renewed certificate too.
+        Checked, signed and recorded by the ledger in one transaction (:meth:`Store.renew`): not revoked
+        (nor its name), in the last third of its life, not renewed before. So a ``revoke`` racing a
+        renewal either comes first and the renewal is refused, or comes second and revokes the renewed
+        certificate too.
         """
         der = sock.getpeercert(binary_form=True)
         if not der:
@@ -298,23 +298,25 @@ class Authority:
             return
         old = x509.load_der_x509_certificate(der)  # verified by TLS: our CA, within its validity
         serial = serial_hex(old.serial_number)
-        issued = self.store.get(old.serial_number)
+        signed: list[x509.Certificate] = []  # the CA certificate the new one was signed with
+
+        def sign(name: str, days: int) -> x509.Certificate:
+            cert, ca_cert = self._sign(csr.public_key(), name, days)
+            signed.append(ca_cert)
+            return cert
+
         try:
-            if issued is None:
-                raise Refused("this certificate was not issued through an invite: ask for an invite")
-            if issued.revoked is not None:  # the common refusals, before signing anything
-                raise Refused(f"{protocol.CERT_REVOKED}: it cannot be renewed")
             csr = x509.load_der_x509_csr(unb64(rest.strip()))
             if not csr.is_signature_valid:
                 raise ValueError("the CSR's signature is not valid")
-            cert, ca_cert = self._sign(csr.public_key(), issued.name, issued.cert_days or 30)
-            recorded, cert_der = self.store.renew(old, cert)
+            recorded, cert_der = self.store.renew(old, csr.public_key(), sign)
         except Refused as exc:
-            log.warning("renewal from %s refused: certificate %s (%s): %s", peer, serial,
-                        issued.name if issued else "unknown", exc)
+            log.warning("renewal from %s refused: certificate %s (%s): %s", peer, serial, old.subject.rfc4514_string(),
+                        exc)
             self._say(wire, f"ERR REFUSED {exc}")
             return
-        wire.send(f"OK {b64(cert_der)} {b64(ca_cert.public_bytes(serialization.Encoding.DER))}")
+        ca_der = signed[0].public_bytes(serialization.Encoding.DER) if signed else self._ca_der()
+        wire.send(f"OK {b64(cert_der)} {b64(ca_der)}")
         announce(f"[RENEW] {peer[:2]} {recorded.name}: certificate {serial} renewed as {recorded.serial}")
 
 

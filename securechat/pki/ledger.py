@@ -458,13 +458,17 @@ class Store:
                     cert.not_valid_after_utc.timestamp(), now, cert_days, nameplate, parent,
                     cert.public_bytes(serialization.Encoding.DER)))
 
-    def renew(self, current: x509.Certificate, renewed: x509.Certificate) -> tuple[Issued, bytes]:
-        """Record ``renewed`` (just signed for the key of a renewal request) as replacing ``current``.
+    def renew(self, current: x509.Certificate, public_key: object,
+              sign: Callable[[str, int], x509.Certificate]) -> tuple[Issued, bytes]:
+        """Renew ``current`` for ``public_key`` (a renewal request's): check, sign and record in one transaction.
 
-        Returns the certificate to hand out and its DER: ``renewed``, or, when ``current`` was already
-        renewed for that very key (the answer was lost on the way), the one recorded then. Refused,
-        with nothing recorded, when ``current`` is unknown, revoked (itself, its chain or its name),
-        not yet in the last third of its lifetime, or already renewed for another key.
+        ``sign(name, cert_days)`` makes the new certificate; it is called only once every check passed,
+        inside the write transaction (a signature takes a millisecond), so nothing is signed in vain and
+        nothing signed escapes the checks. Returns the certificate to hand out and its DER: the new one,
+        or, when ``current`` was already renewed for that very key (the answer was lost on the way),
+        the one recorded then. Refused, with nothing recorded, when ``current`` is unknown, revoked
+        (itself, its chain or its name), not yet in the last third of its lifetime, or already renewed
+        for another key.
         """
         serial = serial_hex(current.serial_number)
         now = self.clock()
@@ -480,7 +484,7 @@ class Store:
                 child = db.execute("SELECT der, revoked FROM issued WHERE serial = ?", (issued.child,)).fetchone()
                 if child is not None and child[1] is None and child[0] is not None:
                     again = x509.load_der_x509_certificate(child[0])
-                    if again.public_key() == renewed.public_key():
+                    if again.public_key() == public_key:
                         return self._issued(db, issued.child), bytes(child[0])
                 raise Refused(f"this certificate was already renewed (as {issued.child}); a certificate is renewed "
                               "once: if that was not you, tell the server's admin")
@@ -488,7 +492,9 @@ class Store:
             if now < opens:
                 raise Refused(f"too early: a certificate is renewed in the last third of its life, from {utc(opens)}")
             self._hold_name(db, issued.name, names.ISSUED)  # the same spelling: checks, and keeps it issued
-            self._insert(db, renewed, issued.name, issued.cert_days, None, serial, now)
+            days = issued.cert_days or DEFAULT_CERT_DAYS  # 0: entered from a file, its lifetime unknown
+            renewed = sign(issued.name, days)
+            self._insert(db, renewed, issued.name, days, None, serial, now)
             db.execute("UPDATE issued SET child = ? WHERE serial = ?", (serial_hex(renewed.serial_number), serial))
             _bump(db)
             return self._issued(db, serial_hex(renewed.serial_number)), renewed.public_bytes(serialization.Encoding.DER)
