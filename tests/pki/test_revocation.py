@@ -204,3 +204,25 @@ def test_a_certificate_the_ledger_never_recorded_is_entered_when_it_is_first_see
     assert "already issued" in server.cli("invite", "ERIN").stderr
     assert server.cli("revoke", seen.serial).returncode == 0
     assert _first_line(server, out / "erin.pem", out / "erin.key").startswith(REVOKED)
+
+
+def test_revoke_says_when_no_server_has_published_to_the_cluster_for_a_while(tmp_path: Path) -> None:
+    """The cluster learns of a revocation from the server holding ca.key: if that one has not published
+    lately, ``revoke`` says the other servers do not know yet (and still revokes)."""
+    import subprocess
+    import sys
+
+    certs_dir = tmp_path / "certs"
+    certs.mint(certs_dir, clients=["alice", "bob"])
+    ledger.Store(certs_dir, clock=lambda: time.time() - 3600).note_published("redis://chat-redis.lan:6379/0")
+    done = subprocess.run([sys.executable, "-m", "securechat", "revoke", "alice", "--certs", str(certs_dir)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    assert done.stdout.startswith("Revoked alice (serial ")
+    (note,) = done.stderr.splitlines()
+    assert note.startswith("securechat revoke: note: the cluster at redis://chat-redis.lan:6379/0 was last updated ")
+    assert note.endswith("its other servers learn of this once the server holding ca.key runs with --redis again")
+    ledger.Store(certs_dir).note_published("redis://chat-redis.lan:6379/0")  # a publisher at work: no note
+    again = subprocess.run([sys.executable, "-m", "securechat", "revoke", "bob", "--certs", str(certs_dir)],
+                           capture_output=True, text=True, timeout=30)
+    assert again.returncode == 0 and again.stdout.startswith("Revoked bob (serial ") and again.stderr == ""
