@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from securechat.pki import names
-from securechat.pki.ledger import Store, StoreError, serial_hex
+from securechat.pki.ledger import REVOCATION_POLL, Store, StoreError, serial_hex
 from securechat.pki.names import Held
 from securechat.store.redis_ledger import PublishedLedger, RedisLedger
 from securechat.wire import protocol
@@ -43,6 +43,9 @@ log = logging.getLogger("securechat.enroll")
 # How often a publishing server tells the ledger the cluster's copy is current (``securechat revoke``
 # warns when that is older than pki.revoke.PUBLISHER_GONE): rarely enough to cost nothing.
 NOTE_EVERY = 4.0
+# The publisher's lease in Redis, renewed every poll: ten polls, so a busy moment never loses it, and
+# a publisher that is gone frees it within seconds.
+PUBLISHER_LEASE = 10 * REVOCATION_POLL
 
 UNCHECKABLE = "the server cannot check certificates right now; try again later"
 
@@ -74,7 +77,7 @@ class LocalSource:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.where = str(store.path)
+        self.where = str(store.path.resolve())
 
     def version(self) -> int | None:
         return self.store.generation()
@@ -135,6 +138,8 @@ class Trust:
         self._noted = 0.0
         self._empty_told = False
         self._unpublished = False  # publishing failed last time (told once)
+        self._me = f"{socket.gethostname()} {source.where}"  # who publishes, for the lease
+        self._rival: str | None = None  # another publisher holding the lease (told once)
         # What a failing source raises: redis-py is only imported when Redis is used.
         self._errors: tuple[type[BaseException], ...] = (StoreError,)
         if publish is not None or isinstance(source, ClusterSource):
@@ -175,6 +180,15 @@ class Trust:
         enforcement, from the ledger itself, goes on meanwhile)."""
         assert self.publish is not None
         try:
+            other = self.publish.claim(self._me, PUBLISHER_LEASE)
+            if other is not None:
+                if other != self._rival:
+                    log.error("another server publishes its CA ledger to %s (%s): two machines hold a ca.key; keep the "
+                              "CA on one machine (README: 'Certificates from one CA'). This one does not publish "
+                              "while that one does", self.publish.where, other)
+                self._rival = other
+                return
+            self._rival = None
             if self.publish.version() != current.generation:
                 self.publish.publish(PublishedLedger(
                     current.generation, current.revoked, current.superseded,

@@ -11,7 +11,9 @@ Layout (``P`` is the key prefix):
 - ``P:ledger:version``: the ledger's generation the copy was taken at; readers poll it (one ``GET``) and
   read the rest only when it changed;
 - ``P:ledger:revoked`` and ``P:ledger:superseded``: sets of certificate serials (hex);
-- ``P:ledger:names``: hash of folded name -> ``state<TAB>until<TAB>spelling``.
+- ``P:ledger:names``: hash of folded name -> ``state<TAB>until<TAB>spelling``;
+- ``P:ledger:publisher``: who publishes, a lease its holder renews every poll: a second server holding a
+  ``ca.key`` (and so a ledger of its own) on the same Redis is told, and does not publish over it.
 
 A publication replaces all four in one ``MULTI``/``EXEC``, and a reader takes all four in one too: a
 reader sees one generation whole, never half of one and half of the next. Without its keys (a Redis
@@ -29,6 +31,16 @@ from securechat.store.redis_config import RedisConfig, describe_redis_error, red
 # The ledger is read on the watcher's thread and at a certificate holder's login: Redis answers in
 # under a millisecond, so a second means it is gone (the last copy read stays in force meanwhile).
 LEDGER_TIMEOUT = 1.0
+
+# Takes or renews the publisher's lease; returns the other holder, or false. KEYS: the lease; ARGV: me, ttl ms.
+_CLAIM_LUA = """
+local v = redis.call('GET', KEYS[1])
+if (not v) or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return false
+end
+return v
+"""
 
 
 @dataclass(frozen=True)
@@ -48,7 +60,8 @@ class RedisLedger:
         self.config = config
         self.where = redact(config.url)  # for messages: never the password
         self._client: Any = None
-        self._keys = {part: config.key("ledger", part) for part in ("version", "revoked", "superseded", "names")}
+        self._keys = {part: config.key("ledger", part)
+                      for part in ("version", "revoked", "superseded", "names", "publisher")}
 
     def _redis(self) -> Any:
         if self._client is None:
@@ -87,6 +100,11 @@ class RedisLedger:
             except ValueError:
                 continue  # not ours: whoever can write to Redis can write anything
         return PublishedLedger(int(version), frozenset(map(str, revoked)), frozenset(map(str, superseded)), held)
+
+    def claim(self, me: str, ttl: float) -> str | None:
+        """Take (or keep) the publisher's lease for ``ttl`` seconds: None, or who else holds it."""
+        other = self._redis().eval(_CLAIM_LUA, 1, self._keys["publisher"], me, int(ttl * 1000))
+        return str(other) if other else None
 
     def publish(self, ledger: PublishedLedger) -> None:
         """Replace the copy with ``ledger``, atomically."""

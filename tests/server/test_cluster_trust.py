@@ -126,3 +126,29 @@ def test_names_given_out_by_the_ca_are_no_guests_on_any_server(cluster: tuple[Se
     assert dave.expect("* 'dave' now belongs", timeout=5) == ("* 'dave' now belongs to a certificate holder; reconnect "
                                                               "under another nickname; goodbye")
     assert carol.expect("* dave left") == "* dave left (nickname taken by its holder)"
+
+
+def test_a_second_server_with_its_own_ca_key_does_not_publish_over_the_first(tmp_path: Path,
+                                                                             redis_server: Callable[..., object],
+                                                                             ) -> None:
+    """A careless copy of the whole certs/ (ca.key and ledger included) to a second machine: two ledgers
+    would overwrite each other's copy in Redis every half second, revocations coming and going."""
+    redis = redis_server()
+    url = redis.url  # type: ignore[attr-defined]
+    first = Server(tmp_path / "chat1", "--redis", url)
+    second = None
+    try:
+        second = Server(tmp_path / "chat3", "--redis", url)  # a CA (and ledger) of its own
+        second.wait_log("another server publishes its CA ledger to")
+        assert "two machines hold a ca.key" in second.log_path.read_text()
+        import redis as redis_py
+
+        raw = redis_py.Redis.from_url(url, decode_responses=True)
+        time.sleep(1.0)  # several polls of both
+        assert str(tmp_path / "chat1") in raw.get("securechat:ledger:publisher")  # the first one keeps publishing
+        raw.close()
+        assert "another server publishes" not in first.log_path.read_text()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
