@@ -23,7 +23,7 @@ from securechat.client import enroll
 from securechat.pki import builders, certs, enrollment, ledger
 from securechat.wire import tls
 from tests.conftest import LOOPBACK, LineClient, issue_client
-from tests.pki.test_invites import Machine, Server, _guest
+from tests.pki.test_invites import Machine, Reader, Server, _guest, _say
 
 REVOKED = "* your certificate has been revoked"
 
@@ -226,3 +226,28 @@ def test_revoke_says_when_no_server_has_published_to_the_cluster_for_a_while(tmp
     again = subprocess.run([sys.executable, "-m", "securechat", "revoke", "bob", "--certs", str(certs_dir)],
                            capture_output=True, text=True, timeout=30)
     assert again.returncode == 0 and again.stdout.startswith("Revoked bob (serial ") and again.stderr == ""
+
+
+def test_messages_are_kept_only_for_names_the_ca_gave_out_under_their_own_spelling(tmp_path: Path) -> None:
+    srv = Server(tmp_path / "server", "--require-client-cert")
+    try:
+        alice, bob = Machine(tmp_path / "alice"), Machine(tmp_path / "bob")
+        assert alice.join(srv, srv.invite("alice")).returncode == 0
+        assert bob.join(srv, srv.invite("bob")).returncode == 0
+        a = alice.chat(srv)
+        a_out = Reader(a)
+        a_out.expect("* welcome, alice!")
+        _say(a, "/msg B0B kept under bob's own name")
+        a_out.expect("* bob is offline: kept for their next login")
+        _say(a, "/msg nobody hello?")  # a name nobody was given: nothing stored for nobody
+        a_out.expect("* no such nick: nobody")
+        _say(a, "/quit")
+        a.wait(10)
+        b = bob.chat(srv)
+        b_out = Reader(b)
+        b_out.expect("* 1 private message while you were away:")
+        b_out.expect("[alice -> bob] kept under bob's own name")
+        _say(b, "/quit")
+        b.wait(10)
+    finally:
+        srv.stop()
