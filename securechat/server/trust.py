@@ -46,6 +46,9 @@ NOTE_EVERY = 4.0
 # The publisher's lease in Redis, renewed every poll: ten polls, so a busy moment never loses it, and
 # a publisher that is gone frees it within seconds.
 PUBLISHER_LEASE = 10 * REVOCATION_POLL
+# After a failed publication, the next try waits this long (a Redis that does not answer costs a
+# timeout each try, and the watcher's polls must go on meanwhile).
+PUBLISH_RETRY = 2.0
 
 UNCHECKABLE = "the server cannot check certificates right now; try again later"
 
@@ -138,6 +141,7 @@ class Trust:
         self._noted = 0.0
         self._empty_told = False
         self._unpublished = False  # publishing failed last time (told once)
+        self._publish_after = 0.0  # monotonic time before which publishing is not tried again
         self._me = f"{socket.gethostname()} {source.where}"  # who publishes, for the lease
         self._rival: str | None = None  # another publisher holding the lease (told once)
         # What a failing source raises: redis-py is only imported when Redis is used.
@@ -149,8 +153,8 @@ class Trust:
     # -- reading (and publishing) -------------------------------------------------------------
 
     def refresh(self, *, publish: bool = True) -> None:
-        """Re-read the ledger if it changed; and (``publish``: the watcher, not a login) keep the cluster's
-        copy current if this server publishes it."""
+        """Re-read the ledger if it changed; and (``publish``: the watcher's call, never a login's, so one
+        thread publishes) keep the cluster's copy current if this server publishes it."""
         with self._lock:
             try:
                 version = self.source.version()
@@ -172,8 +176,9 @@ class Trust:
                 self._empty_told = True
                 log.warning("no ledger in %s yet: certificate holders are refused until the server holding ca.key "
                             "publishes it (it does at start with --redis)", self.source.where)
-            if publish and self.publish is not None and current is not None:
-                self._publish(current)
+        # Outside the lock: logins never wait for Redis on the publisher's behalf.
+        if publish and self.publish is not None and current is not None and time.monotonic() >= self._publish_after:
+            self._publish(current)
 
     def _publish(self, current: Snapshot) -> None:
         """Keep the cluster's copy at ``current`` (a failure is logged once; this server's own
@@ -203,6 +208,7 @@ class Trust:
                 log.error("cannot publish the CA's ledger to %s: %s; the other servers keep the copy they have until "
                           "it can", self.publish.where, _describe(exc))
             self._unpublished = True
+            self._publish_after = time.monotonic() + PUBLISH_RETRY  # the watcher's polls are not held up by it
             return
         if self._unpublished:
             log.warning("the CA's ledger is published to %s again", self.publish.where)

@@ -152,3 +152,32 @@ def test_a_second_server_with_its_own_ca_key_does_not_publish_over_the_first(tmp
         first.stop()
         if second is not None:
             second.stop()
+
+
+@pytest.mark.slow
+def test_a_redis_that_lost_its_data_never_unrevokes(tmp_path: Path, redis_server: Callable[..., object]) -> None:
+    """Redis restarted without its data: chat2 keeps enforcing the last copy it read, and chat1 (the CA's
+    machine) publishes the ledger again."""
+    import redis as redis_py
+
+    redis = redis_server(persistent=False)
+    url = redis.url  # type: ignore[attr-defined]
+    chat1 = Server(tmp_path / "chat1", "--redis", url)
+    chat2 = None
+    try:
+        _chat2_certs(tmp_path / "chat1", tmp_path / "chat2")
+        chat2 = Server(tmp_path / "chat2", "--redis", url)
+        alice = Machine(tmp_path / "alice")
+        assert alice.join(chat1, chat1.invite("alice")).returncode == 0
+        assert chat1.cli("revoke", "alice").returncode == 0
+        _until(lambda: _refused(chat2, "alice"), WITHIN)
+        redis.restart()  # type: ignore[attr-defined]  # SIGKILL, no AOF: everything in it is gone
+        refused = alice.run("connect", "127.0.0.1", "--port", str(chat2.port), *_profile_files(alice))
+        assert refused.returncode == 1 and "your certificate has been revoked" in refused.stderr
+        raw = redis_py.Redis.from_url(url, decode_responses=True)
+        _until(lambda: raw.get("securechat:ledger:version") is not None, 10)  # chat1 published it again
+        raw.close()
+    finally:
+        chat1.stop()
+        if chat2 is not None:
+            chat2.stop()
