@@ -46,8 +46,9 @@ NOTE_EVERY = 4.0
 # The publisher's lease in Redis, renewed every poll: ten polls, so a busy moment never loses it, and
 # a publisher that is gone frees it within seconds.
 PUBLISHER_LEASE = 10 * REVOCATION_POLL
-# After a failed publication, the next try waits this long (a Redis that does not answer costs a
-# timeout each try, and the watcher's polls must go on meanwhile).
+# After failed publications, the next try waits this long (a Redis that does not answer costs a
+# timeout each try, and the watcher's polls must go on meanwhile). The first failure is retried at the
+# next poll: it is usually a connection Redis closed on restarting, and the retry reconnects.
 PUBLISH_RETRY = 2.0
 
 UNCHECKABLE = "the server cannot check certificates right now; try again later"
@@ -207,8 +208,9 @@ class Trust:
             if not self._unpublished:
                 log.error("cannot publish the CA's ledger to %s: %s; the other servers keep the copy they have until "
                           "it can", self.publish.where, _describe(exc))
+            if self._unpublished:  # failing again: the watcher's polls are not held up by it
+                self._publish_after = time.monotonic() + PUBLISH_RETRY
             self._unpublished = True
-            self._publish_after = time.monotonic() + PUBLISH_RETRY  # the watcher's polls are not held up by it
             return
         if self._unpublished:
             log.warning("the CA's ledger is published to %s again", self.publish.where)

@@ -170,7 +170,10 @@ def test_a_redis_that_lost_its_data_never_unrevokes(tmp_path: Path, redis_server
         alice = Machine(tmp_path / "alice")
         assert alice.join(chat1, chat1.invite("alice")).returncode == 0
         assert chat1.cli("revoke", "alice").returncode == 0
-        _until(lambda: _refused(chat2, "alice"), WITHIN)
+        raw = redis_py.Redis.from_url(url, decode_responses=True)
+        _until(lambda: bool(raw.smembers("securechat:ledger:revoked")), WITHIN)  # published,
+        time.sleep(1.0)  # and read by chat2 (every 0.5 s)
+        raw.close()
         redis.restart()  # type: ignore[attr-defined]  # SIGKILL, no AOF: everything in it is gone
         refused = alice.run("connect", "127.0.0.1", "--port", str(chat2.port), *_profile_files(alice))
         assert refused.returncode == 1 and "your certificate has been revoked" in refused.stderr
