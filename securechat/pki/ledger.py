@@ -31,7 +31,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -541,8 +541,7 @@ class Store:
                 db.execute("UPDATE issued SET revoked = ? WHERE revoked IS NULL AND serial = ?", (now, serial))
             if rows or name or invites:
                 _bump(db)
-        return Revocation([Issued(r.serial, r.name, r.not_after, r.issued, now, r.last_seen, r.cert_days, r.parent,
-                                  r.child) for r in rows], name, invites)
+        return Revocation([replace(row, revoked=now) for row in rows], name, invites)
 
     def _revoke_name(self, db: sqlite3.Connection, which: str, now: float) -> tuple[list[str], str | None, list[int]]:
         """(serials to revoke, the name now revoked or None, invites cancelled) for ``revoke NAME``."""
