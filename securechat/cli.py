@@ -6,6 +6,7 @@ and with no arguments shows the seed's interactive menu.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -24,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "revoke": ("securechat.pki.revoke", "revoke a client certificate: securechat revoke NAME|SERIAL"),
     "certs": ("securechat.pki.issued", "list the client certificates issued through invites"),
 }
+
+# Commands that outlive their stdout: a server's users, a chat, do not depend on its console.
+CARRY_ON = frozenset({"serve", "connect"})
 
 USAGE = """usage: securechat [COMMAND] [OPTIONS]
 
@@ -51,10 +55,16 @@ def _usage() -> str:
 def _run(command: str, argv: Sequence[str]) -> int:
     module_name, _ = COMMANDS[command]
     entry: Callable[[Sequence[str]], int] = importlib.import_module(module_name).main
-    try:
-        return entry(list(argv))
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already reported in one line)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    # Output that goes away (| head -1, > /dev/full) is one line and status 1 for every command, also
+    # one added later; the long-running ones carry on without it instead (options.guard_stdout).
+    with contextlib.nullcontext() if command in CARRY_ON else options.strict_stdout():
+        try:
+            return entry(list(argv))
+        except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already reported in one line)
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        except options.OutputLost as exc:
+            options.print_error(f"securechat {command}", f"cannot write to standard output ({exc})")
+            return EXIT_FAILURE
 
 
 def _ask(prompt: str, why_not: Callable[[str], str | None]) -> str:

@@ -19,7 +19,7 @@ from securechat.client.chat import DEFAULT_CA, DEFAULT_TIMEOUT
 from securechat.client.errors import CA_HELP, ChatError, Disconnected
 from securechat.client.frontend import Frontend, LineMode
 from securechat.pki import certdir
-from securechat.wire import addr, options, tls
+from securechat.wire import options, tls
 from securechat.wire.addr import DEFAULT_PORT
 from securechat.wire.conn import describe_error
 from securechat.wire.options import EXIT_FAILURE, EXIT_OK
@@ -105,14 +105,11 @@ def parse_servers(text: str, port: int | None = None) -> list[tuple[str, int]]:
         raise ValueError(f"at most {MAX_SERVERS} servers")
     servers: list[tuple[str, int]] = []
     for item in items:
-        host, item_port = addr.split_host_port(item)
         try:
-            host = options.host(host)  # what can be judged without the network (control characters, ...)
+            address = options.server_address(item)  # the one parser every command that names a server uses
         except argparse.ArgumentTypeError as exc:
             raise ValueError(str(exc)) from None
-        if item_port is not None and port is not None and item_port != port:
-            raise ValueError(f"two ports: {item_port} in {addr.join(host, item_port)} and --port {port}; give one")
-        servers.append((host, item_port or port or DEFAULT_PORT))
+        servers.append((address[0], options.server_port(address, port)))
     return servers
 
 

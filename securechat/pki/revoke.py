@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from cryptography import x509
 
-from securechat.pki.invites import certs_dir_option
+from securechat.pki.invites import certs_dir_option, no_ca_here
 from securechat.pki.ledger import Store, StoreError
 from securechat.wire import options
 
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``securechat revoke NAME|SERIAL``: 0, or 1 when nothing matched."""
     args = build_parser().parse_args(argv)
+    missing = no_ca_here(args.certs)
+    if missing:
+        options.print_error(PROG, missing)
+        return 1
     extra: list[x509.Certificate] = []
     if _NAME.fullmatch(args.which):
         minted = args.certs / f"client-{args.which}.pem"  # a gen-certs --client certificate, not in the registry

@@ -410,14 +410,22 @@ def _serve(args: argparse.Namespace) -> int:
                                     mutual=args.require_client_cert):
         print(line, flush=True)
     watcher = None
+    record = None
     if args.authority is not None:
+        from securechat.pki import serving
         from securechat.server.revocation import RevocationWatcher
+
+        # Beside the invite store, so 'securechat invite' names this port and these addresses.
+        lan, loopback = listen.reachable(host, server.dual_stack, args.cert or DEFAULT_CERT)
+        record = serving.publish(args.authority.dir, port, [*lan, *loopback])
 
         watcher = RevocationWatcher(args.authority, server.sessions)
         watcher.start()
     server.serve_forever(signal_fd=signal_r)
     if watcher is not None:
         watcher.stop()
+    if record is not None:
+        record.close()
     signal.set_wakeup_fd(-1)
     os.close(signal_r)
     os.close(signal_w)
