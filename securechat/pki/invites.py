@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from securechat.pki import serving
 from securechat.pki.ledger import (
     DEFAULT_CERT_DAYS,
     DEFAULT_EXPIRES,
@@ -21,7 +22,6 @@ from securechat.pki.ledger import (
     StoreError,
     utc,
 )
-from securechat.pki import serving
 from securechat.wire import options
 from securechat.wire.addr import DEFAULT_PORT, host_text
 from securechat.wire.addr import join as join_address
