@@ -337,7 +337,7 @@ class StrictStdout:
 def strict_stdout() -> Iterator[None]:
     """Run a one-shot command with :class:`StrictStdout` as ``sys.stdout`` (restored afterwards)."""
     previous = sys.stdout
-    sys.stdout = StrictStdout(previous)  # type: ignore[assignment]
+    sys.stdout = StrictStdout(previous)
     try:
         yield
     finally:
