@@ -65,9 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(f"Joined {args.host}{who}. From now on: securechat connect {target}")
         print(f"(server CA fingerprint {tls.fingerprint(enrolled.ca_pem.decode('ascii'))}; saved in {profile.dir})")
-    except options.OutputLost as exc:  # joined all the same: the profile is saved and works
-        options.print_error(PROG, f"cannot write to standard output ({exc}); joined all the same, from now on: "
-                            f"securechat connect {target}")
+    except options.OutputLost as exc:  # status 1 as for any lost output, saying the join itself worked
+        options.print_error(PROG, f"cannot write to standard output ({exc}); joined all the same (the profile is "
+                            f"saved), from now on: securechat connect {target}")
+        return 1
     if not enrolled.names_host(args.host):
         options.print_error(PROG, f"note: the server's certificate does not name {args.host!r}, so 'connect' will "
                             f"refuse it: ask the server's admin to run 'securechat gen-certs --ip/--host {args.host}'")

@@ -65,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         options.print_error(PROG, f"no unrevoked certificate named or numbered {args.which!r} ('securechat certs' "
                             "lists them)")
         return 1
-    for cert in revoked:
-        print(f"Revoked {cert.name} (serial {cert.serial}). A running server ends the session within 2 s.")
+    try:
+        for cert in revoked:
+            print(f"Revoked {cert.name} (serial {cert.serial}). A running server ends the session within 2 s.")
+    except options.OutputLost as exc:  # status 1 as for any lost output, saying what was done
+        options.print_error(PROG, f"cannot write to standard output ({exc}); revoked all the same: "
+                            + ", ".join(f"{cert.name} (serial {cert.serial})" for cert in revoked))
+        return 1
     return 0
