@@ -6,13 +6,14 @@ and with no arguments shows the seed's interactive menu.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import sys
 from collections.abc import Callable, Sequence
 
 from securechat import __version__
-from securechat.wire import addr, options
+from securechat.wire import options
 
 # subcommand -> (module with main(argv) -> int, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -85,8 +86,8 @@ def _host_error(answer: str) -> str | None:
     if not answer:
         return "The server's address is needed: the IP it prints at start, e.g. 192.168.0.20 (or 192.168.0.20:5555)."
     try:
-        addr.split_host_port(answer)
-    except addr.AddressError as exc:
+        options.server_address(answer)  # what connect will take: HOST, HOST:PORT, [V6]:PORT
+    except argparse.ArgumentTypeError as exc:
         return f"That address won't do: {exc}."
     return None
 
@@ -101,10 +102,12 @@ def menu() -> int:
         if option == "1":
             return _run("serve", [])
         host = _ask("Enter server IP: ", _host_error)
+        from securechat.client import firstcontact
+
+        return firstcontact.connect(host, _ask, _run)  # asks how to recognise a server not met yet
     except (EOFError, KeyboardInterrupt):
         print()
         return EXIT_OK
-    return _run("connect", [host])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

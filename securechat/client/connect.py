@@ -188,6 +188,23 @@ def _first_contact(key: str, fingerprint: str, path: Path, kind: str) -> None:
          "delete that line from the file and do not chat")
 
 
+def _ask_trust(key: str, fingerprint: str, path: Path, kind: str) -> bool:
+    """``--tofu`` at a terminal: show the fingerprint and ask before anything is trusted or saved."""
+    print(f"First contact with {key}. Its {kind} has the SHA-256 fingerprint\n  {fingerprint}\n"
+          f"Compare it with the server's '{identity.line_for(kind)}' line (on the server, or ask its admin).",
+          flush=True)
+    try:
+        answer = input("Trust this server? [y/N] ")
+    except (EOFError, KeyboardInterrupt):
+        print(flush=True)
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _remembered(key: str, fingerprint: str, path: Path, kind: str) -> None:
+    print(f"Remembered in {path}: from now on {key} must present this {kind}.", flush=True)
+
+
 def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, identity.ServerTrust | None]:
     """The TLS context, or the --pin/--tofu trust, the command line asks for; ChatError on any problem."""
     if not (args.pin or args.tofu or args.ca) and (joined := _joined_context(args)) is not None:
@@ -204,8 +221,11 @@ def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, iden
 
         if args.pin:
             return None, identity.PinTrust(args.pin, tls_min=args.tls_min, prepare=prepare)
-        return None, identity.TofuTrust(args.host, args.port, on_first_contact=_first_contact,
-                                        tls_min=args.tls_min, prepare=prepare)
+        # A person at a terminal is asked first; a script keeps the old way (remember, and say what to check).
+        person = sys.stdin.isatty() and sys.stdout.isatty()
+        return None, identity.TofuTrust(args.host, args.port, tls_min=args.tls_min, prepare=prepare,
+                                        on_first_contact=_remembered if person else _first_contact,
+                                        ask=_ask_trust if person else None)
     ca = args.ca or DEFAULT_CA
     if not ca.is_file():
         raise ChatError(f"CA file {str(ca)!r} not found: {CA_HELP}; or recognise the server by its CA "
