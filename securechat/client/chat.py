@@ -373,8 +373,11 @@ class ChatClient:
                 for command in self.resume.rejoin_lines():
                     self._conn.send(protocol.encode(command))
                 self._phase = _LIVE
-                return (f"* reconnected, but the server had forgotten this session: lines said meanwhile "
-                        f"are lost ({line[len(notice):]})")
+                # The server was given our place in each room (/resume): it shows what we missed, and says
+                # itself what it cannot give back.
+                return (f"* reconnected, but the server had forgotten this session (it restarted, or the connection "
+                        f"was down longer than it waits): back in your rooms as {protocol.welcome_nick(line)}; what "
+                        "you missed follows")
             self._phase = _LIVE
             return line
         if line.startswith(notice + protocol.RESUME_REFUSED):
