@@ -216,7 +216,8 @@ class ServerTrust:
         if code in (X509_HOSTNAME_MISMATCH, X509_IP_ADDRESS_MISMATCH):
             option = "--ip" if code == X509_IP_ADDRESS_MISMATCH else "--host"
             return (f"the server's certificate is not valid for {name!r}: connect with a name or address it "
-                    f"was issued for, or re-issue it on the server with 'securechat gen-certs {option} {name}'")
+                    f"was issued for, or re-issue it on the server with 'securechat gen-certs {option} {name}' (a "
+                    "running server loads it within seconds)")
         if code in X509_UNTRUSTED:
             return (f"the server's certificate is not signed by the pinned {self.anchor_kind} "
                     f"{self.anchor_fingerprint}: someone may be impersonating the server")
