@@ -7,7 +7,6 @@ and with no arguments shows the seed's interactive menu.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -58,7 +57,7 @@ def _run(command: str, argv: Sequence[str]) -> int:
     entry: Callable[[Sequence[str]], int] = importlib.import_module(module_name).main
     # Output that goes away (| head -1, > /dev/full) is one line and status 1 for every command, also
     # one added later; the long-running ones carry on without it instead (options.guard_stdout).
-    with contextlib.nullcontext() if command in CARRY_ON else options.strict_stdout():
+    with options.strict_stdout(command not in CARRY_ON):
         try:
             return entry(list(argv))
         except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already reported in one line)
@@ -94,6 +93,15 @@ def _host_error(answer: str) -> str | None:
 
 def menu() -> int:
     """The seed's menu, kept word for word; a re-asked question says why first."""
+    try:
+        with options.strict_stdout():
+            return _menu()
+    except options.OutputLost as exc:
+        options.print_error("securechat", f"cannot write to standard output ({exc})")
+        return EXIT_FAILURE
+
+
+def _menu() -> int:
     try:
         print("Select mode:")
         print("1. Server")

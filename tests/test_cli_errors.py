@@ -571,3 +571,11 @@ def test_the_issues_pipelines_into_head(served: Served, tmp_path: Path, pipeline
         assert "cannot write to standard output (broken pipe)" in done.stderr
     else:
         assert done.returncode == 0
+
+
+@pytest.mark.parametrize("stdout", BROKEN_STDOUTS)
+def test_the_menu_without_a_working_stdout_is_one_line(tmp_path: Path, stdout: str) -> None:
+    """`securechat` with no command (the seed's menu) prompts on stdout: losing it is one line too."""
+    status, err = _broken([], stdout, cwd=tmp_path, stdin="2\n127.0.0.1:1\n")
+    assert status == 1, err
+    assert err == f"securechat: cannot write to standard output ({WHY[stdout]})\n"

@@ -334,10 +334,12 @@ class StrictStdout:
 
 
 @contextlib.contextmanager
-def strict_stdout() -> Iterator[None]:
-    """Run a one-shot command with :class:`StrictStdout` as ``sys.stdout`` (restored afterwards)."""
+def strict_stdout(strict: bool = True) -> Iterator[None]:
+    """Run a one-shot command with :class:`StrictStdout` as ``sys.stdout`` (restored afterwards); with
+    ``strict=False``, a long-running one on the plain stream (it guards its own: :func:`guard_stdout`)."""
     previous = sys.stdout
-    sys.stdout = StrictStdout(previous)
+    stream = previous.stream if isinstance(previous, StrictStdout) else previous
+    sys.stdout = StrictStdout(stream) if strict else stream
     try:
         yield
     finally:
