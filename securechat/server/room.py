@@ -68,10 +68,10 @@ EXCLUDE_SENDER = frozenset({"chat", "action", "join"})
 # (/who tells who is here now); renames stay, uncounted, so the speakers' names make sense.
 CONVERSATION = frozenset({"chat", "action"})
 REPLAYED = CONVERSATION | {"notice"}
-# Entries looked through for one replay at most, so a room where only arrivals happened for days costs
-# a bounded read; and how many are read at a time.
-MAX_REPLAY_SCAN = 5000
-REPLAY_CHUNK = 500
+# Entries looked through for one replay at most (about 6 ms of SQLite and Python here), so a room where
+# only arrivals happened for days costs a bounded read: 20 comings and goings for each line of a 50-line
+# replay. Reads start at twice the lines wanted and double, so a quiet doorway costs one read.
+MAX_REPLAY_SCAN = 1000
 
 
 def conversation(read_before: Callable[[str | None, int], list[Entry]], anchor: str | None,
@@ -82,8 +82,10 @@ def conversation(read_before: Callable[[str | None, int], list[Entry]], anchor: 
     found: list[Entry] = []
     oldest: str | None = None
     counted = scanned = 0
+    chunk_size = 2 * limit
     while counted < limit and scanned < MAX_REPLAY_SCAN:
-        wanted = min(REPLAY_CHUNK, MAX_REPLAY_SCAN - scanned)
+        wanted = min(chunk_size, MAX_REPLAY_SCAN - scanned)
+        chunk_size *= 2
         chunk = read_before(anchor, wanted)
         if not chunk:
             break
