@@ -445,6 +445,13 @@ def _serve(args: argparse.Namespace) -> int:
                                     mutual=args.require_client_cert):
         print(line, flush=True)
     watcher = None
+    record = None
+    if args.authority is not None:
+        from securechat.pki import serving
+
+        # Beside the invite store, so 'securechat invite' names this port and these addresses.
+        lan, loopback = listen.reachable(host, server.dual_stack, args.cert or DEFAULT_CERT)
+        record = serving.publish(args.authority.dir, port, [*lan, *loopback])
     if trust is not None:
         from securechat.server.revocation import RevocationWatcher
 
@@ -455,6 +462,8 @@ def _serve(args: argparse.Namespace) -> int:
         watcher.stop()
     if trust is not None:
         trust.close()
+    if record is not None:
+        record.close()
     signal.set_wakeup_fd(-1)
     os.close(signal_r)
     os.close(signal_w)
