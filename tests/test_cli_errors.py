@@ -115,6 +115,7 @@ def _cases(root: Path, busy_port: int, closed_port: int) -> list[Case]:
         "join": ["--port", str(closed_port), "--timeout", "5"],
         "revoke": ["--certs", str(root / "certs")],
         "certs": ["--certs", str(root / "certs")],
+        "servers": [],  # the suite switches discovery off: a value that were accepted fails in one line
     }
     needs = {("serve", "--ca"): ["--require-client-cert"], ("connect", "--key"): ["--cert", str(client)]}
     cases: list[Case] = []
