@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
@@ -89,8 +90,6 @@ def test_zeroconf_log_lines_become_one_phrase_and_never_reach_the_root_logger(
 
 
 def test_a_missing_zeroconf_is_a_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
     monkeypatch.setitem(sys.modules, "zeroconf", None)  # what Python does for a module that cannot be found
-    with pytest.raises(dnssd.DiscoveryUnavailable, match="the zeroconf package is not installed .*pip install zeroconf"):
+    with pytest.raises(dnssd.DiscoveryUnavailable, match="zeroconf package is not installed .*pip install zeroconf"):
         dnssd.import_zeroconf()
