@@ -127,6 +127,15 @@ def test_join_with_the_code_alone_then_connect_with_no_address(lan: Lan, tmp_pat
                                   "(you joined it)\n"), chat.stderr
     assert "* welcome, alice!" in chat.stdout
     served.process.wait_out(f"[NEW CLIENT] Connected from ('{Lan.CLIENT_IP}'")
+
+    # The seed's menu offers what it found before its prompt, whose words stay the seed's.
+    menu = alice.run(stdin="2\n1\n/who\n")
+    assert menu.returncode == 0, menu.stderr
+    assert menu.stdout.startswith("Select mode:\n1. Server\n2. Client\nOption: Looking for securechat servers on "
+                                  "this network...\nFound (type a number, or an address):\n"
+                                  f"  1. {served.name}  {served.where}  CA {dnssd.short_fingerprint(served.ca)}  "
+                                  f"(joined {served.where}, takes invites)\nEnter server IP: "), menu.stdout
+    assert "* welcome, alice!" in menu.stdout
     assert served.process.stop() == 0
 
 
