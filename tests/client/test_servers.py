@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -264,3 +266,27 @@ def test_nobody_holding_the_invite_says_what_each_answered(serve: Callable[..., 
         servers.find_inviter([_found("x", 1, invites=False)], "7-crayon-galaxy-lunar", timeout=5)
     with pytest.raises(JoinError, match="is not an invite code"):
         servers.find_inviter([], "seven", timeout=5)
+
+
+# -- switched off (as everywhere in this suite): one line each, nothing sent -----------------------------
+
+
+@pytest.mark.parametrize("argv, exit_status, words", [
+    (["servers"], 1, "securechat servers: searching the network is switched off (SECURECHAT_DISCOVERY=off)"),
+    (["connect"], 1, "securechat connect: no server address given, and searching the network is switched off "
+                     "(SECURECHAT_DISCOVERY=off): give one, as in 'securechat connect 192.168.0.20'"),
+    (["join", "7-crayon-galaxy-lunar"], 1, "securechat join: no server address given, and searching the network "
+                                           "is switched off (SECURECHAT_DISCOVERY=off): give the one that came"),
+    (["connect", "--port", "6000"], 2, "securechat connect: --port needs the server's address (HOST)"),
+])
+def test_without_an_address_and_discovery_off(home: Path, argv: list[str], exit_status: int, words: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "securechat", *argv], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == exit_status
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(words), done.stderr
+    assert done.stdout == ""
+
+
+def test_the_menu_asks_as_before_when_discovery_is_off(home: Path) -> None:
+    said: list[str] = []
+    assert servers.offer(said.append) == {} and said == []

@@ -6,6 +6,10 @@ The announcing itself, over real multicast, is tested inside network namespaces 
 from __future__ import annotations
 
 import ipaddress
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ import pytest
 from securechat.pki import certs
 from securechat.server import announce
 from securechat.wire import dnssd
+from tests import netns
 
 V4, V4B, V6 = ipaddress.ip_address("192.168.7.20"), ipaddress.ip_address("10.9.0.4"), ipaddress.ip_address("fd00::20")
 LAN = [V4, V4B, V6]
@@ -65,3 +70,22 @@ def test_with_tls_only_the_addresses_the_certificate_covers(tmp_path: Path) -> N
 def test_switched_off_nothing_starts() -> None:
     assert not dnssd.enabled()  # the suite's conftest
     assert announce.start("0.0.0.0", 5555, dual=False, cert=None, txt=TXT) is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the process's sockets from /proc")
+def test_the_suite_never_announces_on_this_machine(tmp_path: Path) -> None:
+    """On the host's own interfaces the suite's switch keeps `serve` (listening on all of them) silent:
+    no socket on the mDNS port, no announcement line."""
+    assert not dnssd.enabled()
+    proc = subprocess.Popen([*netns.SECURECHAT, "serve", "--port", "0", "--no-history"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        while "Waiting for connections" not in proc.stdout.readline():
+            assert proc.poll() is None
+        time.sleep(2.5)  # longer than an announcement takes to start
+        assert netns.mdns_sockets(proc.pid) == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert "Announced" not in out and "Traceback" not in err
