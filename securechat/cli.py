@@ -91,19 +91,14 @@ def menu() -> int:
         option = _ask("Option: ", _option_error)
         if option == "1":
             return _run("serve", [])
-        offers = _servers_found()
+        from securechat.client import servers
+
+        offers = servers.offer()  # number -> address, listed before the seed's prompt
         host = _ask("Enter server IP: ", lambda answer: None if answer in offers else _host_error(answer))
     except (EOFError, KeyboardInterrupt):
         print()
         return EXIT_OK
     return _run("connect", [offers.get(host, host)])
-
-
-def _servers_found() -> dict[str, str]:
-    """The servers found on this network, listed before the seed's prompt: number -> address."""
-    from securechat.client import servers
-
-    return servers.offer()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

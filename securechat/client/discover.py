@@ -94,7 +94,10 @@ def browse(timeout: float = BROWSE_SECONDS) -> list[Found]:
         except OSError as exc:
             raise DiscoveryError(f"cannot open a multicast socket ({describe_error(exc)})") from None
         try:
-            browser = zeroconf.ServiceBrowser(zc, dnssd.SERVICE_TYPE, handlers=[on_change])
+            # QM questions (answers multicast), not zeroconf's QU first: a unicast answer goes to ONE of
+            # the sockets sharing port 5353 on this machine (Avahi's, another securechat's), maybe not ours.
+            browser = zeroconf.ServiceBrowser(zc, dnssd.SERVICE_TYPE, handlers=[on_change],
+                                              question_type=zeroconf.DNSQuestionType.QM)
             time.sleep(timeout)
             browser.cancel()
             with lock:
@@ -115,7 +118,8 @@ def _resolve(zeroconf: Any, zc: Any, names: list[str]) -> list[Found]:
     for name in names:
         info = zeroconf.ServiceInfo(dnssd.SERVICE_TYPE, name)
         left = deadline - time.monotonic()
-        if not info.load_from_cache(zc) and (left <= 0 or not info.request(zc, int(left * 1000))):
+        if not info.load_from_cache(zc) and (left <= 0 or not info.request(
+                zc, int(left * 1000), question_type=zeroconf.DNSQuestionType.QM)):
             continue
         entry = _found(info)
         if entry is not None:

@@ -41,7 +41,7 @@ class Known:
 
     how: dict[str, str] = field(default_factory=dict)  # fingerprint -> "joined 10.0.0.5:5555", "--pin", ...
     at: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)  # (host, port) -> (fp, how)
-    profiles: dict[str, profiles.Profile] = field(default_factory=dict)  # fingerprint -> the profile
+    joined: dict[str, profiles.Profile] = field(default_factory=dict)  # fingerprint -> the profile
 
     def add(self, fingerprint: str, how: str, where: tuple[str, int] | None = None) -> None:
         self.how.setdefault(fingerprint, how)
@@ -60,7 +60,7 @@ def known_here(*, joined: bool = True, remembered: bool = True, pin: str | None 
             except (OSError, ValueError):
                 continue
             known.add(fingerprint, f"joined {addr.join(profile.host, profile.port)}", (profile.host, profile.port))
-            known.profiles.setdefault(fingerprint, profile)
+            known.joined.setdefault(fingerprint, profile)
     if remembered:
         try:
             entries = identity.KnownHosts().load()
@@ -197,7 +197,7 @@ def choose_for_connect(found: Sequence[Found], *, plain: bool, pin: str | None, 
             raise ChatError(f"{len(found)} securechat server{'s' if len(found) != 1 else ''} on this network, "
                             f"{why}: {listed}. Choose one: 'securechat connect ADDRESS'")
         chosen = _pick(found, known, ask, say)
-    profile = trusted.profiles.get(chosen.txt.ca or "")
+    profile = trusted.joined.get(chosen.txt.ca or "")
     if profile is not None:
         profile = dataclasses.replace(profile, host=chosen.host, port=chosen.port)
     return chosen, profile

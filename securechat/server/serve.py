@@ -301,17 +301,16 @@ def _raise_descriptor_limit(connections: int) -> None:
                     "%d: when they run out, the oldest unauthenticated connections make room", soft, wanted)
 
 
-def _announced_cert(args: argparse.Namespace, context: ssl.SSLContext | None) -> Path | None:
-    return None if context is None else Path(args.cert or DEFAULT_CERT)
-
-
-def _announced_ca(args: argparse.Namespace, context: ssl.SSLContext | None) -> str | None:
-    """The fingerprint clients pin: the top of the chain, as the '(for --pin)' line shows."""
-    cert = _announced_cert(args, context)
+def _announcement(args: argparse.Namespace, context: ssl.SSLContext | None) -> tuple[Path | None, dnssd.Txt]:
+    """The certificate whose addresses may be announced, and the TXT record. The fingerprint clients
+    pin is the top of the chain, as the '(for --pin)' line shows."""
+    cert = None if context is None else Path(args.cert or DEFAULT_CERT)
     try:
-        return tls.file_fingerprints(cert)[-1] if cert is not None else None
+        ca = tls.file_fingerprints(cert)[-1] if cert is not None else None
     except (OSError, ValueError):
-        return None
+        ca = None
+    return cert, dnssd.Txt(tls=context is not None, ca=ca, mutual=args.require_client_cert,
+                           invites=args.authority is not None)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -430,10 +429,8 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.no_announce:
         from securechat.server import announce
 
-        announcer = announce.start(host, port, dual=server.dual_stack, cert=_announced_cert(args, context),
-                                   txt=dnssd.Txt(tls=context is not None, ca=_announced_ca(args, context),
-                                                 mutual=args.require_client_cert,
-                                                 invites=args.authority is not None))
+        cert, txt = _announcement(args, context)
+        announcer = announce.start(host, port, dual=server.dual_stack, cert=cert, txt=txt)
     watcher = None
     if args.authority is not None:
         from securechat.server.revocation import RevocationWatcher
