@@ -51,6 +51,7 @@ class Lan:
         tag = f"securechat-{os.getpid()}-{secrets.token_hex(3)}"
         self.server, self.client = f"{tag}-s", f"{tag}-c"
         self.made: list[str] = []
+        self.processes: list[Process] = []
         try:
             for ns in (self.server, self.client):
                 _ip("netns", "add", ns)
@@ -69,7 +70,15 @@ class Lan:
     def argv(self, ns: str, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", ns, *argv]
 
+    def start(self, ns: str, argv: list[str], *, cwd: Path, environment: dict[str, str], log: Path) -> Process:
+        """A long-running command in namespace ``ns``, stopped by :meth:`close` if the test did not."""
+        process = Process(self.argv(ns, *argv), cwd=cwd, environment=environment, log=log)
+        self.processes.append(process)
+        return process
+
     def close(self) -> None:
+        for process in self.processes:  # a process left inside would keep its namespace alive
+            process.stop()
         for ns in self.made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
         self.made = []
@@ -119,7 +128,7 @@ class Process:
         raise AssertionError(f"{prefix!r} never printed; got {self.lines!r}; stderr: {self.log_path.read_text()!r}")
 
     def stop(self, timeout: float = 15) -> int:
-        """SIGTERM, then the exit status (killed if it does not stop)."""
+        """SIGTERM, then the exit status (killed if it does not stop); again, the same status."""
         if self.proc.poll() is None:
             self.proc.terminate()
         try:

@@ -19,7 +19,7 @@ import pytest
 
 from securechat.wire import dnssd
 from tests import netns
-from tests.netns import SECURECHAT, Lan, Process
+from tests.netns import SECURECHAT, Lan
 
 pytestmark = pytest.mark.skipif(netns.unavailable() is not None, reason=netns.unavailable() or "")
 
@@ -40,9 +40,9 @@ class Served:
     def __init__(self, lan: Lan, home: Path, *args: str, discovery: bool = True, announced: bool = True) -> None:
         home.mkdir(parents=True, exist_ok=True)
         self.home = home
-        self.process = Process(lan.argv(lan.server, *SECURECHAT, "serve", "--port", "0", "--no-history", *args),
-                               cwd=home, environment=netns.env(discovery=discovery),
-                               log=home / f"serve-{time.monotonic_ns()}.log")
+        self.process = lan.start(lan.server, [*SECURECHAT, "serve", "--port", "0", "--no-history", *args],
+                                 cwd=home, environment=netns.env(discovery=discovery),
+                                 log=home / f"serve-{time.monotonic_ns()}.log")
         pin = self.process.wait_out("[SERVER] CA SHA-256 fingerprint (for --pin): ")
         self.ca = pin.rsplit(" ", 1)[1]
         waiting = self.process.wait_out("[SERVER] Waiting for connections on ")
@@ -144,43 +144,39 @@ def test_a_spoofed_announcement_fails_loudly(lan: Lan, tmp_path: Path) -> None:
     join fails at the PAKE (the server sees the relay's certificate in the joiner's MAC), connect fails
     at TLS verification, and nothing is saved or let in."""
     served = Served(lan, tmp_path / "server", "--no-announce", announced=False)
-    rogue = Process(lan.argv(lan.client, sys.executable, "-m", "tests.dnssd_rogue", "--listen", Lan.CLIENT_IP,
-                             "--target", served.where, "--ca", served.ca, "--name", "chat-server"),
-                    cwd=tmp_path, environment=netns.env(), log=tmp_path / "rogue.log")
-    try:
-        rogue_port = int(rogue.wait_out("READY ").split()[1])
-        alice = Client(lan, tmp_path / "alice")
-        listed = alice.run("servers")
-        assert f"{Lan.CLIENT_IP}:{rogue_port}" in listed.stdout  # announcing is free: it is only a hint
-        assert served.where not in listed.stdout
+    rogue = lan.start(lan.client, [sys.executable, "-m", "tests.dnssd_rogue", "--listen", Lan.CLIENT_IP, "--target",
+                                   served.where, "--ca", served.ca, "--name", "chat-server"],
+                      cwd=tmp_path, environment=netns.env(), log=tmp_path / "rogue.log")
+    rogue_port = int(rogue.wait_out("READY ").split()[1])
+    alice = Client(lan, tmp_path / "alice")
+    listed = alice.run("servers")
+    assert f"{Lan.CLIENT_IP}:{rogue_port}" in listed.stdout  # announcing is free: it is only a hint
+    assert served.where not in listed.stdout
 
-        code = served.invite("alice")
-        joined = alice.run("join", code)
-        assert joined.returncode == 1
-        assert joined.stdout.startswith(f"Found 'chat-server' at {Lan.CLIENT_IP}:{rogue_port} on this network")
-        (line,) = joined.stderr.splitlines()
-        assert line.startswith("securechat join: ") and "intercepting the connection" in line, line
-        assert "Nothing was saved" in line and alice.profiles == []
-        deadline = time.monotonic() + 10
-        while "someone in the middle is intercepting" not in served.process.stderr:
-            assert time.monotonic() < deadline, served.process.stderr
-            time.sleep(0.1)
+    code = served.invite("alice")
+    joined = alice.run("join", code)
+    assert joined.returncode == 1
+    assert joined.stdout.startswith(f"Found 'chat-server' at {Lan.CLIENT_IP}:{rogue_port} on this network")
+    (line,) = joined.stderr.splitlines()
+    assert line.startswith("securechat join: ") and "intercepting the connection" in line, line
+    assert "Nothing was saved" in line and alice.profiles == []
+    deadline = time.monotonic() + 10
+    while "someone in the middle is intercepting" not in served.process.stderr:
+        assert time.monotonic() < deadline, served.process.stderr
+        time.sleep(0.1)
 
-        # With the real address the same code still works (the relay cost it one try), and then a
-        # connect with no address picks the rogue (it announces the CA alice knows) and refuses it.
-        direct = alice.run("join", Lan.SERVER_IP, code, "--port", str(served.port))
-        assert direct.returncode == 0, direct.stderr
-        chat = alice.run("connect", stdin="my secret line\n")
-        assert chat.returncode == 1
-        lines = chat.stderr.splitlines()
-        assert lines[0] == f"securechat connect: found 'chat-server' at {Lan.CLIENT_IP}:{rogue_port} on this network " \
-                           "(you joined it)"
-        assert len(lines) == 2 and lines[1].startswith("securechat connect: ") and "Traceback" not in chat.stderr
-        assert "certificate" in lines[1], lines[1]
-        assert "welcome" not in chat.stdout
-    finally:
-        rogue.stop()
-        served.process.stop()
+    # With the real address the same code still works (the relay cost it one try), and then a
+    # connect with no address picks the rogue (it announces the CA alice knows) and refuses it.
+    direct = alice.run("join", Lan.SERVER_IP, code, "--port", str(served.port))
+    assert direct.returncode == 0, direct.stderr
+    chat = alice.run("connect", stdin="my secret line\n")
+    assert chat.returncode == 1
+    lines = chat.stderr.splitlines()
+    assert lines[0] == f"securechat connect: found 'chat-server' at {Lan.CLIENT_IP}:{rogue_port} on this network " \
+                       "(you joined it)"
+    assert len(lines) == 2 and lines[1].startswith("securechat connect: ") and "Traceback" not in chat.stderr
+    assert "certificate" in lines[1], lines[1]
+    assert "welcome" not in chat.stdout
 
 
 @pytest.mark.slow
@@ -188,26 +184,22 @@ def test_two_servers_answering_for_one_invite_spend_nothing(lan: Lan, tmp_path: 
     """The real server and a rogue both answer for the code: join says so and stops before the
     confirmation, so the invite keeps all its tries; the real address then joins at the first try."""
     served = Served(lan, tmp_path / "server")
-    rogue = Process(lan.argv(lan.client, sys.executable, "-m", "tests.dnssd_rogue", "--listen", Lan.CLIENT_IP,
-                             "--target", served.where, "--ca", served.ca),
-                    cwd=tmp_path, environment=netns.env(), log=tmp_path / "rogue.log")
-    try:
-        rogue.wait_out("READY ")
-        code = served.invite("alice")
-        alice = Client(lan, tmp_path / "alice")
-        joined = alice.run("join", code)
-        assert joined.returncode == 1
-        (line,) = joined.stderr.splitlines()
-        assert "2 servers on this network answer for invite" in line and "nothing was spent" in line, line
-        assert served.where in line and Lan.CLIENT_IP in line
-        tries = subprocess.run([*SECURECHAT, "invite", "--list"], cwd=served.home, capture_output=True, text=True,
-                               timeout=30, check=False)
-        assert re.search(r"\balice +1 +0/3 ", tries.stdout), tries.stdout  # no wrong try counted
-        direct = alice.run("join", Lan.SERVER_IP, code, "--port", str(served.port))
-        assert direct.returncode == 0, direct.stderr
-    finally:
-        rogue.stop()
-        served.process.stop()
+    rogue = lan.start(lan.client, [sys.executable, "-m", "tests.dnssd_rogue", "--listen", Lan.CLIENT_IP, "--target",
+                                   served.where, "--ca", served.ca],
+                      cwd=tmp_path, environment=netns.env(), log=tmp_path / "rogue.log")
+    rogue.wait_out("READY ")
+    code = served.invite("alice")
+    alice = Client(lan, tmp_path / "alice")
+    joined = alice.run("join", code)
+    assert joined.returncode == 1
+    (line,) = joined.stderr.splitlines()
+    assert "2 servers on this network answer for invite" in line and "nothing was spent" in line, line
+    assert served.where in line and Lan.CLIENT_IP in line
+    tries = subprocess.run([*SECURECHAT, "invite", "--list"], cwd=served.home, capture_output=True, text=True,
+                           timeout=30, check=False)
+    assert re.search(r"\balice +1 +0/3 ", tries.stdout), tries.stdout  # no wrong try counted
+    direct = alice.run("join", Lan.SERVER_IP, code, "--port", str(served.port))
+    assert direct.returncode == 0, direct.stderr
 
 
 # -- never outside a namespace, never on loopback -----------------------------------------------------------
@@ -245,8 +237,8 @@ def test_a_broken_multicast_setup_is_one_line_and_the_server_serves(lan: Lan, tm
         words = "the zeroconf package is not installed"
     home = tmp_path / "server"
     home.mkdir()
-    proc = Process(lan.argv(lan.server, *argv, "--port", "0", "--no-history", "--listen", Lan.SERVER_IP), cwd=home,
-                   environment=netns.env(), log=home / "serve.log")
+    proc = lan.start(lan.server, [*argv, "--port", "0", "--no-history", "--listen", Lan.SERVER_IP], cwd=home,
+                     environment=netns.env(), log=home / "serve.log")
     proc.wait_out("[SERVER] Waiting for connections on ")
     deadline = time.monotonic() + 10
     while words not in proc.stderr:
