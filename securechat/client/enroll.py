@@ -1,6 +1,8 @@
 """The joiner's end of the enrollment exchange: joining with an invite code, and renewing one's certificate.
 
 The exchange and why it is safe: :mod:`securechat.pki.enrollment`. The command is :mod:`securechat.client.join`.
+Whatever the server says (an ``ERR`` line before any proof, a name) is untrusted text: it is sanitised
+(:func:`protocol.sanitize`) before it goes into a message a terminal will show.
 """
 
 from __future__ import annotations
@@ -67,11 +69,20 @@ class Enrolled:
 def new_key_and_csr() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A fresh P-256 key (made here, never sent) and a CSR for it, DER."""
     key = ec.generate_private_key(ec.SECP256R1())
-    # The server decides the name (the invite's); the CSR only proves possession of the key.
+    return key, csr_for(key)
+
+
+def csr_for(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A CSR (DER) for ``key``: the server decides the name (the invite's); the CSR only proves possession."""
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "securechat joiner")]))
            .sign(key, hashes.SHA256()))
-    return key, csr.public_bytes(serialization.Encoding.DER)
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def _said(text: str) -> str:
+    """What the server said, fit to show: no escape sequence or control character survives."""
+    return protocol.sanitize(text)
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -102,8 +113,30 @@ def _open(host: str, port: int, ctx: ssl.SSLContext, timeout: float) -> ssl.SSLS
                         "server?") from None
 
 
-def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
-    """Use invite ``code`` with the server at ``host:port``; JoinError (one line) on any failure."""
+@dataclass
+class Started:
+    """A join the server answered with its half of the PAKE: nothing is spent on the server yet.
+
+    The server counts a try only when the joiner confirms (:func:`finish`); closing here instead
+    (:meth:`close`) costs the invite nothing, so several servers can be asked which holds an invite.
+    """
+
+    where: str
+    sock: ssl.SSLSocket
+    wire: Wire
+    key: bytes  # the SPAKE2 key
+    seen: bytes  # SHA-256 of the certificate the server showed
+    leaf: bytes  # that certificate, DER
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start(host: str, port: int, code: str, *, timeout: float = 10.0) -> Started:
+    """Open the exchange for invite ``code`` with ``host:port``, up to the server's PAKE message.
+
+    JoinError (one line) on any failure, the connection then closed.
+    """
     from spake2 import SPAKE2_A
 
     try:
@@ -128,23 +161,41 @@ def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
         wire.send(f"JOIN {nameplate} {b64(pake.start())}")
         verb, _, rest = wire.read().partition(" ")
         if verb == "ERR":
-            raise JoinError(f"{where} refused the invite: {rest}")
+            raise JoinError(f"{where} refused the invite: {_said(rest)}")
         if verb != "PAKE":
             raise JoinError(f"{where} answered something unexpected: is it a securechat server?")
         try:
             k = pake.finish(unb64(rest))
         except Exception:  # SPAKEError, NotOnCurve (a bare Exception), ...: the peer's bytes are junk
             raise JoinError(f"{where} answered something unexpected: is it a securechat server?") from None
+        return Started(where, sock, wire, k, seen, leaf)
+    except BaseException as exc:
+        sock.close()
+        if isinstance(exc, (OSError, ValueError)):
+            detail = describe_error(exc) if isinstance(exc, OSError) else str(exc)
+            raise JoinError(f"the exchange with {where} failed: {detail}") from None
+        raise
+
+
+def finish(started: Started) -> Enrolled:
+    """Confirm the exchange :func:`start` opened and check the server's answer; the connection is closed.
+
+    JoinError (one line) on any failure: a wrong code, a relay in the middle, a refusal.
+    """
+    where, wire, k, seen, leaf = started.where, started.wire, started.key, started.seen, started.leaf
+    try:
         key, csr_der = new_key_and_csr()
         csr_hash = hashlib.sha256(csr_der).digest()
         wire.send(f"CONFIRM {seen.hex()} {b64(mac(k, b'client', seen, csr_hash))} {b64(csr_der)}")
         verb, _, rest = wire.read().partition(" ")
         if verb == "ERR":
-            raise JoinError(f"{where} refused the invite: {rest}. Nothing was saved")
+            raise JoinError(f"{where} refused the invite: {_said(rest)}. Nothing was saved")
         fields = rest.split(" ")
         if verb != "OK" or len(fields) != 4:
             raise JoinError(f"{where} answered something unexpected: {INTERCEPTED}? Nothing was saved")
         name = None if fields[0] == "-" else fields[0]
+        if name is not None and protocol.nick_error(name) is not None:
+            raise JoinError(f"{where} gave a name no server would accept ({_said(name)!r}). Nothing was saved")
         cert_der = b"" if fields[1] == "-" else unb64(fields[1])
         ca_der = unb64(fields[2])
         if not hmac.compare_digest(unb64(fields[3]), mac(k, b"server", seen, csr_hash, (name or "").encode(),
@@ -169,14 +220,22 @@ def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
         detail = describe_error(exc) if isinstance(exc, OSError) else str(exc)
         raise JoinError(f"the exchange with {where} failed: {detail}") from None
     finally:
-        sock.close()
+        started.close()
 
 
-def renew(host: str, port: int, ctx: ssl.SSLContext, *, timeout: float = 10.0
-          ) -> tuple[ec.EllipticCurvePrivateKey, bytes, bytes]:
+def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
+    """Use invite ``code`` with the server at ``host:port``; JoinError (one line) on any failure."""
+    return finish(start(host, port, code, timeout=timeout))
+
+
+def renew(host: str, port: int, ctx: ssl.SSLContext, *, key: ec.EllipticCurvePrivateKey | None = None,
+          timeout: float = 10.0) -> tuple[ec.EllipticCurvePrivateKey, bytes, bytes]:
     """Renew the client certificate loaded in ``ctx`` (which also verifies the server against our CA).
 
-    Returns (new key, certificate PEM, CA PEM). RenewalRefused when the server will not (revoked);
+    ``key``: the new key, when a renewal with it was asked for before and its answer never came
+    (the server then sends the same certificate again); a fresh one otherwise. Returns (new key,
+    certificate PEM, CA PEM as the server sent it: the caller checks the certificate against the CA it
+    trusts, never adopts this one). RenewalRefused when the server will not (revoked, too early);
     JoinError for anything else.
     """
     ctx.set_alpn_protocols([ALPN])
@@ -186,13 +245,14 @@ def renew(host: str, port: int, ctx: ssl.SSLContext, *, timeout: float = 10.0
         if sock.selected_alpn_protocol() != ALPN:
             raise JoinError(f"{where} does not renew certificates (an older securechat?)")
         wire = Wire(sock, time.monotonic() + enrollment.EXCHANGE_DEADLINE)
-        key, csr_der = new_key_and_csr()
-        wire.send(f"RENEW {b64(csr_der)}")
+        if key is None:
+            key = ec.generate_private_key(ec.SECP256R1())
+        wire.send(f"RENEW {b64(csr_for(key))}")
         verb, _, rest = wire.read().partition(" ")
         if verb == "ERR":
             if rest.startswith("REFUSED "):
-                raise RenewalRefused(rest.removeprefix("REFUSED "))
-            raise JoinError(rest)
+                raise RenewalRefused(_said(rest.removeprefix("REFUSED ")))
+            raise JoinError(_said(rest))
         fields = rest.split(" ")
         if verb != "OK" or len(fields) != 2:
             raise JoinError(f"{where} answered something unexpected")

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _work(args: argparse.Namespace, client: ChatClient) -> str:
+def _work(args: argparse.Namespace, client: ChatClient) -> tuple[str, str]:
     if args.room:
         join(client, args.room if args.room.startswith("#") else "#" + args.room)
     shown = Progress(PROG, "receiving", args.id)
@@ -43,7 +43,7 @@ def _work(args: argparse.Namespace, client: ChatClient) -> str:
         raise
     finally:
         shown.end()
-    return str(path)
+    return str(path), f"saved all the same as {path}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

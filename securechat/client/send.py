@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _work(args: argparse.Namespace, client: ChatClient) -> str:
+def _work(args: argparse.Namespace, client: ChatClient) -> tuple[str, str]:
     if args.to.startswith("#"):
         join(client, args.to)
     shown = Progress(PROG, "sending", filexfer.clean_name(args.file.name))
@@ -36,10 +36,10 @@ def _work(args: argparse.Namespace, client: ChatClient) -> str:
         file_id, name, size = send_file(client, args.file, args.to, shown, shown.say, timeout=args.timeout)
     finally:
         shown.end()
+    where = "#lobby" if args.to == filexfer.CURRENT_ROOM else args.to
     if shown.on:
-        where = "#lobby" if args.to == filexfer.CURRENT_ROOM else args.to
         sys.stderr.write(f"shared {name} ({human_size(size)}) with {where}: /get {file_id}\n")
-    return file_id
+    return file_id, f"shared all the same with {where}: /get {file_id}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

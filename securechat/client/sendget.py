@@ -22,6 +22,7 @@ from securechat.client import connect
 from securechat.client.chat import ChatClient
 from securechat.client.errors import ChatError
 from securechat.wire import filexfer, options, protocol
+from securechat.wire.conn import describe_error
 from securechat.wire.filexfer import TransferError
 from securechat.wire.options import EXIT_FAILURE, EXIT_OK
 
@@ -66,8 +67,9 @@ class Progress:
 
 
 def run(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-         work: Callable[[argparse.Namespace, ChatClient], str]) -> int:
-    """Parse, connect and register, run ``work`` (what it returns goes to stdout), leave."""
+         work: Callable[[argparse.Namespace, ChatClient], tuple[str, str]]) -> int:
+    """Parse, connect and register, run ``work``, leave. ``work`` returns what goes to stdout, and how to
+    say it was done all the same should stdout fail (status 1, one line, as every command)."""
     args = parser.parse_args(argv)
     try:
         servers = connect.parse_servers(args.host, args.port)
@@ -79,7 +81,6 @@ def run(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     if args.key is not None and args.cert is None:
         parser.error("--key needs --cert (your client certificate)")
     args.cert_name = None
-    options.guard_stdout(prog)
     client = ChatClient(reconnect=False)
     try:
         context, trust = connect.build_context(args)
@@ -89,7 +90,7 @@ def run(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         nick = args.nick or args.cert_name or _default_nick()
         client.register(nick, timeout=args.timeout)
         client.set_on_line(lambda line: None)  # the room's lines are not this command's business
-        result = work(args, client)
+        result, anyway = work(args, client)
     except (ChatError, TransferError) as exc:
         options.print_error(prog, str(exc))
         return EXIT_FAILURE
@@ -98,7 +99,13 @@ def run(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         return EXIT_FAILURE
     finally:
         client.quit(wait=1.0) if client.nick is not None else client.close()
-    print(result, flush=True)
+    try:
+        print(result, flush=True)
+    except (options.OutputLost, OSError) as exc:  # the file moved; only its id (or path) is lost
+        why = exc if isinstance(exc, options.OutputLost) else describe_error(exc)
+        options.silence_stdout()
+        options.print_error(prog, f"cannot write to standard output ({why}); {anyway}")
+        return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -22,6 +22,9 @@ from securechat.wire.filexfer import TransferError, human_size
 # Transfers one client runs at once (the server allows each person a few tickets more).
 MAX_RUNNING = 4
 
+# The client's own commands: typed lines the server never sees.
+FILE_COMMANDS = frozenset({"/send", "/get"})
+
 USAGE_SEND = "usage: /send PATH [NICK|#room] (quote a path with spaces: /send \"my file.pdf\")"
 USAGE_GET = "usage: /get ID [DIR] (ID: what follows /get in the line that shared the file)"
 
@@ -38,12 +41,6 @@ class _Running:
         elapsed = time.monotonic() - self.started
         return filexfer.progress(self.verb, self.name, self.done, self.total,
                                  self.done / elapsed if elapsed > 0.5 else 0.0)
-
-
-def is_transfer(text: str) -> bool:
-    """Whether a typed line is ``/send ...`` or ``/get ...`` (handled here, never sent as a line)."""
-    parsed = protocol.parse(text.strip())
-    return isinstance(parsed, protocol.Command) and parsed.name in ("send", "get")
 
 
 class Transfers:
@@ -69,10 +66,16 @@ class Transfers:
     def busy(self) -> bool:
         return bool(self._running)
 
-    def command(self, text: str) -> None:
-        """Start what ``/send ...`` or ``/get ...`` asks, or say why not (one line)."""
+    def take(self, text: str) -> bool:
+        """If ``text`` is ``/send ...`` or ``/get ...``: start what it asks (or say why not) and return
+        True; it is then not sent as a chat line."""
         parsed = protocol.parse(text.strip())
-        assert isinstance(parsed, protocol.Command)
+        if not (isinstance(parsed, protocol.Command) and "/" + parsed.name in FILE_COMMANDS):
+            return False
+        self._command(parsed)
+        return True
+
+    def _command(self, parsed: protocol.Command) -> None:
         try:
             words = shlex.split(parsed.arg)
         except ValueError as exc:

@@ -52,8 +52,8 @@ from prompt_toolkit.shortcuts import print_formatted_text
 
 from securechat.client.errors import NickRefused
 from securechat.client.frontend import NOTICE_STYLE, Frontend, is_quit, nick_style, own_echo
-from securechat.client.transfers import is_transfer
-from securechat.wire import addr, filexfer, protocol
+from securechat.client.transfers import FILE_COMMANDS
+from securechat.wire import addr, protocol
 
 # irssi's paste_verify_line_count default: a paste of more lines than this asks before sending.
 PASTE_VERIFY_LINES = 5
@@ -70,7 +70,12 @@ CAP_WAIT = 3.0
 # The input area grows with a multi-line paste, up to this many rows (the chat stays visible).
 INPUT_MAX_ROWS = 8
 
-COMMANDS = ("/get", "/help", "/me", "/msg", "/nick", "/quit", "/send", "/who")
+# Tab completes every command /help lists (read from its text, so they never drift apart; "//text" is not one)
+# and the client's own (/send, /get), room names after the commands taking one, nicks after /msg.
+COMMANDS = tuple(sorted({"/" + n for n in re.findall(r"(?<![/\w])/([a-z]+)\b", protocol.HELP_TEXT)} | FILE_COMMANDS))
+ROOM_COMMANDS = frozenset({"/join", "/part", "/who"})
+ROOMS_COMMAND = "rooms"
+NICK_COMMANDS = frozenset({"/msg"})
 
 TIME_STYLE = "fg:ansibrightblack"
 DAY_STYLE = "bold fg:ansibrightblack"
@@ -86,10 +91,13 @@ _NICK = r"[A-Za-z0-9_-]{1,%d}" % protocol.MAX_NICK_CHARS
 _JOINED_RE = re.compile(rf"\* ({_NICK}) joined\Z")
 _LEFT_RE = re.compile(rf"\* ({_NICK}) left(?: \(.*\))?\Z")
 _ONLINE_RE = re.compile(rf"\d+ online: ((?:{_NICK})(?:, {_NICK})*)")
-_SHARED_RE = re.compile(rf"shared .* \(.*\): /get ([{filexfer.ID_ALPHABET}]{{{filexfer.ID_LENGTH}}})\Z")
-
-# File ids remembered for Tab after /get: the last few shared.
-MAX_FILE_IDS = 20
+_MEMBERS_RE = re.compile(rf"\* \d+ in #[A-Za-z0-9_-]+: ((?:{_NICK})(?:, {_NICK})*)\Z")  # /who ROOM
+_ROOM = r"#([A-Za-z0-9_-]{1,32})"
+# Where the server names a room (never in text a person wrote): its answer to /rooms, joining and
+# switching, history and catch-up, and the room in front of a line of a room followed but not current.
+_ROOMS_REPLY_RE = re.compile(r"\* \d+ rooms?: ")
+_ROOM_NOTICE_RE = re.compile(rf"\* (?:you joined |(?:.*; )?now talking in |history of |missed in |now live in ){_ROOM}")
+_ROOM_PREFIX_RE = re.compile(rf"{_ROOM} [\[*]")
 
 
 @dataclass
@@ -160,21 +168,41 @@ class Display:
 
 
 class Roster:
-    """Who is online, as far as the server's notices tell: for Tab completion."""
+    """Who is online and which rooms exist, as far as the server's lines tell: for Tab completion."""
 
     def __init__(self) -> None:
         self._nicks: dict[str, str] = {}  # nick_key -> nick as written
-        self.file_ids: deque[str] = deque(maxlen=MAX_FILE_IDS)  # newest last
+        self._rooms: dict[str, str] = {}  # room key (folded) -> room as written
 
     def add(self, nick: str) -> None:
         self._nicks[protocol.nick_key(nick)] = nick
 
+    def add_room(self, name: str) -> None:
+        self._rooms[protocol.nick_key(name)] = name
+
+    def feed_rooms(self, line: str) -> bool:
+        """The server's answer to /rooms (``* 2 rooms: #dev (2), #lobby (5)``): the whole list; True if it was one."""
+        if not _ROOMS_REPLY_RE.match(line):
+            return False
+        self._rooms = {}
+        for name in re.findall(rf"{_ROOM} \(\d+\)", line):
+            self.add_room(name)
+        return True
+
     def feed(self, line: str) -> None:
-        """Learn from one received line (welcome and /who lists, joins, leaves, renames, senders, files)."""
-        if m := _SHARED_RE.search(line):
-            self.file_ids.append(m.group(1))
+        """Learn from one received line (welcome and /who lists, joins, leaves, renames, senders, rooms)."""
+        if m := _ROOM_PREFIX_RE.match(line):  # a line of a room followed but not current
+            self.add_room(m.group(1))
+            return
         if protocol.is_notice(line):
-            if m := _ONLINE_RE.search(line):
+            if self.feed_rooms(line):
+                return
+            if m := _ROOM_NOTICE_RE.match(line):
+                self.add_room(m.group(1))
+            if m := _MEMBERS_RE.match(line):
+                for nick in m.group(1).split(", "):
+                    self.add(nick)
+            elif m := _ONLINE_RE.search(line):
                 self._nicks = {}
                 for nick in m.group(1).split(", "):
                     self.add(nick)
@@ -190,6 +218,9 @@ class Roster:
 
     def nicks(self) -> list[str]:
         return sorted(self._nicks.values(), key=str.casefold)
+
+    def rooms(self) -> list[str]:
+        return sorted(self._rooms.values(), key=str.casefold)
 
 
 @dataclass
@@ -207,8 +238,8 @@ class TabCompleter:
     """irssi-style Tab: completes the word before the cursor; Tab again cycles through the matches.
 
     A word starting with ``/`` at the start of the line completes to a command, the word after
-    ``/get`` to a file shared lately, anything else to an online nick (``bob: `` at the start of a
-    line, ``bob `` elsewhere).
+    ``/join``, ``/part`` or ``/who`` to a room, anything else to an online nick (``bob: `` at the
+    start of a line, ``bob `` elsewhere, after ``/msg`` too).
     """
 
     def __init__(self, roster: Roster, me: Callable[[], str | None]) -> None:
@@ -222,14 +253,23 @@ class TabCompleter:
         word = text[start:cursor]
         if start == 0 and word.startswith("/"):
             return start, [c for c in COMMANDS if c.startswith(word.lower())], " "
-        if text[:start] == "/get ":  # the files shared lately, newest first
-            return start, [i for i in reversed(self.roster.file_ids) if i.startswith(word)], " "
-        if not word:
+        before = text[:start].split()
+        command = before[0].lower() if len(before) == 1 else ""
+        if self.room_word(text, cursor):
+            hash_ = "#" if word.startswith("#") else ""
+            key = word.removeprefix("#").casefold()
+            return start, [hash_ + r for r in self.roster.rooms() if r.casefold().startswith(key)], " "
+        if not word and command not in NICK_COMMANDS:
             return start, [], ""
         me = self.me()
         key = word.casefold()
         found = [n for n in self.roster.nicks() if n.casefold().startswith(key) and n != me]
         return start, found, ": " if start == 0 else " "
+
+    def room_word(self, text: str, cursor: int) -> bool:
+        """Whether the word before the cursor is a room name (after /join, /part, /who)."""
+        before = text[:text.rfind(" ", 0, cursor) + 1].split()
+        return len(before) == 1 and before[0].lower() in ROOM_COMMANDS
 
     def complete(self, text: str, cursor: int) -> tuple[str, int] | None:
         """The new (text, cursor) after Tab, or None when nothing matches."""
@@ -339,6 +379,8 @@ class TerminalUI(Frontend):
         self._ended = False
         self._app: Application[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._rooms_asked = 0  # quiet /rooms sent, whose answers feed Tab completion instead of the screen
+        self._tab_waiting: tuple[str, int] | None = None  # a room Tab waiting for that answer
 
     @property
     def app(self) -> Application[None]:
@@ -405,22 +447,23 @@ class TerminalUI(Frontend):
 
         @kb.add("tab", filter=~confirming)
         def _tab(event: KeyPressEvent) -> None:
-            done = self.completer.complete(buffer.text, buffer.cursor_position)
-            if done is not None:
-                self._completing = True
-                buffer.set_document(Document(done[0], done[1]), bypass_readonly=True)
-                self._completing = False
+            if not self._tab() and self.completer.room_word(buffer.text, buffer.cursor_position):
+                # A room made since we last asked: ask again, and complete when the answer comes.
+                self._tab_waiting = (buffer.text, buffer.cursor_position)
+                self._ask_rooms()
 
         @kb.add(Keys.BracketedPaste)
         def _paste(event: KeyPressEvent) -> None:
             data = event.data.replace("\r\n", "\n").replace("\r", "\n")
-            if data.endswith("\n"):
-                data = data[:-1]  # the newline copied along with the last line
+            ended = data.endswith("\n")  # the last line's Enter was copied along: it is sent, as typed
+            data = data.removesuffix("\n")
             if self.paste_verify and data.count("\n") + 1 > self.paste_verify and self._paste is None:
                 doc = buffer.document
                 self._paste = doc.text_before_cursor + data + doc.text_after_cursor
             elif self._paste is None:
                 buffer.insert_text(data)
+                if ended:
+                    buffer.validate_and_handle()
 
         @kb.add(Keys.Vt100MouseEvent)
         def _not_mouse(event: KeyPressEvent) -> None:
@@ -484,6 +527,7 @@ class TerminalUI(Frontend):
         def pre_run() -> None:
             self._loop = asyncio.get_running_loop()
             self.client.set_on_line(self._on_line)
+            self._ask_rooms()  # the rooms that exist, for Tab after /join
             threading.Thread(target=self._watch_end, name="securechat-watch", daemon=True).start()
 
         try:
@@ -495,8 +539,6 @@ class TerminalUI(Frontend):
             if self._queue:
                 print(f"-!- {len(self._queue)} line(s) still waiting were not sent", flush=True)
                 self._queue.clear()
-            if self.transfers.busy:
-                print(f"-!- stopped: {self.transfers.status()}", flush=True)
 
     def _status(self) -> str:
         if self._paste is not None:
@@ -505,37 +547,43 @@ class TerminalUI(Frontend):
             return f" sending {self._batch} lines... {len(self._queue)} to go "
         if self.completer.choices:
             return " " + "  ".join(self.completer.choices) + " "
-        moving = self.transfers.status()
-        return f" {moving} " if moving else ""
+        return f" {moving} " if (moving := self.transfers.status()) else ""
 
     def _typed(self) -> None:
         if not self._completing:
             self.completer.reset()
 
+    def _tab(self) -> bool:
+        """Complete the word before the cursor; False when nothing matches."""
+        done = self.completer.complete(self.buffer.text, self.buffer.cursor_position)
+        if done is None:
+            return False
+        self._completing = True
+        self.buffer.set_document(Document(done[0], done[1]), bypass_readonly=True)
+        self._completing = False
+        return True
+
+    def _ask_rooms(self) -> None:
+        """Ask the server which rooms exist, quietly (one question at a time)."""
+        if not self._rooms_asked and self.client.send(f"/{ROOMS_COMMAND}"):
+            self._rooms_asked += 1
+            self.pacer.spend()  # it counts against the flood limit like any line
+
     def remark(self, text: str) -> None:
-        self._soon(lambda: self._print(self.display.local(text)), lambda: print(f"-!- {text}", flush=True))
+        self._soon(functools.partial(self._print, self.display.local(text)))
 
     def transfers_changed(self) -> None:
-        self._soon(self._redraw, lambda: None)
+        self._soon(self.app.invalidate)
 
-    def _redraw(self) -> None:
-        if self._app is not None:
-            self._app.invalidate()
-
-    def _soon(self, on_loop: Callable[[], object], otherwise: Callable[[], object]) -> None:
-        """Run ``on_loop`` on the application's loop (from any thread), or ``otherwise`` when it is not running."""
-        loop = self._loop
-        if loop is None:
-            otherwise()
-            return
-        try:
-            loop.call_soon_threadsafe(on_loop)
-        except RuntimeError:  # the loop has closed: the application is over
-            otherwise()
+    def _soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the application's loop, from any thread (not at all once it is over)."""
+        if (loop := self._loop) is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the application is over
+                loop.call_soon_threadsafe(fn)
 
     def _on_line(self, line: str) -> None:
         """Connection thread: hand the line to the application's loop."""
-        self._soon(functools.partial(self._received, line), lambda: None)
+        self._soon(functools.partial(self._received, line))
 
     def _watch_end(self) -> None:
         self.client.wait_closed()
@@ -556,6 +604,12 @@ class TerminalUI(Frontend):
                 app.exit()
 
     def _received(self, line: str) -> None:
+        if self._rooms_asked and self.roster.feed_rooms(line):  # the answer to our quiet /rooms
+            self._rooms_asked -= 1
+            waiting, self._tab_waiting = self._tab_waiting, None
+            if waiting == (self.buffer.text, self.buffer.cursor_position):
+                self._tab()
+            return
         self.roster.feed(line)
         self._print(self.display.render(line))
 
@@ -604,8 +658,7 @@ class TerminalUI(Frontend):
             if is_quit(line):
                 self.app.exit()
                 return
-            if is_transfer(line):
-                self.transfers.command(line)
+            if self.transfers.take(line):
                 continue
             size = len(protocol.encode(line))
             if size > protocol.MAX_LINE_BYTES:

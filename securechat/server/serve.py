@@ -34,12 +34,13 @@ from securechat.store import redis_config, redis_options
 from securechat.store.files import DEFAULT_DAYS as FILES_DAYS
 from securechat.store.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_QUOTA, MAX_FILE_SIZE, FilesError
 from securechat.store.history import DEFAULT_DAYS, DEFAULT_LINES, MAX_HISTORY_DAYS, MAX_HISTORY_LINES, default_data_dir
-from securechat.wire import addr, console, options, tls
+from securechat.wire import addr, console, dnssd, options, tls
 from securechat.wire.addr import DEFAULT_HOST, DEFAULT_PORT
 from securechat.wire.conn import describe_error
 from securechat.wire.filexfer import human_size
 
 if TYPE_CHECKING:
+    from securechat.server.trust import Trust
     from securechat.store.redis_directory import RedisDirectory
     from securechat.store.roomlog import RoomLog
 
@@ -122,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=GRACE_SECONDS, metavar="SECONDS",
                    help="how long a dropped securechat client's nick and rooms are held for it to resume, "
                    "0 for not at all (default: %(default)g)")
+    p.add_argument("--no-announce", action="store_true",
+                   help="do not announce this server on the LAN (by default it announces itself with mDNS/DNS-SD "
+                   "as _securechat._tcp on the interfaces it listens on, never on loopback, so 'securechat "
+                   "servers', 'securechat connect' and 'securechat join CODE' find it without its address)")
     files = p.add_argument_group("shared files (/send and /get in the client; 'securechat send' and 'get')")
     files.add_argument("--max-file-size", type=options.size(MAX_FILE_SIZE), default=DEFAULT_MAX_FILE_SIZE,
                        metavar="SIZE", help="largest file one may share, e.g. 100M, 2G (default: 100M)")
@@ -228,8 +233,42 @@ def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
         return lambda: authority.configure(
             tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
                                require_client_cert=args.require_client_cert), cert)
+    cluster_ca = _cluster_client_ca(args)
+    if cluster_ca is not None:  # a cluster server without ca.key: recognise certificate holders too
+        from securechat.server.trust import request_client_certificates
+
+        return lambda: request_client_certificates(
+            tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
+                               require_client_cert=args.require_client_cert), cluster_ca)
     return lambda: tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
                                       require_client_cert=args.require_client_cert)
+
+
+def _cluster_client_ca(args: argparse.Namespace) -> Path | None:
+    """With --redis and no CA key here: the CA whose client certificates this server recognises
+    (``--ca``, else ``ca.pem`` beside the certificate, as the README's multi-server recipe copies it)."""
+    if not getattr(args, "redis", None):
+        return None
+    ca = Path(args.ca) if args.ca else Path(args.cert or DEFAULT_CERT).parent / certs.CA_CERT
+    return ca if ca.is_file() else None
+
+
+def _trust(args: argparse.Namespace) -> Trust | None:
+    """What enforces the CA's ledger here: the ledger beside ca.key (published to the cluster with
+    --redis), else the cluster's copy in Redis; None for a lone server without its CA."""
+    from securechat.server.trust import ClusterSource, LocalSource, Trust
+
+    ledger = None
+    if args.redis:
+        from securechat.store.redis_config import RedisConfig
+        from securechat.store.redis_ledger import RedisLedger
+
+        ledger = RedisLedger(RedisConfig(args.redis, ca_file=args.redis_ca))
+    if args.authority is not None:
+        return Trust(LocalSource(args.authority.store), require_client_cert=args.require_client_cert, publish=ledger)
+    if ledger is not None:
+        return Trust(ClusterSource(ledger), require_client_cert=args.require_client_cert)
+    return None
 
 
 def _enable_invites(args: argparse.Namespace) -> None:
@@ -339,6 +378,18 @@ def _raise_descriptor_limit(connections: int) -> None:
                     "%d: when they run out, the oldest unauthenticated connections make room", soft, wanted)
 
 
+def _announcement(args: argparse.Namespace, context: ssl.SSLContext | None) -> tuple[Path | None, dnssd.Txt]:
+    """The certificate whose addresses may be announced, and the TXT record. The fingerprint clients
+    pin is the top of the chain, as the '(for --pin)' line shows."""
+    cert = None if context is None else Path(args.cert or DEFAULT_CERT)
+    try:
+        ca = tls.file_fingerprints(cert)[-1] if cert is not None else None
+    except (OSError, ValueError):
+        ca = None
+    return cert, dnssd.Txt(tls=context is not None, ca=ca, mutual=args.require_client_cert,
+                           invites=args.authority is not None)
+
+
 def _serve(args: argparse.Namespace) -> int:
     args.authority = None
     try:
@@ -355,6 +406,7 @@ def _serve(args: argparse.Namespace) -> int:
         options.print_error(PROG, str(exc))
         return 1
     roomlog, directory = cluster if cluster is not None else (None, None)
+    trust = _trust(args)
     server = ChatServer(args.listen, args.port, context, dual_stack=args.dual_stack,
                         max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
@@ -362,7 +414,7 @@ def _serve(args: argparse.Namespace) -> int:
                         announce_limit=args.announce_limit, max_pending=args.max_pending,
                         max_pending_per_ip=args.max_pending_per_ip, replay=args.replay, grace=args.grace,
                         offline_messages=args.require_client_cert and not args.no_history,
-                        authority=args.authority, roomlog=roomlog, directory=directory)
+                        authority=args.authority, trust=trust, roomlog=roomlog, directory=directory)
     _raise_descriptor_limit(args.max_clients + args.max_pending)
     failure = _bind(server, args)
     if failure is not None:
@@ -461,15 +513,34 @@ def _serve(args: argparse.Namespace) -> int:
                                     cert=None if context is None else args.cert or DEFAULT_CERT,
                                     mutual=args.require_client_cert):
         print(line, flush=True)
+    announcer = None
+    if not args.no_announce:
+        from securechat.server import announce
+
+        cert, txt = _announcement(args, context)
+        announcer = announce.start(host, port, dual=server.dual_stack, cert=cert, txt=txt)
     watcher = None
+    record = None
     if args.authority is not None:
+        from securechat.pki import serving
+
+        # Beside the invite store, so 'securechat invite' names this port and these addresses.
+        lan, loopback = listen.reachable(host, server.dual_stack, args.cert or DEFAULT_CERT)
+        record = serving.publish(args.authority.dir, port, [*lan, *loopback])
+    if trust is not None:
         from securechat.server.revocation import RevocationWatcher
 
-        watcher = RevocationWatcher(args.authority, server.sessions)
+        watcher = RevocationWatcher(trust, server.sessions)
         watcher.start()
     server.serve_forever(signal_fd=signal_r)
+    if announcer is not None:
+        announcer.stop()  # first: nobody should find a server that is going away
     if watcher is not None:
         watcher.stop()
+    if trust is not None:
+        trust.close()
+    if record is not None:
+        record.close()
     signal.set_wakeup_fd(-1)
     os.close(signal_r)
     os.close(signal_w)

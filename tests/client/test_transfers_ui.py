@@ -29,7 +29,8 @@ def test_progress_and_usage_lines_without_a_network() -> None:
     said: list[str] = []
     transfers = Transfers(ChatClient(), said.append)
     for line in ("/send", "/send a b c", '/send "unclosed', "/get", "/get 12345", "/get abcdefghjk a b"):
-        transfers.command(line)
+        assert transfers.take(line)
+    assert not transfers.take("/sender is not a command of ours") and not transfers.take("hello")
     assert said == [USAGE_SEND, USAGE_SEND, f"No closing quotation: {USAGE_SEND}", USAGE_GET, USAGE_GET, USAGE_GET]
     assert transfers.status() == "" and not transfers.busy
     running = _Running("sending", "report.pdf", done=460_000, total=MiB)
@@ -83,17 +84,3 @@ def test_send_shows_progress_while_chat_goes_on_then_get_saves_it(
         bob.close()
         files.close()
 
-
-def test_tab_after_get_offers_the_files_shared_lately() -> None:
-    from securechat.client.ui import Roster, TabCompleter
-
-    roster = Roster()
-    roster.feed("* alice shared a.pdf (1.0 KiB): /get abcdefghjk")
-    roster.feed("[bob -> me] * shared b.txt (2 bytes): /get zzzzzzzzzz")
-    roster.feed("[carol] look: /get not-an-id")
-    tab = TabCompleter(roster, lambda: "me")
-    assert tab.complete("/get ", 5) == ("/get zzzzzzzzzz ", 16)  # the newest first
-    assert tab.choices == ["zzzzzzzzzz", "abcdefghjk"]
-    assert tab.complete("/get zzzzzzzzzz ", 16) == ("/get abcdefghjk ", 16)
-    tab.reset()
-    assert tab.complete("/get a", 6) == ("/get abcdefghjk ", 16)
