@@ -14,16 +14,16 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from securechat.pki import builders, certs, enrollment
-from securechat.pki.enrollment import ALPN, ID_JOINER, ID_SERVER, INTERCEPTED, Wire, b64, leaf_fingerprint, mac, unb64
+from securechat.pki import builders, certs
+from securechat.pki.enrollment import ALPN, ID_JOINER, ID_SERVER, INTERCEPTED, b64, leaf_fingerprint, mac, unb64
 from securechat.pki.ledger import InviteError, Store, StoreError, serial_hex
 from securechat.wire import protocol, tls
 from securechat.wire.conn import describe_error
@@ -37,6 +37,21 @@ MAX_ENROLLING = 16
 
 
 # -- the server's side ---------------------------------------------------------------------------
+
+
+class Sink(Protocol):
+    """Where an exchange says its lines (the server's driver collects them and sends them)."""
+
+    def send(self, line: str) -> None: ...
+
+
+class Peer(Protocol):
+    """What an exchange reads of its TLS connection."""
+
+    @property
+    def context(self) -> ssl.SSLContext: ...
+
+    def getpeercert(self, binary_form: bool = ...) -> Any: ...
 
 
 class _PublicKeyOnly:
@@ -113,11 +128,18 @@ class Authority:
     def admit(self, sock: socket.socket | ssl.SSLSocket) -> tuple[str | None, int | None]:
         """(refusal notice or None, client certificate serial or None) for a chat connection.
 
-        Runs in the connection's own thread, after the handshake and before the greeting. The
-        denylist is read afresh from the store here, so a revocation holds from the very next
+        Runs in the thread that owns ``sock``; :meth:`admit_der` is the same from the certificate.
+        """
+        return self.admit_der(sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None)
+
+    def admit_der(self, der: bytes | None) -> tuple[str | None, int | None]:
+        """(refusal notice or None, client certificate serial or None) for a chat connection whose
+        client presented certificate ``der`` (None: none).
+
+        After the handshake and before the greeting; it reads the store, so the server runs it on a
+        worker thread. The denylist is read afresh here, so a revocation holds from the very next
         connection, whatever the poll.
         """
-        der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
         if not der:
             if self.require_client_cert:
                 return (f"{protocol.CERT_REQUIRED}: join with an invite ('securechat join HOST CODE') or "
@@ -135,27 +157,31 @@ class Authority:
 
     # -- enrollment connections -------------------------------------------------------------
 
-    @staticmethod
-    def wants(sock: ssl.SSLSocket) -> bool:
-        """Whether this finished handshake chose the enrollment protocol."""
-        return sock.selected_alpn_protocol() == ALPN
+    def exchange(self, wire: Sink, sock: Peer, peer: tuple[Any, ...]) -> Generator[None, str, None]:
+        """One enrollment or renewal exchange, sans I/O: a generator that yields whenever it needs the
+        joiner's next line (pass it in with ``send``), and says its answers with ``wire.send(line)``.
 
-    def serve(self, sock: ssl.SSLSocket, peer: tuple[Any, ...]) -> None:
-        """Run one enrollment or renewal exchange (in the connection's thread), then return."""
-        wire = Wire(sock, time.monotonic() + enrollment.EXCHANGE_DEADLINE)
+        The connection's driver (the server's enrollment handler) runs each step on a worker thread:
+        a step reads and writes the registry and may sign a certificate. It ends the exchange by
+        throwing in what went wrong (the deadline passed, the line was too long, the joiner left),
+        which is logged like any other failure. ``sock`` is what the exchange reads of the TLS
+        connection: its ``context`` and ``getpeercert(binary_form=True)``.
+        """
         if not self._slots.acquire(blocking=False):
             log.warning("join from %s refused: %d joins already in progress", peer, MAX_ENROLLING)
             self._say(wire, "ERR the server is busy with other joins: try again in a minute")
             return
         try:
-            first = wire.read()
+            first = yield
             verb, _, rest = first.partition(" ")
             handler = _HANDLERS.get(verb)
             if handler is None:
                 log.warning("enrollment from %s refused: unknown request", peer)
                 self._say(wire, "ERR unknown request")
                 return
-            handler(self, wire, sock, peer, rest)
+            steps = handler(self, wire, sock, peer, rest)
+            if steps is not None:
+                yield from steps
         except (OSError, ValueError, StoreError) as exc:
             log.warning("enrollment from %s failed: %s", peer, describe_error(exc) if isinstance(exc, OSError)
                         else exc)
@@ -163,7 +189,7 @@ class Authority:
             self._slots.release()
 
     @staticmethod
-    def _say(wire: Wire, line: str) -> None:
+    def _say(wire: Sink, line: str) -> None:
         try:
             wire.send(line)
         except (OSError, ValueError):
@@ -184,7 +210,7 @@ class Authority:
         self.refresh()
         return (cert.public_bytes(serialization.Encoding.DER), ca_cert.public_bytes(serialization.Encoding.DER))
 
-    def _join(self, wire: Wire, sock: ssl.SSLSocket, peer: tuple[Any, ...], rest: str) -> None:
+    def _join(self, wire: Sink, sock: Peer, peer: tuple[Any, ...], rest: str) -> Generator[None, str, None]:
         from spake2 import SPAKE2_B
 
         fields = rest.split(" ")
@@ -204,7 +230,7 @@ class Authority:
         except Exception:  # SPAKEError, NotOnCurve (a bare Exception), ...: the peer's bytes are junk
             raise ValueError("malformed SPAKE2 message") from None
         wire.send(f"PAKE {b64(msg_b)}")
-        fields = wire.read().split(" ")
+        fields = (yield).split(" ")
         if len(fields) != 4 or fields[0] != "CONFIRM":
             raise ValueError("malformed CONFIRM")
         seen, mac_c, csr_der = bytes.fromhex(fields[1]), unb64(fields[2]), unb64(fields[3])
@@ -262,7 +288,7 @@ class Authority:
         pem = (self.dir / certs.CA_CERT).read_text("ascii")
         return ssl.PEM_cert_to_DER_cert(pem)
 
-    def _renew(self, wire: Wire, sock: ssl.SSLSocket, peer: tuple[Any, ...], rest: str) -> None:
+    def _renew(self, wire: Sink, sock: Peer, peer: tuple[Any, ...], rest: str) -> None:
         der = sock.getpeercert(binary_form=True)
         if not der:
             self._say(wire, "ERR renewing needs your current certificate")
@@ -291,8 +317,8 @@ class Authority:
         announce(f"[RENEW] {peer[:2]} {issued.name}: certificate {serial} renewed as {new_serial}")
 
 
-# Request verb -> handler: the whole enrollment protocol.
-_HANDLERS: dict[str, Callable[[Authority, Wire, ssl.SSLSocket, tuple[Any, ...], str], None]] = {
+# Request verb -> handler (a generator when it needs another line): the whole enrollment protocol.
+_HANDLERS: dict[str, Callable[[Authority, Sink, Peer, tuple[Any, ...], str], Generator[None, str, None] | None]] = {
     "JOIN": Authority._join,
     "RENEW": Authority._renew,
 }

@@ -24,7 +24,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from securechat.server.room import (
     ANNOUNCE_LIMIT,
@@ -39,19 +39,19 @@ from securechat.server.room import (
     MAX_ROOMS,
     REPLAY_BYTES,
     REPLAY_LINES,
+    Cancellable,
     Member,
     Room,
+    Schedule,
     render,
     room_error,
     tag,
+    thread_timer,
     time_label,
 )
 from securechat.store.roomlog import Directory, Entry, LocalDirectory, LocalLog, RoomLog
 from securechat.wire import protocol
 from securechat.wire.ids import id_key, room_key
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("securechat.rooms")
 
@@ -76,6 +76,9 @@ class Rooms:
         # Under mutual TLS a name is a person: a /msg to someone offline is kept for them.
         self.offline_messages = offline_messages
         self.grace = grace
+        # How the grace periods are timed: a thread each by default; the engine sets its timer heap
+        # (a held session costs an entry there, not a thread).
+        self.schedule: Schedule = thread_timer
         self._lock = threading.Lock()
         self._nicks: dict[str, Member] = {}  # nick_key -> member (held sessions included)
         self._held: dict[str, _Held] = {}  # resume token -> a dropped session waiting for its client
@@ -97,7 +100,8 @@ class Rooms:
             held = list(self._held.values())
             self._held.clear()
         for h in held:
-            h.timer.cancel()
+            if h.timer is not None:
+                h.timer.cancel()
         self.log.close()
 
     def _changed(self, member: Member, *also: Room) -> None:
@@ -307,8 +311,8 @@ class Rooms:
                   budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES) -> None:
         """Send ``entries`` as history or missed lines, then the live lines that arrived meanwhile.
 
-        At most ``budget`` bytes of them, the newest: the member's thread is the one sending, so
-        nothing drains its outbox meanwhile, and overflowing it would cut the member off.
+        At most ``budget`` bytes of them, the newest: they arrive in the member's outbox all at
+        once, and overflowing it would cut the member off.
         """
         now = time.time()
         send = member.conn.send
@@ -479,9 +483,8 @@ class Rooms:
         there: bytes | None = None
         with room.lock:
             room.last_id = entry.id
-            for nick, send in room.fast:
-                if nick != exclude:
-                    send(here)
+            for loop, targets in room.fast.items():  # one hand-off per loop thread, whatever its members
+                loop.fanout(here, targets, exclude)
             if not room.slow:
                 return
             catching = room.catching
@@ -579,11 +582,9 @@ class Rooms:
             if not member.token or self.grace <= 0:
                 return False
             self._detach(member)
-            timer = threading.Timer(self.grace, self._expire, (member.token,))
-            timer.daemon = True
             with self._lock:
-                self._held[member.token] = _Held(member, timer, on_expiry)
-            timer.start()
+                held = self._held[member.token] = _Held(member, on_expiry)
+            held.timer = self.schedule(self.grace, self._expire, member.token)
         return True
 
     def _expire(self, token: str) -> None:
@@ -622,7 +623,7 @@ class Rooms:
                 if old is None or old.person != person:
                     return None
                 held = self._held.pop(token, None)
-            if held is not None:
+            if held is not None and held.timer is not None:
                 held.timer.cancel()
             else:
                 self._detach(old)
@@ -693,7 +694,7 @@ class _Expiry(Protocol):
 class _Held:
     __slots__ = ("member", "timer", "on_expiry")
 
-    def __init__(self, member: Member, timer: threading.Timer, on_expiry: _Expiry) -> None:
+    def __init__(self, member: Member, on_expiry: _Expiry) -> None:
         self.member = member
-        self.timer = timer
+        self.timer: Cancellable | None = None
         self.on_expiry = on_expiry

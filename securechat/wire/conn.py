@@ -119,11 +119,11 @@ _owed = threading.local()
 
 @contextlib.contextmanager
 def batched_wakeups() -> Iterator[None]:
-    """Within it, every outbox this thread fills is woken once, at the end.
+    """Within it, every outbox (or server loop) this thread fills is woken once, at the end.
 
-    Around ``on_lines`` (a batch read from one socket) and around a shared room log's reader
-    delivering a batch it did not read from a socket: without it, each line would wake each
-    member's thread again.
+    Around ``on_lines`` (a batch read from one socket), around one turn of a server loop, and
+    around a shared room log's reader delivering a batch it did not read from a socket: without
+    it, each line would wake its recipient again.
     """
     if getattr(_owed, "wakers", None) is not None:  # already batching (nested)
         yield
@@ -136,6 +136,18 @@ def batched_wakeups() -> Iterator[None]:
         _owed.wakers = None
         for waker in owed:
             waker.wake()
+
+
+def wake_soon(waker: Waker) -> None:
+    """Wake ``waker`` now, or at the end of this thread's :func:`batched_wakeups` if it is in one.
+
+    The caller wakes each waker once per batch (it keeps its own "already signalled" flag).
+    """
+    owed = getattr(_owed, "wakers", None)
+    if owed is None:
+        waker.wake()
+    else:
+        owed.append(waker)
 
 
 class Outbox:
@@ -171,11 +183,7 @@ class Outbox:
                 wake = not self._signalled
                 self._signalled = True
         if wake:  # one wake-up per batch: the owner takes everything queued at once
-            owed = getattr(_owed, "wakers", None)
-            if owed is None:
-                self.waker.wake()
-            else:
-                owed.append(self.waker)
+            wake_soon(self.waker)
         return not self.overflowed
 
     def take(self) -> bytes:
