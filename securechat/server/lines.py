@@ -4,8 +4,12 @@
 the securechat client) and for every connection of a ``--plain`` server: a sans-IO
 :class:`~securechat.wire.protocol.LineBuffer` cuts what the transport reads into lines, which go to a
 :class:`~securechat.server.session.Session`. The transport itself is the session's connection: a
-line is sent as it is encoded. A handler for another framing (a WebSocket text message per line)
-does the same with a connection that frames what it sends.
+line is sent as it is encoded.
+
+A handler for another framing (a WebSocket text message per line) reuses the same Session over a
+:class:`FramedConn`, which frames each line the session sends its own way, and feeds the session
+one line per message: ``session.on_lines([message])``. See :class:`LineHandler` for the rest
+(certificate check, ``server.add_session``, ``session.start()``, ``session.connection_lost``).
 
 :class:`Notice` says one line and closes: the route for plaintext on the TLS port.
 """
@@ -13,6 +17,7 @@ does the same with a connection that frames what it sends.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from securechat.server.session import Session, certificate_nick
@@ -120,3 +125,59 @@ class Notice(Handler):
 
     def connection_made(self, transport: Transport) -> None:
         self.server.refuse(transport, self.text)
+
+
+class FramedConn:
+    """A chat session's connection over a transport that frames each line its own way.
+
+    ``frame(line)`` turns one line (without its newline) into what goes on the wire (a WebSocket
+    text frame). Everything a session or the rooms send is one or more newline-terminated lines;
+    each is framed, then written by the transport, with its thread rules: :meth:`send`,
+    :meth:`close`, :meth:`abort` from any thread, :meth:`write` on the loop thread only.
+    """
+
+    __slots__ = ("transport", "frame", "loop")
+
+    def __init__(self, transport: Transport, frame: Callable[[bytes], bytes]) -> None:
+        self.transport = transport
+        self.frame = frame
+        self.loop = transport.loop
+
+    def _framed(self, data: bytes) -> bytes:
+        frame = self.frame
+        return b"".join(frame(line) for line in data.split(b"\n")[:-1])
+
+    @property
+    def closing(self) -> bool:
+        return self.transport.closing
+
+    def send(self, data: bytes) -> bool:
+        return self.transport.send(self._framed(data))
+
+    def write(self, data: bytes) -> bool:
+        return self.transport.write(self._framed(data))
+
+    def close(self, last: bytes = b"", reason: str = "closed") -> None:
+        self.transport.close(self._framed(last), reason)
+
+    def abort(self, reason: str) -> None:
+        self.transport.abort(reason)
+
+    def call_later(self, delay: float, fn: Callable[..., object], *args: Any) -> Any:
+        return self.transport.call_later(delay, fn, *args)
+
+    def offload(self, fn: Callable[..., Any], *args: Any,
+                done: Callable[[Any, BaseException | None], None] | None = None) -> None:
+        self.transport.offload(fn, *args, done=done)
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def hold_output(self) -> None:
+        self.transport.hold_output()
+
+    def release_output(self) -> None:
+        self.transport.release_output()

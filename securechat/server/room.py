@@ -114,11 +114,9 @@ class Member(Protocol):
 
 
 class Cancellable(Protocol):
+    """A timer that can be cancelled (what ``Rooms.schedule`` returns)."""
+
     def cancel(self) -> None: ...
-
-
-# schedule(delay, fn, *args) -> something with cancel(): how Rooms runs fn later (its grace periods).
-Schedule = Callable[..., Cancellable]
 
 
 def thread_timer(delay: float, fn: Callable[..., object], *args: object) -> Cancellable:

@@ -42,7 +42,6 @@ from securechat.server.room import (
     Cancellable,
     Member,
     Room,
-    Schedule,
     render,
     room_error,
     tag,
@@ -76,9 +75,7 @@ class Rooms:
         # Under mutual TLS a name is a person: a /msg to someone offline is kept for them.
         self.offline_messages = offline_messages
         self.grace = grace
-        # How the grace periods are timed: a thread each by default; the engine sets its timer heap
-        # (a held session costs an entry there, not a thread).
-        self.schedule: Schedule = thread_timer
+        self.schedule = thread_timer  # times grace periods; the engine's is its timer heap, not a thread each
         self._lock = threading.Lock()
         self._nicks: dict[str, Member] = {}  # nick_key -> member (held sessions included)
         self._held: dict[str, _Held] = {}  # resume token -> a dropped session waiting for its client
@@ -100,8 +97,7 @@ class Rooms:
             held = list(self._held.values())
             self._held.clear()
         for h in held:
-            if h.timer is not None:
-                h.timer.cancel()
+            h.timer.cancel()
         self.log.close()
 
     def _changed(self, member: Member, *also: Room) -> None:
@@ -179,6 +175,10 @@ class Rooms:
     def find(self, nick: str) -> Member | None:
         """The local member called ``nick`` (held sessions included), or None."""
         return self._nicks.get(protocol.nick_key(nick))
+
+    def online(self) -> int:
+        """How many are online here and on the other servers (:meth:`nicks` without the list)."""
+        return len(self._nicks) + len(self.directory.everyone())
 
     def nicks(self) -> list[str]:
         """Everyone online here and on the other servers, sorted."""
@@ -582,9 +582,9 @@ class Rooms:
             if not member.token or self.grace <= 0:
                 return False
             self._detach(member)
-            with self._lock:
-                held = self._held[member.token] = _Held(member, on_expiry)
-            held.timer = self.schedule(self.grace, self._expire, member.token)
+            with self._lock:  # _expire waits for _resume_lock: the entry is there before it runs
+                timer = self.schedule(self.grace, self._expire, member.token)
+                self._held[member.token] = _Held(member, timer, on_expiry)
         return True
 
     def _expire(self, token: str) -> None:
@@ -623,7 +623,7 @@ class Rooms:
                 if old is None or old.person != person:
                     return None
                 held = self._held.pop(token, None)
-            if held is not None and held.timer is not None:
+            if held is not None:
                 held.timer.cancel()
             else:
                 self._detach(old)
@@ -694,7 +694,7 @@ class _Expiry(Protocol):
 class _Held:
     __slots__ = ("member", "timer", "on_expiry")
 
-    def __init__(self, member: Member, on_expiry: _Expiry) -> None:
+    def __init__(self, member: Member, timer: Cancellable, on_expiry: _Expiry) -> None:
         self.member = member
-        self.timer: Cancellable | None = None
+        self.timer = timer
         self.on_expiry = on_expiry

@@ -48,6 +48,11 @@ log = logging.getLogger("securechat.server")
 # Lines dropped in a row before a flooder is disconnected.
 FLOOD_DISCONNECT = 100
 
+# Nicknames the welcome line names, at most: 100 nicks of up to 24 characters keep it under the line
+# bound (protocol.MAX_LINE_BYTES) every client enforces. Beyond, it gives the count: naming everyone
+# to each arrival is quadratic (10,000 people: 300 MB of welcome lines); /who names them on request.
+WELCOME_NICKS = 100
+
 # Lines waiting behind a command that runs on a worker, past which the connection is not read until
 # they are done (TCP then holds the client back): a pasted screenful waits without a pause.
 MAX_WAITING = 64
@@ -355,11 +360,18 @@ class Session:
 
     def _welcome(self, nick: str, aside: str) -> None:
         self._in()
-        nicks = self.server.rooms.nicks()
-        self.reply(f"{protocol.WELCOME}{nick}!{aside} {len(nicks)} online: {', '.join(nicks)}. "
-                   "/help lists commands")
+        self.reply(f"{protocol.WELCOME}{nick}!{aside} {self._online()}. /help lists commands")
         log.info("%s is %s%s", self.peer, nick, " (certificate)" if self.bound_nick else "")
         self.server.rooms.enter_default(self)
+
+    def _online(self) -> str:
+        """``3 online: alice, bob, carol`` for the welcome line; the count alone past :data:`WELCOME_NICKS`."""
+        rooms = self.server.rooms
+        count = rooms.online()
+        if count > WELCOME_NICKS:
+            return f"{count} online (/who lists them)"
+        nicks = rooms.nicks()
+        return f"{len(nicks)} online: {', '.join(nicks)}"
 
     def _resume(self, arg: str) -> None:
         """``/resume TOKEN ROOM=ID ...``: take back a dropped session within its grace period."""
@@ -369,9 +381,7 @@ class Session:
         if old is None and token and rooms.adopt(self, token, self.person):
             # A session from another server sharing these rooms (--redis): back in its rooms, caught up.
             self._in()
-            nicks = rooms.nicks()
-            self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
-                       "/help lists commands")
+            self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {self._online()}. /help lists commands")
             log.info("%s resumed %s from another server", self.peer, self.nick)
             rooms.rejoin_rooms(self, parse_rooms(positions))
             return
@@ -381,9 +391,7 @@ class Session:
         self._in()
         self.tagged, self.token = True, old.token
         self.paged, self.private_mark, self.dropped_at = old.paged, old.private_mark, old.dropped_at
-        nicks = rooms.nicks()
-        self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
-                   "/help lists commands")
+        self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {self._online()}. /help lists commands")
         log.info("%s resumed %s", self.peer, self.nick)
         rooms.rejoin(self, old, parse_positions(positions))
 

@@ -17,7 +17,7 @@ is created by its route's factory and called only on the connection's loop threa
         def connection_made(self, transport: Transport) -> None    # the route is decided
         def data_received(self, data: bytes) -> None               # bytes from the peer (decrypted)
         def eof_received(self) -> bool                             # peer finished; True keeps writing open
-        def pause_writing(self) -> None                            # outbox over transport.high_water
+        def pause_writing(self) -> None                            # outbox reached transport.high_water
         def resume_writing(self) -> None                           # ... back under transport.low_water
         def connection_lost(self, reason: str) -> None             # once, before the socket lingers
 
@@ -92,7 +92,7 @@ class Handler:
         return False
 
     def pause_writing(self) -> None:
-        """The outbox went over ``transport.high_water``."""
+        """The outbox reached ``transport.high_water``."""
 
     def resume_writing(self) -> None:
         """The outbox drained under ``transport.low_water`` after :meth:`pause_writing`."""
@@ -228,7 +228,7 @@ class Transport:
         if not self._dirty:
             self._dirty = True
             self.loop.dirty(self)
-        if backlog > self.high_water and not self._writes_paused:
+        if backlog >= self.high_water and not self._writes_paused:
             self._writes_paused = True
             self._call(self.handler.pause_writing)  # type: ignore[union-attr]
         return True

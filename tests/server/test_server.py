@@ -72,6 +72,27 @@ def test_commands(serve: Serve, connect: Connect) -> None:
     assert "/msg NICK text" in bob.readline()
 
 
+def test_the_welcome_names_the_people_online_only_while_they_are_few(
+        serve: Serve, connect: Connect, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past WELCOME_NICKS the welcome gives the count: a line naming thousands would outgrow the line
+    bound clients enforce, and naming everyone to each arrival is quadratic."""
+    from securechat.server import session
+
+    monkeypatch.setattr(session, "WELCOME_NICKS", 2)
+    server = serve()
+    connect(server, "alice")
+    bob = connect(server)
+    bob.expect("* securechat: send your nickname")
+    bob.send("bob")
+    assert bob.readline() == "* welcome, bob! 2 online: alice, bob. /help lists commands"
+    carol = connect(server)
+    carol.expect("* securechat: send your nickname")
+    carol.send("carol")
+    assert carol.readline() == "* welcome, carol! 3 online (/who lists them). /help lists commands"
+    carol.send("/who")
+    assert carol.readline() == "* 3 online: alice, bob, carol"
+
+
 def test_nick_refusals_then_acceptance(serve: Serve, connect: Connect) -> None:
     server = serve()
     connect(server, "alice")
