@@ -326,7 +326,8 @@ class ChatServer:
             session.conn.close(bye, reason=protocol.SHUTDOWN)
         with self._all_closed:  # every goodbye flushed (or its reader given up on), every session gone
             self._all_closed.wait_for(lambda: not self._sessions and not self._refusing, timeout)
-        self.workers.close()  # the departures queued on workers are done
+        self.workers.drain(timeout)  # their departures (rooms, Redis, read positions) run on workers
+        self.workers.close()
         for loop in self.loops:
             loop.stop()
         self._waker.close()

@@ -141,7 +141,7 @@ class Transport:
         self._mask = -1  # the events the loop watches for; -1 until the loop has it
         self._out: list[bytes] | None = None
         self._backlog = 0
-        self._view: memoryview | None = None  # taken from the outbox, not yet accepted by the socket
+        self._view: bytes | memoryview | None = None  # taken from the outbox, not yet accepted by the socket
         self._dirty = False
         self._paused = False
         self._held = False  # output waits (hold_output) until release_output
@@ -386,6 +386,8 @@ class Transport:
             log.info("%s: nothing serves %r here", self.peer, key)
             self._close_fd()
             return
+        if self._asked:  # evicted while opening: the abort queued on the loop ends it, handler-less
+            return
         self.alpn = key
         self._state = OPEN
         self._set_mask(READ)
@@ -394,8 +396,6 @@ class Transport:
         except Exception:
             log.exception("unexpected error with %s", self.peer)
             self._close_fd()
-            return
-        if self._asked:  # evicted while opening: the abort queued on the loop ends it
             return
         self._call(handler.connection_made, self)
         if first and self._state == OPEN:
@@ -467,14 +467,14 @@ class Transport:
         if state >= LINGER or self._held or self._write_wants_read or self._read_wants_write:
             return
         sock = self.sock
-        view = self._view
+        view = self._view  # a blocked write is retried with the same bytes, as OpenSSL requires
         while True:
             if view is None:
                 out = self._out
                 if not out:
                     break
                 self._out = None
-                view = memoryview(out[0] if len(out) == 1 else b"".join(out))
+                view = out[0] if len(out) == 1 else b"".join(out)
             try:
                 n = sock.send(view)
             except _WOULD_BLOCK_WRITE:
@@ -490,9 +490,10 @@ class Transport:
             self._backlog -= n
             # Even an empty slice keeps the whole buffer alive: drop it once written, or an idle
             # connection holds on to its last (possibly 1 MiB) batch.
-            view = view[n:] if n < len(view) else None
+            view = memoryview(view)[n:] if n < len(view) else None
         self._view = view
-        self._update_mask()
+        if (view is not None) != bool(self._mask & WRITE) or self._write_wants_read:
+            self._update_mask()
         if self._writes_paused and self._backlog <= self.low_water and self._state == OPEN:
             self._writes_paused = False
             self._call(self.handler.resume_writing)  # type: ignore[union-attr]

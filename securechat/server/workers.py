@@ -43,6 +43,8 @@ class Workers:
         self._jobs: queue.SimpleQueue[tuple[Poster, Callable[..., Any], tuple[Any, ...], Done | None] | None] = \
             queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._unfinished = 0  # jobs submitted whose completion has not run yet (see drain)
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"securechat-worker-{i}", daemon=True)
                          for i in range(size)]
@@ -59,10 +61,30 @@ class Workers:
         """
         with self._lock:
             if not self._closed:
+                self._unfinished += 1
                 self._jobs.put((loop, fn, args, done))
                 return
         if done is not None:
             loop.call_soon_threadsafe(done, None, RuntimeError("the server is stopping"))
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every job submitted, and every job its completion submitted in turn, is done.
+
+        A job counts until its completion has run on its loop, so a chain of jobs (a session's next
+        command, its departure) never looks finished half-way. False if ``timeout`` passed first.
+        """
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
+
+    def _finished(self, done: Done | None, result: Any, error: BaseException | None) -> None:
+        try:
+            if done is not None:
+                done(result, error)
+        finally:
+            with self._idle:
+                self._unfinished -= 1
+                if not self._unfinished:
+                    self._idle.notify_all()
 
     def close(self, wait: bool = True, timeout: float = 5.0) -> None:
         """Refuse new jobs, let the threads finish those queued (waiting up to ``timeout`` with ``wait``)."""
@@ -87,8 +109,10 @@ class Workers:
                 result, error = fn(*args), None
             except BaseException as exc:  # handed to done, which decides
                 result, error = None, exc
-            if done is not None:
-                loop.call_soon_threadsafe(done, result, error)
-            elif error is not None:
+            if error is not None and done is None:
                 log.error("background work failed", exc_info=error)
+            if done is not None:
+                loop.call_soon_threadsafe(self._finished, done, result, error)
+            else:
+                self._finished(None, result, error)
             del job, loop, fn, args, done, result, error  # hold nothing while waiting for the next

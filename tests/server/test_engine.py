@@ -458,3 +458,75 @@ def test_a_handler_that_raises_ends_its_connection_only(serve: Serve, connect: C
     bob = connect(server, "bob")
     bob.send("still here")
     assert alice.expect("[bob]") == "[bob] still here"
+
+
+# -- blocking work stays off the loops ------------------------------------------------------------
+
+def test_blocking_work_never_runs_on_a_loop_thread(serve: Serve, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An invite join (registry, CA signature), a chat with the certificate it brought (the denylist
+    read at admission), history read on joining and paging: every SQLite transaction and every
+    signature happens on a worker, none on a loop."""
+    from securechat.client import enroll
+    from securechat.pki import certs
+    from securechat.pki.authority import Authority
+    from securechat.pki.ledger import Store
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    calls: list[tuple[str, str]] = []
+
+    def watch(cls: type, name: str) -> None:
+        original = getattr(cls, name)
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            calls.append((name, threading.current_thread().name))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, watched)
+
+    for cls, name in ((Store, "_tx"), (SqliteLog, "_select"), (Authority, "_issue"), (Authority, "admit_der")):
+        watch(cls, name)
+    certs.mint(tmp_path / "certs")
+    authority = Authority(tmp_path / "certs")
+    ctx = authority.configure(tls.server_context(tmp_path / "certs" / "server.pem", tmp_path / "certs" / "server.key"),
+                              tmp_path / "certs" / "server.pem")
+    server = serve(context=ctx, authority=authority, roomlog=SqliteLog(tmp_path / "history.sqlite3"))
+    port = server.address[1]
+    enrolled = enroll.join(LOOPBACK, port, authority.store.create("grace").code)
+    assert enrolled.cert_pem is not None and enrolled.key_pem is not None
+    (tmp_path / "grace.pem").write_bytes(enrolled.cert_pem)
+    (tmp_path / "grace.key").write_bytes(enrolled.key_pem)
+    client = tls.client_context(tmp_path / "certs" / "ca.pem", certfile=tmp_path / "grace.pem",
+                                keyfile=tmp_path / "grace.key")
+    grace = LineClient(client.wrap_socket(socket.create_connection((LOOPBACK, port), timeout=10),
+                                          server_hostname="localhost"))
+    grace.expect("* securechat: send your nickname")
+    grace.send("grace")
+    grace.expect("* welcome, grace!")
+    grace.send("hello")
+    grace.send("/history")
+    grace.send("/join dev")
+    grace.expect("* you joined #dev")
+    grace.close()
+    names = {name for name, _ in calls}
+    assert {"_tx", "_select", "_issue", "admit_der"} <= names, names
+    on_loops = [(name, thread) for name, thread in calls if thread.startswith("securechat-loop")]
+    assert not on_loops, on_loops
+
+
+def test_a_line_is_handed_to_each_loop_once_whatever_its_members(serve: Serve, connect: Connect) -> None:
+    server = serve(loops=3, flood_rate=0)
+    clients = [connect(server, f"c{i}") for i in range(30)]
+    handed: list[int] = []
+    for loop in server.loops:
+        original = loop.fanout
+
+        def counting(data: bytes, targets: Any, exclude: str | None, original: Any = original) -> None:
+            handed.append(len(targets))
+            original(data, targets, exclude)
+
+        loop.fanout = counting  # type: ignore[method-assign]
+    clients[0].send("one line")
+    for c in clients[1:]:
+        assert c.expect("[c0]") == "[c0] one line"
+    assert sorted(handed) == [10, 10, 10]  # three hand-offs of ten members each, not thirty
