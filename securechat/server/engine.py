@@ -171,9 +171,7 @@ class ChatServer:
         # Connections not yet past their nickname (or an enrollment): public, for other entry paths.
         self.pending = PendingPool(max_pending, max_pending_per_ip, self._throttle)
         self.loops = [Loop(f"securechat-loop-{i}") for i in range(loops or default_loops())]
-        self._trimmers = {loop: Trimmer() for loop in self.loops}
-        for loop, trimmer in self._trimmers.items():
-            loop.when_idle(trimmer)
+        self._trimmers = {loop: Trimmer(loop) for loop in self.loops}
         self.workers = Workers(workers)
         self._started = False
         self._burst = [0] * len(self.loops)  # connections given to each loop in this accept burst

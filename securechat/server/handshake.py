@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 # TLS records start with content type 22 (handshake); anything else is not a TLS client.
 TLS_HANDSHAKE_RECORD = 0x16
 
 # After a burst of handshakes, hand freed memory back to the system at most this often.
 TRIM_INTERVAL = 1.0
+
+
+class Later(Protocol):
+    """A loop's timer heap (:meth:`securechat.server.loop.Loop.call_later`)."""
+
+    def call_later(self, delay: float, fn: Callable[..., object], *args: Any) -> Any: ...
 
 
 def _malloc_trim() -> Callable[[], object]:
@@ -42,25 +48,24 @@ def _malloc_trim() -> Callable[[], object]:
 
 
 class Trimmer:
-    """Trims the heap once handshakes have happened and the loop has a moment (at most once a second).
+    """Trims the heap a moment after handshakes, at most once every :data:`TRIM_INTERVAL` per loop.
 
-    Registered with ``Loop.when_idle``; a finished handshake calls :meth:`owe`.
+    A finished handshake calls :meth:`owe` (on its loop thread); the trim runs from the loop's timer
+    heap, so it also happens after the last handshake of a burst, when the loop may sleep for hours.
     """
 
-    __slots__ = ("owed", "last", "_trim")
+    __slots__ = ("loop", "armed", "_trim")
 
-    def __init__(self) -> None:
-        self.owed = 0
-        self.last = 0.0
+    def __init__(self, loop: Later) -> None:
+        self.loop = loop
+        self.armed = False
         self._trim = _malloc_trim()
 
     def owe(self) -> None:
-        self.owed += 1
+        if not self.armed:
+            self.armed = True
+            self.loop.call_later(TRIM_INTERVAL, self._run)
 
-    def __call__(self) -> None:
-        if self.owed:
-            now = time.monotonic()
-            if now - self.last >= TRIM_INTERVAL:
-                self._trim()
-                self.owed = 0
-                self.last = now
+    def _run(self) -> None:
+        self.armed = False
+        self._trim()

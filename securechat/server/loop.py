@@ -126,7 +126,6 @@ class Loop:
         self._wake_pending = False
         self._stopping = False
         self._ident: int | None = None
-        self._idle: list[Callable[[], None]] = []  # run when a turn had nothing to do (memory trim)
         self.connections = 0  # connections this loop owns (where the engine puts the next one)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -204,10 +203,6 @@ class Loop:
         """``source`` has bytes queued: flush it at the end of this turn."""
         self._dirty.append(source)
 
-    def when_idle(self, fn: Callable[[], None]) -> None:
-        """Call ``fn()`` after every turn that found nothing to do (housekeeping)."""
-        self._idle.append(fn)
-
     def flush_deliveries(self) -> None:
         """Run every fan-out and delivery queued so far (loop thread)."""
         queue = self._deliveries
@@ -244,7 +239,6 @@ class Loop:
         try:
             while not self._stopping:
                 events = poll(self._timeout())
-                busy = bool(events)
                 with batched_wakeups():  # one wake-up per other loop per turn, however many lines
                     for fd, mask in events:
                         if fd == waker_fd:
@@ -258,7 +252,6 @@ class Loop:
                         if callback is not None:
                             callback(mask)
                     if self._ready:
-                        busy = True
                         ready, self._ready = self._ready, []
                         for reader in ready:
                             reader._read_more()
@@ -267,13 +260,9 @@ class Loop:
                     self._run_timers()
                     self.flush_deliveries()
                     if self._dirty:
-                        busy = True
                         dirty, self._dirty = self._dirty, []
                         for writer in dirty:
                             writer._flush()
-                if not busy:
-                    for fn in self._idle:
-                        fn()
         except BaseException:  # pragma: no cover - a bug in the loop itself: say so loudly
             log.exception("loop %s stopped", self.name)
             raise
