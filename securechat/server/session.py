@@ -101,7 +101,6 @@ class Host(Protocol):
     login_timeout: float
     flood_rate: float
     flood_burst: float
-    outbox_limit: int
 
     @property
     def stopping(self) -> bool: ...

@@ -9,7 +9,9 @@ alone reads, writes, and closes the socket. Other threads hand it bytes through 
 The owner runs the socket non-blocking under ``poll()``, coalesces whatever is queued into one
 write, honours ``SSLWantReadError``/``SSLWantWriteError`` (retrying a blocked write with the same
 bytes, as OpenSSL requires) and drains ``SSLSocket.pending()`` so no decrypted byte is forgotten.
-Both the server's sessions and the client use it, over TLS or plain TCP alike.
+The client uses it, over TLS or plain TCP alike. The server keeps the same rule with fewer threads:
+its connections are held by a few loop threads, each connection by one for life
+(``securechat.server.transport``), because a thread per connection does not scale to thousands.
 """
 
 from __future__ import annotations
