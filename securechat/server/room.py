@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -136,10 +137,13 @@ def room_error(name: str) -> str | None:
 
 def time_label(ts: float, now: float) -> str:
     """A line's time for people: ``09:05``, or ``2026-11-24 09:05`` when not today (server time)."""
-    t = time.localtime(ts)
-    if time.localtime(now)[:3] == t[:3]:
-        return time.strftime("%H:%M", t)
-    return time.strftime("%Y-%m-%d %H:%M", t)
+    return _minute_label(int(ts // 60), time.localtime(now)[:3])
+
+
+@functools.lru_cache(maxsize=4096)  # a replay of 50 lines spans a few minutes: 50 formats become a few
+def _minute_label(minute: int, today: tuple[int, ...]) -> str:
+    t = time.localtime(minute * 60)
+    return time.strftime("%H:%M" if t[:3] == today else "%Y-%m-%d %H:%M", t)
 
 
 def render(entry: Entry) -> str:
