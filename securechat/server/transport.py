@@ -38,6 +38,7 @@ is pending calls ``pause_reading()`` and ``resume_reading()`` from the ``done`` 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -294,6 +295,12 @@ class Transport:
     def _on_events(self, mask: int) -> None:
         state = self._state
         if state >= OPEN:
+            if mask & ERROR and self._paused and state == OPEN:
+                # Reported whatever the mask (level-triggered): a reset while reading is paused
+                # would spin the loop until resumed. The peer is gone; so is what it left unread.
+                error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                self._peer_gone(os.strerror(error).lower() if error else "connection lost")
+                return
             if mask & (READ | ERROR):
                 self._read()
                 if self._write_wants_read and self._state < CLOSED:

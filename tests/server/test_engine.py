@@ -530,3 +530,33 @@ def test_a_line_is_handed_to_each_loop_once_whatever_its_members(serve: Serve, c
     for c in clients[1:]:
         assert c.expect("[c0]") == "[c0] one line"
     assert sorted(handed) == [10, 10, 10]  # three hand-offs of ten members each, not thirty
+
+
+def test_a_reset_while_reading_is_paused_ends_the_connection(serve: Serve, client_ctx: ssl.SSLContext) -> None:
+    """A handler waiting for a worker pauses reading; the peer resets meanwhile: the connection ends
+    then (the reset is reported whatever the interest mask), instead of the loop spinning on it."""
+    lost: list[str] = []
+    ended = threading.Event()
+
+    class Paused(Handler):
+        def connection_made(self, transport: Transport) -> None:
+            transport.pause_reading()  # e.g. a disk write pending in the worker pool, for ever here
+
+        def connection_lost(self, reason: str) -> None:
+            lost.append(reason)
+            ended.set()
+
+    server = serve()
+    server.routes.add("securechat-test-paused/1", Paused)
+    ctx = tls.client_context(None)
+    ctx.load_verify_locations(cadata=client_ctx.get_ca_certs(binary_form=True)[0])
+    ctx.set_alpn_protocols(["securechat-test-paused/1"])
+    sock = ctx.wrap_socket(socket.create_connection((LOOPBACK, server.address[1]), timeout=10),
+                           server_hostname="localhost")
+    sock.sendall(b"unread")
+    time.sleep(0.1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()  # a reset, with bytes the server has not read
+    assert ended.wait(3), "the reset went unnoticed while reading was paused"
+    assert lost == ["connection reset by peer"]
+    assert wait_for(lambda: server.connection_count == 0, 3)
