@@ -10,7 +10,6 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -125,16 +124,9 @@ class Authority:
             return f"{nick!r} belongs to a certificate holder"
         return None
 
-    def admit(self, sock: socket.socket | ssl.SSLSocket) -> tuple[str | None, int | None]:
-        """(refusal notice or None, client certificate serial or None) for a chat connection.
-
-        Runs in the thread that owns ``sock``; :meth:`admit_der` is the same from the certificate.
-        """
-        return self.admit_der(sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None)
-
-    def admit_der(self, der: bytes | None) -> tuple[str | None, int | None]:
+    def admit(self, der: bytes | None) -> tuple[str | None, int | None]:
         """(refusal notice or None, client certificate serial or None) for a chat connection whose
-        client presented certificate ``der`` (None: none).
+        client presented certificate ``der`` (DER bytes; None: none).
 
         After the handshake and before the greeting; it reads the store, so the server runs it on a
         worker thread. The denylist is read afresh here, so a revocation holds from the very next

@@ -65,7 +65,7 @@ class LineHandler(Handler):
             self._start(None)
             return
         transport.pause_reading()  # nothing is read until the certificate is checked (in the store)
-        transport.offload(authority.admit_der, transport.peer_certificate(True), done=self._admitted)
+        transport.offload(authority.admit, transport.peer_certificate(True), done=self._admitted)
 
     def _admitted(self, result: tuple[str | None, int | None] | None, error: BaseException | None) -> None:
         transport = self.transport

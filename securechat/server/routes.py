@@ -20,7 +20,7 @@ are never offered as ALPN names.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 NO_ALPN: None = None
@@ -74,9 +74,6 @@ class Routes:
 
     def __contains__(self, key: Key) -> bool:
         return key in self._table
-
-    def __iter__(self) -> Iterator[Key]:
-        return iter(self._table)
 
     def alpn(self) -> list[str]:
         """The ALPN names to offer, in the order they were added (the server's preference)."""

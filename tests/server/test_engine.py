@@ -484,7 +484,7 @@ def test_blocking_work_never_runs_on_a_loop_thread(serve: Serve, tmp_path: Path,
 
         monkeypatch.setattr(cls, name, watched)
 
-    for cls, name in ((Store, "_tx"), (SqliteLog, "_select"), (Authority, "_issue"), (Authority, "admit_der")):
+    for cls, name in ((Store, "_tx"), (SqliteLog, "_select"), (Authority, "_issue"), (Authority, "admit")):
         watch(cls, name)
     certs.mint(tmp_path / "certs")
     authority = Authority(tmp_path / "certs")
@@ -509,7 +509,7 @@ def test_blocking_work_never_runs_on_a_loop_thread(serve: Serve, tmp_path: Path,
     grace.expect("* you joined #dev")
     grace.close()
     names = {name for name, _ in calls}
-    assert {"_tx", "_select", "_issue", "admit_der"} <= names, names
+    assert {"_tx", "_select", "_issue", "admit"} <= names, names
     on_loops = [(name, thread) for name, thread in calls if thread.startswith("securechat-loop")]
     assert not on_loops, on_loops
 
