@@ -250,11 +250,11 @@ class Loop:
                             continue
                         callback = callbacks.get(fd)
                         if callback is not None:
-                            callback(mask)
+                            _guarded(callback, mask)
                     if self._ready:
                         ready, self._ready = self._ready, []
                         for reader in ready:
-                            reader._read_more()
+                            _guarded(reader._read_more)
                     self._run_calls()
                     self.flush_deliveries()
                     self._run_timers()
@@ -262,7 +262,7 @@ class Loop:
                     if self._dirty:
                         dirty, self._dirty = self._dirty, []
                         for writer in dirty:
-                            writer._flush()
+                            _guarded(writer._flush)
         except BaseException:  # pragma: no cover - a bug in the loop itself: say so loudly
             log.exception("loop %s stopped", self.name)
             raise
@@ -310,6 +310,14 @@ class Loop:
         self._timers.clear()
         self._poller.close()
         self._waker.close()
+
+
+def _guarded(fn: Callable[..., object], *args: Any) -> None:
+    """A connection's own bug ends nothing but what it breaks: never the loop and its other connections."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("unexpected error in a connection's loop step")
 
 
 def _fan(data: bytes, targets: Targets, exclude: str | None) -> None:
