@@ -42,6 +42,14 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def alpn_client(client_ctx: ssl.SSLContext, alpn: str) -> ssl.SSLContext:
+    """A client context trusting the test server's CA that offers ``alpn`` (a plugged-in protocol)."""
+    ctx = tls.client_context(None)
+    ctx.load_verify_locations(cadata=client_ctx.get_ca_certs(binary_form=True)[0])
+    ctx.set_alpn_protocols([alpn])
+    return ctx
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -242,9 +250,7 @@ def test_a_protocol_plugged_in_by_alpn_chats_with_line_clients_through_the_same_
     server = serve(loops=2)
     server.routes.add(TOY_ALPN, lambda: NetstringChat(server))
     line = connect(server, "liner")
-    ctx = tls.client_context(None)
-    ctx.load_verify_locations(cadata=client_ctx.get_ca_certs(binary_form=True)[0])
-    ctx.set_alpn_protocols([TOY_ALPN])
+    ctx = alpn_client(client_ctx, TOY_ALPN)
     raw = socket.create_connection((LOOPBACK, server.address[1]), timeout=10)
     framed = ctx.wrap_socket(raw, server_hostname="localhost")
     assert framed.selected_alpn_protocol() == TOY_ALPN
@@ -395,9 +401,7 @@ def test_a_stream_in_and_out_keeps_memory_bounded_and_the_chat_moving(
     alice = connect(server, "alice")
     bob = connect(server, "bob")
     alice.expect("* bob joined")
-    ctx = tls.client_context(None)
-    ctx.load_verify_locations(cadata=client_ctx.get_ca_certs(binary_form=True)[0])
-    ctx.set_alpn_protocols(["securechat-test-store/1"])
+    ctx = alpn_client(client_ctx, "securechat-test-store/1")
     payload = os.urandom(8 * 1024 * 1024 + 123)
 
     def upload() -> bytes:
@@ -443,9 +447,7 @@ def test_a_handler_that_raises_ends_its_connection_only(serve: Serve, connect: C
     server = serve()
     server.routes.add("securechat-test-broken/1", Broken)
     alice = connect(server, "alice")
-    ctx = tls.client_context(None)
-    ctx.load_verify_locations(cadata=client_ctx.get_ca_certs(binary_form=True)[0])
-    ctx.set_alpn_protocols(["securechat-test-broken/1"])
+    ctx = alpn_client(client_ctx, "securechat-test-broken/1")
     with ctx.wrap_socket(socket.create_connection((LOOPBACK, server.address[1]), timeout=10),
                          server_hostname="localhost") as s:
         s.sendall(b"boom")
@@ -550,9 +552,7 @@ def test_a_reset_while_reading_is_paused_ends_the_connection(serve: Serve, clien
 
     server = serve()
     server.routes.add("securechat-test-paused/1", Paused)
-    ctx = tls.client_context(None)
-    ctx.load_verify_locations(cadata=client_ctx.get_ca_certs(binary_form=True)[0])
-    ctx.set_alpn_protocols(["securechat-test-paused/1"])
+    ctx = alpn_client(client_ctx, "securechat-test-paused/1")
     sock = ctx.wrap_socket(socket.create_connection((LOOPBACK, server.address[1]), timeout=10),
                            server_hostname="localhost")
     sock.sendall(b"unread")
@@ -590,9 +590,7 @@ def test_when_written_waits_for_the_socket_not_the_queue(serve: Serve, client_ct
 
     server = serve()
     server.routes.add("securechat-test-written/1", Flood)
-    ctx = tls.client_context(None)
-    ctx.load_verify_locations(cadata=client_ctx.get_ca_certs(binary_form=True)[0])
-    ctx.set_alpn_protocols(["securechat-test-written/1"])
+    ctx = alpn_client(client_ctx, "securechat-test-written/1")
 
     def open_reader() -> ssl.SSLSocket:
         raw = socket.socket()
