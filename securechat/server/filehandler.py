@@ -387,9 +387,10 @@ class FileHandler:
 
 
 def install(server: Any, service: FileService) -> None:
-    """Share files on ``server`` (a ChatServer): ``/ticket`` on its sessions, and its connections that
-    chose ALPN ``securechat-file/1`` get a :class:`FileHandler` (the engine offers the name once set)."""
+    """Share files on ``server`` (a ChatServer): ``/ticket`` on its sessions, file connections on its
+    ALPN route. Before the server takes connections: the ALPN name is offered from then on."""
     server.files = service
+    server.routes.add(filexfer.ALPN, lambda: FileHandler(service))
 
 
 def _open_at(store: Any, record: FileRecord, offset: int) -> BinaryIO:

@@ -194,8 +194,12 @@ class FileService:
         member = rooms.find(target)
         if member is not None:
             return "", member.nick, person_key(member.nick)
-        if rooms.directory.online(target) or (rooms.offline_messages and protocol.nick_error(target) is None):
+        if rooms.directory.online(target):
             return "", target, person_key(target)
+        if rooms.offline_messages and protocol.nick_error(target) is None:  # kept for a person, as a /msg
+            person = rooms.persons(target) if rooms.persons is not None else target
+            if person is not None:
+                return "", person, person_key(person)
         raise _Refused(f"no such nick: {protocol.sanitize(target)}")
 
     def _get(self, who: Requester, words: list[str]) -> str:
