@@ -17,6 +17,8 @@ from securechat.client.chat import ChatClient
 from securechat.server import filehandler
 from securechat.server import files as files_module
 from securechat.server.engine import ChatServer
+from securechat.server.transport import Transport
+from securechat.store import files as store_files
 from securechat.wire import filexfer, protocol, tls
 from securechat.wire.filexfer import TransferError
 from tests.filehelp import (
@@ -302,6 +304,41 @@ def test_transfers_at_once_are_bounded(file_server: Callable[..., ChatServer], c
     assert again.until_end()[1][-1]["ok"] == "done"
 
 
+def test_transfers_take_no_thread_and_disk_work_runs_on_workers_while_reading_waits(
+        file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], cert_files: dict[str, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight uploads at once on the loop engine: no thread more; each write (and hash) on a worker, never on
+    a loop; and while a connection's write is pending with the next batch full, its reading is paused."""
+    server = file_server()
+    alice = chat(server, "alice")
+    writes: list[tuple[str, bool]] = []
+    write, pause = store_files.Partial.write, Transport.pause_reading
+
+    def slow_write(self: store_files.Partial, data: bytes) -> int:
+        writes.append((threading.current_thread().name, False))
+        time.sleep(0.02)  # a slow disk: the next batch fills meanwhile
+        return write(self, data)
+
+    def paused(self: Transport) -> None:
+        writes.append((threading.current_thread().name, True))
+        pause(self)
+
+    monkeypatch.setattr(store_files.Partial, "write", slow_write)
+    monkeypatch.setattr(Transport, "pause_reading", paused)
+    threads = threading.active_count()
+    uploads = [_put(server, alice, cert_files["ca"], 4 * MiB, f"f{i}.bin") for i in range(8)]
+    assert threading.active_count() == threads  # connections of their own, and not one thread among them
+    data = os.urandom(4 * MiB)
+    for raw, _ in uploads:
+        raw.data(data)
+        raw.send(filexfer.control(op="end", sha256=sha(data)))
+    for raw, _ in uploads:
+        assert raw.until_end()[1][-1]["ok"] == "done"
+    disk = [name for name, pausing in writes if not pausing]
+    assert len(disk) >= 8 * 4 and all(name.startswith("securechat-worker") for name in disk), set(disk)
+    assert any(pausing and name.startswith("securechat-loop") for name, pausing in writes), "never paused"
+
+
 def test_an_upload_nobody_resumes_is_removed_and_its_quota_given_back(
         file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], cert_files: dict[str, Path]) -> None:
     server = file_server(quota=2 * MiB)
@@ -315,7 +352,8 @@ def test_an_upload_nobody_resumes_is_removed_and_its_quota_given_back(
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # the cut connection is noticed
         held = server.files._tickets[token]
-        if held.upload is not None and held.upload.handler is None and held.upload.partial is not None:
+        upload = held.upload  # dropped, and its last write done
+        if upload is not None and upload.handler is None and upload.partial is not None and not upload.busy:
             break
         time.sleep(0.05)
     held.expires = time.monotonic() - 1  # as RESUME_SECONDS later
