@@ -1134,6 +1134,8 @@ def files_main(args: argparse.Namespace, certs: dict[str, str], srv_cpu: int | N
                 runs["securechat"].append({"server": "securechat", "error": f"{type(exc).__name__}: {exc}"})
             finally:
                 server.stop()
+                # What it stored goes, as ncat's received file does: the next writer recycles its pages.
+                shutil.rmtree(Path(certs["cert"]).parent / "history" / "files", ignore_errors=True)
         if "ncat" in runs:
             runs["ncat"].append(bench_files.ncat_run(payload, certs, srv_cpu, tmp, wait_port, free_port))
     return {name: aggregate(rs) for name, rs in runs.items()}
