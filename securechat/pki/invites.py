@@ -1,4 +1,8 @@
 """``securechat invite [NAME]``: make, list and cancel invites in the CA's ledger.
+
+``invite NAME`` makes a code for ``securechat join``; ``invite NAME --web`` a one-time link that makes a
+browser NAME's (:mod:`securechat.pki.devices`); ``invite --qr`` shows no invite at all, only the address of
+the server's onboarding page as a QR code, for phones to scan.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from securechat.pki import devices
 from securechat.pki.ledger import (
     DEFAULT_CERT_DAYS,
     DEFAULT_EXPIRES,
@@ -21,7 +26,7 @@ from securechat.pki.ledger import (
     StoreError,
     utc,
 )
-from securechat.wire import options
+from securechat.wire import addr, options, tls
 from securechat.wire.addr import DEFAULT_PORT
 
 PROG = "securechat invite"
@@ -54,7 +59,7 @@ def _name_arg(text: str) -> str:
 
 
 def _cancel_arg(text: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9_-]{1,24}", text):  # a nameplate number, or a name
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,24}", text):  # a nameplate number, a browser link's wN, or a name
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is neither an invite number nor a name")
 
@@ -103,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert-days", type=options.count(1, MAX_CERT_DAYS), default=DEFAULT_CERT_DAYS,
                    metavar="N", help="client certificate lifetime in days; clients renew their own "
                    "(default: %(default)s)")
+    p.add_argument("--web", action="store_true",
+                   help="a one-time link (and QR code) that makes a browser NAME's: for phones and computers "
+                   "without securechat, on any server, also one with --require-client-cert")
+    p.add_argument("--qr", action="store_true",
+                   help="without NAME: make no invite, show the server's onboarding page (the CA for browsers, "
+                   "http://HOST:PORT/) as a QR code to scan with a phone")
     p.add_argument("--host", type=options.host,
                    help="the address joiners type (default: one from the server certificate)")
     p.add_argument("--port", type=options.port, default=DEFAULT_PORT,
@@ -119,29 +130,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``securechat invite``: 0, 1 on failure, 2 on a usage error."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.list or args.cancel) and args.name:
-        parser.error("NAME cannot be combined with --list or --cancel")
+    if (args.list or args.cancel) and (args.name or args.web or args.qr):
+        parser.error("NAME, --web and --qr cannot be combined with --list or --cancel")
+    if args.web and not args.name:
+        parser.error("--web needs NAME: the link makes a browser that person's (securechat invite NAME --web)")
+    if args.web and args.uses != 1:
+        parser.error("--web links work once: make one link per browser")
+    if args.qr and args.name and not args.web:
+        parser.error("--qr shows the browser onboarding page; for a browser link of NAME add --web")
+    host = args.host or _join_host(args.certs)
+    if args.qr and not args.name:
+        return _onboarding_qr(args.certs, host, args.port)
     store = Store(args.certs)
     try:
         if args.list:
             return _list_invites(store)
         if args.cancel:
             cancelled = store.cancel(args.cancel)
-            if not cancelled:
+            links = devices.cancel(store, args.cancel)
+            if not cancelled and not links:
                 options.print_error(PROG, f"no usable invite {args.cancel!r} (securechat invite --list shows them)")
                 return 1
             for inv in cancelled:
                 print(f"Cancelled invite {inv.nameplate}{f' for {inv.name}' if inv.name else ''}.")
+            for link in links:
+                print(f"Cancelled browser link w{link.id} for {link.name}.")
             return 0
         if not (args.certs / "ca.key").is_file():
             options.print_error(PROG, f"no CA in {args.certs} (ca.key): run this where the server's certs/ folder "
                                 "is, or pass --certs DIR")
             return 1
+        if args.web:
+            link = devices.create_invite(store, args.name, expires_in=args.expires, days=args.cert_days)
+            return _web_link(link, host, args.port, args.expires)
         invite = store.create(args.name, expires_in=args.expires, uses=args.uses, cert_days=args.cert_days)
     except StoreError as exc:
         options.print_error(PROG, str(exc))
         return 1
-    host = args.host or _join_host(args.certs)
     port = "" if args.port == DEFAULT_PORT else f" --port {args.port}"
     who = invite.name or "your guest"
     once = "once" if invite.uses_total == 1 else f"{invite.uses_total} times"
@@ -152,11 +177,53 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _list_invites(store: Store) -> int:
     invites = store.invites()
-    if not invites:
+    links = devices.invites(store)
+    if not invites and not links:
         print("No usable invites.")
         return 0
     print(f"{'number':>6}  {'name':<24}  {'uses left':>9}  {'wrong tries':>11}  expires")
     for inv in invites:
         print(f"{inv.nameplate:>6}  {inv.name or '(guest)':<24}  {inv.uses_left:>9}  "
               f"{inv.tries:>8}/{MAX_WRONG_TRIES}  {utc(inv.expires)}")
+    for link in links:
+        print(f"{'w' + str(link.id):>6}  {link.name + ' (browser link)':<24}  {1:>9}  {'-':>11}  {utc(link.expires)}")
+    return 0
+
+
+def web_address(host: str, port: int, scheme: str = "https") -> str:
+    """``https://HOST:PORT/`` as a browser wants it (an IPv6 address in brackets)."""
+    return f"{scheme}://{addr.join(host, port)}/"
+
+
+def print_qr(text: str) -> None:
+    """``text`` as a QR code in the terminal, two rows of modules a line (light on dark, as terminals are)."""
+    import segno  # a maintained pure-Python QR encoder; only these commands need it
+
+    segno.make(text, error="m", micro=False).terminal(compact=True)
+
+
+def _onboarding_qr(certs_dir: Path, host: str, port: int) -> int:
+    """``invite --qr``: the onboarding page's address as a QR code, and what to compare there."""
+    try:
+        fingerprint = tls.file_fingerprint(certs_dir / "ca.pem")
+    except (OSError, ValueError):
+        options.print_error(PROG, f"no CA certificate in {certs_dir} (ca.pem): run this where the server's certs/ "
+                            "folder is, or pass --certs DIR")
+        return 1
+    page = web_address(host, port, "http")
+    print(f"Phones and computers on the network: scan this, or open {page}")
+    print_qr(page)
+    print(f"The page offers the CA certificate; its SHA-256 fingerprint must read {fingerprint}.")
+    print(f"Once it is trusted, chat at {web_address(host, port)}")
+    return 0
+
+
+def _web_link(link: devices.WebInvite, host: str, port: int, expires: float) -> int:
+    url = f"{web_address(host, port)}#invite={link.token}"
+    print(f"Open this link in {link.name}'s browser (valid {_human(expires)}, once); it makes that browser "
+          f"{link.name}'s:")
+    print(f"  {url}")
+    print_qr(url)
+    print(f"First time on that phone or computer? Trust the CA first at {web_address(host, port, 'http')} "
+          "('securechat invite --qr').")
     return 0

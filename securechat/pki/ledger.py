@@ -120,6 +120,20 @@ CREATE TABLE IF NOT EXISTS issued (
     nameplate INTEGER
 );
 CREATE INDEX IF NOT EXISTS issued_name ON issued(name);
+CREATE TABLE IF NOT EXISTS web_invites (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    token_hash BLOB NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'active',
+    days INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS web_devices (
+    serial TEXT PRIMARY KEY,
+    secret_hash BLOB NOT NULL UNIQUE,
+    invite INTEGER
+);
 """
 
 
@@ -138,7 +152,7 @@ class Store:
         self._ready = False
 
     @contextlib.contextmanager
-    def _tx(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
         """One transaction. A writing one is IMMEDIATE: it takes the write lock before its first read,
         so check-then-update is atomic across threads and processes."""
         if not self._ready:
@@ -159,6 +173,8 @@ class Store:
             raise StoreError(f"cannot use {self.path}: {exc}") from None
         finally:
             db.close()
+
+    _tx = transaction
 
     def _create(self) -> None:
         """Create the file 0600 before SQLite touches it (SQLite would use the umask: 0644)."""
