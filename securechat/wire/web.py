@@ -234,8 +234,7 @@ class ServerCodec:
                 self._request = request
             elif isinstance(event, h11.EndOfMessage) and self._request is not None:
                 self._answering, self._request = self._request, None
-                yield self._answering
-                return
+                yield self._answering  # parsing goes on once it is answered (the loop's condition)
 
     def _ws_events(self) -> Iterator[Event]:
         ws = self._ws
@@ -408,6 +407,11 @@ def frame_text(text: str) -> bytes:
     return bytes(_framer().send_data(text, True))
 
 
+def frame_close(code: int = NORMAL_CLOSURE, reason: str = "") -> bytes:
+    """A close frame, made without any connection's state (so from any thread, in order with lines)."""
+    return bytes(_framer().close(code, reason or None))
+
+
 def close_code_for(reason: str) -> int:
     """The close code that goes with a server-side reason for ending a chat connection."""
     if reason.startswith("line too long"):
@@ -420,4 +424,4 @@ def close_code_for(reason: str) -> int:
 
 
 __all__ = ["WS_PATH", "Closed", "Event", "Reject", "Request", "ServerCodec", "Text", "frame_lines",
-           "frame_text", "same_origin", "security_headers", "valid_host"]
+           "frame_close", "frame_text", "same_origin", "security_headers", "valid_host"]
