@@ -206,14 +206,15 @@ const SESSION_RE = /^\* session ([A-Za-z0-9_-]{16,64}) ([0-9.]+)$/;
 const CAP_RE = /^\* cap: (\w+) on; flood ([0-9.]+) lines\/s, burst ([0-9.]+)$/;
 const JOINED_RE = /^\* you joined #([A-Za-z0-9_-]{1,32}) /;
 const LEFT_RE = /^\* you left #([A-Za-z0-9_-]{1,32})$/;
-const TALKING_RE = /^\* (?:.*; )?now (?:talking|live) in #([A-Za-z0-9_-]{1,32})$/;
+const TALKING_RE = /^\* (?:.*; )?now talking in #([A-Za-z0-9_-]{1,32})$/;
+const LIVE_RE = /^\* (?:.*; )?now live in #([A-Za-z0-9_-]{1,32})$/;
 const WHO_RE = /^\* ([0-9]+) (?:online|in #[A-Za-z0-9_-]+): (.*)$/;
 const WELCOME_RE = /^\* welcome, ([A-Za-z0-9_-]{1,24})! (\(resumed\) )?.*?([0-9]+) online: ([^.]*)\./;
 const DEVICE_RE = /^\* device: ([A-Za-z0-9_-]{1,24})$/;
 const FINAL = [/^\* goodbye$/, /^\* disconnected for flooding$/, /^\* line too long/, /^\* no nickname within/,
                /^\* server full/, /^\* your certificate has been revoked/, /^\* this server requires a client certificate/,
                /^\* device refused: /, /^\* too many connections/];
-const PEOPLE_CHANGE = /^\* (?:[A-Za-z0-9_-]{1,24} (?:joined|left|is now )|.* left \()/;
+const PEOPLE_CHANGE = /^[A-Za-z0-9_-]{1,24} (?:joined|left|is now )/;
 
 function received(line) {
   lastHeard = Date.now();
@@ -227,7 +228,18 @@ function beforeWelcome(line) {
   if ((m = DEVICE_RE.exec(line))) return deviceAccepted(m[1]);
   if ((m = WELCOME_RE.exec(line))) return welcomed(m[1], m[4]);
   if (line.startsWith("* nickname refused: ")) return loginError(line.slice(20).replace(/; send another$/, ""));
+  if (line.startsWith("* device refused: ")) return deviceRefused(line.slice(18));
   if (FINAL.some((re) => re.test(line))) { finalWord = line.slice(2); return loginError(line.slice(2)); }
+}
+
+// A refused device is forgotten unless the server only could not check it now; the person may then
+// join as a guest where the server allows guests.
+function deviceRefused(why) {
+  finalWord = `device refused: ${why}`;
+  if (!/right now/.test(why)) { store.set("device", ""); claim = ""; pendingSecret = ""; }
+  $("nick").readOnly = false;
+  $("login-who").hidden = true;
+  loginError(`This browser was not let in: ${why}`);
 }
 
 function whileReconnecting(line) {
@@ -247,14 +259,15 @@ function whileReconnecting(line) {
     }
     return;
   }
-  if (line.startsWith("* resume refused: ")) { state.token = ""; return send(state.nick); }
+  if (line.startsWith("* resume refused: ")) { state.token = ""; forgetSession(); return send(state.nick); }
   if (line.startsWith("* nickname refused: ")) { state.phase = "ended"; return backToLogin(line.slice(20)); }
-  if (FINAL.some((re) => re.test(line))) { finalWord = line.slice(2); state.phase = "ended"; return backToLogin(finalWord); }
+  if (line.startsWith("* device refused: ")) { state.phase = "ended"; deviceRefused(line.slice(18)); return backToLogin($("login-error").textContent); }
+  if (FINAL.some((re) => re.test(line))) { finalWord = line.slice(2); state.phase = "ended"; forgetSession(); return backToLogin(finalWord); }
 }
 
 function live(line) {
   let m;
-  if ((m = SESSION_RE.exec(line))) { state.token = m[1]; return; }
+  if ((m = SESSION_RE.exec(line))) { state.token = m[1]; saveSession(); return; }
   if ((m = CAP_RE.exec(line))) { pacer.set(Number(m[2]), Number(m[3])); return; }
   if (state.whoWanted && (m = WHO_RE.exec(line))) {
     state.whoWanted--;
@@ -273,9 +286,10 @@ function live(line) {
   if (msg.kind === "notice") {
     if ((m = JOINED_RE.exec(line))) { room(m[1]); }
     if ((m = LEFT_RE.exec(line))) { dropRoom(m[1]); }
-    if ((m = TALKING_RE.exec(line))) { room(m[1]); if (roomKey(m[1]) !== roomKey(state.current) || !line.includes("live")) switchTo(m[1]); }
-    if (FINAL.some((re) => re.test(line))) finalWord = line.slice(2);
-    if (PEOPLE_CHANGE.test(msg.raw.replace(TAG_RE, "").replace(ROOM_RE, "")) && !msg.elsewhere && !msg.replay) askWho();
+    if ((m = LIVE_RE.exec(line))) room(m[1]);
+    if ((m = TALKING_RE.exec(line))) { switchTo(m[1]); saveSession(); }
+    if (FINAL.some((re) => re.test(line))) { finalWord = line.slice(2); forgetSession(); }
+    if (PEOPLE_CHANGE.test(msg.text) && !msg.elsewhere && !msg.replay) askWho();
   }
   if (state.paging && handlePage(msg)) return;
   show(msg);
@@ -325,6 +339,16 @@ const store = {
   get: (k) => { try { return localStorage.getItem(`securechat.${k}`) || ""; } catch { return ""; } },
   set: (k, v) => { try { if (v) localStorage.setItem(`securechat.${k}`, v); else localStorage.removeItem(`securechat.${k}`); } catch { /* private mode */ } },
 };
+
+// The resume token outlives a reload or a phone discarding the tab (sessionStorage is per tab): the
+// page comes back as the same person, instead of finding its nick held for the dropped connection.
+function saveSession() {
+  try { sessionStorage.setItem("securechat.session", JSON.stringify({token: state.token, nick: state.nick, current: state.current})); } catch { /* private mode */ }
+}
+function forgetSession() { try { sessionStorage.removeItem("securechat.session"); } catch { /* private mode */ } }
+function savedSession() {
+  try { return JSON.parse(sessionStorage.getItem("securechat.session") || "null"); } catch { return null; }
+}
 
 let ws = null;
 let lastHeard = 0;
@@ -420,8 +444,10 @@ function dropped() {
   }
   if (state.phase === "live" || state.phase === "ended") {
     state.phase = "ended";
-    setStatus(finalWord || "disconnected", true);
-    show(parseLine(`* ${finalWord || "disconnected"}; reload the page to join again`));
+    const why = store.get("device") && /^your certificate has been revoked/.test(finalWord)
+      ? "this browser's access has been revoked" : finalWord || "disconnected";
+    setStatus(why, true);
+    show(parseLine(`* ${why}; reload the page to join again`));
     return;
   }
   if (state.phase === "joining") { state.phase = "login"; loginError(finalWord || "the server closed the connection"); }
@@ -492,6 +518,12 @@ function showNotifyButton() {
 
 function closeSide() { $("chat").classList.remove("open"); $("menu").setAttribute("aria-expanded", "false"); }
 
+// Leaving the page (closing the tab, reloading) leaves the chat at once: the nick is free again now, not
+// after the grace period a dropped connection gets.
+window.addEventListener("pagehide", (e) => {
+  if (!e.persisted && state.phase === "live") { send("/quit"); forgetSession(); }
+});
+
 function start() {
   const hash = new URLSearchParams(location.hash.slice(1));
   if (hash.get("invite")) { // a --web link: this browser becomes that person's
@@ -525,6 +557,19 @@ function start() {
     if (/^[A-Za-z0-9_-]{1,32}$/.test(name)) { say(`/join ${name}`); e.target.value = ""; closeSide(); }
   });
   $("nick").focus();
+  const saved = savedSession();
+  if (saved && saved.token && NICK_RE.test(saved.nick || "") && (!claim)) { // this tab was here a moment ago
+    state.nick = saved.nick;
+    state.token = saved.token;
+    state.current = saved.current || "lobby";
+    state.phase = "reconnecting";
+    $("login").hidden = true;
+    $("chat").hidden = false;
+    switchTo(state.current);
+    showNotifyButton();
+    setStatus("reconnecting\u2026");
+    connect();
+  }
 }
 
 start();
