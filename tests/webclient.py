@@ -82,7 +82,7 @@ class WebClient:
         self.sock.settimeout(max(0.01, timeout))
         try:
             data = self.sock.recv(65536)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return True
         except (ssl.SSLError, OSError):
             data = b""

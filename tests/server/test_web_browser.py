@@ -19,8 +19,19 @@ from typing import Any
 
 import pytest
 
-from tests.browser import DESKTOP, PHONE, Relay, Server, browser, close, env, resize, rows, skip_without_browser, \
-    wait_for
+from tests.browser import (
+    DESKTOP,
+    PHONE,
+    Relay,
+    Server,
+    browser,
+    close,
+    env,
+    resize,
+    rows,
+    skip_without_browser,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, skip_without_browser]
 
