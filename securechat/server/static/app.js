@@ -67,7 +67,7 @@ function nickSpan(nick) {
 // kind -> the parts of its row (after the time). Only text nodes: a line can never become markup.
 export const RENDER = {
   chat: (m) => [nickSpan(m.sender), el("span", "text", m.text)],
-  action: (m) => [el("span", "text", `* ${m.sender} ${m.text}`)],
+  action: (m) => [el("span", "star", "* "), nickSpan(m.sender), el("span", "text", m.text)],
   private: (m) => [nickSpan(m.sender === state.nick ? `${m.sender} \u2192 ${m.target}` : m.sender),
                    el("span", "text", m.text)],
   notice: (m) => [el("span", "notice", m.text)],
@@ -523,6 +523,9 @@ function closeSide() { $("chat").classList.remove("open"); $("menu").setAttribut
 window.addEventListener("pagehide", (e) => {
   if (!e.persisted && state.phase === "live") { send("/quit"); forgetSession(); }
 });
+
+// A --web link opened in a tab that already shows the page changes only the fragment: start over with it.
+window.addEventListener("hashchange", () => { if (/invite=/.test(location.hash)) location.reload(); });
 
 function start() {
   const hash = new URLSearchParams(location.hash.slice(1));
