@@ -57,6 +57,7 @@ class WebClient:
             conn.receive_data(data or None)
             for event in conn.events():
                 if isinstance(event, ws.AcceptConnection):
+                    client._events()  # frames that came in the same read as the 101
                     return client
                 if isinstance(event, ws.RejectConnection):
                     body = b""
@@ -90,6 +91,10 @@ class WebClient:
             self.conn.receive_data(None)
         else:
             self.conn.receive_data(data)
+        return self._events() and bool(data)
+
+    def _events(self) -> bool:
+        """Take what wsproto has parsed; False once the WebSocket is closed."""
         for event in self.conn.events():
             if isinstance(event, ws.TextMessage):
                 self._partial += event.data
@@ -101,7 +106,7 @@ class WebClient:
                 return False
             elif isinstance(event, ws.Ping):
                 self.sock.sendall(self.conn.send(event.response()))
-        return bool(data)
+        return True
 
     def recv_line(self, timeout: float = 5.0) -> str | None:
         deadline = time.monotonic() + timeout

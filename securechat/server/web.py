@@ -214,7 +214,7 @@ class WebSocketConn:
     """A session's connection over a WebSocket: every line it is given leaves as one text message.
 
     The same surface as the engine's transport (what :class:`~securechat.server.room.ChatConn` and the
-    session use), delegating to it; framing needs no connection state (a server's frames are unmasked),
+    session use), delegating to it but for what it sends; framing needs no connection state (a server's frames are unmasked),
     so it happens in whichever thread sends, and lines keep their order through the transport's queue.
     """
 
@@ -245,20 +245,9 @@ class WebSocketConn:
         frames = web.frame_lines(last) if last else b""
         self.transport.close(frames + web.frame_close(web.close_code_for(reason)), reason)
 
-    def abort(self, reason: str) -> None:
-        self.transport.abort(reason)
-
-    def call_later(self, delay: float, fn: Any, *args: Any) -> Any:
-        return self.transport.call_later(delay, fn, *args)
-
-    def offload(self, fn: Any, *args: Any, done: Any = None) -> None:
-        self.transport.offload(fn, *args, done=done)
-
-    def pause_reading(self) -> None:
-        self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self.transport.resume_reading()
+    def __getattr__(self, name: str) -> Any:
+        """Everything else (abort, call_later, offload, pause_reading, hold_output...) is the transport's."""
+        return getattr(self.transport, name)
 
 
 class WebChat:
