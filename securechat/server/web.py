@@ -25,12 +25,14 @@ browser without a device is refused, as a line client without a certificate is.
 from __future__ import annotations
 
 import logging
+import ssl
+from pathlib import Path
 from typing import Any, Protocol
 
 from securechat.pki import devices
 from securechat.server.pages import AppFiles, Asset, Onboarding
 from securechat.server.session import Session
-from securechat.wire import protocol, web
+from securechat.wire import protocol, tls, web
 from securechat.wire.protocol import MAX_LINE_BYTES, LineBuffer, LineTooLong
 from securechat.wire.web import Closed, Reject, Request, ServerCodec, Text
 
@@ -158,12 +160,17 @@ class _Http:
 
 
 class WebHandler(_Http):
-    """HTTPS for browsers (ALPN ``http/1.1``): the chat page, and the chat over a WebSocket at ``/ws``."""
+    """HTTPS for browsers (ALPN ``http/1.1``): the chat page, and the chat over a WebSocket at ``/ws``.
 
-    def __init__(self, server: WebHost, app: AppFiles) -> None:
+    ``mutual``: the server admits only people it knows (``--require-client-cert``): a browser must
+    present a device (which needs the CA's ledger, the server's ``authority``).
+    """
+
+    def __init__(self, server: WebHost, app: AppFiles, mutual: bool = False) -> None:
         super().__init__()
         self.server = server
         self.app = app
+        self.mutual = mutual
         self.chat: WebChat | None = None
 
     def request(self, request: Request) -> None:
@@ -181,7 +188,7 @@ class WebHandler(_Http):
             self._answer(403, b"403: the chat opens only from its own page\n", host=host, close=True)
         else:
             self.transport.write(self.codec.accept(request))
-            self.chat = WebChat(self.server, self.transport)
+            self.chat = WebChat(self.server, self.transport, self.mutual)
             self.chat.start()
 
     def text(self, event: Text) -> None:
@@ -214,8 +221,9 @@ class WebSocketConn:
     """A session's connection over a WebSocket: every line it is given leaves as one text message.
 
     The same surface as the engine's transport (what :class:`~securechat.server.room.ChatConn` and the
-    session use), delegating to it but for what it sends; framing needs no connection state (a server's frames are unmasked),
-    so it happens in whichever thread sends, and lines keep their order through the transport's queue.
+    session use), delegating to it but for what it sends. Framing needs no connection state (a server's
+    frames are unmasked), so it happens in whichever thread sends, and lines keep their order through
+    the transport's queue.
     """
 
     __slots__ = ("transport",)
@@ -253,9 +261,10 @@ class WebSocketConn:
 class WebChat:
     """The chat over one WebSocket: text messages in, a :class:`Session` fed their lines (loop thread)."""
 
-    def __init__(self, server: WebHost, transport: Any) -> None:
+    def __init__(self, server: WebHost, transport: Any, mutual: bool = False) -> None:
         self.server = server
         self.transport = transport
+        self.mutual = mutual
         self.conn = WebSocketConn(transport)
         self.buffer = LineBuffer(MAX_LINE_BYTES)
         self.session: Session | None = None
@@ -263,17 +272,12 @@ class WebChat:
         self._held: list[bytes] | None = None  # lines waiting for a device check
         self._timer: Any = None
 
-    @property
-    def _mutual(self) -> bool:
-        authority = self.server.authority
-        return authority is not None and bool(authority.require_client_cert)
-
     def start(self) -> None:
         refusal = self.server.early_refusal(self.transport.peer)
         if refusal:
             log.info("refused %s: %s", self.transport.peer, refusal)
             self.conn.close(protocol.notice(refusal), reason=refusal)
-        elif self._mutual:  # nothing until the device: a browser without one is refused at its first line
+        elif self.mutual:  # nothing until the device: a browser without one is refused at its first line
             login = self.server.login_timeout
             if login > 0:
                 self._timer = self.transport.call_later(login, self._no_login)
@@ -392,11 +396,25 @@ def _admit_device(authority: Any, secret: str, token: str | None) -> devices.Dev
     return device
 
 
-def install(server: Any, onboarding: Onboarding | None) -> None:
-    """Add the browser routes to ``server``'s table: HTTPS + WebSocket, and the onboarding page."""
+def spare_browsers(context: ssl.SSLContext, cert: str | Path, key: str | Path, *,
+                   tls_min: str = tls.DEFAULT_TLS_MIN) -> ssl.SSLContext:
+    """Give ``context`` the context its browsers' handshakes use instead: the same certificate, ALPN
+    ``http/1.1``, and no client-certificate request (:mod:`securechat.wire.hello` says why). Returns
+    ``context``; a renewal that builds a new one through this gets a new browsers' context with it."""
+    browsers = tls.server_context(cert, key, tls_min=tls_min)
+    browsers.set_alpn_protocols([ALPN])
+    context.securechat_browsers = browsers  # type: ignore[attr-defined]
+    return context
+
+
+def install(server: Any, onboarding: Onboarding | None, *, mutual: bool = False) -> None:
+    """Add the browser routes to ``server``'s table: HTTPS + WebSocket, and the onboarding page.
+
+    ``mutual`` (``--require-client-cert``): browsers chat only with a device (``invite NAME --web``).
+    """
     from securechat.server.routes import PLAINTEXT_HTTP
 
     app = AppFiles()
-    server.routes.add(ALPN, lambda: WebHandler(server, app))
+    server.routes.add(ALPN, lambda: WebHandler(server, app, mutual))
     if onboarding is not None:
         server.routes.add(PLAINTEXT_HTTP, lambda: OnboardingHandler(onboarding))

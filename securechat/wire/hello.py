@@ -23,6 +23,15 @@ _ALPN_EXTENSION = 16
 MAX_HELLO_BYTES = 5 + 16384
 
 
+# What browsers offer for HTTPS; our own clients offer nothing, or names of our own (securechat-...).
+BROWSER_ALPN = ("http/1.1", "h2")
+
+
+def is_browser(offered: tuple[str, ...]) -> bool:
+    """Whether a ClientHello offering ``offered`` is a browser's (HTTP, and nothing of securechat's own)."""
+    return any(name in BROWSER_ALPN for name in offered) and not any(name.startswith("securechat") for name in offered)
+
+
 def offered_alpn(data: bytes) -> tuple[str, ...] | None:
     """The ALPN names the ClientHello starting ``data`` offers; None while more bytes are needed.
 

@@ -7,8 +7,10 @@ Real TLS on 127.0.0.1 with ALPN ``http/1.1`` (what browsers offer); the WebSocke
 from __future__ import annotations
 
 import secrets
+import shutil
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,7 +41,8 @@ def web_server(web_certs: Path) -> Iterator[Callable[..., ChatServer]]:
     servers: list[ChatServer] = []
 
     def start(**options: object) -> ChatServer:
-        context = tls.server_context(web_certs / "server.pem", web_certs / "server.key")
+        context = web.spare_browsers(tls.server_context(web_certs / "server.pem", web_certs / "server.key"),
+                                     web_certs / "server.pem", web_certs / "server.key")
         server = ChatServer(LOOPBACK, 0, context, **options)  # type: ignore[arg-type]
         web.install(server, pages.Onboarding.for_certificate(web_certs / "server.pem"))
         server.start()
@@ -288,3 +291,24 @@ def test_frames_bigger_than_a_line_are_refused_before_they_are_buffered(web_serv
     header = b"\x81\xff" + (100 * 2**20).to_bytes(8, "big") + b"\x00\x00\x00\x00"
     client.send_raw(header + b"a" * 65536)
     assert client.expect("* line too long").startswith("* line too long")
+
+
+def test_browsers_are_not_asked_for_a_client_certificate_and_everyone_else_still_is(tmp_path: Path) -> None:
+    """A CertificateRequest makes Android's Chrome show a certificate picker and cancels WebSockets; the
+    server leaves it out of handshakes that offer HTTP only (what openssl s_client shows: the request's
+    signature algorithms), and keeps it for line clients, enrollment and anything offering our names."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    server = Server(tmp_path / "server")
+    try:
+        def requested(*alpn: str) -> bool:
+            args = ["-alpn", ",".join(alpn)] if alpn else []
+            done = subprocess.run(["openssl", "s_client", "-connect", f"{LOOPBACK}:{server.port}", "-CAfile",
+                                   str(server.ca), *args], input="", capture_output=True, text=True, timeout=20)
+            assert "Verify return code: 0 (ok)" in done.stdout, done.stdout[-1500:]
+            return "Requested Signature Algorithms" in done.stdout
+
+        assert not requested("http/1.1") and not requested("h2", "http/1.1")
+        assert requested() and requested("securechat-enroll/1") and requested("securechat-enroll/1", "http/1.1")
+    finally:
+        server.stop()
