@@ -58,7 +58,7 @@ class Asset:
 
 
 def _static(name: str) -> bytes:
-    return files("securechat.server").joinpath("static", name).read_bytes()
+    return files("securechat.server").joinpath("static").joinpath(name).read_bytes()
 
 
 def _load(table: dict[str, tuple[str, str]]) -> dict[str, Asset]:

@@ -237,7 +237,7 @@ class WebSocketConn:
 
     @property
     def peer(self) -> tuple[Any, ...]:
-        return self.transport.peer  # type: ignore[no-any-return]
+        return self.transport.peer
 
     @property
     def closing(self) -> bool:
