@@ -312,3 +312,34 @@ def test_browsers_are_not_asked_for_a_client_certificate_and_everyone_else_still
         assert requested() and requested("securechat-enroll/1") and requested("securechat-enroll/1", "http/1.1")
     finally:
         server.stop()
+
+
+def test_the_banner_names_the_browsers_address_and_no_web_turns_the_front_door_off(tmp_path: Path) -> None:
+    server = Server(tmp_path / "on")
+    try:
+        browsers = server.wait_out("[SERVER] Browsers: ")
+        assert browsers == f"[SERVER] Browsers: https://127.0.0.1:{server.port}/"
+        assert f"http://127.0.0.1:{server.port}/ offers the CA" in server.wait_out("[SERVER] First time on a phone")
+    finally:
+        server.stop()
+    off = Server(tmp_path / "off", "--no-web")
+    try:
+        time.sleep(0.3)
+        assert not any("Browsers" in line for line in off.printed + list(off.out.queue))
+        with pytest.raises((ConnectionError, OSError)):
+            WebClient.open(off.port, off.ca)  # the handshake offers no http/1.1: closed
+        with socket.create_connection((LOOPBACK, off.port), timeout=5) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP: the TLS notice, no page
+            assert raw.recv(4096).startswith(b"* this server requires TLS")
+        _line_client_to(off, "alice").close()  # line clients as ever
+    finally:
+        off.stop()
+
+
+def _line_client_to(server: Server, nick: str) -> LineClient:
+    raw = socket.create_connection((LOOPBACK, server.port), timeout=10)
+    client = LineClient(tls.client_context(server.ca).wrap_socket(raw, server_hostname="localhost"))
+    client.expect("* securechat: send your nickname")
+    client.send(nick)
+    client.expect(f"* welcome, {nick}!")
+    return client
