@@ -25,7 +25,7 @@ from securechat.wire import tls
 from securechat.wire.web import frame_lines
 from tests.browser import Server  # the real `securechat serve`
 from tests.conftest import LOOPBACK, LineClient
-from tests.webclient import Refused, WebClient, http_get
+from tests.webclient import Refused, WebClient, http_get, tls_context
 
 
 @pytest.fixture(scope="module")
@@ -326,8 +326,9 @@ def test_the_banner_names_the_browsers_address_and_no_web_turns_the_front_door_o
     try:
         time.sleep(0.3)
         assert not any("Browsers" in line for line in off.printed + list(off.out.queue))
-        with pytest.raises((ConnectionError, OSError)):
-            WebClient.open(off.port, off.ca)  # the handshake offers no http/1.1: closed
+        raw = socket.create_connection((LOOPBACK, off.port), timeout=5)
+        with tls_context(off.ca).wrap_socket(raw, server_hostname="localhost") as sock:
+            assert sock.selected_alpn_protocol() is None  # http/1.1 is not taken: no HTTPS here
         with socket.create_connection((LOOPBACK, off.port), timeout=5) as raw:
             raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP: the TLS notice, no page
             assert raw.recv(4096).startswith(b"* this server requires TLS")
