@@ -66,6 +66,8 @@ class WebHost(Protocol):
 class _Http:
     """h11 over one transport: request deadlines, answers, closing; subclasses route the requests."""
 
+    __slots__ = ("codec", "transport", "_timer")  # a thousand browsers: no __dict__ each
+
     def __init__(self) -> None:
         self.codec = ServerCodec()
         self.transport: Any = None
@@ -166,6 +168,8 @@ class WebHandler(_Http):
     present a device (which needs the CA's ledger, the server's ``authority``).
     """
 
+    __slots__ = ("server", "app", "mutual", "chat")
+
     def __init__(self, server: WebHost, app: AppFiles, mutual: bool = False) -> None:
         super().__init__()
         self.server = server
@@ -203,6 +207,8 @@ class WebHandler(_Http):
 
 class OnboardingHandler(_Http):
     """Plain HTTP on the chat port: the onboarding page and the CA's public certificate, nothing else."""
+
+    __slots__ = ("onboarding",)
 
     def __init__(self, onboarding: Onboarding) -> None:
         super().__init__()
@@ -260,6 +266,8 @@ class WebSocketConn:
 
 class WebChat:
     """The chat over one WebSocket: text messages in, a :class:`Session` fed their lines (loop thread)."""
+
+    __slots__ = ("server", "transport", "mutual", "conn", "buffer", "session", "_first", "_held", "_timer")
 
     def __init__(self, server: WebHost, transport: Any, mutual: bool = False) -> None:
         self.server = server

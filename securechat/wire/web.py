@@ -176,6 +176,8 @@ class ServerCodec:
     before the next request is parsed; ``must_close`` says to close once the answer is written.
     """
 
+    __slots__ = ("_http", "_ws", "_request", "_answering", "_out", "max_requests", "requests", "state", "must_close")
+
     def __init__(self, *, max_head: int = MAX_REQUEST_HEAD, max_requests: int = MAX_REQUESTS) -> None:
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self._ws: wsproto.connection.Connection | None = None
@@ -317,6 +319,7 @@ class ServerCodec:
         self._ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER,
                                                  trailing_data=bytes(trailing))
         self.state = WEBSOCKET
+        self._http = None  # type: ignore[assignment]  # HTTP is over for good: a chat holds nothing of it
         return out
 
     def close(self, code: int = NORMAL_CLOSURE, reason: str = "") -> bytes:

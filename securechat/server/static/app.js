@@ -209,7 +209,8 @@ const LEFT_RE = /^\* you left #([A-Za-z0-9_-]{1,32})$/;
 const TALKING_RE = /^\* (?:.*; )?now talking in #([A-Za-z0-9_-]{1,32})$/;
 const LIVE_RE = /^\* (?:.*; )?now live in #([A-Za-z0-9_-]{1,32})$/;
 const WHO_RE = /^\* ([0-9]+) (?:online|in #[A-Za-z0-9_-]+): (.*)$/;
-const WELCOME_RE = /^\* welcome, ([A-Za-z0-9_-]{1,24})! (\(resumed\) )?.*?([0-9]+) online: ([^.]*)\./;
+const WELCOME_RE = /^\* welcome, ([A-Za-z0-9_-]{1,24})! (\(resumed\) )?/;
+const ONLINE_RE = / online: ([^.]*)\./; // the names, while there are few (else "N online (/who lists them)")
 const DEVICE_RE = /^\* device: ([A-Za-z0-9_-]{1,24})$/;
 const FINAL = [/^\* goodbye$/, /^\* disconnected for flooding$/, /^\* line too long/, /^\* no nickname within/,
                /^\* server full/, /^\* your certificate has been revoked/, /^\* this server requires a client certificate/,
@@ -226,7 +227,7 @@ function received(line) {
 function beforeWelcome(line) {
   let m;
   if ((m = DEVICE_RE.exec(line))) return deviceAccepted(m[1]);
-  if ((m = WELCOME_RE.exec(line))) return welcomed(m[1], m[4]);
+  if ((m = WELCOME_RE.exec(line))) return welcomed(m[1], (ONLINE_RE.exec(line) || ["", ""])[1]);
   if (line.startsWith("* nickname refused: ")) return loginError(line.slice(20).replace(/; send another$/, ""));
   if (line.startsWith("* device refused: ")) return deviceRefused(line.slice(18));
   if (FINAL.some((re) => re.test(line))) { finalWord = line.slice(2); return loginError(line.slice(2)); }
