@@ -5,7 +5,7 @@ database (``certutil``, Debian's libnss3-tools) under a throwaway ``HOME``, wher
 for the user's trusted authorities. Certificate verification stays on; nothing is ignored.
 
 Also here: ``securechat serve`` as a subprocess (the browser tests use the real command, certificates
-minted on first run as a user's would be), and a TCP relay the tests can cut, as a phone's sleep does.
+minted on first run as a user's would be).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import queue
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -180,68 +179,6 @@ class Server:
 
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-class Relay:
-    """A TCP relay on 127.0.0.1 to ``port`` whose connections the test can cut (:meth:`cut`), as a phone's
-    sleep or a Wi-Fi change does: both sides see their connection end at once."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.listener = socket.create_server((LOOPBACK, 0))
-        self.port = self.listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._pairs: list[tuple[socket.socket, socket.socket]] = []
-        self._open = True
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while self._open:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection((LOOPBACK, self.target), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._pairs.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._copy, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _copy(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self) -> int:
-        """Reset every connection through the relay; return how many there were."""
-        with self._lock:
-            pairs, self._pairs = self._pairs, []
-        for pair in pairs:
-            for s in pair:
-                try:  # a reset, not a goodbye: linger 0, and wake the copying thread first
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    s.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
-                s.close()
-        return len(pairs)
-
-    def close(self) -> None:
-        self._open = False
-        self.listener.close()
-        self.cut()
 
 
 skip_without_browser = pytest.mark.skipif(missing() is not None, reason=missing() or "")
