@@ -23,8 +23,8 @@ from securechat.server import pages, web
 from securechat.server.engine import ChatServer
 from securechat.wire import tls
 from securechat.wire.web import frame_lines
-from tests.browser import Server  # the real `securechat serve`
 from tests.conftest import LOOPBACK, LineClient
+from tests.serving import Server  # the real `securechat serve`
 from tests.webclient import Refused, WebClient, http_get, tls_context
 
 

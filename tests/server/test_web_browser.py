@@ -22,10 +22,8 @@ import pytest
 from tests.browser import (
     DESKTOP,
     PHONE,
-    Server,
     browser,
     close,
-    env,
     resize,
     rows,
     skip_without_browser,
@@ -33,6 +31,7 @@ from tests.browser import (
 )
 from tests.conftest import LOOPBACK
 from tests.relay import Relay
+from tests.serving import Server, env
 
 pytestmark = [pytest.mark.slow, skip_without_browser]
 
