@@ -147,6 +147,25 @@ def _check_client_names(out_dir: Path, names: Sequence[str]) -> None:
             )
 
 
+def _record_clients(out_dir: Path, issued: Sequence[tuple[x509.Certificate, str]], days: int) -> None:
+    """Enter client certificates in the CA's ledger before their files are written (the one name rule:
+    :mod:`securechat.pki.names`); CertError, and nothing written, when it refuses one."""
+    if not issued:
+        return
+    from securechat.pki.ledger import Store, StoreError
+
+    store = Store(out_dir)
+    try:
+        for _, name in issued:  # every name first, so a refusal leaves nothing recorded
+            why = store.name_refusal(name)
+            if why is not None:
+                raise CertError(why)
+        for cert, name in issued:
+            store.record(cert, name, days)
+    except StoreError as exc:
+        raise CertError(str(exc)) from None
+
+
 def _issued_clients(out_dir: Path) -> list[str]:
     """Names of the client certificates and keys in ``out_dir`` (``client-NAME.pem``/``.key``)."""
     if not out_dir.is_dir():
@@ -404,6 +423,7 @@ def _issue(
             (out_dir / SERVER_CERT, cert_to_pem(server_cert) + cert_to_pem(ca_cert), 0o644),
         ]
     clients_out: dict[str, tuple[Path, Path]] = {}
+    issued: list[tuple[x509.Certificate, str]] = []
     for name in client_names:
         cert_path, key_path = certdir.client_paths(out_dir, name)
         if ca is not None and key_path.exists():
@@ -417,6 +437,8 @@ def _issue(
         cert = build_client(key, ca_cert, ca_key, name, days, now)
         written.append((cert_path, cert_to_pem(cert), 0o644))
         clients_out[name] = (cert_path, key_path)
+        issued.append((cert, name))
+    _record_clients(out_dir, issued, days)
 
     for path, data, mode in written:
         certdir.write_atomic(path, data, mode)

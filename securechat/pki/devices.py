@@ -29,7 +29,8 @@ import secrets
 import sqlite3
 from dataclasses import dataclass
 
-from securechat.pki.ledger import DEFAULT_CERT_DAYS, KEEP_FINISHED, Store, serial_hex
+from securechat.pki import names
+from securechat.pki.ledger import DEFAULT_CERT_DAYS, KEEP_FINISHED, Store, StoreError, bump, serial_hex
 
 # The invite token in the link: 128 random bits (base64url, 22 characters), as unguessable as a
 # resume token; it is only a key to a row that lives minutes and works once.
@@ -74,10 +75,14 @@ def _digest(text: str) -> bytes:
 
 
 def create_invite(store: Store, name: str, *, expires_in: float, days: int = DEFAULT_CERT_DAYS) -> WebInvite:
-    """A new one-time ``--web`` invite for ``name``; its ``token`` goes in the link."""
+    """A new one-time ``--web`` invite for ``name``; its ``token`` goes in the link.
+
+    The name is held as invited, under the ledger's name rule (``Refused``, nothing made, otherwise).
+    """
     now = store.clock()
     token = secrets.token_urlsafe(INVITE_BYTES)
     with store.transaction() as db:
+        store.hold_name(db, name, names.INVITED, now + expires_in)
         db.execute("DELETE FROM web_invites WHERE expires < ?", (now - KEEP_FINISHED,))
         cursor = db.execute("INSERT INTO web_invites (token_hash, name, created, expires, days) VALUES (?, ?, ?, ?, ?)",
                             (_digest(token), name, now, now + expires_in, days))
@@ -104,6 +109,10 @@ def cancel(store: Store, which: str) -> list[WebInvite]:
                           "expires > ? AND (name = ? OR id = ?)", (now, key, number)).fetchall()
         for row in rows:
             db.execute("UPDATE web_invites SET state = 'cancelled' WHERE id = ?", (row[0],))
+        for name in {row[1] for row in rows}:  # the invitation ends unless another live link backs it
+            if not any(names.key(other) == names.key(name) for (other,) in db.execute(
+                    "SELECT name FROM web_invites WHERE state = 'active' AND expires > ?", (now,))):
+                store.unhold_invited(db, name, now)
     return [WebInvite(*row) for row in rows]
 
 
@@ -129,14 +138,20 @@ def claim(store: Store, token: str, secret: str) -> Device:
             raise DeviceError("this link was cancelled: ask for a new one")
         if expires <= now:
             raise DeviceError("this link has expired: ask for a new one")
+        try:  # the name rule: revoked (or given to another spelling) since the link was made
+            store.hold_name(db, name, names.ISSUED)
+        except StoreError as exc:
+            raise DeviceError(f"this link can no longer be used: {exc}") from None
         db.execute("UPDATE web_invites SET state = 'used' WHERE id = ?", (invite_id,))
         try:
             db.execute("INSERT INTO web_devices (serial, secret_hash, invite) VALUES (?, ?, ?)",
                        (serial_hex(serial), _digest(secret), invite_id))
         except sqlite3.IntegrityError:  # the same secret twice: only a broken (or hostile) page does that
             raise DeviceError("this browser is already registered: open the chat without the link") from None
-        db.execute("INSERT INTO issued (serial, name, not_after, issued, last_seen, cert_days) VALUES "
-                   "(?, ?, ?, ?, ?, ?)", (serial_hex(serial), name, now + days * 86400.0, now, now, days))
+        db.execute("INSERT INTO issued (serial, name, name_key, not_before, not_after, issued, last_seen, cert_days) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (serial_hex(serial), name, names.key(name), now, now + days * 86400.0, now, now, days))
+        bump(db)
     return Device(serial, name)
 
 
@@ -151,7 +166,8 @@ def check(store: Store, secret: str) -> Device:
         if row is None:
             raise DeviceError("this browser is not registered with the server: ask for a new link")
         serial, name, not_after, revoked, days = row
-        if revoked is not None:
+        held = store.held(db, names.key(name))
+        if revoked is not None or held is not None and held.state == names.REVOKED:
             raise DeviceError("this browser's access has been revoked: ask the server's admin for a new link")
         if not_after <= now:
             raise DeviceError("this browser was not used for too long and its access expired: ask for a new link")

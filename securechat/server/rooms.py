@@ -24,8 +24,10 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from securechat.server.inbox import Inbox
 from securechat.server.room import (
     ANNOUNCE_LIMIT,
     DEFAULT_ROOM,
@@ -75,6 +77,10 @@ class Rooms:
         self.replay = replay
         # Under mutual TLS a name is a person: a /msg to someone offline is kept for them.
         self.offline_messages = offline_messages
+        self.inbox = Inbox(self, self._save_marks)
+        # The person a nick names, spelled as the CA issued it, or None for nobody (the server's
+        # securechat.server.trust, when it knows the CA's names); None here: any nick is a person.
+        self.persons: Callable[[str], str | None] | None = None
         self.grace = grace
         self._lock = threading.Lock()
         self._nicks: dict[str, Member] = {}  # nick_key -> member (held sessions included)
@@ -160,6 +166,7 @@ class Rooms:
     def unregister(self, member: Member, why: str, *, quiet: bool = False) -> None:
         """``member`` is gone for good: leave every room (telling each, unless ``quiet``), free the nick."""
         self._save_marks(member)
+        self.inbox.forget(member)
         for room in list(member.joined):
             self._leave_room(member, room, why, quiet=quiet)
         member.current = None
@@ -232,8 +239,8 @@ class Rooms:
             if room_error(name) is None and len(member.joined) < MAX_JOINED:
                 self.join(member, name, after=mark, confirm=False, budget=REPLAY_BYTES // share,
                           max_lines=MAX_CATCHUP_LINES // share)
-        if member.person and self._offline_messages(member, marks.get("@" + member.nick)):
-            self._save_marks(member)  # now, so even a crash of the server never gives them twice
+        if member.person:
+            self.inbox.deliver(member, marks.get("@" + member.nick))
 
     def join(self, member: Member, name: str, *, after: str | None = None, confirm: bool = True,
              budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES) -> None:
@@ -426,8 +433,14 @@ class Rooms:
         elif self.directory.online(target_nick):
             name, store = target_nick, False
         elif self.offline_messages and protocol.nick_error(target_nick) is None:
-            name, store = target_nick, True
-            member.conn.send(protocol.notice(f"{target_nick} is offline: kept for their next login"))
+            person = self.persons(target_nick) if self.persons is not None else target_nick
+            if person is None:
+                return f"no such nick: {protocol.sanitize(target_nick)}"
+            refusal = self.inbox.refusal(member.nick, person)
+            if refusal is not None:
+                return refusal
+            name, store = person, True
+            member.conn.send(protocol.notice(f"{person} is offline: kept for their next login"))
         else:
             return f"no such nick: {protocol.sanitize(target_nick)}"
         self.log.append("@" + name, "private", member.nick, text, name, store=store)
@@ -511,25 +524,6 @@ class Rooms:
             return
         target.conn.send(data)
 
-    def _offline_messages(self, member: Member, mark: str | None) -> bool:
-        """Give a returning person the private messages kept for it while it was away; True if any."""
-        if not self.log.stores:
-            return False
-        try:
-            entries = self.log.read_after("@" + member.nick, mark, MAX_CATCHUP)
-        except Exception as exc:
-            log.error("cannot read the messages kept for %s: %s", member.nick, exc)
-            return False
-        if not entries:
-            return False
-        now = time.time()
-        member.conn.send(protocol.notice(f"{len(entries)} private message{'s' if len(entries) != 1 else ''} "
-                                         "while you were away:"))
-        for entry in entries:
-            member.conn.send(protocol.encode(f"(missed {time_label(entry.ts, now)}) {render(entry)}"))
-        member.private_mark = entries[-1].id
-        return True
-
     # -- read positions and resuming -------------------------------------------------------
 
     def _save_marks(self, member: Member) -> None:
@@ -560,6 +554,7 @@ class Rooms:
     def _detach(self, member: Member) -> None:
         """Stop delivering to ``member`` but keep its nick and rooms (its lines stay in the log)."""
         self._save_marks(member)
+        self.inbox.forget(member)
         member.dropped_at = {room.key: room.last_id for room in member.joined}
         member.held_private = []
         for room in member.joined:

@@ -277,6 +277,8 @@ class Session:
             self.conn.deadline = None
             self.conn.close(protocol.notice(f"no nickname within {self.server.login_timeout:g} s; goodbye"),
                             reason="no nickname in time")
+        elif self.state is State.CHAT:  # private messages kept while away, given back batch by batch
+            self.server.rooms.inbox.tick(self)
 
     def _on_too_long(self) -> None:
         self.quitting = True

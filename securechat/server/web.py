@@ -398,8 +398,7 @@ def _admit_device(authority: Any, secret: str, token: str | None) -> devices.Dev
         device = devices.claim(authority.store, token, secret) if token else devices.check(authority.store, secret)
     except devices.DeviceError as exc:
         return str(exc)
-    if token:
-        authority.refresh()  # the name is held from now on
+    if token:  # the ledger's generation moved: every server's next read holds the name
         log.warning("browser device %X bound to %s", device.serial, device.name)
     return device
 

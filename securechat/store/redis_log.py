@@ -92,8 +92,11 @@ INBOX_CAP = 10_000
 # The dedupe record of a server's sequence numbers outlives any retry by far.
 SEQ_TTL_MS = 7 * 24 * 3600 * 1000
 
-# How often the writer trims each room it wrote to by age (--history-days).
+# How often the writer trims every room, inbox and the firehose by age (--history-days): a SCAN and
+# one pipelined XTRIM a minute; a line outlives its age by at most this.
 TRIM_EVERY = 60.0
+# Keys asked for per SCAN step while trimming.
+TRIM_SCAN_COUNT = 500
 
 # Lengths a line read back from Redis may have: what the protocol allows, with room to spare for
 # room names; anything longer did not come from a securechat server.
@@ -376,11 +379,13 @@ class RedisRoomLog(RoomLog):
         no_script = redis_module().exceptions.NoScriptError
         backoff = Backoff()
         deadline: float | None = None
-        trimmed = time.monotonic()
-        written_rooms: set[str] = set()
+        trimmed = time.monotonic() - TRIM_EVERY  # the first pass at once: a restart must not wait a minute
         batch: list[_Pending] = []
         marks: dict[str, dict[str, str]] = {}
         while True:
+            if self.history_seconds and time.monotonic() - trimmed > TRIM_EVERY:
+                trimmed = time.monotonic()
+                self._trim(client)
             if not batch and not marks:
                 with self._lock:
                     batch = [self._queue[i] for i in range(min(WRITE_BATCH, len(self._queue)))]
@@ -391,9 +396,6 @@ class RedisRoomLog(RoomLog):
                     self._wake.wait(1.0)
                     self._wake.clear()
                     continue
-            if self.history_seconds and time.monotonic() - trimmed > TRIM_EVERY:
-                trimmed = time.monotonic()
-                self._trim(client, written_rooms)
             if self._stop.is_set():
                 deadline = deadline or time.monotonic() + CLOSE_FLUSH_SECONDS
                 if time.monotonic() > deadline:
@@ -403,7 +405,7 @@ class RedisRoomLog(RoomLog):
                     shas = {"append": client.script_load(_APPEND_LUA), "route": client.script_load(_ROUTE_LUA)}
                 pipe = client.pipeline(transaction=False)
                 for pending in batch:
-                    self._queue_write(pipe, pending, shas, written_rooms)
+                    self._queue_write(pipe, pending, shas)
                 for person, positions in marks.items():
                     key = self.config.key("marks", person)
                     pipe.delete(key)
@@ -435,7 +437,7 @@ class RedisRoomLog(RoomLog):
             self._set_health(writer=True)
         client.close()
 
-    def _queue_write(self, pipe: Any, pending: _Pending, shas: dict[str, str], rooms: set[str]) -> None:
+    def _queue_write(self, pipe: Any, pending: _Pending, shas: dict[str, str]) -> None:
         """Add one line's script call to the pipeline."""
         entry = pending.entry
         fields = ["r", entry.room, "k", entry.kind, "s", entry.sender, "t", entry.text, "g", entry.target,
@@ -445,19 +447,26 @@ class RedisRoomLog(RoomLog):
                          pending.seq, SEQ_TTL_MS, self.config.key("inbox", ""), INBOX_CAP, *fields)
             return
         room_stream = self.config.key("room", self.room_key(entry.room))
-        rooms.add(room_stream)
         pipe.evalsha(shas["append"], 3, self._log_key, room_stream, self._seq_key,
                      pending.seq, self.log_cap, self.history_lines if self.history else -1, SEQ_TTL_MS, *fields)
 
-    def _trim(self, client: Any, rooms: set[str]) -> None:
-        """Drop history older than history_seconds from the rooms this server wrote to."""
-        cutoff = int((time.time() - self.history_seconds) * 1000)
+    def _trim(self, client: Any) -> None:
+        """Forget every line older than history_seconds: in every room (quiet ones too, whoever wrote
+        them), every stored and routed private message, and the firehose.
+
+        Exact, by id (a stream id is its line's time in ms): ``XTRIM MINID`` without ``~``, which would
+        keep any partly filled node, that is every line of a quiet room. Every server does it; it is
+        idempotent.
+        """
+        cutoff = f"{int((time.time() - self.history_seconds) * 1000)}-0"
         with contextlib.suppress(*redis_errors()):
+            keys = [self._log_key]
+            for pattern in (self.config.key("room", "*"), self.config.key("inbox", "*")):
+                keys += client.scan_iter(match=pattern, count=TRIM_SCAN_COUNT, _type="stream")
             pipe = client.pipeline(transaction=False)
-            for key in rooms:
-                pipe.xtrim(key, minid=f"{cutoff}-0", approximate=True)
+            for key in keys:
+                pipe.xtrim(key, minid=cutoff, approximate=False)
             pipe.execute()
-            rooms.clear()
 
     # -- reader ----------------------------------------------------------------------------
 

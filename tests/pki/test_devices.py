@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from securechat.pki import certs, devices, ledger
-from securechat.pki.authority import Authority
+from securechat.pki import certs, devices, ledger, names
 
 
 class Clock:
@@ -55,8 +54,9 @@ def test_a_link_binds_one_browser_once_and_the_secret_is_stored_hashed(ca_dir: P
     (issued,) = store.certificates()
     assert issued.name == "alice" and issued.serial == ledger.serial_hex(device.serial)
     assert issued.serial in devices.device_serials(store)
-    assert "alice" in store.held_names()
-    assert Authority(ca_dir).reserved("AIice") is not None  # look-alikes too
+    held = store.snapshot().held[names.key("alice")]
+    assert (held.name, held.state) == ("alice", names.ISSUED)  # no guest takes it
+    assert store.name_refusal("AIice") is not None  # nor a look-alike spelling
 
 
 def test_a_secret_never_works_as_another_name_and_unknown_secrets_fail(ca_dir: Path) -> None:
@@ -72,17 +72,21 @@ def test_a_secret_never_works_as_another_name_and_unknown_secrets_fail(ca_dir: P
             devices.check(store, damaged)
 
 
-def test_revoking_the_name_ends_the_device_and_revocation_is_seen_by_the_authority(ca_dir: Path) -> None:
+def test_revoking_the_name_ends_the_device_in_what_servers_enforce(ca_dir: Path) -> None:
     store = ledger.Store(ca_dir)
     device = devices.claim(store, devices.create_invite(store, "alice", expires_in=900).token, secret := _secret())
-    authority = Authority(ca_dir)
-    assert not authority.is_revoked(device.serial)
-    (revoked,) = store.revoke("alice")
+    before = store.snapshot()
+    assert ledger.serial_hex(device.serial) not in before.revoked
+    (revoked,) = store.revoke("alice").certificates
     assert revoked.serial == ledger.serial_hex(device.serial)
-    authority.refresh()
-    assert authority.is_revoked(device.serial)
+    after = store.snapshot()
+    assert after.generation != before.generation  # the servers' watchers re-read it
+    assert ledger.serial_hex(device.serial) in after.revoked
+    assert after.held[names.key("alice")].state == names.REVOKED
     with pytest.raises(devices.DeviceError, match="revoked"):
         devices.check(store, secret)
+    with pytest.raises(ledger.StoreError, match="stays reserved"):  # and no new link for a revoked name
+        devices.create_invite(store, "alice", expires_in=900)
 
 
 def test_expired_cancelled_and_unknown_links(ca_dir: Path) -> None:
@@ -112,7 +116,7 @@ def test_a_device_lives_its_days_from_its_last_use(ca_dir: Path) -> None:
     clock.now += 31 * 86400  # a month unused
     with pytest.raises(devices.DeviceError, match="expired"):
         devices.check(store, secret)
-    assert "alice" not in store.held_names()
+    assert devices.create_invite(store, "alice", expires_in=60).token  # the same person may get a new link
 
 
 def test_two_browsers_racing_with_one_link_get_one_device(ca_dir: Path) -> None:
@@ -166,7 +170,7 @@ def test_invite_web_prints_a_link_and_a_qr_code_and_lists_revokes_and_certs_show
     assert "alice (browser)" in listing and ledger.serial_hex(device.serial) in listing
     revoked = _cli(root, "revoke", "alice")
     assert revoked.returncode == 0 and "Revoked alice" in revoked.stdout
-    assert Authority(ca_dir).is_revoked(device.serial)
+    assert ledger.serial_hex(device.serial) in ledger.Store(ca_dir).snapshot().revoked
 
 
 def test_invite_qr_shows_the_onboarding_page_and_makes_no_invite(ca_dir: Path) -> None:
@@ -200,3 +204,18 @@ def test_invite_qr_without_a_ca_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
     assert line.startswith("securechat invite: no CA certificate in certs")
+
+
+def test_a_link_follows_the_name_rule(ca_dir: Path) -> None:
+    store = ledger.Store(ca_dir)
+    store.create("alice")  # an ordinary invite holds the name
+    with pytest.raises(ledger.StoreError, match="same nickname to the server as 'alice'"):
+        devices.create_invite(store, "AIice", expires_in=900)
+    with pytest.raises(ledger.StoreError, match="invalid client name"):
+        devices.create_invite(store, "admin", expires_in=900)
+    link = devices.create_invite(store, "bob", expires_in=900)  # bob is invited: guests may not take it
+    assert store.snapshot().held[names.key("bob")].state == names.INVITED
+    devices.cancel(store, "bob")
+    assert names.key("bob") not in store.snapshot().held  # the invitation ended with its only link
+    with pytest.raises(devices.DeviceError, match="cancelled"):
+        devices.claim(store, link.token, _secret())
