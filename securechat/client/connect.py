@@ -9,6 +9,7 @@ import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -19,10 +20,13 @@ from securechat.client.chat import DEFAULT_CA, DEFAULT_TIMEOUT
 from securechat.client.errors import CA_HELP, ChatError, Disconnected
 from securechat.client.frontend import Frontend, LineMode
 from securechat.pki import certdir
-from securechat.wire import addr, options, tls
+from securechat.wire import options, tls
 from securechat.wire.addr import DEFAULT_PORT
 from securechat.wire.conn import describe_error
 from securechat.wire.options import EXIT_FAILURE, EXIT_OK
+
+if TYPE_CHECKING:
+    from securechat.client.profiles import Profile
 
 
 def _pin_arg(text: str) -> str:
@@ -37,10 +41,11 @@ def _pin_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = options.Parser(prog=PROG, description="Join a securechat server.")
-    p.add_argument("host", metavar="HOST[:PORT]",
+    p.add_argument("host", metavar="HOST[:PORT]", nargs="?",
                    help="the server's IP address or host name, optionally with the port: 192.168.0.20, "
                    "192.168.0.20:5555, [fe80::1%%eth0]:5555; several servers of one chat (serve --redis) "
-                   "separated by commas: the first that answers is used, the others when it goes away")
+                   "separated by commas: the first that answers is used, the others when it goes away. Left "
+                   "out: the server found on this network (mDNS) whose CA you know, else a numbered choice")
     p.add_argument("--port", type=options.port, default=None, help=f"TCP port (default: {DEFAULT_PORT})")
     p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
     trust = p.add_argument_group(
@@ -105,14 +110,11 @@ def parse_servers(text: str, port: int | None = None) -> list[tuple[str, int]]:
         raise ValueError(f"at most {MAX_SERVERS} servers")
     servers: list[tuple[str, int]] = []
     for item in items:
-        host, item_port = addr.split_host_port(item)
         try:
-            host = options.host(host)  # what can be judged without the network (control characters, ...)
+            address = options.server_address(item)  # the one parser every command that names a server uses
         except argparse.ArgumentTypeError as exc:
             raise ValueError(str(exc)) from None
-        if item_port is not None and port is not None and item_port != port:
-            raise ValueError(f"two ports: {item_port} in {addr.join(host, item_port)} and --port {port}; give one")
-        servers.append((host, item_port or port or DEFAULT_PORT))
+        servers.append((address[0], options.server_port(address, port)))
     return servers
 
 
@@ -191,6 +193,23 @@ def _first_contact(key: str, fingerprint: str, path: Path, kind: str) -> None:
          "delete that line from the file and do not chat")
 
 
+def _ask_trust(key: str, fingerprint: str, path: Path, kind: str) -> bool:
+    """``--tofu`` at a terminal: show the fingerprint and ask before anything is trusted or saved."""
+    print(f"First contact with {key}. Its {kind} has the SHA-256 fingerprint\n  {fingerprint}\n"
+          f"Compare it with the server's '{identity.line_for(kind)}' line (on the server, or ask its admin).",
+          flush=True)
+    try:
+        answer = input("Trust this server? [y/N] ")
+    except (EOFError, KeyboardInterrupt):
+        print(flush=True)
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _remembered(key: str, fingerprint: str, path: Path, kind: str) -> None:
+    print(f"Remembered in {path}: from now on {key} must present this {kind}.", flush=True)
+
+
 def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, identity.ServerTrust | None]:
     """The TLS context, or the --pin/--tofu trust, the command line asks for; ChatError on any problem."""
     if not (args.pin or args.tofu or args.ca) and (joined := _joined_context(args)) is not None:
@@ -207,8 +226,11 @@ def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, iden
 
         if args.pin:
             return None, identity.PinTrust(args.pin, tls_min=args.tls_min, prepare=prepare)
-        return None, identity.TofuTrust(args.host, args.port, on_first_contact=_first_contact,
-                                        tls_min=args.tls_min, prepare=prepare)
+        # A person at a terminal is asked first; a script keeps the old way (remember, and say what to check).
+        person = sys.stdin.isatty() and sys.stdout.isatty()
+        return None, identity.TofuTrust(args.host, args.port, tls_min=args.tls_min, prepare=prepare,
+                                        on_first_contact=_remembered if person else _first_contact,
+                                        ask=_ask_trust if person else None)
     ca = args.ca or DEFAULT_CA
     if not ca.is_file():
         raise ChatError(f"CA file {str(ca)!r} not found: {CA_HELP}; or recognise the server by its CA "
@@ -228,7 +250,7 @@ def _joined_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The context for a server joined with an invite (``securechat join``), renewing first if due."""
     from securechat.client import profiles
 
-    profile = profiles.load(args.host, args.port)
+    profile = getattr(args, "profile", None) or profiles.load(args.host, args.port)
     if profile is None:
         return None
     if args.cert is None:
@@ -245,10 +267,36 @@ def _joined_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return context
 
 
+def _found_on_network(args: argparse.Namespace) -> tuple[str, Profile | None]:
+    """``connect`` without an address: the server found on the LAN (see :mod:`securechat.client.servers`)."""
+    from securechat.client import discover, servers
+
+    try:
+        found = discover.browse()
+    except discover.DiscoveryError as exc:
+        raise ChatError(f"no server address given, and {exc}: give one, as in 'securechat connect "
+                        "192.168.0.20'") from None
+    chosen, profile = servers.choose_for_connect(
+        found, plain=args.plain, pin=args.pin, ca=args.ca, tofu=args.tofu,
+        interactive=sys.stdin.isatty() and sys.stdout.isatty())
+    how = " (you joined it)" if profile is not None else ""
+    _err(f"found '{chosen.name}' at {chosen.where} on this network{how}")
+    return chosen.where, profile
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``securechat connect``: 0 after leaving (or after the server shut down), 1 on any failure."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.profile = None
+    if args.host is None:
+        if args.port is not None:
+            parser.error("--port needs the server's address (HOST): 'securechat connect HOST --port N'")
+        try:
+            args.host, args.profile = _found_on_network(args)
+        except ChatError as exc:
+            _err(str(exc))
+            return EXIT_FAILURE
     try:
         servers = parse_servers(args.host, args.port)
     except ValueError as exc:

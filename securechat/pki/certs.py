@@ -368,6 +368,7 @@ def _issue(
     now: dt.datetime,
     server: bool = True,
     keep_names: bool = True,
+    this_machine: bool = True,
 ) -> MintResult:
     """Everything after the refusal checks: build in memory, then write (keys before certificates).
 
@@ -382,7 +383,7 @@ def _issue(
     validate_key_type(key_type)
     _check_client_names(out_dir, client_names)
 
-    auto_names, auto_addrs = netinfo.machine_names(), netinfo.local_addresses()
+    auto_names, auto_addrs = (netinfo.machine_names(), netinfo.local_addresses()) if this_machine else ([], [])
     if ca is not None and keep_names:
         kept_names, kept_addrs = _current_server_names(out_dir, ca[0])
         auto_names, auto_addrs = dedupe([*auto_names, *kept_names]), dedupe([*auto_addrs, *kept_addrs])
@@ -499,6 +500,7 @@ def mint(
     key_type: str = "ec",
     force: bool = False,
     reset_names: bool = False,
+    this_machine: bool = True,
     now: dt.datetime | None = None,
 ) -> MintResult:
     """Mint (or reuse) the local CA in ``out_dir`` and issue a server certificate and client certificates.
@@ -509,7 +511,9 @@ def mint(
     ``hosts`` entries that are IP addresses are treated as ``ips``. Invalid names raise ValueError.
 
     With a reused CA, asking only for ``clients`` leaves an existing server certificate alone;
-    re-issuing the server certificate keeps the names it had unless ``reset_names``. The whole
+    re-issuing the server certificate keeps the names it had unless ``reset_names``. ``this_machine=False``
+    issues it for another machine (another server of the chat): without this machine's names and
+    addresses, and without the names the current one had (localhost and loopback stay). The whole
     read-modify-write runs under the directory's lock (:mod:`securechat.pki.certdir`).
     """
     out_dir = Path(out_dir)
@@ -523,11 +527,13 @@ def mint(
     validate_key_type(key_type)
     with _locked_dir(out_dir):
         return _mint_locked(out_dir, hosts=hosts, ips=ips, clients=clients, days=days, key_type=key_type,
-                            force=force, reset_names=reset_names, now=current)
+                            force=force, reset_names=reset_names or not this_machine, now=current,
+                            this_machine=this_machine)
 
 
 def _mint_locked(out_dir: Path, *, hosts: list[str], ips: list[str | IPAddress], clients: list[str], days: int,
-                 key_type: str, force: bool, reset_names: bool, now: dt.datetime) -> MintResult:
+                 key_type: str, force: bool, reset_names: bool, now: dt.datetime,
+                 this_machine: bool = True) -> MintResult:
     ca: tuple[x509.Certificate, PrivateKey] | None = None
     if not force:
         if (out_dir / CA_CERT).exists() or (out_dir / CA_KEY).exists():
@@ -545,7 +551,7 @@ def _mint_locked(out_dir: Path, *, hosts: list[str], ips: list[str | IPAddress],
         and _existing_server(out_dir) is not None
     )
     return _issue(out_dir, ca=ca, hosts=hosts, ips=ips, clients=clients, days=days, key_type=key_type,
-                  now=now, server=server, keep_names=not reset_names)
+                  now=now, server=server, keep_names=not reset_names, this_machine=this_machine)
 
 
 def mint_if_missing(out_dir: str | Path, check: Callable[[Path], None] | None = None) -> MintResult | None:

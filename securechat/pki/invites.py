@@ -1,8 +1,8 @@
 """``securechat invite [NAME]``: make, list and cancel invites in the CA's ledger.
 
 ``invite NAME`` makes a code for ``securechat join``; ``invite NAME --web`` a one-time link that makes a
-browser NAME's (:mod:`securechat.pki.devices`); ``invite --qr`` shows no invite at all, only the address of
-the server's onboarding page as a QR code, for phones to scan.
+browser NAME's (:mod:`securechat.pki.devices`); ``invite --qr`` makes no invite at all, it shows the address
+of the server's onboarding page as a QR code, for phones to scan.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from securechat.pki import devices
+from securechat.pki import devices, serving
 from securechat.pki.ledger import (
     DEFAULT_CERT_DAYS,
     DEFAULT_EXPIRES,
@@ -26,8 +26,9 @@ from securechat.pki.ledger import (
     StoreError,
     utc,
 )
-from securechat.wire import addr, options, tls
-from securechat.wire.addr import DEFAULT_PORT
+from securechat.wire import options, tls
+from securechat.wire.addr import DEFAULT_PORT, host_text
+from securechat.wire.addr import join as join_address
 
 PROG = "securechat invite"
 DEFAULT_CERTS = Path("certs")
@@ -73,6 +74,19 @@ def _human(seconds: float) -> str:
     return f"{seconds:g} seconds"
 
 
+def no_ca_here(certs_dir: Path) -> str | None:
+    """Why ``certs_dir`` is not where the CA lives (invites, revocations and the certificate registry are
+    kept beside ``ca.key``), or None. Checked before anything is opened, so nothing is created there."""
+    if (certs_dir / "ca.key").is_file():
+        return None
+    if not certs_dir.is_dir():
+        return (f"no certificate directory {certs_dir}: run this on the server machine, in the folder where "
+                "'securechat serve' minted certs/, or pass --certs DIR")
+    copy = " (ca.pem alone is a client's copy of the CA)" if (certs_dir / "ca.pem").is_file() else ""
+    return (f"no CA here: {certs_dir} holds no ca.key{copy}; run this on the server machine, in the folder "
+            "where 'securechat serve' minted certs/, or pass --certs DIR")
+
+
 def _join_host(certs_dir: Path) -> str:
     """What a joiner most likely types to reach this server: a LAN address its certificate names."""
     try:
@@ -114,10 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qr", action="store_true",
                    help="without NAME: make no invite, show the server's onboarding page (the CA for browsers, "
                    "http://HOST:PORT/) as a QR code to scan with a phone")
-    p.add_argument("--host", type=options.host,
-                   help="the address joiners type (default: one from the server certificate)")
-    p.add_argument("--port", type=options.port, default=DEFAULT_PORT,
-                   help="the server's port (default: %(default)s)")
+    p.add_argument("--host", type=options.server_address, metavar="HOST[:PORT]",
+                   help="the address joiners type (default: the one the running server offers first)")
+    p.add_argument("--port", type=options.port, default=None,
+                   help="the server's port (default: the running server's)")
     certs_dir_option(p)
     action = p.add_mutually_exclusive_group()
     action.add_argument("--list", action="store_true", help="list the invites still usable")
@@ -138,9 +152,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--web links work once: make one link per browser")
     if args.qr and args.name and not args.web:
         parser.error("--qr shows the browser onboarding page; for a browser link of NAME add --web")
-    host = args.host or _join_host(args.certs)
+    if args.host is not None:
+        try:
+            args.port = options.server_port(args.host, args.port, 0) or None
+        except ValueError as exc:
+            parser.error(f"argument --host: {exc}")
+    missing = no_ca_here(args.certs)
+    if missing:
+        options.print_error(PROG, missing)
+        return 1
     if args.qr and not args.name:
-        return _onboarding_qr(args.certs, host, args.port)
+        return _onboarding_qr(args)
     store = Store(args.certs)
     try:
         if args.list:
@@ -156,23 +178,47 @@ def main(argv: Sequence[str] | None = None) -> int:
             for link in links:
                 print(f"Cancelled browser link w{link.id} for {link.name}.")
             return 0
-        if not (args.certs / "ca.key").is_file():
-            options.print_error(PROG, f"no CA in {args.certs} (ca.key): run this where the server's certs/ folder "
-                                "is, or pass --certs DIR")
-            return 1
         if args.web:
-            link = devices.create_invite(store, args.name, expires_in=args.expires, days=args.cert_days)
-            return _web_link(link, host, args.port, args.expires)
+            return _web_link(args, store)
         invite = store.create(args.name, expires_in=args.expires, uses=args.uses, cert_days=args.cert_days)
     except StoreError as exc:
         options.print_error(PROG, str(exc))
         return 1
-    port = "" if args.port == DEFAULT_PORT else f" --port {args.port}"
+    host, port, warning = _server(args)
+    if warning:
+        options.print_error(PROG, f"warning: {warning}")
+    where = host_text(host) if port == DEFAULT_PORT else join_address(host, port)
     who = invite.name or "your guest"
     once = "once" if invite.uses_total == 1 else f"{invite.uses_total} times"
-    print(f"Give {who} this line (valid {_human(args.expires)}, {once}):")
-    print(f"  securechat join {host} {invite.code}{port}")
+    try:
+        print(f"Give {who} this line (valid {_human(args.expires)}, {once}):")
+        print(f"  securechat join {where} {invite.code}")
+    except options.OutputLost as exc:
+        # Nobody saw the code: left usable, it would be a live secret no one knows is out there.
+        store.cancel(str(invite.nameplate))
+        options.print_error(PROG, f"cannot write to standard output ({exc}): invite {invite.nameplate} cancelled, "
+                            "since nobody saw its code")
+        return 1
     return 0
+
+
+def _server(args: argparse.Namespace) -> tuple[str, int, str]:
+    """(host, port) of the server to name in what is printed, and a warning if no running server with
+    this CA matches them."""
+    live = serving.running(args.certs)
+    match = [s for s in live if args.port is None or s.port == args.port]
+    port = args.port or (match[0].port if match else DEFAULT_PORT)
+    host = args.host[0] if args.host else next((s.hosts[0] for s in match if s.hosts), None) or _join_host(args.certs)
+    if not live:
+        return host, port, (f"no server is running with the CA in {args.certs}: start 'securechat serve' there "
+                       f"before the code is used (this line assumes port {port})")
+    if not match:
+        return host, port, (f"no server with the CA in {args.certs} listens on port {port}; running: "
+                       f"port {', '.join(str(s.port) for s in live)}")
+    if len(match) > 1:
+        return host, port, (f"several servers use this CA (ports {', '.join(str(s.port) for s in match)}): the code "
+                       f"works on any of them; the line names port {port} (--port picks another)")
+    return host, port, ""
 
 
 def _list_invites(store: Store) -> int:
@@ -192,7 +238,7 @@ def _list_invites(store: Store) -> int:
 
 def web_address(host: str, port: int, scheme: str = "https") -> str:
     """``https://HOST:PORT/`` as a browser wants it (an IPv6 address in brackets)."""
-    return f"{scheme}://{addr.join(host, port)}/"
+    return f"{scheme}://{join_address(host, port)}/"
 
 
 def print_qr(text: str) -> None:
@@ -202,14 +248,17 @@ def print_qr(text: str) -> None:
     segno.make(text, error="m", micro=False).terminal(compact=True)
 
 
-def _onboarding_qr(certs_dir: Path, host: str, port: int) -> int:
+def _onboarding_qr(args: argparse.Namespace) -> int:
     """``invite --qr``: the onboarding page's address as a QR code, and what to compare there."""
     try:
-        fingerprint = tls.file_fingerprint(certs_dir / "ca.pem")
+        fingerprint = tls.file_fingerprint(args.certs / "ca.pem")
     except (OSError, ValueError):
-        options.print_error(PROG, f"no CA certificate in {certs_dir} (ca.pem): run this where the server's certs/ "
+        options.print_error(PROG, f"no CA certificate in {args.certs} (ca.pem): run this where the server's certs/ "
                             "folder is, or pass --certs DIR")
         return 1
+    host, port, warning = _server(args)
+    if warning:
+        options.print_error(PROG, f"warning: {warning}")
     page = web_address(host, port, "http")
     print(f"Phones and computers on the network: scan this, or open {page}")
     print_qr(page)
@@ -218,12 +267,23 @@ def _onboarding_qr(certs_dir: Path, host: str, port: int) -> int:
     return 0
 
 
-def _web_link(link: devices.WebInvite, host: str, port: int, expires: float) -> int:
+def _web_link(args: argparse.Namespace, store: Store) -> int:
+    """``invite NAME --web``: a one-time link that makes a browser NAME's, and its QR code."""
+    link = devices.create_invite(store, args.name, expires_in=args.expires, days=args.cert_days)
+    host, port, warning = _server(args)
+    if warning:
+        options.print_error(PROG, f"warning: {warning}")
     url = f"{web_address(host, port)}#invite={link.token}"
-    print(f"Open this link in {link.name}'s browser (valid {_human(expires)}, once); it makes that browser "
-          f"{link.name}'s:")
-    print(f"  {url}")
-    print_qr(url)
-    print(f"First time on that phone or computer? Trust the CA first at {web_address(host, port, 'http')} "
-          "('securechat invite --qr').")
+    try:
+        print(f"Open this link in {link.name}'s browser (valid {_human(args.expires)}, once); it makes that "
+              f"browser {link.name}'s:")
+        print(f"  {url}")
+        print_qr(url)
+        print(f"First time on that phone or computer? Trust the CA first at {web_address(host, port, 'http')} "
+              "('securechat invite --qr').")
+    except options.OutputLost as exc:  # nobody saw the link: it must not stay usable
+        devices.cancel(store, f"w{link.id}")
+        options.print_error(PROG, f"cannot write to standard output ({exc}): browser link w{link.id} cancelled, "
+                            "since nobody saw it")
+        return 1
     return 0

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from securechat.pki import devices
-from securechat.pki.invites import certs_dir_option
+from securechat.pki.invites import certs_dir_option, no_ca_here
 from securechat.pki.ledger import Store, StoreError, utc
 from securechat.wire import options
 
@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``securechat certs``: 0, or 1 when the registry cannot be read."""
     args = build_parser().parse_args(argv)
+    missing = no_ca_here(args.certs)
+    if missing:
+        options.print_error(PROG, missing)
+        return 1
     try:
         store = Store(args.certs)
         issued = store.certificates()

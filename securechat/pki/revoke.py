@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from cryptography import x509
 
 from securechat.pki import devices
-from securechat.pki.invites import certs_dir_option
+from securechat.pki.invites import certs_dir_option, no_ca_here
 from securechat.pki.ledger import REVOCATION_POLL, Store, StoreError, utc
 from securechat.wire import options
 
@@ -69,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``securechat revoke NAME|SERIAL``: 0, or 1 when nothing matched."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = no_ca_here(args.certs)
+    if missing:
+        options.print_error(PROG, missing)
+        return 1
     if args.release:
         if not _NAME.fullmatch(args.which):
             parser.error(f"--release takes a NAME, not {args.which!r}")
@@ -90,15 +94,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         options.print_error(PROG, f"no unrevoked certificate named or numbered {args.which!r} ('securechat certs' "
                             "lists them)")
         return 1
-    for cert in done.certificates:
-        print(f"Revoked {cert.name} (serial {cert.serial}). A running server ends the session within 2 s.")
-    for link in links:
-        print(f"Cancelled browser link w{link.id} for {link.name}.")
-    if done.invites:
-        print(f"Cancelled invite{'s' if len(done.invites) > 1 else ''} {', '.join(map(str, done.invites))}.")
-    if done.name:
-        print(f"The name {done.name} stays reserved: nobody may be invited or connect under it until "
-              f"'securechat revoke --release {done.name}'.")
+    try:
+        for cert in done.certificates:
+            print(f"Revoked {cert.name} (serial {cert.serial}). A running server ends the session within 2 s.")
+        for link in links:
+            print(f"Cancelled browser link w{link.id} for {link.name}.")
+        if done.invites:
+            print(f"Cancelled invite{'s' if len(done.invites) > 1 else ''} {', '.join(map(str, done.invites))}.")
+        if done.name:
+            print(f"The name {done.name} stays reserved: nobody may be invited or connect under it until "
+                  f"'securechat revoke --release {done.name}'.")
+    except options.OutputLost as exc:  # status 1 as for any lost output, saying what was done
+        what = [f"{cert.name} (serial {cert.serial})" for cert in done.certificates]
+        options.print_error(PROG, f"cannot write to standard output ({exc}); revoked all the same: "
+                            + ", ".join(what or [f"the name {done.name}"]))
+        return 1
     if published is not None and store.clock() - published[0] > PUBLISHER_GONE:
         options.print_error(PROG, f"note: the cluster at {published[1]} was last updated {utc(published[0])}: its "
                             "other servers learn of this once the server holding ca.key runs with --redis again")

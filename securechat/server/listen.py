@@ -75,11 +75,9 @@ def certificate_ips(cert: Path) -> list[ipaddress.IPv4Address | ipaddress.IPv6Ad
     return list(san.get_values_for_type(x509.IPAddress))  # type: ignore[arg-type]
 
 
-def _reachable(host: str, dual: bool, cert: Path | None) -> tuple[list[str], list[str], bool]:
-    """(LAN addresses clients can use, loopback addresses, whether the certificate left LAN ones out).
-
-    ``cert`` is the server certificate (None with ``--plain``): with TLS only the addresses it covers work.
-    """
+def reachable(host: str, dual: bool, cert: Path | None) -> tuple[list[str], list[str]]:
+    """(this machine's LAN addresses, loopback addresses) clients can use to reach a server listening on
+    ``host``: with TLS (``cert``) only those the certificate covers, since clients refuse the others."""
     if host in (ANY_IPV4, ANY_IPV6):
         candidates = [a for a in netinfo.local_addresses() if dual or host == ANY_IPV4 and a.version == 4
                       or host == ANY_IPV6 and a.version == 6]
@@ -92,8 +90,7 @@ def _reachable(host: str, dual: bool, cert: Path | None) -> tuple[list[str], lis
     if covered is not None:
         candidates = [a for a in candidates if a in covered]
         loopback = [h for h in loopback if ipaddress.ip_address(h) in covered or h == "localhost"]
-    left_out = covered is not None and host in (ANY_IPV4, ANY_IPV6)
-    return [str(a) for a in candidates], loopback, left_out
+    return [str(a) for a in candidates], loopback
 
 
 def connect_hint(host: str, port: int, dual: bool, *, cert: Path | None, mutual: bool = False) -> list[str]:
@@ -102,7 +99,8 @@ def connect_hint(host: str, port: int, dual: bool, *, cert: Path | None, mutual:
     ``cert`` is the server certificate (None with ``--plain``): with TLS only the addresses it
     covers work, so only those are offered.
     """
-    candidates, loopback, left_out = _reachable(host, dual, cert)
+    candidates, loopback = reachable(host, dual, cert)
+    covered = cert is not None
     port_part = "" if port == DEFAULT_PORT else f":{port}"
     trust = "--plain" if cert is None else "--ca ca.pem"
     if mutual:
@@ -117,7 +115,8 @@ def connect_hint(host: str, port: int, dual: bool, *, cert: Path | None, mutual:
     elif loopback:
         first = addr.host_text(loopback[0])
         why = ("no LAN address of this machine is in the certificate (re-issue it with 'securechat gen-certs "
-               "--ip ADDR')" if left_out else "listening on this machine only")
+               "--ip ADDR')" if covered and host in (ANY_IPV4, ANY_IPV6) else
+               "listening on this machine only")
         lines.append(f"[SERVER] Only this machine can connect ({why}): securechat connect {first}{port_part} {trust}")
     if candidates and loopback:
         lines.append(f"[SERVER] On this machine: {', '.join(addr.host_text(h) for h in loopback)}")
@@ -126,13 +125,12 @@ def connect_hint(host: str, port: int, dual: bool, *, cert: Path | None, mutual:
 
 def browser_hint(host: str, port: int, dual: bool, *, cert: Path, mutual: bool = False) -> list[str]:
     """The browsers' address (the chat page, HTTPS) and the onboarding page's (plain HTTP, the same port)."""
-    candidates, loopback, _ = _reachable(host, dual, cert)
+    candidates, loopback = reachable(host, dual, cert)
     where = candidates[0] if candidates else loopback[0] if loopback else None
     if where is None:
         return []
     hostport = addr.join(where, port)
-    lines = [f"[SERVER] Browsers: https://{hostport}/"]
-    how = ("browsers join with a link from 'securechat invite NAME --web'; " if mutual else "")
-    lines.append(f"[SERVER] First time on a phone or computer: {how}http://{hostport}/ offers the CA certificate "
-                 "('securechat invite --qr' shows that address as a QR code)")
-    return lines
+    how = "browsers join with a link from 'securechat invite NAME --web'; " if mutual else ""
+    return [f"[SERVER] Browsers: https://{hostport}/",
+            f"[SERVER] First time on a phone or computer: {how}http://{hostport}/ offers the CA certificate "
+            "('securechat invite --qr' shows that address as a QR code)"]

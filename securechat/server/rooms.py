@@ -20,12 +20,13 @@ What a member sees (see the protocol table in :mod:`securechat.wire.protocol`):
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from securechat.server.inbox import Inbox
 from securechat.server.room import (
@@ -43,6 +44,7 @@ from securechat.server.room import (
     REPLAY_LINES,
     Member,
     Room,
+    conversation,
     render,
     room_error,
     tag,
@@ -51,9 +53,6 @@ from securechat.server.room import (
 from securechat.store.roomlog import Directory, Entry, LocalDirectory, LocalLog, RoomLog
 from securechat.wire import protocol
 from securechat.wire.ids import id_key, room_key
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("securechat.rooms")
 
@@ -276,10 +275,10 @@ class Rooms:
         if confirm:  # not at login: the welcome line says it
             member.conn.send(protocol.notice(f"you joined #{room.name} ({count} here); now talking in #{room.name}"))
         # Read before telling the room: the replay ends with what was said before this arrival.
-        if after is None:
-            entries = self._read(room, None, self.replay, before=True)
-            if entries:
-                member.paged[room.key] = entries[0].id  # /history goes on from there
+        if after is None:  # what people said (room.conversation), however many came and went since
+            entries, oldest = conversation(functools.partial(self._read, room, before=True), None, self.replay)
+            if oldest:
+                member.paged[room.key] = oldest  # /history goes on from there
         else:
             entries = self._missed(member, room, after)
         if not self.announce_limit or count <= self.announce_limit:
@@ -457,12 +456,13 @@ class Rooms:
         if not self.log.stores:
             member.conn.send(protocol.notice("history is off on this server"))
             return
-        before = member.paged.get(room.key)
-        entries = self._read(room, before, min(count, MAX_HISTORY_PAGE), before=True)
+        entries, oldest = conversation(functools.partial(self._read, room, before=True), member.paged.get(room.key),
+                                       min(count, MAX_HISTORY_PAGE))
+        if oldest:
+            member.paged[room.key] = oldest
         if not entries:
             member.conn.send(protocol.notice(f"no earlier lines in #{room.name}"))
             return
-        member.paged[room.key] = entries[0].id
         now = time.time()
         member.conn.send(protocol.notice(f"history of #{room.name}: {len(entries)} earlier "
                                          f"line{'s' if len(entries) != 1 else ''}"))

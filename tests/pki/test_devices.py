@@ -203,7 +203,7 @@ def test_invite_qr_without_a_ca_is_one_line(tmp_path: Path) -> None:
     done = _cli(tmp_path, "invite", "--qr")
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
-    assert line.startswith("securechat invite: no CA certificate in certs")
+    assert line.startswith("securechat invite: no certificate directory certs")
 
 
 def test_a_link_follows_the_name_rule(ca_dir: Path) -> None:

@@ -101,7 +101,7 @@ class Server:
         """Make an invite; return its code (checking the line the user is shown)."""
         done = self.cli("invite", *args, "--host", LOOPBACK, "--port", str(self.port))
         assert done.returncode == 0, done.stderr
-        match = re.search(rf"^  securechat join {re.escape(LOOPBACK)} (\S+) --port {self.port}$", done.stdout, re.M)
+        match = re.search(rf"^  securechat join {re.escape(LOOPBACK)}:{self.port} (\S+)$", done.stdout, re.M)
         assert match, done.stdout
         return match.group(1)
 
@@ -602,7 +602,7 @@ def test_concurrent_wrong_guesses_never_exceed_three(tmp_path: Path) -> None:
     (["invite", "alice", "--expires", "9d"], 2, "argument --expires: an invite lives more than 0 and at most 7 days"),
     (["invite", "alice", "--uses", "0"], 2, "0 is out of range: a whole number from 1 to 200"),
     (["invite", "admin"], 2, "invalid client name 'admin': 'admin' is reserved"),
-    (["invite", "alice"], 1, "securechat invite: no CA in certs (ca.key)"),
+    (["invite", "alice"], 1, "securechat invite: no certificate directory certs"),
     (["invite", "--list"], 1, "securechat invite: no certificate directory certs"),
     (["revoke", "alice"], 1, "securechat revoke: no certificate directory certs"),
     (["join", LOOPBACK, "7-crayon-galaxy"], 1, "securechat join: '7-crayon-galaxy' is not an invite code"),
