@@ -10,8 +10,9 @@ Modes (defaults in brackets; every option can override them):
 * ``throughput``: N clients [100], S of them [10] send M lines each [200] flat out; delivered
   lines/s, loss, order violations, duplicates, latency.
 * ``latency``: N [20] clients, S [4] senders at --rate [10] lines/s each for M [100] lines.
-* ``hold``: N [5000] idle clients held at once; the server's RSS and thread count, then one sender
-  sends M [5] lines 0.5 s apart and the time for each line to reach all N-1 others is reported.
+* ``hold``: N [10000] idle clients held at once; the server's RSS and thread count (and its CPU for
+  connecting them), then one sender sends M [5] lines 0.5 s apart and the time for each line to reach
+  all N-1 others is reported. Its clients are "light" by default (``--client``, below).
 * ``handshakes``: full TLS handshakes per second for --duration seconds [5] with --concurrency
   [4] in flight, next to ``openssl s_time -new`` against the same server.
 * ``web``: the ``hold`` load against one securechat server twice in one run, N [1000] WebSocket clients
@@ -29,6 +30,12 @@ The generator is one asyncio process (stdlib only). On a machine with two or mor
 itself to CPU 0 and the server under test to CPU 1 (--no-pin to let the scheduler decide), so the
 generator and the server do not steal each other's core and both servers get exactly the same
 CPU. The generator's and the server's CPU seconds are reported, to show which side was the limit.
+
+Clients (``--client``): ``asyncio`` uses asyncio's TLS transports (the default for every mode but
+hold, and what the earlier figures used); ``light`` drives each client's non-blocking
+``ssl.SSLSocket`` straight from the event loop's selector (``add_reader``). asyncio's TLS costs each
+connection a 256 KiB buffer and several times the CPU per record (CPython #109534): at 10,000
+clients on one core it would measure the generator, not the server, so hold uses ``light``.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ MODE_DEFAULTS = {
     #              clients senders lines  rate
     "throughput": (100, 10, 200, 0.0),
     "latency": (20, 4, 100, 10.0),
-    "hold": (5000, 1, 5, 2.0),
+    "hold": (10000, 1, 5, 2.0),
     "handshakes": (0, 0, 0, 0.0),
     "cluster": (100, 10, 200, 0.0),
     "web": (1000, 1, 5, 2.0),
@@ -475,9 +482,113 @@ def write_line(client: BenchClient, data: bytes) -> None:
         client.transport.write(data)
 
 
+class LightTransport:
+    """A client's non-blocking ``ssl.SSLSocket`` driven by the event loop's selector (``--client light``).
+
+    What BenchClient uses of an asyncio transport: ``write`` and ``abort``; ``data_received`` and
+    ``connection_lost`` are called on its protocol, as asyncio would.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, proto: BenchClient) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.proto = proto
+        self.out = b""
+        self.closed = False
+        loop.add_reader(self.fd, self._readable)
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.out:
+            self.out += data
+            return
+        self.out = data
+        self._writable()
+
+    def _writable(self) -> None:
+        try:
+            while self.out:
+                n = self.sock.send(self.out)
+                self.out = self.out[n:]
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            pass
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if self.out:
+            self.loop.add_writer(self.fd, self._writable)
+        else:
+            self.loop.remove_writer(self.fd)
+
+    def _readable(self) -> None:
+        sock = self.sock
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    self._lost(None)
+                    return
+                self.proto.data_received(data)
+                if not sock.pending():
+                    break
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            pass
+        except OSError as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: Exception | None) -> None:
+        self.abort()
+        self.proto.connection_lost(exc)
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)
+            self.sock.close()
+
+
+async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, writing: bool) -> None:
+    ready = loop.create_future()
+    (loop.add_writer if writing else loop.add_reader)(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        (loop.remove_writer if writing else loop.remove_reader)(fd)
+
+
+async def connect_light(loop: asyncio.AbstractEventLoop, ctx: ssl.SSLContext, port: int,
+                        proto: BenchClient) -> None:
+    """Connect, handshake (non-blocking) and hand the socket to a LightTransport."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setblocking(False)
+    try:
+        await loop.sock_connect(raw, (LOOPBACK, port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = ctx.wrap_socket(raw, server_hostname="localhost", do_handshake_on_connect=False)
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        while True:
+            try:
+                sock.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await _wait_fd(loop, sock.fileno(), False)
+            except ssl.SSLWantWriteError:
+                await _wait_fd(loop, sock.fileno(), True)
+    except BaseException:
+        sock.close()
+        raise
+    proto.connection_made(LightTransport(loop, sock, proto))  # type: ignore[arg-type]
+
+
 async def connect_all(
     run: Run, adapter: Adapter, port: int | list[int], ctx: ssl.SSLContext, n: int, concurrency: int,
-    timeout: float,
+    timeout: float, light: bool = False,
 ) -> tuple[list[BenchClient], list[float], float]:
     """Open ``n`` clients (``concurrency`` at a time) and log each in; per-client seconds and the total.
 
@@ -494,14 +605,18 @@ async def connect_all(
         async with sem:
             t0 = time.perf_counter_ns()
             ready = loop.create_future()
-            _, proto = await loop.create_connection(
-                lambda: kind(run, adapter, i, ready),
-                LOOPBACK,
-                ports[i % len(ports)],
-                ssl=ctx,
-                server_hostname="localhost",
-                ssl_handshake_timeout=60,
-            )
+            if light:
+                proto = kind(run, adapter, i, ready)
+                await asyncio.wait_for(connect_light(loop, ctx, ports[i % len(ports)], proto), 60)
+            else:
+                _, proto = await loop.create_connection(
+                    lambda: kind(run, adapter, i, ready),
+                    LOOPBACK,
+                    ports[i % len(ports)],
+                    ssl=ctx,
+                    server_hostname="localhost",
+                    ssl_handshake_timeout=60,
+                )
             t1 = await asyncio.wait_for(ready, timeout)
             clients.append(proto)
             times.append((t1 - t0) / 1e9)
@@ -604,9 +719,13 @@ async def run_load(server: Server, certs: dict[str, str], args: argparse.Namespa
     }
     base = server.status()
     res["rss_idle_mib"] = round(base.get("VmRSS", 0), 1)
+    res["client"] = args.client
+    cpu_srv0, cpu_gen0 = server.cpu(), self_cpu()
     clients, times, total = await connect_all(
-        run, adapter, server.port, ctx, n, args.connect_concurrency, args.connect_timeout
+        run, adapter, server.port, ctx, n, args.connect_concurrency, args.connect_timeout, args.client == "light"
     )
+    res["connect_server_cpu_s"] = round(server.cpu() - cpu_srv0, 2)
+    res["connect_gen_cpu_s"] = round(self_cpu() - cpu_gen0, 2)
     times.sort()
     res["connect_total_s"] = round(total, 3)
     res["connect_per_s"] = round(n / total, 1) if total else None
@@ -817,11 +936,14 @@ ROWS = {
         "threads_connected",
     ],
     "hold": [
+        "client",
         "clients",
         "connect_total_s",
         "connect_per_s",
         "connect_p50_ms",
         "connect_p99_ms",
+        "connect_server_cpu_s",
+        "connect_gen_cpu_s",
         "settle_s",
         "notice_lines",
         "rss_idle_mib",
@@ -1085,6 +1207,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=5.0, help="handshakes mode: seconds per server")
     p.add_argument("--concurrency", type=int, default=4, help="handshakes mode: handshakes in flight")
     p.add_argument("--connect-concurrency", type=int, default=64, help="connections being opened at once")
+    p.add_argument("--client", choices=["asyncio", "light"],
+                   help="client transports: asyncio's TLS, or non-blocking SSLSockets on the selector "
+                   "(default: light for hold and web, asyncio otherwise)")
     p.add_argument(
         "--connect-timeout", type=float, default=300.0, help="seconds allowed to connect all clients"
     )
@@ -1135,6 +1260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rate = r if args.rate is None else args.rate
     if args.mode in ("hold", "web"):
         args.senders = 1
+    if args.client is None:
+        args.client = "light" if args.mode in ("hold", "web") else "asyncio"
     return args
 
 

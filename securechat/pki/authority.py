@@ -20,16 +20,16 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from securechat.pki import builders, certs, enrollment
-from securechat.pki.enrollment import ALPN, ID_JOINER, ID_SERVER, INTERCEPTED, Wire, b64, leaf_fingerprint, mac, unb64
+from securechat.pki import builders, certs
+from securechat.pki.enrollment import ALPN, ID_JOINER, ID_SERVER, INTERCEPTED, b64, leaf_fingerprint, mac, unb64
 from securechat.pki.ledger import InviteError, Refused, Store, StoreError, serial_hex
 from securechat.wire import tls
 from securechat.wire.conn import describe_error
@@ -81,6 +81,21 @@ class Slots:
 
 
 # -- the server's side ---------------------------------------------------------------------------
+
+
+class Sink(Protocol):
+    """Where an exchange says its lines (the server's driver collects them and sends them)."""
+
+    def send(self, line: str) -> None: ...
+
+
+class Peer(Protocol):
+    """What an exchange reads of its TLS connection."""
+
+    @property
+    def context(self) -> ssl.SSLContext: ...
+
+    def getpeercert(self, binary_form: bool = ...) -> Any: ...
 
 
 class _PublicKeyOnly:
@@ -135,17 +150,21 @@ class Authority:
 
     # -- enrollment connections -------------------------------------------------------------
 
-    @staticmethod
-    def wants(sock: ssl.SSLSocket) -> bool:
-        """Whether this finished handshake chose the enrollment protocol."""
-        return sock.selected_alpn_protocol() == ALPN
+    def exchange(self, wire: Sink, sock: Peer, peer: tuple[Any, ...]) -> Generator[None, str, None]:
+        """One enrollment or renewal exchange, sans I/O: a generator that yields whenever it needs the
+        joiner's next line (pass it in with ``send``), and says its answers with ``wire.send(line)``.
 
-    def serve(self, sock: ssl.SSLSocket, peer: tuple[Any, ...]) -> None:
-        """Run one enrollment or renewal exchange (in the connection's thread), then return."""
-        started = time.monotonic()
-        wire = Wire(sock, started + min(FIRST_LINE_DEADLINE, enrollment.EXCHANGE_DEADLINE))
+        The connection's driver (the server's enrollment handler) runs each step on a worker thread:
+        a step reads and writes the ledger and may sign a certificate. It ends the exchange by throwing
+        in what went wrong: no first line within :data:`FIRST_LINE_DEADLINE`, the whole exchange past
+        :data:`~securechat.pki.enrollment.EXCHANGE_DEADLINE` (both counted from the handshake's end),
+        a line over the bound, the joiner gone; that is logged like any other failure. A slot is taken
+        only once the first line names the request (see the module docstring), and given back however
+        the exchange ends. ``sock`` is what the exchange reads of the TLS connection: its ``context``
+        and ``getpeercert(binary_form=True)``.
+        """
         try:
-            first = wire.read()
+            first = yield
         except (OSError, ValueError) as exc:
             log.info("enrollment from %s ended before its request: %s", peer,
                      describe_error(exc) if isinstance(exc, OSError) else exc)
@@ -163,16 +182,17 @@ class Authority:
                         slots.per_key, slots.per)
             self._say(wire, f"ERR {busy}")
             return
-        wire.deadline = started + enrollment.EXCHANGE_DEADLINE
         try:
-            handler(self, wire, sock, peer, rest)
+            steps = handler(self, wire, sock, peer, rest)
+            if steps is not None:
+                yield from steps
         except (OSError, ValueError, StoreError) as exc:
             log.warning("enrollment from %s failed: %s", peer, describe_error(exc) if isinstance(exc, OSError)
                         else exc)
         finally:
             slots.give(key)
 
-    def _slot_for(self, verb: str, sock: ssl.SSLSocket, peer: tuple[Any, ...]) -> tuple[Slots, str]:
+    def _slot_for(self, verb: str, sock: Peer, peer: tuple[Any, ...]) -> tuple[Slots, str]:
         """The pool a request draws on, and the key it counts under there."""
         if verb == "RENEW":
             der = sock.getpeercert(binary_form=True) or b""
@@ -180,7 +200,7 @@ class Authority:
         return self._joins, str(peer[0])
 
     @staticmethod
-    def _say(wire: Wire, line: str) -> None:
+    def _say(wire: Sink, line: str) -> None:
         try:
             wire.send(line)
         except (OSError, ValueError):
@@ -206,7 +226,7 @@ class Authority:
         self.store.record(cert, name, days, nameplate)
         return (cert.public_bytes(serialization.Encoding.DER), ca_cert.public_bytes(serialization.Encoding.DER))
 
-    def _join(self, wire: Wire, sock: ssl.SSLSocket, peer: tuple[Any, ...], rest: str) -> None:
+    def _join(self, wire: Sink, sock: Peer, peer: tuple[Any, ...], rest: str) -> Generator[None, str, None]:
         from spake2 import SPAKE2_B
 
         fields = rest.split(" ")
@@ -226,7 +246,7 @@ class Authority:
         except Exception:  # SPAKEError, NotOnCurve (a bare Exception), ...: the peer's bytes are junk
             raise ValueError("malformed SPAKE2 message") from None
         wire.send(f"PAKE {b64(msg_b)}")
-        fields = wire.read().split(" ")
+        fields = (yield).split(" ")
         if len(fields) != 4 or fields[0] != "CONFIRM":
             raise ValueError("malformed CONFIRM")
         seen, mac_c, csr_der = bytes.fromhex(fields[1]), unb64(fields[2]), unb64(fields[3])
@@ -284,7 +304,7 @@ class Authority:
         pem = (self.dir / certs.CA_CERT).read_text("ascii")
         return ssl.PEM_cert_to_DER_cert(pem)
 
-    def _renew(self, wire: Wire, sock: ssl.SSLSocket, peer: tuple[Any, ...], rest: str) -> None:
+    def _renew(self, wire: Sink, sock: Peer, peer: tuple[Any, ...], rest: str) -> None:
         """``RENEW <CSR>`` over a connection that presented the current certificate.
 
         Checked, signed and recorded by the ledger in one transaction (:meth:`Store.renew`): not revoked
@@ -320,8 +340,8 @@ class Authority:
         announce(f"[RENEW] {peer[:2]} {recorded.name}: certificate {serial} renewed as {recorded.serial}")
 
 
-# Request verb -> handler: the whole enrollment protocol.
-_HANDLERS: dict[str, Callable[[Authority, Wire, ssl.SSLSocket, tuple[Any, ...], str], None]] = {
+# Request verb -> handler (a generator when it needs another line): the whole enrollment protocol.
+_HANDLERS: dict[str, Callable[[Authority, Sink, Peer, tuple[Any, ...], str], Generator[None, str, None] | None]] = {
     "JOIN": Authority._join,
     "RENEW": Authority._renew,
 }

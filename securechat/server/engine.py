@@ -1,24 +1,34 @@
-"""The chat server: one thread per client, each the sole owner of its connection.
+"""The chat server: accepts, admits, and gives each connection to one of a few loop threads for life.
 
-The accept loop only accepts: it never reads, writes or handshakes. A TLS connection's handshake
-runs non-blocking, under a deadline, in one of a few handshake threads (:mod:`securechat.server.handshake`),
-so a client that connects and never speaks delays nobody and costs no thread; once the handshake is
-done the connection gets a thread of its own, which registers a nick and then drives its
-:class:`~securechat.wire.conn.Connection`. Until its nickname is accepted a connection holds a place in
-the bounded pool of unauthenticated connections (:mod:`securechat.server.pending`), not a chat place: the
-oldest of the busiest address makes room for the newest, so silent sockets cannot lock anyone out.
-A chat line is formatted once and handed to every other member's bounded outbox by
-:class:`~securechat.server.rooms.Rooms` (through the room log, which gives it an id and stores it after
-delivery); the sender never writes to another client's socket and never waits for one.
+Threads: the accept loop (``serve_forever``: it only accepts and admits, never reads or writes), a
+few loop threads (:mod:`securechat.server.loop`; :func:`default_loops`), and a small worker pool for
+what may block (:mod:`securechat.server.workers`). Not one thread per connection: a connection is a
+:class:`~securechat.server.transport.Transport` owned by one loop, which alone touches its socket
+(**one owner per SSL object**, as before, now a loop instead of a thread of its own), drives its
+non-blocking TLS handshake under a deadline, and then hands its bytes to the handler its route
+chose (:mod:`securechat.server.routes`: by ALPN, or by the first bytes of plaintext). A connection
+costs one descriptor, its TLS state and a few small objects; a silent one costs nobody else anything.
+
+Until its nickname is accepted a connection holds a place in the bounded pool of unauthenticated
+connections (:mod:`securechat.server.pending`), not a chat place: the oldest of the busiest address
+makes room for the newest. A chat line is formatted once by :class:`~securechat.server.rooms.Rooms`
+and handed to each loop that has members of its room (one queue entry and at most one wake-up per
+loop); each loop queues it on its own members' bounded outboxes and writes them.
+
+**Plugging in a protocol** (the browser's HTTPS/WebSocket, file transfer): write a
+:class:`~securechat.server.transport.Handler` and register its factory before the server starts,
+``server.routes.add("http/1.1", lambda: MyHandler(server))``; the ALPN name is offered in every
+handshake from then on (``routes.PLAINTEXT_HTTP`` for plaintext that looks like HTTP). A handler
+that carries chat builds a :class:`~securechat.server.session.Session` over a connection that
+frames each line its way and calls ``server.add_session``, exactly as
+:class:`~securechat.server.lines.LineHandler` does for lines.
 
 The command line (``securechat serve``) is :mod:`securechat.server.serve`.
 """
 
 from __future__ import annotations
 
-import _thread
 import errno
-import functools
 import logging
 import os
 import select
@@ -27,9 +37,13 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from securechat.server.handshake import Handshaker
+from securechat.pki import enrollment
+from securechat.server.enroll import EnrollHandler
+from securechat.server.handshake import Trimmer
+from securechat.server.lines import LineHandler, Notice
+from securechat.server.loop import Loop, Timer
 from securechat.server.pending import MAX_PENDING, MAX_PENDING_PER_ADDRESS, PendingPool, Throttle, Ticket, address_key
 from securechat.server.room import (
     ANNOUNCE_LIMIT,
@@ -37,11 +51,14 @@ from securechat.server.room import (
     REPLAY_LINES,
 )
 from securechat.server.rooms import Rooms
+from securechat.server.routes import NO_ALPN, PLAINTEXT, Routes
 from securechat.server.session import Session
+from securechat.server.transport import Transport
+from securechat.server.workers import WORKERS, Workers
 from securechat.store.roomlog import Directory, RoomLog
 from securechat.wire import addr, protocol
 from securechat.wire.addr import DEFAULT_HOST, DEFAULT_PORT
-from securechat.wire.conn import OUTBOX_LIMIT, Waker, close_gracefully, describe_error, tune_socket
+from securechat.wire.conn import OUTBOX_LIMIT, Waker, batched_wakeups, describe_error, tune_socket
 from securechat.wire.console import announce
 
 if TYPE_CHECKING:
@@ -50,9 +67,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("securechat.server")
 
-# Registered chatters, a thread each; 1000 threads with small stacks is ~100 MiB of address space at
-# most. Connections still logging in are bounded separately (pending.MAX_PENDING): at most
-# max_clients + max_pending + REFUSAL_HEADROOM connection threads in all.
+# Registered chatters. A connection costs ~15-20 KiB (its TLS state, its objects), not a thread, so
+# the bound is about people: beyond a LAN's thousand, raise it.
 DEFAULT_MAX_CLIENTS = 1000
 
 # A TLS 1.3 handshake is one round trip plus key exchange: 10 s is generous on any LAN, and short
@@ -66,23 +82,18 @@ LOGIN_TIMEOUT = 30.0
 FLOOD_RATE = 10.0
 FLOOD_BURST = 20
 
-# Sessions keep Python's call depth shallow; the 8 MiB default stack is address space wasted a
-# thousand times over.
-THREAD_STACK_SIZE = 512 * 1024
+# Loop threads at most. A loop uses one core at best (its Python work holds the GIL; OpenSSL and
+# the system calls release it), so one loop per core this process may run on; past four, more loops
+# only add GIL hand-offs, not throughput.
+MAX_LOOPS = 4
 
-# Handshake threads: OpenSSL releases the GIL for the handshake's cryptography, so one per core.
-HANDSHAKE_THREADS = max(1, min(4, os.cpu_count() or 1))
-
-# Connections being told why they cannot join (server full, plaintext on the TLS port) need a thread
-# for up to ~2.5 s each; past this many at once they are closed without the explanation.
+# Connections being told why they cannot join (server full, plaintext on the TLS port) keep their
+# descriptor for up to ~2 s each (flush, linger); past this many at once they are closed without
+# the explanation.
 REFUSAL_HEADROOM = 64
 
-# A session that finds no descriptor for its eventfd makes room (evicting a pending connection) and
-# tries again this many times in all: a few 10 ms waits, then it gives up.
-SESSION_ATTEMPTS = 3
-
 # What an evicted unauthenticated connection ends with (it is dropped without a notice: a notice
-# would keep its thread lingering for the peer's goodbye, which is what a flood would exploit).
+# would keep it lingering for the peer's goodbye, which is what a flood would exploit).
 EVICTED = "evicted: its place among connections still logging in was needed"
 
 # accept() errors that concern one connection (it was reset before we took it), not the server.
@@ -90,6 +101,15 @@ EVICTED = "evicted: its place among connections still logging in was needed"
 _ACCEPT_PEER_ERRORS = frozenset(getattr(errno, name) for name in (
     "ECONNABORTED", "EPROTO", "EPERM", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
     "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, name))
+
+
+def default_loops() -> int:
+    """Loop threads for this process: the cores it may run on, at most :data:`MAX_LOOPS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_LOOPS, cores))
 
 
 class ChatServer:
@@ -119,12 +139,14 @@ class ChatServer:
         offline_messages: bool = False,
         authority: Authority | None = None,
         trust: Trust | None = None,
+        loops: int | None = None,
+        workers: int = WORKERS,
     ) -> None:
         self.host = host
         # host "::" with dual_stack: one socket for IPv6 and IPv4 (IPV6_V6ONLY off), where the OS allows it.
         self.dual_stack = dual_stack
         self.port = port
-        self.ssl_context = ssl_context
+        self.ssl_context = ssl_context  # read at each handshake: renewal swaps it (pki.renewal)
         self.max_clients = max_clients
         self.max_per_ip = max_per_ip
         self.handshake_timeout = handshake_timeout
@@ -136,6 +158,7 @@ class ChatServer:
         # the people on other servers come from ``directory`` (default: nobody else).
         self.rooms = Rooms(roomlog, directory, announce_limit=announce_limit, replay=replay, grace=grace,
                            offline_messages=offline_messages)
+        self.rooms.schedule = self._schedule  # grace periods: timer-heap entries, run on a worker
         # Invites and renewals (securechat.pki.enrollment), when the CA is at hand.
         self.authority = authority
         # The CA's ledger enforced here (securechat.server.trust): revoked certificates, names given out.
@@ -146,26 +169,37 @@ class ChatServer:
         self._sessions: set[Session] = set()
         self._chatters = 0  # sessions holding a chat place (a Slot): what max_clients bounds
         self._per_ip: dict[str, int] = {}  # chat places by address: what max_per_ip bounds
-        self._refusing = 0  # refusal threads alive: what REFUSAL_HEADROOM bounds
-        # Repeated trouble (evictions, out of descriptors or threads) is one log line per interval.
+        self._refusing = 0  # connections being told why they are refused: what REFUSAL_HEADROOM bounds
+        self._connections = 0  # accepted and not yet closed, in any phase
+        self._all_closed = threading.Condition(self._lock)
+        # Repeated trouble (evictions, out of descriptors) is one log line per interval.
         self._throttle = Throttle(log)
         # Connections not yet past their nickname (or an enrollment): public, for other entry paths.
         self.pending = PendingPool(max_pending, max_pending_per_ip, self._throttle)
-        self._handshakers: list[Handshaker] = []
-        self._next_handshaker = 0
+        self.loops = [Loop(f"securechat-loop-{i}") for i in range(loops or default_loops())]
+        self._trimmers = {loop: Trimmer(loop) for loop in self.loops}
+        self.workers = Workers(workers)
+        self._started = False
+        self._burst = [0] * len(self.loops)  # connections given to each loop in this accept burst
+        self._alpn_ready: ssl.SSLContext | None = None  # the context whose ALPN list is set
+        self._alpn_lock = threading.Lock()
+        # Which handler a connection gets: by ALPN after the handshake, by its first bytes before.
+        self.routes = Routes()
+        self.routes.add(NO_ALPN, lambda: LineHandler(self))
+        self.routes.add(PLAINTEXT, lambda: Notice(self, self._tls_required()))
+        if authority is not None:
+            self.routes.add(enrollment.ALPN, lambda: EnrollHandler(authority))
         self._listener: socket.socket | None = None
         self._waker = Waker()
         self._stopping = threading.Event()
         self._signalled = False
         self._stopped = threading.Event()
-        self._threads = 0  # connection threads alive (sessions and refusals)
-        self._threads_done = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def bind(self) -> tuple[str, int]:
-        """Create the listening socket and start the handshake threads; return the address bound.
+        """Create the listening socket and start the loop threads; return the address bound.
 
         Port 0 picks a free port. Once this returns, connections queue until :meth:`serve_forever`.
         """
@@ -182,7 +216,11 @@ class ChatServer:
             listener.close()
             raise
         self._listener = listener
-        self._start_handshakers()
+        if not self._started:
+            self._started = True
+            for loop in self.loops:
+                loop.start()
+            self.workers.start()
         return self.address
 
     @property
@@ -190,17 +228,6 @@ class ChatServer:
         assert self._listener is not None, "bind() first"
         name = self._listener.getsockname()
         return str(name[0]), int(name[1])
-
-    def _start_handshakers(self) -> None:
-        threading.stack_size(THREAD_STACK_SIZE)
-        if self.ssl_context is not None and not self._handshakers:
-            self._handshakers = [
-                Handshaker(self._current_context, self.handshake_timeout, self._handshake_done,
-                           self._plaintext_on_tls_port, self._handshake_failed, name=f"securechat-handshake-{i}")
-                for i in range(HANDSHAKE_THREADS)
-            ]
-            for handshaker in self._handshakers:
-                handshaker.start()
 
     def start(self) -> tuple[str, int]:
         """Bind and serve from a background thread; return the bound address."""
@@ -237,23 +264,28 @@ class ChatServer:
                         except OSError:
                             pass
                 throttle.flush()
-                while not self._stop_requested():
-                    try:
-                        sock, peer = listener.accept()
-                        # The seed's ('ip', port), also for IPv4 clients of a dual-stack socket
-                        # (::ffff:192.0.2.1): per-address limits and logs then see one address.
-                        peer = (addr.unmap(peer[0]), peer[1])
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError as exc:
-                        if exc.errno in _ACCEPT_PEER_ERRORS:
-                            continue  # that connection is gone already; the next may be fine
-                        self._accept_failed(exc)
-                        break
-                    self._admit(sock, peer)
+                with batched_wakeups():  # each loop is woken once for the whole burst
+                    self._accept_burst(listener)
         finally:
             listener.close()
             self._stopped.set()
+
+    def _accept_burst(self, listener: socket.socket) -> None:
+        self._burst = [0] * len(self.loops)
+        while not self._stop_requested():
+            try:
+                sock, peer = listener.accept()
+                # The seed's ('ip', port), also for IPv4 clients of a dual-stack socket
+                # (::ffff:192.0.2.1): per-address limits and logs then see one address.
+                peer = (addr.unmap(peer[0]), peer[1])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_PEER_ERRORS:
+                    continue  # that connection is gone already; the next may be fine
+                self._accept_failed(exc)
+                return
+            self._admit(sock, peer)
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of descriptors (EMFILE, ENFILE) or kernel memory: make room, back off, keep serving.
@@ -266,7 +298,7 @@ class ChatServer:
         self._throttle("descriptors", f"accept failed: {describe_error(exc)}; "
                        + ("closing the oldest unauthenticated connections to make room" if made_room else
                           "newcomers wait in the listen queue (raise 'ulimit -n' or lower --max-clients)"))
-        # The evicted connection's owner frees its descriptor within milliseconds; with nothing to
+        # The evicted connection's loop frees its descriptor within milliseconds; with nothing to
         # evict, only a departure frees one, and the listener would otherwise poll readable in a spin.
         time.sleep(0.01 if made_room else 0.1)
 
@@ -293,25 +325,26 @@ class ChatServer:
             self._thread.join(timeout)
         else:
             self._stopped.wait(timeout)
-        for handshaker in self._handshakers:
-            handshaker.stop()
-        with self._lock:
-            sessions = list(self._sessions)
         bye = protocol.notice(protocol.SHUTDOWN)
-        for session in sessions:
+        for session in self.sessions():
             session.conn.close(bye, reason=protocol.SHUTDOWN)
-        with self._threads_done:
-            self._threads_done.wait_for(lambda: self._threads == 0, timeout)
+        with self._all_closed:  # every goodbye flushed (or its reader given up on), every session gone
+            self._all_closed.wait_for(lambda: not self._sessions and not self._refusing, timeout)
+        self.workers.drain(timeout)  # their departures (rooms, Redis, read positions) run on workers
+        self.workers.close()
+        for loop in self.loops:
+            loop.stop()
         self._waker.close()
         self._throttle.flush(force=True)
         self.rooms.close()  # after the sessions: a graceful stop stores every line said
 
     def abandon(self) -> None:
         """Undo :meth:`bind` for a server that will not serve after all."""
-        for handshaker in self._handshakers:
-            handshaker.stop()
         if self._listener is not None:
             self._listener.close()
+        self.workers.close(wait=False)
+        for loop in self.loops:
+            loop.stop()
         self._waker.close()
 
     def __enter__(self) -> ChatServer:
@@ -320,7 +353,7 @@ class ChatServer:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    # -- connections ---------------------------------------------------------------------
+    # -- what the handlers and transports ask ------------------------------------------------
 
     @property
     def stopping(self) -> bool:
@@ -331,6 +364,11 @@ class ChatServer:
         with self._lock:
             return list(self._sessions)
 
+    def add_session(self, session: Session) -> None:
+        """A chat session began (its handler calls this before greeting)."""
+        with self._lock:
+            self._sessions.add(session)
+
     def reserved(self, nick: str) -> str | None:
         """Why a client without a certificate may not take ``nick`` (it is a certificate's name), or None."""
         return self.trust.reserved(nick) if self.trust is not None else None
@@ -340,175 +378,96 @@ class ChatServer:
         """Sessions past the handshake."""
         return len(self._sessions)
 
-    def _current_context(self) -> ssl.SSLContext:
-        assert self.ssl_context is not None
-        return self.ssl_context
+    @property
+    def connection_count(self) -> int:
+        """Connections accepted and not yet closed, in any phase (handshake, login, chat, linger)."""
+        return self._connections
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The context for a new handshake, offering the routes' ALPN names (None: ``--plain``)."""
+        ctx = self.ssl_context
+        if ctx is not None and ctx is not self._alpn_ready:
+            with self._alpn_lock:  # once per context, before any handshake uses it
+                if ctx is not self._alpn_ready:
+                    names = self.routes.alpn()
+                    if names:
+                        ctx.set_alpn_protocols(names)
+                    self._alpn_ready = ctx
+        return ctx
+
+    def handshaken(self, transport: Transport) -> None:
+        self._trimmers[transport.loop].owe()
+
+    def connection_closed(self, transport: Transport) -> None:
+        """A transport closed its socket (any phase): its pending place and counts go."""
+        admission = transport.admission
+        with self._lock:
+            self._connections -= 1
+            if admission is not None and admission.refusing:
+                self._refusing -= 1
+            self._all_closed.notify_all()
+        if admission is not None:
+            admission.ticket.release()
+
+    def _schedule(self, delay: float, fn: Callable[..., object], *args: Any) -> Timer:
+        """``fn(*args)`` on a worker in ``delay`` seconds (may block: it is the rooms' expiry)."""
+        loop = self.loops[0]
+        return loop.call_later(delay, self.workers.submit, loop, fn, args, None)
+
+    def _tls_required(self) -> str:
+        return (f"{protocol.TLS_REQUIRED}: connect with 'securechat connect HOST' "
+                f"or 'openssl s_client -connect HOST:{self.address[1]}'")
 
     def _admit(self, sock: socket.socket, peer: tuple) -> None:
-        """Give a new connection a pending place and pass it on; runs in the accept loop, never waits."""
+        """Give a new connection a pending place and a loop; runs in the accept loop, never waits."""
         announce(f"[NEW CLIENT] Connected from {peer[:2]}")
-        admission = Admission(peer)
+        loads = [loop.connections + burst for loop, burst in zip(self.loops, self._burst, strict=True)]
+        i = loads.index(min(loads))  # the loop with the fewest connections
+        self._burst[i] += 1
+        loop = self.loops[i]
+        transport = Transport(sock, peer, loop, self, self.outbox_limit)
+        admission = transport.admission = Admission(transport)
+        with self._lock:
+            self._connections += 1
         # May close the oldest pending connection of the busiest address to make room: never refused.
         admission.ticket = self.pending.admit(address_key(str(peer[0])), admission.evict)
         try:
             tune_socket(sock)
+            sock.setblocking(False)
         except OSError:  # reset before we got to it
             sock.close()
-            self._handshake_failed(peer, admission)
+            self.connection_closed(transport)
             return
-        if self._handshakers:
-            handshaker = self._handshakers[self._next_handshaker]
-            self._next_handshaker = (self._next_handshaker + 1) % len(self._handshakers)
-            admission.hand_to(functools.partial(handshaker.cancel, handshaker.submit(sock, peer, admission)))
-        elif not self._start(self._run_session, sock, peer, admission):
-            admission.ticket.release()
+        loop.call_soon_threadsafe(transport._adopt)
 
-    def _start(self, target: Callable[..., None], sock: socket.socket | ssl.SSLSocket, peer: tuple,
-               *args: object) -> bool:
-        """Give a connection (and the ownership of its socket) to a thread of its own.
+    def early_refusal(self, peer: tuple) -> str | None:
+        """Why a connection from ``peer`` cannot chat now (full, too many from its address), or None.
 
-        A bare ``_thread`` thread: a ``threading.Thread`` object, with its events and locks, costs
-        another 2.6 KiB a connection, and the server keeps its own count for :meth:`shutdown`.
-        False (and the socket closed) when no thread can be started.
+        Early word for the common case; :meth:`take_place` decides, atomically, at the nickname.
         """
         with self._lock:
-            self._threads += 1
-        try:
-            _thread.start_new_thread(self._thread_main, (target, (sock, peer, *args)))
-        except RuntimeError as exc:  # can't start a thread: out of memory or a ulimit
-            self._throttle("thread", f"closed {peer[:2]}: cannot start a thread: {exc}")
-            sock.close()
-            self._thread_ended()
-            return False
-        return True
+            return self._refusal(address_key(str(peer[0])))
 
-    def _thread_main(self, target: Callable[..., None], args: tuple[object, ...]) -> None:
-        try:
-            target(*args)
-        finally:
-            self._thread_ended()
-
-    def _thread_ended(self) -> None:
-        with self._threads_done:
-            self._threads -= 1
-            if not self._threads:
-                self._threads_done.notify_all()
-
-    @property
-    def thread_count(self) -> int:
-        """Connection threads alive: sessions, and connections being told why they are refused."""
-        return self._threads
-
-    def _handshake_failed(self, peer: tuple, admission: object) -> None:
-        """A connection ended before it had a thread (the socket is already closed)."""
-        assert isinstance(admission, Admission)
-        admission.ticket.release()
-
-    def _plaintext_on_tls_port(self, raw: socket.socket, peer: tuple, admission: object) -> None:
-        assert isinstance(admission, Admission)
-        admission.ticket.release()
-        notice = (f"{protocol.TLS_REQUIRED}: connect with 'securechat connect HOST' "
-                  f"or 'openssl s_client -connect HOST:{self.address[1]}'")
-        self._refuse(raw, peer, notice)
-
-    def _handshake_done(self, sock: ssl.SSLSocket, peer: tuple, admission: object) -> None:
-        assert isinstance(admission, Admission)
-        if admission.evicted:  # between the handshake's end and this call: its place is gone
-            sock.close()
-            return
-        if self.authority is not None and self.authority.wants(sock):  # a join: takes no chat place
-            if not self._start(self._run_enroll, sock, peer, admission):
-                admission.ticket.release()
-            return
-        # Early word for the common case; _take_place decides, atomically, at the nickname.
-        with self._lock:
-            refusal = self._refusal(address_key(str(peer[0])))
-        if refusal:
-            admission.ticket.release()
-            self._refuse(sock, peer, refusal)
-        elif not self._start(self._run_session, sock, peer, admission):
-            admission.ticket.release()
-
-    def _refuse(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, text: str) -> None:
-        """Tell a connection why it cannot join, from a thread of its own, while threads for that last."""
+    def refuse(self, transport: Transport, text: str) -> None:
+        """Tell a connection why it cannot join and close it, while the headroom for that lasts."""
         with self._lock:
             busy = self._refusing >= REFUSAL_HEADROOM
             if not busy:
                 self._refusing += 1
+                transport.admission.refusing = True
         if busy:
-            sock.close()
-            self._throttle("refusing", f"closed {peer[:2]} without a word ({text}): already telling "
+            self._throttle("refusing", f"closed {transport.peer[:2]} without a word ({text}): already telling "
                            f"{REFUSAL_HEADROOM} others")
-        elif not self._start(self._run_refusal, sock, peer, text):
-            self._refusal_done()
-
-    def _refusal_done(self) -> None:
-        with self._lock:
-            self._refusing -= 1
-
-    def _run_refusal(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, text: str) -> None:
-        try:
-            log.info("refused %s: %s", peer, text)
-            _say_and_close(sock, protocol.notice(text))
-        finally:
-            self._refusal_done()
-
-    def _run_enroll(self, sock: ssl.SSLSocket, peer: tuple, admission: Admission) -> None:
-        """An enrollment exchange (securechat.pki.enrollment): unauthenticated from start to end, so it holds its
-        pending place throughout; evicted, its blocking read is ended by shutting the socket down."""
-        assert self.authority is not None
-        try:
-            admission.hand_to(functools.partial(_shut_down, sock))
-            self.authority.serve(sock, peer)
-        except Exception:  # one joiner's bug must not take the server down
-            log.exception("unexpected error enrolling %s", peer)
-        finally:
-            admission.ticket.release()
-            _say_and_close(sock, b"")
-
-    def _run_session(self, sock: socket.socket | ssl.SSLSocket, peer: tuple, admission: Admission) -> None:
-        session = None
-        try:
-            serial = None
-            if self.trust is not None:
-                refusal, serial = self.trust.admit(sock)
-                if refusal is not None:
-                    log.warning("refused %s: %s", peer, refusal)
-                    _say_and_close(sock, protocol.notice(refusal))
-                    return
-            for attempt in range(SESSION_ATTEMPTS):
-                try:
-                    session = Session(self, sock, peer)
-                    break
-                except OSError as exc:  # EMFILE for its eventfd
-                    out_of_fds = exc.errno in (errno.EMFILE, errno.ENFILE)
-                    if out_of_fds and attempt + 1 < SESSION_ATTEMPTS and self.pending.evict_one():
-                        time.sleep(0.01)  # its owner frees the descriptor within milliseconds
-                        continue
-                    self._throttle("descriptors" if out_of_fds else "session",
-                                   f"closed {peer[:2]}: cannot start its session: {describe_error(exc)}")
-                    return
-            assert session is not None
-            session.admission = admission
-            session.cert_serial = serial
-            admission.hand_to(functools.partial(session.conn.abort, EVICTED))
-            with self._lock:
-                self._sessions.add(session)
-            if self._stopping.is_set():
-                session.conn.close(protocol.notice(protocol.SHUTDOWN), reason=protocol.SHUTDOWN)
-            session.run()
-        except Exception:  # one client's bug must not take the server down
-            log.exception("unexpected error with %s", peer)
-        finally:
-            admission.ticket.release()
-            if session is not None:
-                self.release_session(session)
-            sock.close()
+            transport.abort(text)
+            return
+        log.info("refused %s: %s", transport.peer, text)
+        transport.close(protocol.notice(text), reason=text)
 
     def release_session(self, session: Session) -> None:
         """The session is over for everyone else: free its places before its socket lingers."""
         with self._lock:
             self._sessions.discard(session)
+            self._all_closed.notify_all()
         if session.admission is not None:
             session.admission.ticket.release()
         self.give_back_place(session)
@@ -539,35 +498,24 @@ class ChatServer:
 
 
 class Admission:
-    """A connection on its way in: its pending place, and how to ask its socket's owner to close it.
+    """A connection on its way in: its pending place, and how to end it when the pool needs the place.
 
-    Ownership moves from the accept loop to a handshake thread to a session thread (or an
-    enrollment); :meth:`evict` can come from any thread at any moment. So each new owner calls
-    :meth:`hand_to` (which installs its ``stop`` and then checks ``evicted``) while :meth:`evict`
-    sets ``evicted`` and then calls the installed ``stop``: whichever comes second acts, and
-    ``stop`` may run twice, so it must be idempotent (Handshaker.cancel, Connection.abort are).
+    :meth:`evict` may come from any thread at any moment; the transport's ``abort`` is thread-safe
+    and idempotent, and the transport's loop alone closes the socket.
     """
 
-    __slots__ = ("peer", "ticket", "_stop", "evicted")
+    __slots__ = ("transport", "ticket", "evicted", "refusing")
 
-    def __init__(self, peer: tuple) -> None:
-        self.peer = peer
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
         self.ticket: Ticket
-        self._stop: Callable[[], None] | None = None
         self.evicted = False
-
-    def hand_to(self, stop: Callable[[], None]) -> None:
-        """The socket has a new owner; ``stop()`` asks it, from any thread, to close the connection."""
-        self._stop = stop
-        if self.evicted:
-            stop()
+        self.refusing = False  # counted in the server's REFUSAL_HEADROOM until the socket closes
 
     def evict(self) -> None:
-        """The pending pool needs this place: ask the socket's owner to close it (any thread)."""
+        """The pending pool needs this place: ask the connection's loop to close it (any thread)."""
         self.evicted = True
-        stop = self._stop
-        if stop is not None:
-            stop()
+        self.transport.abort(EVICTED)
 
 
 class Slot:
@@ -593,25 +541,3 @@ class Slot:
                 per_ip[self.ip] = left
             else:
                 per_ip.pop(self.ip, None)
-
-
-def _shut_down(sock: socket.socket | ssl.SSLSocket) -> None:
-    """End a blocking read in the socket's owner thread, from any thread: the plain socket's shutdown
-    is one syscall on the descriptor and leaves the TLS object alone (which only its owner touches)."""
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:  # already shut down or closed
-        pass
-
-
-def _say_and_close(sock: socket.socket | ssl.SSLSocket, data: bytes) -> None:
-    """Send one short message and close, from the thread that owns ``sock``."""
-    try:
-        sock.settimeout(2)
-        if data:
-            sock.sendall(data)
-        close_gracefully(sock)
-    except (OSError, ValueError):
-        pass
-    finally:
-        sock.close()

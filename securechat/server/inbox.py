@@ -10,9 +10,10 @@ room ``"@name"``; the person's read position there (``"@name"`` in its marks) sa
   ``/msg`` to a name the CA never gave out is not stored at all when the server knows the CA's names
   (see ``Rooms.persons``).
 - **Given back in batches**: at login, at most :data:`INBOX_BATCH_BYTES` of them are queued; the next
-  batch only once the connection has *written* that one to its socket (the outbox's ``sent`` count),
-  checked on the connection's own tick. So a flood of kept messages never overflows the outbox (which
-  would cut the person off as a reader that stopped reading).
+  batch only once the connection has *written* that one to its socket: the member's ``when_written``
+  (the engine's transport counts the bytes its socket accepted) calls :meth:`Inbox.written` back, in
+  the session's turn, on a worker. So a flood of kept messages never overflows the outbox (which would
+  cut the person off as a reader that stopped reading).
 - **The read position moves only past what was written**: it is saved after each batch is written, so a
   connection that drops half-way gets at its next login everything from the batch in flight on (that
   batch perhaps twice). What the kernel had taken but the peer never read is gone, as for any line.
@@ -43,8 +44,6 @@ INBOX_READ = 200
 MAX_INBOX = 500
 # Unread messages one sender may leave one person: a long day of notes, not a flood.
 MAX_INBOX_PER_SENDER = 100
-# How often a connection giving back kept messages looks whether its last batch was written.
-INBOX_POLL = 0.05
 # A refusal ("too many waiting") is repeated without counting again for this long.
 REFUSAL_MEMORY = 10.0
 # Refusals remembered at once (sender, person): beyond, the memory starts over.
@@ -60,13 +59,12 @@ class HasLog(Protocol):
 class _Cursor:
     """A person's kept messages on their way back."""
 
-    __slots__ = ("pending", "more", "end", "last")
+    __slots__ = ("pending", "more", "last")
 
     def __init__(self, entries: list[Entry]) -> None:
         self.pending = collections.deque(entries)  # read, not queued yet
         self.more = len(entries) >= INBOX_READ  # the read was full: more may be stored after them
-        self.end = 0  # the outbox's byte count once the batch in flight is written
-        self.last: str | None = None  # the id of that batch's last message
+        self.last: str | None = None  # the id of the last message of the batch in flight
 
 
 class Inbox:
@@ -149,19 +147,14 @@ class Inbox:
             first = False
             cursor.pending.popleft()
             cursor.last = entry.id
-        cursor.end = member.conn.outbox.end_offset()
-        member.conn.deadline = time.monotonic() + INBOX_POLL
+        member.when_written(self.written, member)
 
-    def tick(self, member: Member) -> None:
-        """The connection's tick (its owner thread): once the batch in flight was written, move the read
-        position past it and queue the next one."""
+    def written(self, member: Member) -> None:
+        """The batch in flight was written to ``member``'s socket (called in the member's turn, on a worker:
+        it reads and writes the log): move the read position past it and queue the next one."""
         with self._lock:
             cursor = self._cursors.get(member)
-        if cursor is None:
-            member.conn.deadline = None
-            return
-        if member.conn.outbox.sent < cursor.end:
-            member.conn.deadline = time.monotonic() + INBOX_POLL
+        if cursor is None:  # the connection ended meanwhile: the rest stays kept
             return
         member.private_mark = cursor.last
         self.save_marks(member)
@@ -176,7 +169,6 @@ class Inbox:
             self._send(member, cursor)
             return
         self.forget(member)
-        member.conn.deadline = None
 
     def forget(self, member: Member) -> None:
         """``member``'s connection is over: what was not written stays kept for its next login."""

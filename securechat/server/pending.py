@@ -26,8 +26,8 @@ Usage, for anything that accepts connections before it knows who is on the other
         ...
 
 ``release()`` is idempotent, and must also be called when the connection ends unauthenticated.
-Inside the server an ``_Admission`` carries the ticket from owner to owner (accept loop, handshake
-thread, session or enrollment thread): each new owner calls ``admission.hand_to(stop)``.
+Inside the server an ``Admission`` holds each connection's ticket from ``accept()`` on; evicting it
+asks the connection's loop thread to abort it, and the ticket goes when the connection closes.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ log = logging.getLogger("securechat.server")
 
 # Unauthenticated connections at once. On a LAN a few dozen people log in at the same moment at
 # most; 512 is ten times that, and bounds what silent connections cost: a silent socket is a
-# descriptor and a table entry; a session at the nickname prompt a thread and ~33 KiB (measured),
-# so a full pool of those is 512 threads and ~17 MiB.
+# descriptor and a table entry; a session at the nickname prompt ~15 KiB (its TLS state), so a full
+# pool of those is ~8 MiB.
 MAX_PENDING = 512
 
 # Pending connections from one address. A classroom of 60 behind one NAT, all at the nickname

@@ -6,19 +6,16 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from securechat.store.roomlog import Entry
 from securechat.wire.conn import OUTBOX_LIMIT
 from securechat.wire.ids import id_key, room_key
-
-if TYPE_CHECKING:
-    from securechat.wire.conn import Connection
-
 
 # Everyone starts here, so the seed's single-room flow is unchanged.
 DEFAULT_ROOM = "lobby"
@@ -103,11 +100,46 @@ def conversation(read_before: Callable[[str | None, int], list[Entry]], anchor: 
     return found, oldest
 
 
+Write = Callable[[bytes], object]
+Targets = tuple[tuple[str, Write], ...]
+
+
+class Fanout(Protocol):
+    """A loop thread of the engine (:class:`securechat.server.loop.Loop`), as delivery sees it."""
+
+    def fanout(self, data: bytes, targets: Targets, exclude: str | None) -> None:
+        """Queue ``data`` on each ``(nick, write)`` of ``targets`` but ``exclude``'s, on that loop's thread."""
+
+
+class ChatConn(Protocol):
+    """What rooms need of a member's connection: the engine's Transport for line clients, or an adapter
+    that frames each line otherwise (a WebSocket message)."""
+
+    @property
+    def loop(self) -> Fanout: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    def send(self, data: bytes) -> bool:
+        """Queue one or more encoded lines for the peer; from any thread, in order."""
+
+    def write(self, data: bytes) -> object:
+        """The same, from the connection's own loop thread only (what a fan-out calls)."""
+
+    def close(self, last: bytes = b"", reason: str = "closed") -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+
 class Member(Protocol):
     """What :class:`Rooms` needs from a session (the server's Session)."""
 
     nick: str
-    conn: Connection
+
+    @property
+    def conn(self) -> ChatConn: ...
+
     joined: list[Room]  # in join order
     current: Room | None  # the room its chat lines go to
     tagged: bool  # opted in to "@id=...;room=... " tags (/session)
@@ -120,6 +152,24 @@ class Member(Protocol):
     replaced: bool  # a resumed connection took over from this one
     echo: bool  # "/cap echo": its own lines come back to it as the others got them
 
+    def when_written(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` in the member's turn (on a worker: it may block) once everything its connection
+        was sent until now has been written to its socket; never, if the connection ends first."""
+
+
+class Cancellable(Protocol):
+    """A timer that can be cancelled (what ``Rooms.schedule`` returns)."""
+
+    def cancel(self) -> None: ...
+
+
+def thread_timer(delay: float, fn: Callable[..., object], *args: object) -> Cancellable:
+    """A :class:`threading.Timer` (a thread each): the default outside the engine, which uses its timer heap."""
+    timer = threading.Timer(delay, fn, args)
+    timer.daemon = True
+    timer.start()
+    return timer
+
 
 def room_error(name: str) -> str | None:
     """Why ``name`` is not a usable room name, or None."""
@@ -130,10 +180,13 @@ def room_error(name: str) -> str | None:
 
 def time_label(ts: float, now: float) -> str:
     """A line's time for people: ``09:05``, or ``2026-11-24 09:05`` when not today (server time)."""
-    t = time.localtime(ts)
-    if time.localtime(now)[:3] == t[:3]:
-        return time.strftime("%H:%M", t)
-    return time.strftime("%Y-%m-%d %H:%M", t)
+    return _minute_label(int(ts // 60), time.localtime(now)[:3])
+
+
+@functools.lru_cache(maxsize=4096)  # a replay of 50 lines spans a few minutes: 50 formats become a few
+def _minute_label(minute: int, today: tuple[int, ...]) -> str:
+    t = time.localtime(minute * 60)
+    return time.strftime("%H:%M" if t[:3] == today else "%Y-%m-%d %H:%M", t)
 
 
 def render(entry: Entry) -> str:
@@ -171,22 +224,22 @@ class Room:
         self.catching: dict[Member, list[Entry]] = {}
         self.last_id: str | None = None  # the newest id delivered here
         # The members split for delivery (rebuilt under ``lock`` on every change, which is rare):
-        # plain clients typing into this room get the one shared line, (nick, send) each, with
-        # nothing else looked at per line; the others (tagged, typing elsewhere, being given
-        # history) are formatted one by one.
-        self.fast: tuple[tuple[str, Callable[[bytes], bool]], ...] = ()
+        # plain clients typing into this room get the one shared line, handed once to each loop
+        # thread that has some of them, with their (nick, write) pairs, nothing else looked at per
+        # line; the others (tagged, typing elsewhere, being given history) are formatted one by one.
+        self.fast: dict[Fanout, Targets] = {}
         self.slow: tuple[Member, ...] = ()
 
     def rebuild(self) -> None:
         """Recompute :attr:`fast` and :attr:`slow` (caller holds :attr:`lock`)."""
-        fast = []
+        fast: dict[Fanout, list[tuple[str, Write]]] = {}
         slow = []
         for m in self.members:
             if m.current is self and not m.tagged and m not in self.catching:
-                fast.append((m.nick, m.conn.send))
+                fast.setdefault(m.conn.loop, []).append((m.nick, m.conn.write))
             else:
                 slow.append(m)
-        self.fast, self.slow = tuple(fast), tuple(slow)
+        self.fast, self.slow = {loop: tuple(targets) for loop, targets in fast.items()}, tuple(slow)
 
     # Arrivals and departures update the lists in place (C-speed tuple slicing) instead of
     # rebuilding them member by member: 5000 people joining one room was quadratic in Python
@@ -202,7 +255,8 @@ class Room:
         """``member`` has caught up: it moves to the fast list if it qualifies (caller holds the lock)."""
         if member.current is self and not member.tagged and member not in self.catching and member in self.slow:
             self.slow = _without(self.slow, member)
-            self.fast = (*self.fast, (member.nick, member.conn.send))
+            loop = member.conn.loop
+            self.fast[loop] = (*self.fast.get(loop, ()), (member.nick, member.conn.write))
 
     def remove(self, member: Member) -> None:
         """``member`` leaves the delivery lists (caller holds :attr:`lock`)."""
@@ -210,8 +264,13 @@ class Room:
         self.catching.pop(member, None)
         if member in self.slow:
             self.slow = _without(self.slow, member)
+            return
+        loop = member.conn.loop
+        targets = _without(self.fast.get(loop, ()), (member.nick, member.conn.write))
+        if targets:
+            self.fast[loop] = targets
         else:
-            self.fast = _without(self.fast, (member.nick, member.conn.send))
+            self.fast.pop(loop, None)
 
     def __repr__(self) -> str:
         return f"<Room #{self.name} {len(self.members)}>"

@@ -42,12 +42,14 @@ from securechat.server.room import (
     MAX_ROOMS,
     REPLAY_BYTES,
     REPLAY_LINES,
+    Cancellable,
     Member,
     Room,
     conversation,
     render,
     room_error,
     tag,
+    thread_timer,
     time_label,
 )
 from securechat.store.roomlog import Directory, Entry, LocalDirectory, LocalLog, RoomLog
@@ -81,6 +83,7 @@ class Rooms:
         # securechat.server.trust, when it knows the CA's names); None here: any nick is a person.
         self.persons: Callable[[str], str | None] | None = None
         self.grace = grace
+        self.schedule = thread_timer  # times grace periods; the engine's is its timer heap, not a thread each
         self._lock = threading.Lock()
         self._nicks: dict[str, Member] = {}  # nick_key -> member (held sessions included)
         self._held: dict[str, _Held] = {}  # resume token -> a dropped session waiting for its client
@@ -181,6 +184,10 @@ class Rooms:
     def find(self, nick: str) -> Member | None:
         """The local member called ``nick`` (held sessions included), or None."""
         return self._nicks.get(protocol.nick_key(nick))
+
+    def online(self) -> int:
+        """How many are online here and on the other servers (:meth:`nicks` without the list)."""
+        return len(self._nicks) + len(self.directory.everyone())
 
     def nicks(self) -> list[str]:
         """Everyone online here and on the other servers, sorted."""
@@ -313,8 +320,8 @@ class Rooms:
                   budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES) -> None:
         """Send ``entries`` as history or missed lines, then the live lines that arrived meanwhile.
 
-        At most ``budget`` bytes of them, the newest: the member's thread is the one sending, so
-        nothing drains its outbox meanwhile, and overflowing it would cut the member off.
+        At most ``budget`` bytes of them, the newest: they arrive in the member's outbox all at
+        once, and overflowing it would cut the member off.
         """
         now = time.time()
         send = member.conn.send
@@ -492,9 +499,8 @@ class Rooms:
         there: bytes | None = None
         with room.lock:
             room.last_id = entry.id
-            for nick, send in room.fast:
-                if nick != exclude:
-                    send(here)
+            for loop, targets in room.fast.items():  # one hand-off per loop thread, whatever its members
+                loop.fanout(here, targets, exclude)
             if not room.slow:
                 return
             catching = room.catching
@@ -574,11 +580,9 @@ class Rooms:
             if not member.token or self.grace <= 0:
                 return False
             self._detach(member)
-            timer = threading.Timer(self.grace, self._expire, (member.token,))
-            timer.daemon = True
-            with self._lock:
+            with self._lock:  # _expire waits for _resume_lock: the entry is there before it runs
+                timer = self.schedule(self.grace, self._expire, member.token)
                 self._held[member.token] = _Held(member, timer, on_expiry)
-            timer.start()
         return True
 
     def _expire(self, token: str) -> None:
@@ -688,7 +692,7 @@ class _Expiry(Protocol):
 class _Held:
     __slots__ = ("member", "timer", "on_expiry")
 
-    def __init__(self, member: Member, timer: threading.Timer, on_expiry: _Expiry) -> None:
+    def __init__(self, member: Member, timer: Cancellable, on_expiry: _Expiry) -> None:
         self.member = member
         self.timer = timer
         self.on_expiry = on_expiry

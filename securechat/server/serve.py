@@ -306,17 +306,17 @@ def _bind(server: ChatServer, args: argparse.Namespace) -> OSError | None:
     return None
 
 
-# Descriptors a connection may hold (its socket, its session's eventfd), and what the server keeps
-# besides (listener, wakers, log files, certificate reloads), with room to spare.
-FDS_PER_CONNECTION = 2
+# Descriptors a connection holds (its socket: the loops' wakers are shared), and what the server
+# keeps besides (listener, loops' epoll and wakers, log files, certificate reloads), with room to spare.
+FDS_PER_CONNECTION = 1
 FDS_SPARE = 64
 
 
 def _raise_descriptor_limit(connections: int) -> None:
     """Take the soft RLIMIT_NOFILE up to the hard one (as Go's runtime does) and warn if still short.
 
-    The usual soft limit of 1024 would run out at ~500 chatters with the default limits; running
-    out is survivable (one log line, the oldest unauthenticated connections make room) but avoidable.
+    The usual soft limit of 1024 would run out at ~1000 connections; running out is survivable (one
+    log line, the oldest unauthenticated connections make room) but avoidable.
     """
     try:
         import resource

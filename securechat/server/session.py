@@ -1,8 +1,21 @@
 """One client's life on the server: the nickname, then chat commands (one table), then its departure.
 
-A :class:`Session` is driven by the thread that owns its connection; everything it says to others goes
-through :class:`~securechat.server.rooms.Rooms`. What it needs from the server that holds it is the
+A :class:`Session` speaks the chat protocol in lines, whatever carries them: the line protocol's
+handler (:mod:`securechat.server.lines`) feeds it each batch of lines read, and a WebSocket handler
+would feed it one text message as one line, through a connection that frames what it sends
+(:class:`~securechat.server.room.ChatConn`). Everything it says to others goes through
+:class:`~securechat.server.rooms.Rooms`. What it needs from the server that holds it is the
 :class:`Host` protocol, so this module does not import the engine.
+
+Where it runs: lines arrive on the connection's loop thread, which must never wait. A chat line
+(and ``/me``, ``/help``, ``/cap``, ``/quit``) is handled right there: the room log's ``append`` never
+blocks. Everything else may block (a nickname claimed in Redis, history read from SQLite, a
+certificate checked) and runs on a worker thread, one at a time per session: lines that arrive
+meanwhile wait in order behind it (past :data:`MAX_WAITING`, the connection stops being read), so
+a session's commands and lines keep their order, and its state is never touched by two threads at
+once; what the connection is sent meanwhile is held until the step is done, so a client hears of a
+command only once its effects are in place (``* welcome`` once it is in the room). Its connection is
+only ever touched through ``send``/``close``/``abort``, which are thread-safe.
 """
 
 from __future__ import annotations
@@ -10,17 +23,16 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-import socket
-import ssl
-import threading
 import time
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
+from securechat.server.forgotten import FORGOTTEN
 from securechat.server.pending import PendingPool, Ticket
 from securechat.server.room import (
     DEFAULT_ROOM,
     REPLAY_LINES,
+    ChatConn,
     Member,
     Room,
     parse_positions,
@@ -29,7 +41,6 @@ from securechat.server.room import (
 from securechat.server.room import room_error as rooms_error
 from securechat.server.rooms import Rooms
 from securechat.wire import protocol
-from securechat.wire.conn import Connection
 from securechat.wire.ids import room_key
 from securechat.wire.protocol import Command
 
@@ -39,42 +50,37 @@ log = logging.getLogger("securechat.server")
 # Lines dropped in a row before a flooder is disconnected.
 FLOOD_DISCONNECT = 100
 
-# Sessions whose grace period ran out are remembered this long (and within this many bytes of held private
-# lines, the oldest forgotten first), so that their client, coming back later with the token, gets the
-# private messages held for it and is told exactly what is lost.
-FORGOTTEN_KEEP = 3600.0
-FORGOTTEN_BYTES = 8 << 20
+# Nicknames the welcome line names, at most: 100 nicks of up to 24 characters keep it under the line
+# bound (protocol.MAX_LINE_BYTES) every client enforces. Beyond, it gives the count: naming everyone
+# to each arrival is quadratic (10,000 people: 300 MB of welcome lines); /who names them on request.
+WELCOME_NICKS = 100
+
+# Lines waiting behind a command that runs on a worker, past which the connection is not read until
+# they are done (TCP then holds the client back): a pasted screenful waits without a pause.
+MAX_WAITING = 64
+
+# What waits in a session's queue: a line, a line dropped by flood control, a step run on the loop
+# in its turn, a step run on a worker in its turn.
+_LINE, _DROPPED, _CALL, _JOB = range(4)
 
 
-class Forgotten:
-    """Expired sessions by resume token: (when, person, the private lines held for it). Thread-safe, bounded."""
+class SessionConn(ChatConn, Protocol):
+    """What a session needs of its connection beyond what rooms need (the engine's Transport)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: collections.OrderedDict[str, tuple[float, str | None, list[bytes]]] = collections.OrderedDict()
-        self._bytes = 0
+    def call_later(self, delay: float, fn: Callable[..., object], *args: Any) -> Any: ...
 
-    def keep(self, token: str, person: str | None, held: list[bytes], now: float) -> None:
-        with self._lock:
-            self._items[token] = (now, person, held)
-            self._bytes += sum(map(len, held))
-            while self._items and (self._bytes > FORGOTTEN_BYTES or next(iter(self._items.values()))[0] <
-                                   now - FORGOTTEN_KEEP):
-                self._bytes -= sum(map(len, self._items.popitem(last=False)[1][2]))
+    def offload(self, fn: Callable[..., Any], *args: Any,
+                done: Callable[[Any, BaseException | None], None] | None = None) -> None: ...
 
-    def take(self, token: str, person: str | None, now: float) -> list[bytes] | None:
-        """The private lines held for session ``token`` (once), None when it is not remembered."""
-        with self._lock:
-            item = self._items.get(token)
-            if item is None or item[1] != person or item[0] < now - FORGOTTEN_KEEP:
-                return None
-            del self._items[token]
-            self._bytes -= sum(map(len, item[2]))
-            return item[2]
+    def when_written(self, fn: Callable[..., object], *args: Any) -> None: ...
 
+    def pause_reading(self) -> None: ...
 
-# One per process: tokens are 144 random bits, so the servers of a process (tests) never share one.
-FORGOTTEN = Forgotten()
+    def resume_reading(self) -> None: ...
+
+    def hold_output(self) -> None: ...
+
+    def release_output(self) -> None: ...
 
 
 class Admission(Protocol):
@@ -99,7 +105,6 @@ class Host(Protocol):
     login_timeout: float
     flood_rate: float
     flood_burst: float
-    outbox_limit: int
 
     @property
     def stopping(self) -> bool: ...
@@ -122,32 +127,25 @@ class State(enum.Enum):
 
 
 class Session:
-    """One client's life on the server: nick registration, then chat. Runs in its own thread."""
+    """One client's life on the server: nick registration, then chat (see the module docstring)."""
 
     # Thousands of these live at once: no per-instance __dict__.
     __slots__ = ("server", "peer", "nick", "bound_nick", "person", "state", "conn", "bucket", "dropped", "slot",
                  "admission", "joined", "current", "tagged", "token", "quitting", "paged", "held_private",
                  "private_mark", "dropped_at", "replaced", "echo",
-                 "cert_serial", "forgotten", "forgotten_token")
+                 "cert_serial", "forgotten", "forgotten_token", "_waiting", "_busy", "_held_back", "_login_timer")
 
-    def __init__(self, server: Host, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
+    def __init__(self, server: Host, conn: SessionConn, peer: tuple, *, bound_nick: str | None = None) -> None:
         self.server = server
         self.peer = peer
         self.nick = ""
         # With mutual TLS the certificate's CN *is* the nickname: not chosen, not changeable.
-        self.bound_nick = certificate_nick(sock)
+        self.bound_nick = bound_nick
         # ... and names a person, whose read positions and offline messages are kept.
         self.person = self.bound_nick or None
         self.state = State.NICK
-        self.conn = Connection(
-            sock,
-            self._on_lines,
-            outbox_limit=server.outbox_limit,
-            on_tick=self._on_tick,
-            on_too_long=self._on_too_long,
-        )
+        self.conn = conn
         now = time.monotonic()
-        self.conn.deadline = now + server.login_timeout if server.login_timeout > 0 else None
         self.bucket = protocol.TokenBucket(server.flood_rate, server.flood_burst, now)
         self.dropped = 0
         self.slot: Slot | None = None  # the chat place, from the accepted nickname on
@@ -167,15 +165,143 @@ class Session:
         # Came back after the server forgot its session: room key -> the last id it saw, until it is back there.
         self.forgotten: dict[str, str] | None = None
         self.forgotten_token = ""
+        self._waiting: collections.deque[tuple[int, Any]] | None = None  # what waits for its turn
+        self._busy = False  # a step of this session runs on a worker
+        self._held_back = False  # reading paused: too much waiting
+        self._login_timer: Any = None
 
     def __repr__(self) -> str:
         return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
 
-    # -- owner thread --------------------------------------------------------------------
+    # -- the connection's loop thread: what a handler calls ------------------------------
 
-    def run(self) -> None:
+    def start(self) -> None:
+        """Greet the client and start the login deadline."""
         self.conn.send(protocol.notice(protocol.GREETING))
-        self.conn.run(on_end=self._ended)
+        if self.server.login_timeout > 0:
+            self._login_timer = self.conn.call_later(self.server.login_timeout, self._queue, _CALL,
+                                                     self._login_deadline)
+
+    def on_lines(self, lines: list[bytes]) -> None:
+        """Complete lines from the client, in order (flood control counts them as they arrive)."""
+        now = time.monotonic()
+        for raw in lines:
+            self._put(_LINE if self.bucket.allow(now) else _DROPPED, raw)
+        self._pump()
+
+    def line_too_long(self) -> None:
+        """The client sent a line over the bound: it is put out (it does not wait its turn)."""
+        self.quitting = True
+        limit = protocol.MAX_LINE_BYTES
+        self.conn.close(protocol.notice(f"{protocol.LINE_TOO_LONG} (over {limit} bytes); goodbye"),
+                        reason=f"{protocol.LINE_TOO_LONG}: over {limit} bytes")
+
+    def connection_lost(self, why: str) -> None:
+        """The connection is over: its places are free at once, its departure waits its turn."""
+        self.server.release_session(self)
+        self._queue(_JOB, self._ended, why)
+
+    # -- any thread ----------------------------------------------------------------------
+
+    def when_written(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` in this session's turn, on a worker, once everything its connection was sent
+        until now has been written to its socket (the inbox's next batch); never, if it ends first."""
+        self.conn.when_written(self._queue, _JOB, fn, *args)
+
+    # -- the queue of what waits its turn --------------------------------------------------
+
+    def _put(self, kind: int, *item: Any) -> None:
+        if self._waiting is None:
+            self._waiting = collections.deque()
+        self._waiting.append((kind, item))
+
+    def _queue(self, kind: int, *item: Any) -> None:
+        self._put(kind, *item)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Run what waits, in order, until a step goes to a worker (the loop thread)."""
+        waiting = self._waiting
+        if waiting is None:
+            return
+        while waiting and not self._busy:
+            kind, item = waiting.popleft()
+            if kind == _CALL:
+                item[0](*item[1:])
+            elif kind == _JOB:
+                self._offload(*item)
+            elif self.conn.closing:
+                continue  # leaving: act on nothing more it said
+            elif kind == _DROPPED:
+                self._dropped(item[0])
+            else:
+                self.dropped = 0
+                self._line(protocol.decode(item[0]))
+        if not self._busy and not waiting:
+            self._waiting = None  # idle sessions keep no queue
+        if len(waiting) >= MAX_WAITING and not self._held_back:
+            self._held_back = True
+            self.conn.pause_reading()
+        elif self._held_back and len(waiting) < MAX_WAITING // 2:
+            self._held_back = False
+            self.conn.resume_reading()
+
+    def _offload(self, fn: Callable[..., object], *args: Any) -> None:
+        self._busy = True
+        self.conn.hold_output()  # its replies go out once it is done (as from a thread of its own)
+        self.conn.offload(fn, *args, done=self._done)
+
+    def _done(self, result: object, error: BaseException | None) -> None:
+        self._busy = False
+        self.conn.release_output()
+        if error is not None:  # one client's bug must not take the server down
+            log.error("unexpected error with %s", self.peer, exc_info=error)
+            self.conn.abort("internal error")
+        self._pump()
+
+    def _line(self, text: str) -> None:
+        """One line in its turn: a chat line here and now, anything that may block on a worker."""
+        # Not sanitised yet: a nickname with a control character in it is refused, not quietly
+        # repaired; chat text is sanitised where it is relayed.
+        if self.state is State.NICK:
+            self._offload(self._login, text.strip())
+            return
+        parsed = protocol.parse(text)
+        if isinstance(parsed, str):
+            line = protocol.sanitize(parsed)
+            if line.strip():
+                self.server.rooms.say(self, line)
+            return
+        handler = COMMANDS.get(parsed.name)
+        if handler is None:
+            self.reply(f"unknown command /{protocol.sanitize(parsed.name)}; /help lists commands")
+        elif parsed.name in ON_THE_LOOP:
+            handler(self, parsed.arg)
+        else:
+            self._offload(handler, self, parsed.arg)  # unsanitised: each handler sanitises what it relays
+
+    def _dropped(self, raw: bytes) -> None:
+        self.dropped += 1
+        if self.dropped == 1:
+            self.reply(f"slow down: at most {self.server.flood_rate:g} lines a second; lines dropped")
+        if self.echo:  # a line the server dropped must never look delivered to its sender
+            self.reply(f"{protocol.NOT_DELIVERED} (flood control): {protocol.sanitize(protocol.decode(raw))}")
+        if self.dropped >= FLOOD_DISCONNECT:
+            self.quitting = True  # put out, not dropped: no session to hold
+            self.conn.close(protocol.notice("disconnected for flooding"), reason="disconnected for flooding")
+            log.warning("%s %s disconnected for flooding", self.peer, self.nick)
+
+    def _login_deadline(self) -> None:
+        if self.state is State.NICK and not self.conn.closing:
+            self.conn.close(protocol.notice(f"no nickname within {self.server.login_timeout:g} s; goodbye"),
+                            reason="no nickname in time")
+
+    def _stop_login_timer(self) -> None:
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+
+    # -- one step at a time, on a worker (or the loop) ------------------------------------
 
     def _ended(self, why: str) -> None:
         was_member = self.state is State.CHAT
@@ -196,47 +322,27 @@ class Session:
     def reply(self, text: str) -> None:
         self.conn.send(protocol.notice(text))
 
-    def _on_lines(self, lines: list[bytes]) -> None:
-        now = time.monotonic()
-        for raw in lines:
-            if self.conn.closing:
-                return
-            if not self.bucket.allow(now):
-                self.dropped += 1
-                if self.dropped == 1:
-                    self.reply(f"slow down: at most {self.server.flood_rate:g} lines a second; lines dropped")
-                if self.echo:  # a line the server dropped must never look delivered to its sender
-                    self.reply(f"{protocol.NOT_DELIVERED} (flood control): {protocol.sanitize(protocol.decode(raw))}")
-                if self.dropped >= FLOOD_DISCONNECT:
-                    self.quitting = True  # put out, not dropped: no session to hold
-                    self.conn.close(protocol.notice("disconnected for flooding"), reason="disconnected for flooding")
-                    log.warning("%s %s disconnected for flooding", self.peer, self.nick)
-                continue
-            self.dropped = 0
-            # Not sanitised yet: a nickname with a control character in it is refused, not
-            # quietly repaired; chat text is sanitised where it is relayed.
-            text = protocol.decode(raw)
-            if self.state is State.NICK:
-                self._login(text.strip())
-            else:
-                self._chat(text)
-
     def _login(self, nick: str) -> None:
-        """A nickname line: trade the pending place for a chat place, or go back among the pending."""
+        """A nickname line: take a chat place for it; the pending place goes once it is accepted
+        (:meth:`_in`), and stays, with its age, while nicknames are refused."""
         server = self.server
         admission = self.admission
-        if admission is not None and not admission.ticket.release():
+        if admission is not None and not admission.ticket.held:
             return  # evicted a moment ago: the abort already asked for ends this connection
         refusal = server.take_place(self)
-        if refusal is None:
-            self._register(nick)
-            if self.state is State.CHAT:
-                return
-            server.give_back_place(self)
         if refusal is not None:
             self.conn.close(protocol.notice(refusal), reason=refusal)
-        elif admission is not None and not self.conn.closing:
-            admission.ticket = server.pending.admit(admission.ticket.address, admission.evict)
+            return
+        self._register(nick)
+        if self.state is not State.CHAT:
+            server.give_back_place(self)
+
+    def _in(self) -> None:
+        """The nickname (or the resumed session) is accepted: chatting, before anyone is told."""
+        self.state = State.CHAT
+        self._stop_login_timer()
+        if self.admission is not None:
+            self.admission.ticket.release()  # False: evicted meanwhile, and the abort ends it
 
     def _register(self, nick: str) -> None:
         parsed = protocol.parse(nick)
@@ -266,11 +372,8 @@ class Session:
         self._welcome(nick, "" if asked == nick else f" (your certificate names you {nick})")
 
     def _welcome(self, nick: str, aside: str) -> None:
-        self.state = State.CHAT
-        self.conn.deadline = None
-        nicks = self.server.rooms.nicks()
-        self.reply(f"{protocol.WELCOME}{nick}!{aside} {len(nicks)} online: {', '.join(nicks)}. "
-                   "/help lists commands")
+        self._in()
+        self.reply(f"{protocol.WELCOME}{nick}!{aside} {self._online()}. /help lists commands")
         log.info("%s is %s%s", self.peer, nick, " (certificate)" if self.bound_nick else "")
         if self.forgotten is None or self.person:  # under mutual TLS its read positions are kept anyway
             self.server.rooms.enter_default(self)
@@ -299,6 +402,15 @@ class Session:
             self.reply("this server did not know your session any more (it restarted, or you were away for over "
                        "an hour): private messages sent to you meanwhile, if any, are lost")
 
+    def _online(self) -> str:
+        """``3 online: alice, bob, carol`` for the welcome line; the count alone past :data:`WELCOME_NICKS`."""
+        rooms = self.server.rooms
+        count = rooms.online()
+        if count > WELCOME_NICKS:
+            return f"{count} online (/who lists them)"
+        nicks = rooms.nicks()
+        return f"{len(nicks)} online: {', '.join(nicks)}"
+
     def _resume(self, arg: str) -> None:
         """``/resume TOKEN ROOM=ID ...``: take back a dropped session within its grace period."""
         token, *positions = arg.split()
@@ -306,11 +418,8 @@ class Session:
         old = rooms.resume(self, token, self.person) if token else None
         if old is None and token and rooms.adopt(self, token, self.person):
             # A session from another server sharing these rooms (--redis): back in its rooms, caught up.
-            self.state = State.CHAT
-            self.conn.deadline = None
-            nicks = rooms.nicks()
-            self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
-                       "/help lists commands")
+            self._in()
+            self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {self._online()}. /help lists commands")
             log.info("%s resumed %s from another server", self.peer, self.nick)
             rooms.rejoin_rooms(self, parse_rooms(positions))
             return
@@ -320,42 +429,12 @@ class Session:
             self.tagged = True  # a securechat client: the tags keep its place from the first line
             self.reply(f"{protocol.RESUME_REFUSED}unknown or expired session; send your nickname")
             return
-        self.state = State.CHAT
-        self.conn.deadline = None
+        self._in()
         self.tagged, self.token = True, old.token
         self.paged, self.private_mark, self.dropped_at = old.paged, old.private_mark, old.dropped_at
-        nicks = rooms.nicks()
-        self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {len(nicks)} online: {', '.join(nicks)}. "
-                   "/help lists commands")
+        self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {self._online()}. /help lists commands")
         log.info("%s resumed %s", self.peer, self.nick)
         rooms.rejoin(self, old, parse_positions(positions))
-
-    def _chat(self, text: str) -> None:
-        parsed = protocol.parse(text)
-        if isinstance(parsed, str):
-            line = protocol.sanitize(parsed)
-            if line.strip():
-                self.server.rooms.say(self, line)
-            return
-        handler = COMMANDS.get(parsed.name)
-        if handler is None:
-            self.reply(f"unknown command /{protocol.sanitize(parsed.name)}; /help lists commands")
-        else:
-            handler(self, parsed.arg)  # unsanitised: each handler sanitises what it relays
-
-    def _on_tick(self, now: float) -> None:
-        if self.state is State.NICK:
-            self.conn.deadline = None
-            self.conn.close(protocol.notice(f"no nickname within {self.server.login_timeout:g} s; goodbye"),
-                            reason="no nickname in time")
-        elif self.state is State.CHAT:  # private messages kept while away, given back batch by batch
-            self.server.rooms.inbox.tick(self)
-
-    def _on_too_long(self) -> None:
-        self.quitting = True
-        limit = protocol.MAX_LINE_BYTES
-        self.conn.close(protocol.notice(f"{protocol.LINE_TOO_LONG} (over {limit} bytes); goodbye"),
-                        reason=f"{protocol.LINE_TOO_LONG}: over {limit} bytes")
 
     # -- commands ------------------------------------------------------------------------
 
@@ -473,12 +552,12 @@ COMMANDS: dict[str, Callable[[Session, str], None]] = {
     protocol.CAP_COMMAND: Session.cmd_cap,
 }
 
+# Commands that cannot block (no storage, no directory): handled on the loop thread, like chat lines.
+ON_THE_LOOP = frozenset({"me", "help", "quit", protocol.CAP_COMMAND})
 
-def certificate_nick(sock: socket.socket | ssl.SSLSocket) -> str | None:
-    """The commonName of a verified client certificate, or None without one."""
-    if not isinstance(sock, ssl.SSLSocket):
-        return None
-    cert = sock.getpeercert()
+
+def certificate_nick(cert: dict[str, Any] | None) -> str | None:
+    """The commonName of a verified client certificate (``getpeercert()``'s dict), or None without one."""
     if not cert:
         return None
     subject = cast("tuple[tuple[tuple[str, str], ...], ...]", cert.get("subject", ()))

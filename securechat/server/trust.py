@@ -230,13 +230,14 @@ class Trust:
 
     # -- decisions ----------------------------------------------------------------------------
 
-    def admit(self, sock: socket.socket | ssl.SSLSocket) -> tuple[str | None, int | None]:
-        """(refusal notice or None, client certificate serial or None) for a chat connection.
+    def admit(self, der: bytes | None) -> tuple[str | None, int | None]:
+        """(refusal notice or None, client certificate serial or None) for a chat connection whose client
+        presented certificate ``der`` (DER bytes; None: none).
 
-        Runs in the connection's own thread, after the handshake and before the greeting; the ledger
-        is re-read here, so a revocation holds from the very next connection, whatever the poll.
+        After the handshake and before the greeting. The ledger is re-read here (SQLite, Redis: the
+        server runs this on a worker thread, never on a loop), so a revocation holds from the very next
+        connection, whatever the poll.
         """
-        der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
         if not der:
             if self.require_client_cert:
                 return (f"{protocol.CERT_REQUIRED}: join with an invite ('securechat join HOST CODE') or "

@@ -9,7 +9,9 @@ alone reads, writes, and closes the socket. Other threads hand it bytes through 
 The owner runs the socket non-blocking under ``poll()``, coalesces whatever is queued into one
 write, honours ``SSLWantReadError``/``SSLWantWriteError`` (retrying a blocked write with the same
 bytes, as OpenSSL requires) and drains ``SSLSocket.pending()`` so no decrypted byte is forgotten.
-Both the server's sessions and the client use it, over TLS or plain TCP alike.
+The client uses it, over TLS or plain TCP alike. The server keeps the same rule with fewer threads:
+its connections are held by a few loop threads, each connection by one for life
+(``securechat.server.transport``), because a thread per connection does not scale to thousands.
 """
 
 from __future__ import annotations
@@ -119,11 +121,11 @@ _owed = threading.local()
 
 @contextlib.contextmanager
 def batched_wakeups() -> Iterator[None]:
-    """Within it, every outbox this thread fills is woken once, at the end.
+    """Within it, every outbox (or server loop) this thread fills is woken once, at the end.
 
-    Around ``on_lines`` (a batch read from one socket) and around a shared room log's reader
-    delivering a batch it did not read from a socket: without it, each line would wake each
-    member's thread again.
+    Around ``on_lines`` (a batch read from one socket), around one turn of a server loop, and
+    around a shared room log's reader delivering a batch it did not read from a socket: without
+    it, each line would wake its recipient again.
     """
     if getattr(_owed, "wakers", None) is not None:  # already batching (nested)
         yield
@@ -138,6 +140,18 @@ def batched_wakeups() -> Iterator[None]:
             waker.wake()
 
 
+def wake_soon(waker: Waker) -> None:
+    """Wake ``waker`` now, or at the end of this thread's :func:`batched_wakeups` if it is in one.
+
+    The caller wakes each waker once per batch (it keeps its own "already signalled" flag).
+    """
+    owed = getattr(_owed, "wakers", None)
+    if owed is None:
+        waker.wake()
+    else:
+        owed.append(waker)
+
+
 class Outbox:
     """A bounded queue of bytes for one connection, filled by any thread, drained by its owner.
 
@@ -145,7 +159,7 @@ class Outbox:
     reading is detected however the backlog is split between the queue and the socket layer.
     """
 
-    __slots__ = ("limit", "_lock", "_chunks", "_backlog", "_signalled", "overflowed", "waker", "sent")
+    __slots__ = ("limit", "_lock", "_chunks", "_backlog", "_signalled", "overflowed", "waker")
 
     def __init__(self, limit: int = OUTBOX_LIMIT) -> None:
         self.limit = limit
@@ -155,7 +169,6 @@ class Outbox:
         self._signalled = False
         self.overflowed = False
         self.waker = Waker()
-        self.sent = 0  # bytes written to the socket since the start (see end_offset)
 
     def put(self, data: bytes) -> bool:
         """Queue ``data`` and wake the owner. False (and nothing queued) once over the bound."""
@@ -172,11 +185,7 @@ class Outbox:
                 wake = not self._signalled
                 self._signalled = True
         if wake:  # one wake-up per batch: the owner takes everything queued at once
-            owed = getattr(_owed, "wakers", None)
-            if owed is None:
-                self.waker.wake()
-            else:
-                owed.append(self.waker)
+            wake_soon(self.waker)
         return not self.overflowed
 
     def take(self) -> bytes:
@@ -192,12 +201,6 @@ class Outbox:
         """The owner wrote ``n`` bytes of what it took."""
         with self._lock:
             self._backlog -= n
-            self.sent += n
-
-    def end_offset(self) -> int:
-        """Bytes accepted so far: once :attr:`sent` reaches it, everything queued until now is written."""
-        with self._lock:
-            return self.sent + self._backlog
 
     @property
     def backlog(self) -> int:

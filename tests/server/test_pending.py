@@ -327,8 +327,8 @@ def test_per_address_cap_on_pending_connections_is_on_by_default(
 def test_a_session_at_the_nickname_prompt_is_evicted_like_a_handshake(
     serve: Serve, client_ctx: ssl.SSLContext, tls: bool
 ) -> None:
-    """Past the handshake (or with --plain, from the start) a pending connection has a session
-    thread; evicting it ends that thread, and the pool's count follows every step."""
+    """Past the handshake (or with --plain, from the start) a pending connection has a session;
+    evicting it ends that session and its connection, and the pool's count follows every step."""
     server = serve(tls=tls, max_pending=3, max_pending_per_ip=0)
     port = server.address[1]
 
@@ -339,11 +339,12 @@ def test_a_session_at_the_nickname_prompt_is_evicted_like_a_handshake(
 
     waiting = [prompt(f"127.0.9.{i}") for i in range(1, 4)]
     try:
-        assert len(server.pending) == 3 and server.thread_count == 3
+        assert len(server.pending) == 3 and server.client_count == 3 and server.connection_count == 3
         newest = prompt("127.0.9.4")
         assert await_closed(waiting[0].sock), "the oldest session at the nickname prompt was not closed"
         assert not any(closed_by_server(c.sock) for c in waiting[1:])
-        assert wait_for(lambda: server.thread_count == 3, 5), server.thread_count
+        assert wait_for(lambda: server.client_count == 3 and server.connection_count == 3, 5), \
+            (server.client_count, server.connection_count)
         # A refused nick keeps the connection pending; an accepted one leaves the pool.
         newest.send("server")
         assert newest.expect("* nickname refused").startswith("* nickname refused")

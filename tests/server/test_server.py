@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -69,6 +70,27 @@ def test_commands(serve: Serve, connect: Connect) -> None:
     assert bob.readline().startswith("* unknown command /frobnicate")
     bob.send("/help")
     assert "/msg NICK text" in bob.readline()
+
+
+def test_the_welcome_names_the_people_online_only_while_they_are_few(
+        serve: Serve, connect: Connect, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past WELCOME_NICKS the welcome gives the count: a line naming thousands would outgrow the line
+    bound clients enforce, and naming everyone to each arrival is quadratic."""
+    from securechat.server import session
+
+    monkeypatch.setattr(session, "WELCOME_NICKS", 2)
+    server = serve()
+    connect(server, "alice")
+    bob = connect(server)
+    bob.expect("* securechat: send your nickname")
+    bob.send("bob")
+    assert bob.readline() == "* welcome, bob! 2 online: alice, bob. /help lists commands"
+    carol = connect(server)
+    carol.expect("* securechat: send your nickname")
+    carol.send("carol")
+    assert carol.readline() == "* welcome, carol! 3 online (/who lists them). /help lists commands"
+    carol.send("/who")
+    assert carol.readline() == "* 3 online: alice, bob, carol"
 
 
 def test_nick_refusals_then_acceptance(serve: Serve, connect: Connect) -> None:
@@ -231,6 +253,7 @@ def test_shutdown_notifies_everyone(server_ctx: object, connect: Connect) -> Non
 
 def test_never_handshaking_connections_do_not_delay_others(serve: Serve, connect: Connect) -> None:
     server = serve()
+    threads = len(os.listdir("/proc/self/task"))
     silent = [socket.create_connection((LOOPBACK, server.address[1])) for _ in range(50)]
     try:
         started = time.monotonic()
@@ -240,8 +263,9 @@ def test_never_handshaking_connections_do_not_delay_others(serve: Serve, connect
         assert bob.readline() == "[alice] not delayed"
         # A serial accept loop, or a handshake blocking a shared thread, would take 50 x 10 s here.
         assert time.monotonic() - started < 5
-        # The silent ones wait in the handshake threads' tables: no thread of their own.
-        assert server.thread_count == 2
+        # The silent ones wait in their loops' tables, and the chatters too: no thread of their own.
+        assert server.connection_count == 52
+        assert len(os.listdir("/proc/self/task")) == threads
     finally:
         for sock in silent:
             sock.close()
