@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from securechat.pki import devices
+from securechat.server.lines import FramedConn
 from securechat.server.pages import AppFiles, Asset, Onboarding
-from securechat.server.session import Session
+from securechat.server.session import Host, Session
+from securechat.server.transport import Handler, Transport
 from securechat.wire import protocol, tls, web
 from securechat.wire.protocol import MAX_LINE_BYTES, LineBuffer, LineTooLong
 from securechat.wire.web import Closed, Reject, Request, ServerCodec, Text
@@ -51,29 +53,27 @@ DEVICE_REFUSED = "device refused: "
 HELD_LINES = 16
 
 
-class WebHost(Protocol):
-    """What the web handlers need from the server (the engine's ChatServer)."""
+class WebHost(Host, Protocol):
+    """What the web handlers need from the server (the engine's ChatServer): a session's host, and more."""
 
-    authority: Any
-    stopping: bool
-    login_timeout: float
+    authority: Any  # securechat.pki.authority.Authority (the CA's ledger, for devices), or None
 
     def early_refusal(self, peer: tuple[Any, ...]) -> str | None: ...
 
     def add_session(self, session: Session) -> None: ...
 
 
-class _Http:
+class _Http(Handler):
     """h11 over one transport: request deadlines, answers, closing; subclasses route the requests."""
 
     __slots__ = ("codec", "transport", "_timer")  # a thousand browsers: no __dict__ each
 
     def __init__(self) -> None:
         self.codec = ServerCodec()
-        self.transport: Any = None
+        self.transport: Transport = None  # type: ignore[assignment]  # given in connection_made
         self._timer: Any = None
 
-    def connection_made(self, transport: Any) -> None:
+    def connection_made(self, transport: Transport) -> None:
         self.transport = transport
         self._arm(web.REQUEST_SECONDS)
 
@@ -85,12 +85,6 @@ class _Http:
         self.codec.receive_data(b"")
         self._pump()
         return False
-
-    def pause_writing(self) -> None:
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     def connection_lost(self, reason: str) -> None:
         self._disarm()
@@ -223,45 +217,29 @@ class OnboardingHandler(_Http):
         self._serve(request, self.onboarding.page(host) if page else self.onboarding.get(request.path), host)
 
 
-class WebSocketConn:
+class WebSocketConn(FramedConn):
     """A session's connection over a WebSocket: every line it is given leaves as one text message.
 
-    The same surface as the engine's transport (what :class:`~securechat.server.room.ChatConn` and the
-    session use), delegating to it but for what it sends. Framing needs no connection state (a server's
-    frames are unmasked), so it happens in whichever thread sends, and lines keep their order through
-    the transport's queue.
+    The engine's :class:`~securechat.server.lines.FramedConn`, with two things of a WebSocket's own: a
+    room line sent to many browsers is framed once (:func:`~securechat.wire.web.frame_lines` keeps the
+    last one), and a close ends with a close frame whose code says why.
     """
 
-    __slots__ = ("transport",)
+    __slots__ = ()
 
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(transport, web.frame_text_line)
 
-    @property
-    def loop(self) -> Any:
-        return self.transport.loop
+    def _framed(self, data: bytes) -> bytes:
+        return web.frame_lines(data)
 
     @property
     def peer(self) -> tuple[Any, ...]:
         return self.transport.peer
 
-    @property
-    def closing(self) -> bool:
-        return bool(self.transport.closing)
-
-    def send(self, data: bytes) -> bool:
-        return bool(self.transport.send(web.frame_lines(data)))
-
-    def write(self, data: bytes) -> object:
-        return self.transport.write(web.frame_lines(data))
-
     def close(self, last: bytes = b"", reason: str = "closed") -> None:
         frames = web.frame_lines(last) if last else b""
         self.transport.close(frames + web.frame_close(web.close_code_for(reason)), reason)
-
-    def __getattr__(self, name: str) -> Any:
-        """Everything else (abort, call_later, offload, pause_reading, hold_output...) is the transport's."""
-        return getattr(self.transport, name)
 
 
 class WebChat:
@@ -269,7 +247,7 @@ class WebChat:
 
     __slots__ = ("server", "transport", "mutual", "conn", "buffer", "session", "_first", "_held", "_timer")
 
-    def __init__(self, server: WebHost, transport: Any, mutual: bool = False) -> None:
+    def __init__(self, server: WebHost, transport: Transport, mutual: bool = False) -> None:
         self.server = server
         self.transport = transport
         self.mutual = mutual
@@ -293,7 +271,7 @@ class WebChat:
             self._start_session()
 
     def _start_session(self) -> None:
-        session = self.session = Session(self.server, self.conn, self.transport.peer)  # type: ignore[arg-type]
+        session = self.session = Session(self.server, self.conn, self.transport.peer)
         session.admission = self.transport.admission
         self.server.add_session(session)
         session.start()

@@ -22,6 +22,10 @@ _ALPN_EXTENSION = 16
 # 2 KiB with a post-quantum key share. Past this, it is not worth waiting for.
 MAX_HELLO_BYTES = 5 + 16384
 
+# A server looks at an incomplete ClientHello again 2, 4 ... 512 ms later: about a second in all, well
+# within a handshake deadline, for the second TCP segment of a browser's ClientHello a slow Wi-Fi delays.
+HELLO_WAITS = 9
+
 
 # What browsers offer for HTTPS; our own clients offer nothing, or names of our own (securechat-...).
 BROWSER_ALPN = ("http/1.1", "h2")

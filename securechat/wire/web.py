@@ -405,6 +405,11 @@ def frame_lines(data: bytes) -> bytes:
     return out
 
 
+def frame_text_line(line: bytes) -> bytes:
+    """One encoded line (without its newline) as one text message."""
+    return frame_text(line.decode("utf-8", "replace"))
+
+
 def frame_text(text: str) -> bytes:
     """One WebSocket text message."""
     return bytes(_framer().send_data(text, True))
