@@ -6,11 +6,13 @@ Real TLS on 127.0.0.1 with ALPN ``http/1.1`` (what browsers offer); the WebSocke
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -204,10 +206,15 @@ def test_websockets_and_page_loads_hold_places_among_the_unauthenticated(web_ser
     newcomer.close()
 
 
-def test_many_lines_to_many_browsers_are_framed_once(web_server: Callable[..., ChatServer], web_certs: Path) -> None:
+def test_many_browsers_cost_no_thread_and_get_every_line(web_server: Callable[..., ChatServer],
+                                                          web_certs: Path) -> None:
     server = web_server()
     ca = web_certs / "ca.pem"
-    browsers = [_web_client(server, ca, f"b{i}") for i in range(5)]
+    _web_client(server, ca, "warm-up").close()  # the loops and workers exist from here on
+    time.sleep(0.2)
+    threads = threading.active_count()
+    browsers = [_web_client(server, ca, f"b{i}") for i in range(20)]
+    assert threading.active_count() <= threads + 1  # no thread per browser (a worker may start)
     line = _line_client(server, ca, "sender")
     for i in range(10):  # within the flood burst (20, the nickname line included)
         line.send(f"message {i}")
@@ -344,3 +351,57 @@ def _line_client_to(server: Server, nick: str) -> LineClient:
     client.send(nick)
     client.expect(f"* welcome, {nick}!")
     return client
+
+
+def _handshake_in_two_segments(port: int, ca: Path, pause: float) -> tuple[str | None, bool]:
+    """A TLS handshake offering http/1.1 whose ClientHello is sent in two TCP segments ``pause`` apart, as
+    a browser's often is on a LAN: (the ALPN agreed, whether the server sent a CertificateRequest)."""
+    ctx = tls_context(ca)
+    requested = []
+    ctx._msg_callback = lambda conn, direction, version, content, msg_type, data: requested.append(  # type: ignore[attr-defined]
+        direction == "read" and msg_type == ssl._TLSMessageType.CERTIFICATE_REQUEST)  # type: ignore[attr-defined]
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
+        with pytest.raises(ssl.SSLWantReadError):
+            obj.do_handshake()
+        hello = outgoing.read()
+        sock.sendall(hello[:60])
+        time.sleep(pause)
+        sock.sendall(hello[60:])
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if out := outgoing.read():
+                    sock.sendall(out)
+                data = sock.recv(65536)
+                assert data, "the server closed during the handshake"
+                incoming.write(data)
+        if out := outgoing.read():
+            sock.sendall(out)
+    return obj.selected_alpn_protocol(), any(requested)
+
+
+def test_a_clienthello_in_two_segments_is_waited_for_without_spinning(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server")  # with its CA at hand: everyone else is asked for a certificate
+    try:
+        assert _handshake_in_two_segments(server.port, server.ca, 0.05) == ("http/1.1", False)
+        # Half a ClientHello and silence: the server looks again a few times, it does not spin.
+        with socket.create_connection((LOOPBACK, server.port), timeout=10) as sock:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            obj = tls_context(server.ca).wrap_bio(incoming, outgoing, server_hostname="localhost")
+            with pytest.raises(ssl.SSLWantReadError):
+                obj.do_handshake()
+            sock.sendall(outgoing.read()[:60])
+            before = _cpu_seconds(server.proc.pid)
+            time.sleep(1.5)
+            assert _cpu_seconds(server.proc.pid) - before < 0.5
+    finally:
+        server.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
