@@ -53,6 +53,17 @@ def test_throughput_smoke() -> None:
     assert sc["rss_connected_mib"] > 0
 
 
+def test_web_hold_smoke() -> None:
+    """WebSocket clients beside line clients on one server: every line reaches every client of both kinds."""
+    report = run_benchmark("--mode", "web", "--clients", "20", "--lines", "2", "--idle-timeout", "3")
+    assert list(report["results"]) == ["securechat-web", "securechat"]
+    for name, res in report["results"].items():
+        assert "error" not in res, res
+        assert res["expected"] == 2 * 19, (name, res)
+        assert res["delivered"] == res["expected"] and res["order_violations"] == 0, (name, res)
+        assert res["reach_all_max_ms"] is not None, (name, res)
+
+
 def test_files_smoke() -> None:
     """--mode files with a 4 MiB file: both ways through securechat (and ncat when installed), chat meanwhile."""
     server = "both" if shutil.which("ncat") else "securechat"
