@@ -279,7 +279,7 @@ class FileHandler:
         self.sent = offset
         self.size = record.size
         self.reading = True
-        self.transport.offload(_open_at, self.service.store, record, offset, done=self._opened)
+        self.transport.offload(open_at, self.service.store, record, offset, done=self._opened)
 
     def _opened(self, source: BinaryIO | None, error: BaseException | None) -> None:
         self.reading = False
@@ -393,7 +393,8 @@ def install(server: Any, service: FileService) -> None:
     server.routes.add(filexfer.ALPN, lambda: FileHandler(service))
 
 
-def _open_at(store: Any, record: FileRecord, offset: int) -> BinaryIO:
+def open_at(store: Any, record: FileRecord, offset: int) -> BinaryIO:
+    """``record``'s bytes from ``offset`` (blocking: a worker's job; fetched from another server if need be)."""
     source = store.open(record)
     if offset:
         source.seek(offset)

@@ -29,6 +29,8 @@ APP_FILES = {
     "/index.html": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/app.css": ("app.css", "text/css; charset=utf-8"),
+    "/files.js": ("files.js", "text/javascript; charset=utf-8"),  # attach, drop, camera; thumbnails (issue 22)
+    "/sha256.js": ("sha256.js", "text/javascript; charset=utf-8"),
     "/icon.svg": ("icon.svg", "image/svg+xml"),
 }
 

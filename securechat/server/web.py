@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from securechat.pki import devices
+from securechat.server import webfiles
 from securechat.server.lines import FramedConn
 from securechat.server.pages import AppFiles, Asset, Onboarding
 from securechat.server.session import Host, Session
 from securechat.server.transport import Handler, Transport
 from securechat.wire import protocol, tls, web
 from securechat.wire.protocol import MAX_LINE_BYTES, LineBuffer, LineTooLong
-from securechat.wire.web import Closed, Reject, Request, ServerCodec, Text
+from securechat.wire.web import Binary, Closed, Reject, Request, ServerCodec, Text
 
 log = logging.getLogger("securechat.server")
 
@@ -101,6 +102,8 @@ class _Http(Handler):
                 self._answer(event.status, f"{event.status}: this is a securechat server\n".encode(), close=True)
             elif isinstance(event, Text):
                 self.text(event)
+            elif isinstance(event, Binary):
+                self.binary(event)
             elif isinstance(event, Closed):
                 self.closed(event)
             if self.transport.closing:
@@ -113,6 +116,9 @@ class _Http(Handler):
         raise NotImplementedError
 
     def text(self, event: Text) -> None:  # only after an upgrade
+        pass
+
+    def binary(self, event: Binary) -> None:  # only after an upgrade that asked for them (a file's socket)
         pass
 
     def closed(self, event: Closed) -> None:
@@ -162,7 +168,7 @@ class WebHandler(_Http):
     present a device (which needs the CA's ledger, the server's ``authority``).
     """
 
-    __slots__ = ("server", "app", "mutual", "chat")
+    __slots__ = ("server", "app", "mutual", "chat", "files")
 
     def __init__(self, server: WebHost, app: AppFiles, mutual: bool = False) -> None:
         super().__init__()
@@ -170,11 +176,14 @@ class WebHandler(_Http):
         self.app = app
         self.mutual = mutual
         self.chat: WebChat | None = None
+        self.files: webfiles.Upload | webfiles.Download | None = None  # a file's socket, or a download
 
     def request(self, request: Request) -> None:
         host = request.host
         if host is None:
             self._answer(400, b"400: a Host header of the form name[:port] is needed\n", close=True)
+        elif self.server.files is not None and webfiles.wanted(request.path):  # shared files (issue 22)
+            self.files = webfiles.handle(self.server.files, self.transport, self.codec, request, host)
         elif request.path != web.WS_PATH:
             self._serve(request, self.app.get(request.path), host)
         elif not request.websocket:
@@ -193,10 +202,20 @@ class WebHandler(_Http):
         if self.chat is not None:
             self.chat.text(event)
 
+    def binary(self, event: Binary) -> None:
+        if self.files is not None:
+            self.files.binary(event.data)
+
+    def resume_writing(self) -> None:
+        if self.files is not None:
+            self.files.resume_writing()
+
     def connection_lost(self, reason: str) -> None:
         super().connection_lost(reason)
         if self.chat is not None:
             self.chat.connection_lost(reason)
+        if self.files is not None:
+            self.files.connection_lost(reason)
 
 
 class OnboardingHandler(_Http):

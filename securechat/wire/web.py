@@ -150,6 +150,13 @@ class Text:
 
 
 @dataclass(frozen=True)
+class Binary:
+    """Part of a WebSocket binary message (a socket that asked for them: ``ServerCodec.binary``)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Closed:
     """The peer is gone or closed the WebSocket (``code`` 1006 when it just vanished)."""
 
@@ -157,7 +164,7 @@ class Closed:
     reason: str = ""
 
 
-Event = Request | Reject | Text | Closed
+Event = Request | Reject | Text | Binary | Closed
 
 HTTP, WEBSOCKET, CLOSED = "http", "websocket", "closed"
 
@@ -176,7 +183,8 @@ class ServerCodec:
     before the next request is parsed; ``must_close`` says to close once the answer is written.
     """
 
-    __slots__ = ("_http", "_ws", "_request", "_answering", "_out", "max_requests", "requests", "state", "must_close")
+    __slots__ = ("_http", "_ws", "_request", "_answering", "_out", "max_requests", "requests", "state", "must_close",
+                 "binary", "_head_only")
 
     def __init__(self, *, max_head: int = MAX_REQUEST_HEAD, max_requests: int = MAX_REQUESTS) -> None:
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
@@ -188,6 +196,8 @@ class ServerCodec:
         self.requests = 0  # answered so far
         self.state = HTTP
         self.must_close = False
+        self.binary = False  # after accept(): binary messages are wanted (a file's socket), not refused
+        self._head_only = False  # the response under way is a head without its body (HEAD, 304)
 
     # -- input ---------------------------------------------------------------------------
 
@@ -246,6 +256,8 @@ class ServerCodec:
                 yield Text(event.data, event.message_finished)
             elif isinstance(event, Ping):
                 self._out += ws.send(event.response())
+            elif isinstance(event, BytesMessage) and self.binary:
+                yield Binary(bytes(event.data))
             elif isinstance(event, BytesMessage):
                 yield from self._fail(UNSUPPORTED_DATA, "text messages only: one chat line each")
                 return
@@ -275,34 +287,52 @@ class ServerCodec:
         ``host`` is the request's validated Host (for the CSP's ``connect-src``). Closes after it when
         asked, after a refused request, or past :data:`MAX_REQUESTS`.
         """
+        out = self.begin(status, len(body), content_type=content_type, headers=headers, host=host, close=close)
+        return out + self.body(body) + self.end()
+
+    def begin(self, status: int, length: int, *, content_type: str = "text/plain; charset=utf-8",
+              headers: Sequence[tuple[str, str]] = (), host: str | None = None, close: bool = False) -> bytes:
+        """The head of the answer to the request given out, for a body of ``length`` bytes that follows in
+        pieces (:meth:`body`, then :meth:`end`): how a file too big to hold in memory is served."""
         request = self._answering
         self._answering = None
         self.requests += 1
         close = close or self.must_close or self.requests >= self.max_requests or self.state != HTTP
         all_headers = [*security_headers(host), *headers]
         if status != 304:
-            all_headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+            all_headers += [("Content-Type", content_type), ("Content-Length", str(length))]
         if close:
             all_headers.append(("Connection", "close"))
-        head_only = status == 304 or (request is not None and request.method == "HEAD")
-        try:
-            out = self._http.send(h11.Response(status_code=status, headers=all_headers,
-                                               reason=_REASONS.get(status, b"")))
-            if body and not head_only:
-                out += self._http.send(h11.Data(data=body)) or b""
-            out += self._http.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:  # the request was unusable (h11 gave up on it): a bare answer
-            out = _bare_response(status, body, all_headers, head_only)
-            close = True
-        if close:
             self.must_close = True
+        self._head_only = status == 304 or (request is not None and request.method == "HEAD")
+        try:
+            return self._http.send(h11.Response(status_code=status, headers=all_headers,
+                                                reason=_REASONS.get(status, b""))) or b""
+        except h11.LocalProtocolError:  # the request was unusable (h11 gave up on it): a bare answer
+            self.must_close = True
+            return _bare_response(status, b"", all_headers, True)
+
+    def body(self, data: bytes) -> bytes:
+        """A piece of the body :meth:`begin` announced (nothing for a head-only answer)."""
+        if not data or self._head_only:
+            return b""
+        if self._http.our_state is not h11.SEND_BODY:  # a bare answer: h11 is not writing it
+            return data
+        return self._http.send(h11.Data(data=data)) or b""
+
+    def end(self) -> bytes:
+        """The end of the answer: the connection goes on to its next request, or is to be closed."""
+        out = b""
+        if self._http.our_state is h11.SEND_BODY:
+            out = self._http.send(h11.EndOfMessage()) or b""
+        if self.must_close:
             self.state = CLOSED
         elif self._http.our_state is h11.DONE and self._http.their_state is h11.DONE:
             self._http.start_next_cycle()
         else:  # h11 cannot go on with this connection (e.g. a half-read request): close after this
             self.must_close = True
             self.state = CLOSED
-        return out or b""
+        return out
 
     def accept(self, request: Request, protocol: str | None = None) -> bytes:
         """The ``101 Switching Protocols`` for a :class:`Request` with ``websocket``; WebSocket from here on."""
@@ -415,6 +445,11 @@ def frame_text(text: str) -> bytes:
     return bytes(_framer().send_data(text, True))
 
 
+def frame_binary(data: bytes) -> bytes:
+    """One WebSocket binary message (a file's socket)."""
+    return bytes(_framer().send_data(data, True))
+
+
 def frame_close(code: int = NORMAL_CLOSURE, reason: str = "") -> bytes:
     """A close frame, made without any connection's state (so from any thread, in order with lines)."""
     return bytes(_framer().close(code, reason or None))
@@ -431,5 +466,5 @@ def close_code_for(reason: str) -> int:
     return NORMAL_CLOSURE
 
 
-__all__ = ["WS_PATH", "Closed", "Event", "Reject", "Request", "ServerCodec", "Text", "frame_lines",
-           "frame_close", "frame_text", "same_origin", "security_headers", "valid_host"]
+__all__ = ["WS_PATH", "Binary", "Closed", "Event", "Reject", "Request", "ServerCodec", "Text", "frame_binary",
+           "frame_lines", "frame_close", "frame_text", "same_origin", "security_headers", "valid_host"]

@@ -11,6 +11,8 @@
 //   3. the connection: login (nickname, or a browser device from 'securechat invite NAME --web'),
 //      flood pacing, /session and /resume after a dropped connection (a phone that slept), probes.
 
+import * as files from "./files.js";
+
 const $ = (id) => document.getElementById(id);
 
 // -- 1. the line protocol ------------------------------------------------------------------------
@@ -24,6 +26,7 @@ const MAX_LINE_BYTES = 4096; // the server's bound (wire/protocol.py); longer li
 // Each kind: a test on the line (after its tag, replay label and room prefix are taken off) and the
 // fields it yields. The first that matches wins; "text" catches anything else.
 export const KINDS = [
+  ...files.FILE_KINDS, // "* alice shared NAME (SIZE): /get ID", and its private form (files.js)
   ["private", /^\[([A-Za-z0-9_-]{1,24}) -> ([A-Za-z0-9_-]{1,24})\] (.*)$/s, (m) => ({sender: m[1], target: m[2], text: m[3]})],
   ["action", /^\[([A-Za-z0-9_-]{1,24})\] \* (.*)$/s, (m) => ({sender: m[1], text: m[2]})],
   ["chat", /^\[([A-Za-z0-9_-]{1,24})\] (.*)$/s, (m) => ({sender: m[1], text: m[2]})],
@@ -71,6 +74,7 @@ export const RENDER = {
   private: (m) => [nickSpan(m.sender === state.nick ? `${m.sender} \u2192 ${m.target}` : m.sender),
                    el("span", "text", m.text)],
   notice: (m) => [el("span", "notice", m.text)],
+  file: (m) => [nickSpan(m.sender), ...files.render(m, state.nick)],
   text: (m) => [el("span", "text", m.text)],
 };
 
@@ -268,6 +272,7 @@ function whileReconnecting(line) {
 
 function live(line) {
   let m;
+  if (files.consume(line)) return; // the answer to a /ticket the page asked for a file
   if ((m = SESSION_RE.exec(line))) { state.token = m[1]; saveSession(); return; }
   if ((m = CAP_RE.exec(line))) { pacer.set(Number(m[2]), Number(m[3])); return; }
   if (state.whoWanted && (m = WHO_RE.exec(line))) {
@@ -551,6 +556,9 @@ function start() {
   $("input").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.isComposing) { e.preventDefault(); submit(); } });
   $("send").addEventListener("click", () => { submit(); $("input").focus(); });
   $("earlier").addEventListener("click", () => { if (state.phase === "live") { state.paging = []; say("/history"); } });
+  files.setup((line) => { say(line); return true; }, setStatus);
+  files.wire({attach: $("attach"), picker: $("file-pick"), camera: $("camera"), cameraInput: $("camera-pick"),
+              dropZone: $("logs"), target: () => `#${state.current}`});
   $("menu").addEventListener("click", () => {
     const open = $("chat").classList.toggle("open");
     $("menu").setAttribute("aria-expanded", String(open));
