@@ -26,6 +26,7 @@ import re
 from typing import Any
 from urllib.parse import parse_qs, quote
 
+from securechat.server import filehandler
 from securechat.server.filehandler import FileHandler, open_at
 from securechat.server.files import FileService
 from securechat.store.files import READ_SIZE, FileRecord
@@ -105,7 +106,8 @@ class Upload:
 class Download:
     """One ``GET /files/ID?t=TICKET``: the record's bytes, streamed from a worker; then the connection closes."""
 
-    __slots__ = ("service", "transport", "codec", "record", "host", "head", "source", "sent", "reading", "over")
+    __slots__ = ("service", "transport", "codec", "record", "host", "head", "source", "sent", "reading", "over",
+                 "timer")
 
     def __init__(self, service: FileService, transport: Any, codec: web.ServerCodec, record: FileRecord, host: str,
                  head: bool) -> None:
@@ -119,9 +121,25 @@ class Download:
         self.sent = 0
         self.reading = True
         self.over = False
+        self.timer: Any = None
 
     def start(self) -> None:
         self.transport.offload(_open_sniffed, self.service.store, self.record, done=self._opened)
+        self.timer = self.transport.call_later(filehandler.IDLE_SECONDS, self._idle, 0)
+
+    def _idle(self, sent: int) -> None:
+        """Every IDLE_SECONDS (the file connections' own): a download whose reader took nothing meanwhile
+        is cut, giving up its place among the transfers (MAX_TRANSFERS) and its open file. A browser that
+        stopped reading would otherwise hold both for as long as its TCP connection lives."""
+        self.timer = None
+        if self.over:
+            return
+        seconds = filehandler.IDLE_SECONDS
+        if self.sent == sent and not self.reading:
+            log.info("file %s: the download stalled for %g s", self.record.id, seconds)
+            self.transport.abort("the download stalled")
+            return
+        self.timer = self.transport.call_later(seconds, self._idle, self.sent)
 
     def _opened(self, result: tuple[Any, bytes] | None, error: BaseException | None) -> None:
         self.reading = False
@@ -187,6 +205,9 @@ class Download:
             self.service.leave()
             self.service = None  # type: ignore[assignment]
         self.over = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if not self.reading:
             self._close_source()
 

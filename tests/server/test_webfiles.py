@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto import events as ws
 
 from securechat.pki import certs
-from securechat.server import pages, web
+from securechat.server import filehandler, pages, web
+from securechat.server import files as files_module
 from securechat.server.engine import ChatServer
 from securechat.server.filehandler import install
 from securechat.server.files import FileService
@@ -161,6 +163,50 @@ def test_only_real_images_are_shown_inline_and_nothing_runs(server: ChatServer, 
     assert headers["x-content-type-options"] == "nosniff"
     assert "sandbox" in headers["content-security-policy"]  # the file's own policy (the page's comes first)
     assert headers["repr-digest"].startswith("sha-256=:")
+
+
+def _download_status(server: ChatServer, ca: Path, chat: WebClient, file_id: str) -> int:
+    token = _ticket(chat, filexfer.get_request("t9", file_id))
+    return http_get(server.address[1], f"/files/{file_id}?t={token}", ca=ca)[0]
+
+
+def test_a_download_whose_reader_stops_is_cut_and_gives_its_place_up(server: ChatServer, web_certs: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A browser that asks for a file and then reads nothing more must not hold its place among the
+    transfers (nor the open file) for as long as its TCP connection lives."""
+    monkeypatch.setattr(filehandler, "IDLE_SECONDS", 0.5)
+    monkeypatch.setattr(files_module, "MAX_TRANSFERS", 1)  # so a held place shows: the next one is refused
+    ca = web_certs / "ca.pem"
+    alice = _chat(server, ca, "alice")
+    data = os.urandom(16 << 20)  # far more than the outbox (1 MiB) and both sockets' buffers hold
+    file_id = _upload(server, ca, alice, "big.bin", data)
+    token = _ticket(alice, filexfer.get_request("t2", file_id))
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # a small window, as a stalled reader's
+    raw.settimeout(10)
+    raw.connect((LOOPBACK, server.address[1]))
+    stalled = tls_context(ca).wrap_socket(raw, server_hostname="localhost")
+    stalled.sendall(f"GET /files/{file_id}?t={token} HTTP/1.1\r\nHost: localhost:{server.address[1]}\r\n\r\n"
+                    .encode())
+    got = stalled.recv(65536)
+    assert got.startswith(b"HTTP/1.1 200 "), got[:100]
+    # ... and reads nothing more. While it stalls it holds the one place; once cut, the place is free.
+    statuses = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        statuses.append(_download_status(server, ca, alice, file_id))
+        if statuses[-1] == 200:
+            break
+        time.sleep(0.2)
+    assert statuses[0] == 503 and statuses[-1] == 200, statuses
+    # The stalled reader got a connection cut short, never the whole file.
+    try:
+        while chunk := stalled.recv(1 << 20):
+            got += chunk
+    except (ssl.SSLError, OSError):
+        pass
+    stalled.close()
+    assert len(got) < len(data)
 
 
 def test_downloads_need_their_ticket(server: ChatServer, web_certs: Path) -> None:
