@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import stat
 import threading
@@ -464,6 +465,54 @@ def test_garbage_and_silence_on_a_file_connection(file_server: Callable[..., Cha
     while len(server.pending) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(server.pending) == 0  # neither kept a place among the unauthenticated
+
+
+def test_a_file_connection_that_stops_moving_is_closed_and_gives_its_place_up(
+        file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], cert_files: dict[str, Path],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload that goes silent half-way, and a download whose reader stops: each is closed after the
+    idle time, and neither keeps its place among the transfers; the upload stays resumable."""
+    monkeypatch.setattr(filehandler, "IDLE_SECONDS", 0.5)
+    monkeypatch.setattr(files_module, "MAX_TRANSFERS", 1)  # a place held shows: the next one is "busy"
+    server = file_server()
+    alice = chat(server, "alice")
+    ca = cert_files["ca"]
+    silent, token = _put(server, alice, ca, 2 * MiB)
+    silent.data(os.urandom(MiB))  # ... and nothing more
+    assert silent.until_end()[1] == [{"error": "nothing moved for 0.5 s"}]
+    assert partials(server) == [token]  # kept for a resume
+
+    path, data = _file(tmp_path, "big.bin", 16 * MiB)  # far more than the outbox and both sockets' buffers
+    file_id, _, _ = cf.send_file(alice, path, "-")
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # a small window, as a stalled reader's
+    raw.settimeout(10)
+    raw.connect(server.address[:2])
+    context = tls.client_context(ca)
+    context.set_alpn_protocols([filexfer.ALPN])
+    stalled = context.wrap_socket(raw, server_hostname="localhost")
+    stalled.sendall(filexfer.control(op="get", ticket=ticket(alice, lambda tag: filexfer.get_request(tag, file_id)),
+                                     offset=0))
+    got = stalled.recv(1024)  # the answer's first bytes; then it reads no more
+    answers = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # while it stalls it holds the one place; once closed, it is free
+        other = RawFile(server, ca)
+        other.send(filexfer.control(op="get", ticket=ticket(alice, lambda tag: filexfer.get_request(tag, file_id)),
+                                    offset=0))
+        answers.append(other.control())
+        other.close()
+        if "ok" in answers[-1]:
+            break
+        time.sleep(0.2)
+    assert answers[0] == {"error": "busy: the server is moving as many files as it takes at once; try again"}
+    assert answers[-1]["ok"] == "get", answers
+    try:
+        while chunk := stalled.recv(1 << 20):
+            got += chunk
+    except (ssl.SSLError, OSError):
+        pass
+    assert len(got) < len(data)  # cut short, never the whole file
 
 
 def test_a_server_without_files_says_so(serve: Callable[..., ChatServer], chat: Callable[..., ChatClient],
