@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -341,39 +342,66 @@ def partial_path(directory: Path, file_id: str) -> Path:
 
 
 def download(connect: Callable[[], ssl.SSLSocket], ticket: Callable[[], str], file_id: str, directory: Path,
-             progress: Progress = lambda done, total: None, say: Callable[[str], None] = lambda text: None) -> Path:
+             progress: Progress = lambda done, total: None, say: Callable[[str], None] = lambda text: None,
+             named: Callable[[str], None] = lambda name: None) -> Path:
     """Fetch ``file_id`` into ``directory``; the path it was saved as. ``ticket()`` asks for a fresh
-    ticket (one per connection)."""
+    ticket (one per connection); ``named(name)`` is told the file's (cleaned) name once the server said it."""
     part = partial_path(directory, file_id)
 
     def attempt(n: int) -> Path:
         link = Link(connect())
         try:
-            return _download_once(link, ticket(), part, directory, progress)
+            return _download_once(link, ticket(), part, directory, progress, named)
         finally:
             link.close()
 
     return Path(_retrying(attempt, say))
 
 
-def _download_once(link: Link, ticket: str, part: Path, directory: Path, progress: Progress) -> Path:
-    have = part.stat().st_size if part.exists() else 0
-    link.send(filexfer.control(op="get", ticket=ticket, offset=have))
+def _open_partial(part: Path, directory: Path) -> BinaryIO:
+    """``part`` for reading what an earlier try brought and appending the rest, created 0600 if need be.
+
+    Never through whatever someone else planted at its name in a shared directory such as /tmp (the
+    id is known to a whole room): a symbolic link (to the victim's ``~/.bashrc``) is not followed, a
+    FIFO or a device is not waited on. TransferError in one line.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    not_regular = f"cannot save into {directory}: {part.name} is not a regular file (remove it)"
     try:
-        answer = link.control()
-    except TransferError as exc:
-        if "past the end" in str(exc):  # a partial file that is not this file's
-            part.unlink()
-            raise TransferError(f"removed {part.name}, a partial download longer than the file: try again") \
-                from None
-        raise
-    size = filexfer.field_int(answer, "size")
-    sha = filexfer.field_str(answer, "sha256", filexfer.SHA256_RE)
-    name = filexfer.clean_name(filexfer.field_str(answer, "name"))  # the server's word is not trusted either
-    if filexfer.field_int(answer, "offset") != have:
-        raise filexfer.FrameError("the server resumed from another offset")
-    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "r+b", buffering=0) as out:
+        fd = os.open(part, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TransferError(not_regular) from None
+        raise TransferError(f"cannot save into {directory}: {describe_error(exc)}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TransferError(not_regular)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+b", buffering=0)
+
+
+def _download_once(link: Link, ticket: str, part: Path, directory: Path, progress: Progress,
+                   named: Callable[[str], None]) -> Path:
+    out = _open_partial(part, directory)
+    with out:
+        have = os.fstat(out.fileno()).st_size
+        try:
+            link.send(filexfer.control(op="get", ticket=ticket, offset=have))
+            answer = link.control()
+        except BaseException as exc:
+            if not have:  # made just now: nothing to resume, so nothing left behind
+                part.unlink()
+            elif isinstance(exc, TransferError) and "past the end" in str(exc):  # a partial of another file
+                part.unlink()
+                raise TransferError(f"removed {part.name}, a partial download longer than the file: try again") \
+                    from None
+            raise
+        size = filexfer.field_int(answer, "size")
+        sha = filexfer.field_str(answer, "sha256", filexfer.SHA256_RE)
+        name = filexfer.clean_name(filexfer.field_str(answer, "name"))  # the server's word is not trusted either
+        named(name)
+        if filexfer.field_int(answer, "offset") != have:
+            raise filexfer.FrameError("the server resumed from another offset")
         hasher = hashlib.sha256()
         while chunk := out.read(BATCH):  # what an earlier try brought still counts in the hash
             hasher.update(chunk)
@@ -465,8 +493,10 @@ def send_file(client: ChatClient, path: Path, target: str, progress: Progress = 
 
 
 def get_file(client: ChatClient, file_id: str, directory: Path, progress: Progress = lambda done, total: None,
-             say: Callable[[str], None] = lambda text: None, timeout: float = 10.0) -> Path:
-    """Fetch ``file_id`` into ``directory`` over ``client``'s server; where it was saved."""
+             say: Callable[[str], None] = lambda text: None, timeout: float = 10.0,
+             named: Callable[[str], None] = lambda name: None) -> Path:
+    """Fetch ``file_id`` into ``directory`` over ``client``'s server; where it was saved. ``named(name)``:
+    the file's name, once known (a progress line shows it instead of the id)."""
     if not filexfer.ID_RE.match(file_id):
         raise TransferError(f"{file_id!r} is not a file id (the {filexfer.ID_LENGTH} characters after /get)")
     if not directory.is_dir():
@@ -482,4 +512,4 @@ def get_file(client: ChatClient, file_id: str, directory: Path, progress: Progre
     def fresh() -> str:  # the first connection uses that one; a resumed one asks again
         return first.pop() if first else ticket()
 
-    return download(lambda: open_connection(client, timeout), fresh, file_id, directory, progress, say)
+    return download(lambda: open_connection(client, timeout), fresh, file_id, directory, progress, say, named)

@@ -75,6 +75,32 @@ def test_a_room_file_reaches_the_room_and_comes_back_whole(file_server: Callable
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
 
 
+def test_a_download_never_writes_through_what_another_user_planted_at_its_partial_name(
+        file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], tmp_path: Path) -> None:
+    """Saving into a shared directory (/tmp): whoever knows a file's id can plant ``.securechat-ID.part``
+    there before the download starts. A symbolic link (to the victim's ~/.bashrc) is never followed, a
+    FIFO never hangs it: one line, and the file it points to is untouched."""
+    server = file_server()
+    alice = chat(server, "alice")
+    path, _ = _file(tmp_path, "x.bin", 1000)
+    file_id, _, _ = cf.send_file(alice, path, "-")
+    out = tmp_path / "shared"
+    out.mkdir()
+    victim = tmp_path / "bashrc"
+    victim.write_bytes(b"precious")
+    part = cf.partial_path(out, file_id)
+    part.symlink_to(victim)
+    with pytest.raises(TransferError, match=f"^cannot save into {out}: {part.name} is not a regular file"):
+        cf.get_file(alice, file_id, out)
+    assert victim.read_bytes() == b"precious" and part.is_symlink()
+    part.unlink()
+    os.mkfifo(part)
+    with pytest.raises(TransferError, match=f"{part.name} is not a regular file"):
+        cf.get_file(alice, file_id, out)
+    part.unlink()
+    assert cf.get_file(alice, file_id, out).read_bytes() == path.read_bytes()
+
+
 def test_someone_not_in_the_room_probing_its_file_id_gets_no_such_file(
         file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], tmp_path: Path) -> None:
     server = file_server()
@@ -122,8 +148,12 @@ def test_a_guest_who_takes_a_nick_later_cannot_fetch_its_earlier_holders_files(
     with pytest.raises(TransferError, match="no such file"):
         cf.get_file(mallory, file_id, tmp_path)
     mallory.quit()
-    carol.send("/nick bob")  # and one who renames to it
-    wait_line(carol, lambda line: line == "* carol is now bob")
+    for _ in range(20):  # and one who renames to it, once the server has let go of the nick
+        carol.send("/nick bob")
+        if wait_line(carol, lambda line: line in ("* carol is now bob", "* nickname refused: 'bob' is taken")) \
+                == "* carol is now bob":
+            break
+        time.sleep(0.1)
     with pytest.raises(TransferError, match="no such file"):
         cf.get_file(carol, file_id, tmp_path)
 
