@@ -36,7 +36,7 @@ def _work(args: argparse.Namespace, client: ChatClient) -> tuple[str, str]:
         join(client, args.room if args.room.startswith("#") else "#" + args.room)
     shown = Progress(PROG, "receiving", args.id)
     try:
-        path = get_file(client, args.id, args.out, shown, shown.say, timeout=args.timeout)
+        path = get_file(client, args.id, args.out, shown, shown.say, timeout=args.timeout, named=shown.named)
     except TransferError as exc:
         if str(exc).startswith("no such file") and not args.room:
             raise TransferError(f"{exc} (a room's file is for its members: pass --room NAME)") from None

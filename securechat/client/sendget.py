@@ -56,6 +56,10 @@ class Progress:
         sys.stderr.write("\r\x1b[K" + filexfer.progress(self.verb, self.name, done, total, rate))
         sys.stderr.flush()
 
+    def named(self, name: str) -> None:
+        """The file's name, once the server said it (shown instead of its id)."""
+        self.name = name
+
     def end(self) -> None:
         if self.on and self.first >= 0:
             sys.stderr.write("\r\x1b[K")

@@ -145,7 +145,11 @@ class Transfers:
         return f"shared {name} ({human_size(size)}) with {target}: /get {file_id}"
 
     def _get(self, running: _Running, progress: Callable[[int, int], None], file_id: str, directory: Path) -> str:
-        path = get_file(self.client, file_id, directory, progress, self._note(running), self.timeout)
+        def named(name: str) -> None:  # the progress line shows the file's name from now on
+            running.name = name
+            self.changed()
+
+        path = get_file(self.client, file_id, directory, progress, self._note(running), self.timeout, named)
         running.name = path.name
         return f"saved {path} ({human_size(path.stat().st_size)})"
 

@@ -9,11 +9,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
 from securechat.client.chat import ChatClient
 from securechat.client.transfers import USAGE_GET, USAGE_SEND, Transfers, _Running
+from securechat.server import filehandler
 from securechat.server.filehandler import install
 from securechat.server.files import FileService
 from securechat.store import files as store_files
@@ -42,14 +44,27 @@ def test_progress_and_usage_lines_without_a_network() -> None:
 @pytest.mark.skipif(not sys.platform.startswith(("linux", "darwin")), reason="POSIX")
 def test_send_shows_progress_while_chat_goes_on_then_get_saves_it(
         certs: Certs, start_server, terms: list[Tmux], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The server's disk is made slow (each 1 MiB write takes 0.1 s) so the transfer lasts long enough to watch.
-    write = store_files.Partial.write
+    # The server's disk is made slow (each 1 MiB written or read takes 0.1 s) so transfers last long enough
+    # to watch.
+    write, open_at = store_files.Partial.write, filehandler.open_at
 
     def slow_write(self: store_files.Partial, data: bytes) -> int:
         time.sleep(0.1)
         return write(self, data)
 
+    class SlowReader:
+        def __init__(self, source: BinaryIO) -> None:
+            self.source = source
+
+        def read(self, size: int) -> bytes:
+            time.sleep(0.1)
+            return self.source.read(size)
+
+        def close(self) -> None:
+            self.source.close()
+
     monkeypatch.setattr(store_files.Partial, "write", slow_write)
+    monkeypatch.setattr(filehandler, "open_at", lambda *args: SlowReader(open_at(*args)))
     server, port = start_server(certs.server_context())
     files = FileService(FileStore(tmp_path / "files"), server.rooms)
     install(server, files)
@@ -75,6 +90,8 @@ def test_send_shows_progress_while_chat_goes_on_then_get_saves_it(
         (tmp_path / "in").mkdir()
         term.type(f"/get {file_id} in")
         term.keys("Enter")
+        # The progress line names the file (from the server's answer, cleaned), not its id.
+        term.wait_until(lambda s: "receiving movie.mkv: " in s and "% of 24 MiB" in s, history=False)
         term.wait_for("-!- saved in/movie.mkv (24 MiB)")
         assert (tmp_path / "in" / "movie.mkv").read_bytes() == (tmp_path / "movie.mkv").read_bytes()
         term.type("/get zzzzzzzzzz")
