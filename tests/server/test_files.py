@@ -99,6 +99,11 @@ def test_a_download_never_writes_through_what_another_user_planted_at_its_partia
         cf.get_file(alice, file_id, out)
     part.unlink()
     assert cf.get_file(alice, file_id, out).read_bytes() == path.read_bytes()
+    assert server.files is not None  # a try the server refuses leaves no empty partial behind
+    server.files.store.blob_path(sha(path.read_bytes())).unlink()
+    with pytest.raises(TransferError, match="cannot be reached"):
+        cf.get_file(alice, file_id, out)
+    assert not list(out.glob(".securechat-*"))
 
 
 def test_someone_not_in_the_room_probing_its_file_id_gets_no_such_file(
