@@ -18,6 +18,7 @@ import pytest
 
 from securechat.pki import certs
 from securechat.wire import filexfer, tls
+from tests.pki.test_invites import Machine, Server, servers  # noqa: F401  (servers: a fixture)
 
 LOOPBACK = "127.0.0.1"
 SECURECHAT = [sys.executable, "-m", "securechat"]
@@ -237,3 +238,28 @@ def test_the_server_banner_and_no_files(served: Callable[..., Served], tmp_path:
     assert "[SERVER] File sharing is off (--no-files)" in off.lines
     (tmp_path / "a.txt").write_text("a")
     assert one_line(send(tmp_path, off, "a.txt", "--nick", "alice"), "send") == "file sharing is off on this server"
+
+
+def test_send_and_get_need_nothing_but_what_join_saved(servers: list[Server], tmp_path: Path) -> None:  # noqa: F811
+    """The profile 'securechat join' saved (the server's CA, this machine's certificate) is all send and get
+    need, as for connect: on a mutual-TLS server each shares and fetches under its certificate's name."""
+    server = Server(tmp_path / "server", "--require-client-cert")
+    servers.append(server)
+    alice, bob = Machine(tmp_path / "alice"), Machine(tmp_path / "bob")
+    for machine, name in ((alice, "alice"), (bob, "bob")):
+        joined = machine.join(server, server.invite(name))
+        assert joined.returncode == 0, joined.stderr
+    (alice.root / "plan.txt").write_text("the plan\n")
+    sent = alice.run("send", f"{LOOPBACK}:{server.port}", "plan.txt", "--to", "#ops")
+    assert sent.returncode == 0, sent.stderr
+    file_id = sent.stdout.strip()
+    (bob.root / "in").mkdir()
+    got = bob.run("get", f"{LOOPBACK}:{server.port}", file_id, "--room", "ops", "--out", "in")
+    assert got.returncode == 0 and got.stdout == "in/plan.txt\n", got.stderr
+    assert (bob.root / "in" / "plan.txt").read_text() == "the plan\n"
+    stranger = Machine(tmp_path / "stranger")  # the CA file alone, no certificate: not let in
+    shutil.copy(server.home / "certs" / "ca.pem", stranger.root / "ca.pem")
+    refused = stranger.run("get", f"{LOOPBACK}:{server.port}", file_id, "--room", "ops", "--ca", "ca.pem")
+    assert refused.returncode == 1 and refused.stderr.startswith("securechat get: ") and \
+        "requires a client certificate" in refused.stderr and refused.stderr.count("\n") == 1
+    assert not (stranger.root / "plan.txt").exists()
