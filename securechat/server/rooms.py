@@ -24,7 +24,6 @@ import logging
 import secrets
 import threading
 import time
-from typing import TYPE_CHECKING, Protocol
 
 from securechat.server.room import (
     ANNOUNCE_LIMIT,
@@ -37,21 +36,26 @@ from securechat.server.room import (
     MAX_HISTORY_PAGE,
     MAX_JOINED,
     MAX_ROOMS,
+    PAUSED,
+    PAUSED_WHY,
     REPLAY_BYTES,
     REPLAY_LINES,
+    RESUMED,
+    UNCHECKED,
+    Expiry,
+    Held,
     Member,
     Room,
+    live,
+    read_stored,
     render,
+    replayed,
     room_error,
-    tag,
     time_label,
 )
-from securechat.store.roomlog import Directory, Entry, LocalDirectory, LocalLog, RoomLog
+from securechat.store.roomlog import Directory, DirectoryUnavailable, Entry, LocalDirectory, LocalLog, RoomLog
 from securechat.wire import protocol
 from securechat.wire.ids import id_key, room_key
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("securechat.rooms")
 
@@ -78,7 +82,8 @@ class Rooms:
         self.grace = grace
         self._lock = threading.Lock()
         self._nicks: dict[str, Member] = {}  # nick_key -> member (held sessions included)
-        self._held: dict[str, _Held] = {}  # resume token -> a dropped session waiting for its client
+        self._claiming: set[str] = set()  # nick keys being claimed from the directory (outside the lock)
+        self._held: dict[str, Held] = {}  # resume token -> a dropped session waiting for its client
         self._tokens: dict[str, Member] = {}  # resume token -> its member, connected or held
         self._resume_lock = threading.Lock()  # holding, expiring and resuming one at a time
         self._rooms: dict[str, Room] = {}  # room_key -> room
@@ -89,6 +94,7 @@ class Rooms:
         """Connect to the log: from now on its entries are delivered here."""
         if not self._started:
             self._started = True
+            self.log.watch(self._paused)
             self.log.start(self._deliver)
 
     def close(self) -> None:
@@ -125,24 +131,41 @@ class Rooms:
             holder = self._nicks.get(key)
             if holder is not None and holder.held_private is not None:
                 return f"{nick!r} is held for its dropped connection to resume (up to {self.grace:g} s)"
-            if holder is not None:
+            if holder is not None or key in self._claiming:
                 return f"{nick!r} is taken"
-            if not self.directory.claim(nick):
-                return f"{nick!r} is taken"
-            self._nicks[key] = member
-            member.nick = nick
-        return None
+            self._claiming.add(key)
+        claimed = self._claim(key, nick)
+        with self._lock:
+            if claimed:
+                self._nicks[key] = member
+                member.nick = nick
+        return None if claimed else UNCHECKED.format(nick=nick) if claimed is None else f"{nick!r} is taken"
+
+    def _claim(self, key: str, nick: str, *, take_over: bool = False) -> bool | None:
+        """The directory on ``nick``, asked outside the registry lock: True, False (taken), None (cannot tell)."""
+        try:
+            return self.directory.take_over(nick) if take_over else self.directory.claim(nick)
+        except DirectoryUnavailable:
+            return None
+        finally:
+            with self._lock:
+                self._claiming.discard(key)
 
     def rename(self, member: Member, new: str) -> str | None:
         """Rename ``member`` and tell each of its rooms; return why not, or None."""
         old = member.nick
         key = protocol.nick_key(new)
+        changing = protocol.nick_key(old) != key
         with self._lock:
             holder = self._nicks.get(key)
-            if holder is not None and holder is not member:
+            if (holder is not None and holder is not member) or key in self._claiming:
                 return f"{new!r} is taken"
-            if protocol.nick_key(old) != key and not self.directory.claim(new):
-                return f"{new!r} is taken"
+            if changing:
+                self._claiming.add(key)
+        claimed = self._claim(key, new) if changing else True
+        with self._lock:
+            if not claimed:
+                return UNCHECKED.format(nick=new) if claimed is None else f"{new!r} is taken"
             del self._nicks[protocol.nick_key(old)]
             self._nicks[key] = member
             member.nick = new
@@ -161,7 +184,7 @@ class Rooms:
         """``member`` is gone for good: leave every room (telling each, unless ``quiet``), free the nick."""
         self._save_marks(member)
         for room in list(member.joined):
-            self._leave_room(member, room, why, quiet=quiet)
+            self._leave_room(member, room, why, quiet=quiet, session=member.token)
         member.current = None
         with self._lock:
             if member.token and self._tokens.get(member.token) is member:
@@ -236,11 +259,11 @@ class Rooms:
             self._save_marks(member)  # now, so even a crash of the server never gives them twice
 
     def join(self, member: Member, name: str, *, after: str | None = None, confirm: bool = True,
-             budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES) -> None:
+             budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES, announce: bool = True) -> None:
         """Join ``name`` (created on first join) and make it the current room; replies to ``member``.
 
         With ``after`` (an id), the lines after it are replayed as missed instead of the last
-        :attr:`replay` lines as history.
+        :attr:`replay` lines as history. ``announce=False``: nobody is told (resumed from another server).
         """
         if name.startswith("#"):
             name = name[1:]
@@ -259,6 +282,7 @@ class Rooms:
             member.conn.send(protocol.notice(f"too many rooms on this server ({MAX_ROOMS}); join an existing one"))
             return
         room, count = added
+        count += len(self._held_in(room)) + len(self.directory.members(room.name))  # as /rooms counts
         previous = member.current
         member.current = room
         member.joined.append(room)
@@ -270,25 +294,14 @@ class Rooms:
             member.conn.send(protocol.notice(f"you joined #{room.name} ({count} here); now talking in #{room.name}"))
         # Read before telling the room: the replay ends with what was said before this arrival.
         if after is None:
-            entries = self._read(room, None, self.replay, before=True)
+            entries = read_stored(self.log, room.name, None, self.replay, before=True)
             if entries:
                 member.paged[room.key] = entries[0].id  # /history goes on from there
         else:
             entries = self._missed(member, room, after)
-        if not self.announce_limit or count <= self.announce_limit:
+        if announce and (not self.announce_limit or count <= self.announce_limit):
             self.log.append(room.name, "join", member.nick, "")
         self._catch_up(member, room, entries, "history" if after is None else "missed", budget, max_lines)
-
-    def _read(self, room: Room, anchor: str | None, limit: int, *, before: bool) -> list[Entry]:
-        if limit <= 0 or not self.log.stores:
-            return []
-        try:
-            if before:
-                return self.log.read_before(room.name, anchor, limit)
-            return self.log.read_after(room.name, anchor, limit)
-        except Exception as exc:  # storage trouble must not cost the chat
-            log.error("cannot read the history of #%s: %s", room.name, exc)
-            return []
 
     def _missed(self, member: Member, room: Room, after: str | None) -> list[Entry]:
         """What ``member`` missed in ``room`` after id ``after`` (not its own lines), oldest first.
@@ -296,9 +309,9 @@ class Rooms:
         Beyond :data:`MAX_CATCHUP` lines, the newest ones: a gap before the live lines would be
         worse than one further back, which /history can page through.
         """
-        entries = self._read(room, after, MAX_CATCHUP, before=False)
+        entries = read_stored(self.log, room.name, after, MAX_CATCHUP, before=False)
         if len(entries) >= MAX_CATCHUP:
-            entries = self._read(room, None, MAX_CATCHUP, before=True)
+            entries = read_stored(self.log, room.name, None, MAX_CATCHUP, before=True)
             if entries:
                 member.paged[room.key] = entries[0].id
         return [e for e in entries if e.sender != member.nick]
@@ -314,7 +327,7 @@ class Rooms:
         send = member.conn.send
         skipped = max(0, len(entries) - max_lines)
         entries = entries[skipped:]
-        lines = [self._replayed(member, entry, how, now) for entry in entries]
+        lines = [replayed(member, entry, how, now) for entry in entries]
         if sum(map(len, lines)) > budget:
             keep = 0
             for data in reversed(lines):
@@ -343,22 +356,9 @@ class Rooms:
                 if last is None or id_key(entry.id) > last:
                     if entry.kind in EXCLUDE_SENDER and entry.sender == member.nick:
                         continue
-                    send(self._live(member, room, entry))
+                    send(live(member, room, entry))
             if room.last_id is None and entries:
                 room.last_id = entries[-1].id
-
-    def _replayed(self, member: Member, entry: Entry, how: str, now: float) -> bytes:
-        where = "" if member.current is not None and member.current.key == room_key(entry.room) else f"#{entry.room} "
-        line = f"({how} {time_label(entry.ts, now)}) {where}{render(entry)}"
-        if member.tagged:
-            line = tag(entry) + line
-        return protocol.encode(line)
-
-    def _live(self, member: Member, room: Room, entry: Entry) -> bytes:
-        line = render(entry) if member.current is room else f"#{room.name} {render(entry)}"
-        if member.tagged:
-            line = tag(entry) + line
-        return protocol.encode(line)
 
     def part(self, member: Member, name: str) -> None:
         """Leave ``name`` (the current room when empty); replies to ``member``."""
@@ -374,7 +374,7 @@ class Rooms:
         if member.current is not None:
             member.conn.send(protocol.notice(f"now talking in #{member.current.name}"))
 
-    def _leave_room(self, member: Member, room: Room, why: str, *, quiet: bool = False) -> None:
+    def _leave_room(self, member: Member, room: Room, why: str, *, quiet: bool = False, session: str = "") -> None:
         with room.lock:
             announcing = not self.announce_limit or len(room.members) <= self.announce_limit
             room.remove(member)
@@ -386,14 +386,14 @@ class Rooms:
             if member.current is not None:
                 self._changed(member)
         self.directory.parted(room.name, member.nick)
-        if not quiet and (why or announcing):
-            self.log.append(room.name, "part", member.nick, why)
+        if not quiet and (why or announcing):  # ``session``: unless it was resumed on another server meanwhile
+            self.log.append(room.name, "part", member.nick, why, session=session)
         self._drop_if_empty(room)
 
     def rooms(self) -> list[tuple[str, int]]:
         """Every room with people in it, here and on the other servers: (name, members), by name."""
         with self._lock:
-            counts = {room.name: len(room.members) for room in self._rooms.values()}
+            counts = {room.name: len(room.members) + len(self._held_in(room)) for room in self._rooms.values()}
         for name, n in self.directory.rooms().items():
             counts[name] = counts.get(name, 0) + n
         return sorted(((n, c) for n, c in counts.items() if c), key=lambda item: item[0].casefold())
@@ -402,11 +402,20 @@ class Rooms:
         """The members of room ``name`` everywhere, sorted; None when there is no such room here."""
         name = name.removeprefix("#")
         room = self._room(name, create=False)
-        here = [m.nick for m in room.members] if room is not None else []
+        here = [m.nick for m in (*room.members, *self._held_in(room))] if room is not None else []
         there = self.directory.members(name)
         if room is None and not there:
             return None
         return sorted({*here, *there}, key=str.casefold)
+
+    def _held_in(self, room: Room) -> list[Member]:
+        """Members of ``room`` whose connection dropped and who may resume: still in it, as the other servers count."""
+        return [h.member for h in list(self._held.values()) if room in h.member.joined]
+
+    def _paused(self, paused: bool) -> None:
+        """The shared log cannot reach its storage for a while now (or can again): tell everyone here why."""
+        for member in [m for m in list(self._nicks.values()) if m.held_private is None]:
+            member.conn.send(protocol.notice(PAUSED if paused else RESUMED))
 
     # -- saying things ---------------------------------------------------------------------
 
@@ -416,7 +425,8 @@ class Rooms:
         if room is None:
             member.conn.send(protocol.notice("you are in no room: /join NAME"))
             return
-        self.log.append(room.name, kind, member.nick, text)
+        if not self.log.append(room.name, kind, member.nick, text):
+            member.conn.send(protocol.notice(f"{protocol.NOT_DELIVERED} ({PAUSED_WHY}): {text}"))
 
     def private(self, member: Member, target_nick: str, text: str) -> str | None:
         """A private message; return why it cannot be sent, or None."""
@@ -430,7 +440,8 @@ class Rooms:
             member.conn.send(protocol.notice(f"{target_nick} is offline: kept for their next login"))
         else:
             return f"no such nick: {protocol.sanitize(target_nick)}"
-        self.log.append("@" + name, "private", member.nick, text, name, store=store)
+        if not self.log.append("@" + name, "private", member.nick, text, name, store=store):
+            return f"{protocol.NOT_DELIVERED} ({PAUSED_WHY}): {text}"
         if member.echo and protocol.nick_key(name) != protocol.nick_key(member.nick):
             member.conn.send(protocol.private(member.nick, name, text))
         return None
@@ -445,7 +456,7 @@ class Rooms:
             member.conn.send(protocol.notice("history is off on this server"))
             return
         before = member.paged.get(room.key)
-        entries = self._read(room, before, min(count, MAX_HISTORY_PAGE), before=True)
+        entries = read_stored(self.log, room.name, before, min(count, MAX_HISTORY_PAGE), before=True)
         if not entries:
             member.conn.send(protocol.notice(f"no earlier lines in #{room.name}"))
             return
@@ -454,7 +465,7 @@ class Rooms:
         member.conn.send(protocol.notice(f"history of #{room.name}: {len(entries)} earlier "
                                          f"line{'s' if len(entries) != 1 else ''}"))
         for entry in entries:
-            member.conn.send(self._replayed(member, entry, "history", now))
+            member.conn.send(replayed(member, entry, "history", now))
         member.conn.send(protocol.notice(f"end of history; now live in #{room.name}"))
 
     # -- delivery (the log's callback) -----------------------------------------------------
@@ -473,8 +484,8 @@ class Rooms:
         exclude = entry.sender if entry.kind in EXCLUDE_SENDER else None
         if exclude is not None:
             sender = self._nicks.get(protocol.nick_key(exclude))
-            if sender is not None and sender.echo:
-                exclude = None  # "/cap echo": the sender sees its line exactly as the others do
+            if sender is not None and sender.echo and entry.kind != "join":
+                exclude = None  # "/cap echo": the sender sees its line exactly as the others do (never its join)
         here = protocol.encode(render(entry))
         there: bytes | None = None
         with room.lock:
@@ -491,7 +502,7 @@ class Rooms:
                 if member in catching:
                     catching[member].append(entry)
                 elif member.tagged:
-                    member.conn.send(self._live(member, room, entry))
+                    member.conn.send(live(member, room, entry))
                 elif member.current is room:
                     member.conn.send(here)
                 else:
@@ -566,7 +577,7 @@ class Rooms:
             with room.lock:
                 room.remove(member)
 
-    def hold(self, member: Member, on_expiry: _Expiry) -> bool:
+    def hold(self, member: Member, on_expiry: Expiry) -> bool:
         """``member``'s connection dropped: keep its nick and rooms for :attr:`grace` seconds.
 
         Only a member that asked for a token (/session) is held. It leaves the rooms' delivery
@@ -582,7 +593,7 @@ class Rooms:
             timer = threading.Timer(self.grace, self._expire, (member.token,))
             timer.daemon = True
             with self._lock:
-                self._held[member.token] = _Held(member, timer, on_expiry)
+                self._held[member.token] = Held(member, timer, on_expiry)
             timer.start()
         return True
 
@@ -605,7 +616,7 @@ class Rooms:
         member.joined.clear()
         for room in rooms:
             self.directory.parted(room.name, member.nick)
-            self.log.append(room.name, "part", member.nick, "connection lost")
+            self.log.append(room.name, "part", member.nick, "connection lost", session=member.token)
             self._drop_if_empty(room)
         held.on_expiry(member)
 
@@ -646,9 +657,12 @@ class Rooms:
             return False
         key = protocol.nick_key(nick)
         with self._lock:
-            if key in self._nicks or token in self._tokens:
+            if key in self._nicks or token in self._tokens or key in self._claiming:
                 return False  # here already: resume() is the way back
-            if not self.directory.take_over(nick):
+            self._claiming.add(key)
+        taken = self._claim(key, nick, take_over=True)
+        with self._lock:
+            if not taken:
                 return False
             self._nicks[key] = member
             self._tokens[token] = member
@@ -657,13 +671,13 @@ class Rooms:
         return True
 
     def rejoin_rooms(self, member: Member, rooms: list[tuple[str, str]]) -> None:
-        """An adopted member joins ``rooms`` again (``(name, last id seen)``), each with what it missed."""
+        """An adopted member joins ``rooms`` again (``(name, last id seen)``), each with what it missed, quietly."""
         self.tag(member)
         share = REPLAY_BYTES // max(1, len(rooms))
         for name, after in rooms[:MAX_JOINED]:
-            self.join(member, name, after=after, confirm=False, budget=share)
+            self.join(member, name, after=after, confirm=False, budget=share, announce=False)
         if not member.joined:
-            self.join(member, DEFAULT_ROOM, confirm=False)
+            self.join(member, DEFAULT_ROOM, confirm=False, announce=False)
 
     def rejoin(self, member: Member, old: Member, positions: dict[str, str]) -> None:
         """Put a resumed ``member`` back in ``old``'s rooms with what it missed (after its ids)."""
@@ -684,16 +698,3 @@ class Rooms:
             after = positions.get(room.key) or old.dropped_at.get(room.key)
             self._catch_up(member, room, self._missed(member, room, after), "missed", REPLAY_BYTES // share,
                            MAX_CATCHUP_LINES // share)
-
-
-class _Expiry(Protocol):
-    def __call__(self, member: Member) -> None: ...
-
-
-class _Held:
-    __slots__ = ("member", "timer", "on_expiry")
-
-    def __init__(self, member: Member, timer: threading.Timer, on_expiry: _Expiry) -> None:
-        self.member = member
-        self.timer = timer
-        self.on_expiry = on_expiry

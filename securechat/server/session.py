@@ -214,8 +214,9 @@ class Session:
     def _register_bound(self, asked: str, nick: str) -> None:
         """Join under the certificate's name, whatever nick line was sent."""
         error = protocol.nick_error(nick)
-        if error is None and self.server.rooms.register(self, nick) is not None:
-            error = f"{nick!r} is already connected"
+        refusal = self.server.rooms.register(self, nick) if error is None else None
+        if refusal is not None:  # taken: this person is here already; anything else is said as it is
+            error = f"{nick!r} is already connected" if refusal.endswith(" is taken") else refusal
         if error:
             self.conn.close(protocol.notice(f"{protocol.NICK_REFUSED}{error} (your certificate names you "
                                             f"{nick!r}); goodbye"), reason="certificate nick unusable")

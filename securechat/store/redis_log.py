@@ -34,10 +34,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from securechat.store.redis_config import (
+    BACKOFF_FIRST,
     COMMAND_TIMEOUT,
     Backoff,
     RedisConfig,
@@ -69,9 +69,9 @@ READ_COUNT = 1000
 WRITE_BATCH = 256
 
 # Lines waiting for Redis on this server: at 10 lines/s per person and 1000 people this is ten
-# seconds of a flat-out room, or hours of a normal one; beyond it, during a long Redis outage,
-# new lines reach only this server's people (they are delivered, never shared later), and this is
-# logged. The appender never waits.
+# seconds of a flat-out room, or hours of a normal one. While Redis is unreachable lines wait here
+# (nobody sees them until Redis has given them their ids); beyond this bound a new line is refused
+# and its sender told so. The appender never waits.
 QUEUE_LIMIT = 100_000
 
 # The firehose only has to cover the catch-up of a server that lost Redis for a while: 100,000
@@ -83,6 +83,19 @@ HISTORY_LINES = 10_000
 
 # A graceful close waits this long for Redis to take the lines still queued.
 CLOSE_FLUSH_SECONDS = 5.0
+
+# A history read (a join's replay, a resume's catch-up) retries this long while Redis is unreachable:
+# a restart or a Sentinel failover with short timeouts is over by then. Beyond, it reads nothing and
+# says so in the log.
+READ_WAIT = 3.0
+
+# Delivery paused this long (Redis unreachable) before the room code is told, so that it can tell its
+# people why nothing arrives; a failover with short Sentinel timeouts is over before.
+PAUSE_NOTICE_AFTER = 2.0
+
+# Servers whose last sequence number the reader remembers per stream, to skip a line written twice
+# (a batch re-sent after a failover): each server process is one origin; a cluster has dozens.
+MAX_ORIGINS = 1000
 
 
 # Private messages waiting for one server; a person reads them in real time, so this only bounds
@@ -100,15 +113,24 @@ TRIM_EVERY = 60.0
 _MAX_FIELD = protocol.MAX_LINE_BYTES
 
 # Writes the line to the firehose and to its room with the same id, once per (origin, seq).
-# KEYS: log, room stream, seq key; ARGV: seq, log cap, room cap (0: none, -1: no history), seq ttl
-# ms, then the fields.
+# KEYS: log, room stream, seq key[, session]; ARGV: seq, log cap, room cap (0: none, -1: no history),
+# seq ttl ms, then the fields. With a session key (a departure that ends a resumable session): written
+# only if no other server has taken the session over, and the session ends with it (so it cannot be
+# taken over afterwards): a departure is announced once, or the person goes on elsewhere, never both.
 _APPEND_LUA = """
 local seq = tonumber(ARGV[1])
 local last = tonumber(redis.call('GET', KEYS[3]) or '-1')
 if seq <= last then return false end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
 local fields = {}
+local origin = ''
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV - 1, 2 do if ARGV[i] == 'o' then origin = ARGV[i + 1] end end
+if KEYS[4] then
+  local holder = redis.call('HGET', KEYS[4], 'origin')
+  if holder and holder ~= origin then return false end
+  redis.call('DEL', KEYS[4])
+end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
 local cap = tonumber(ARGV[3])
 if cap > 0 then
@@ -148,13 +170,14 @@ return origin
 class _Pending:
     """One of this server's lines on its way through Redis."""
 
-    __slots__ = ("seq", "entry", "store", "echoed")
+    __slots__ = ("seq", "entry", "store", "session", "written")
 
-    def __init__(self, seq: int, entry: Entry, store: bool) -> None:
+    def __init__(self, seq: int, entry: Entry, store: bool, session: str) -> None:
         self.seq = seq
-        self.entry = entry  # with a provisional id, used only if it must be delivered locally
+        self.entry = entry  # its id is "" until Redis gives it one
         self.store = store  # False: a private message routed to its recipient's server, kept nowhere
-        self.echoed = False  # delivered locally already (Redis was unreachable): skip it when read back
+        self.session = session  # a departure's session key: written only if the session is still ours
+        self.written = False  # Redis took it; it stays pending until the reader sees it come back
 
 
 class RedisRoomLog(RoomLog):
@@ -164,13 +187,22 @@ class RedisRoomLog(RoomLog):
     batches, and a reader thread follows the firehose and calls ``deliver`` for every line of every
     room, this server's included, in the firehose's order: one order per room on every server.
 
-    While Redis is unreachable (restart, network), the server *degrades*: its own lines (those on
-    their way and every new one) are delivered locally at once, with provisional ids, and stay
-    queued; when Redis is back they are written, the other servers get them, and this server skips
-    them when they come back. Lines said on other servers meanwhile arrive when the reader
-    reconnects, resuming from the last id it saw: nothing lost, nothing twice, each sender's order
-    kept. Provisional ids are not stream ids, so a client that reconnects with one may be replayed a
-    few lines twice or miss them: the one approximation, and only during an outage.
+    **Exactly once, in order: a line is delivered to nobody before Redis has given it its final id**,
+    so every id a client, a read position or a resume ever sees is a stream id that means the same on
+    every server, through a Redis restart, a network cut or a Sentinel failover:
+
+    - While Redis is unreachable nothing is delivered: lines wait in the queue, in order, and go out
+      when it is back (a restart or a failover: a second or two). The room code is told when delivery
+      has been paused for PAUSE_NOTICE_AFTER seconds, and when it resumes.
+    - A line is done only when the reader has read it back; until then it is kept, and after any
+      error the writer sends again every line not read back yet. The script writes each (server,
+      sequence number) once, so a resent line that did reach Redis is not written twice, and one
+      lost with a primary that died before its replica had it is written again on the new primary.
+    - Through Sentinel the reader follows a *replica* when there is one: a line is delivered only
+      once a replica has it, so the primary's death cannot take back a line someone has seen (the
+      replica Sentinel promotes is the most up to date). History is read from the primary, but only
+      up to the last id the reader has delivered (newer lines arrive live).
+    - The reader also skips a (server, sequence number) it has delivered already, whatever its id.
     """
 
     def __init__(
@@ -195,18 +227,20 @@ class RedisRoomLog(RoomLog):
         self.queue_limit = queue_limit
         self.log_cap = log_cap
         self._deliver: Deliver | None = None
-        # One lock orders everything about this server's own lines: append, the switch to local
-        # delivery and the reader's skipping of lines already shown. Reentrant: deliver may append.
-        self._lock = threading.RLock()
+        self._on_pause: Callable[[bool], None] | None = None
+        # Guards the queue and the pending lines (never held while delivering or talking to Redis).
+        self._lock = threading.Lock()
         self._queue: collections.deque[_Pending] = collections.deque()
-        self._pending: dict[int, _Pending] = {}  # by seq: appended, not yet read back
-        self._echoed = 0  # how many of _pending were delivered locally (while Redis was away)
+        self._pending: dict[int, _Pending] = {}  # by seq: appended, not yet read back, in seq order
         self._seq = 0
-        self._last = (0, 0)  # the newest id delivered, stream or provisional
-        self._degraded = False
+        self._refused = 0  # lines refused in a row because the queue was full
         self._writer_ok = True
         self._reader_ok = True
-        self._unshared = 0  # lines delivered only here because the queue was full
+        self._paused_since: float | None = None  # when Redis became unreachable (None: it is not)
+        self._pause_told = False
+        # The newest firehose id delivered: history reads stop there (newer lines come live).
+        self._watermark: str | None = None
+        self._seen: dict[str, dict[str, int]] = {}  # stream -> origin -> last sequence number delivered
         self._marks: dict[str, dict[str, str]] = {}  # person -> read positions not yet written
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -235,7 +269,7 @@ class RedisRoomLog(RoomLog):
             raise RedisStartError(f"cannot use Redis at {redact(self.config.url)}: "
                                   f"{describe_redis_error(exc)}") from None
         start_id = top[0][0] if top else "0-0"
-        self._last = max(self._last, id_key(start_id))
+        self._watermark = start_id if top else None
         self._threads = [
             threading.Thread(target=self._read_loop, args=(start_id,), name="securechat-redis-reader", daemon=True),
             threading.Thread(target=self._write_loop, name="securechat-redis-writer", daemon=True),
@@ -243,40 +277,50 @@ class RedisRoomLog(RoomLog):
         for thread in self._threads:
             thread.start()
 
-    def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True) -> None:
-        """Queue a line for Redis; never blocks on it (see the class docstring for outages).
+    def watch(self, on_pause: Callable[[bool], None]) -> None:
+        """``on_pause(True)`` once delivery has been paused for PAUSE_NOTICE_AFTER s, ``on_pause(False)`` when
+        it resumes (called on the log's threads)."""
+        self._on_pause = on_pause
+
+    def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True,
+               session: str = "") -> bool:
+        """Queue a line for Redis; never blocks on it. False (nothing queued) when QUEUE_LIMIT lines wait already.
 
         ``store=False`` (a private message to someone online): it goes to the inbox stream of the
-        server holding ``target``, and is kept in no room's history.
+        server holding ``target``, and is kept in no room's history. ``session``: see RoomLog.append.
         """
         with self._lock:
-            self._seq += 1
-            entry = Entry(room, "", time.time(), kind, sender, text, target, self.origin)
-            pending = _Pending(self._seq, entry, store or kind != "private")
             if len(self._queue) >= self.queue_limit:
-                # Redis has not taken lines for a long while: deliver here, never share this one.
-                self._degrade("the queue of lines for Redis is full")
-                self._unshared += 1
-                if self._unshared == 1:
-                    log.error("%d lines are waiting for Redis: new lines reach only this server's people until "
-                              "it catches up", self.queue_limit)
-                self._echo(pending)
-                return
-            self._queue.append(pending)
-            self._pending[pending.seq] = pending
-            if self._degraded:
-                self._echo(pending)
+                self._refused += 1
+                refused = self._refused
+            else:
+                self._refused = refused = 0
+                self._seq += 1
+                entry = Entry(room, "", time.time(), kind, sender, text, target, self.origin)
+                pending = _Pending(self._seq, entry, store or kind != "private",
+                                   self.config.session_key(session) if session else "")
+                self._queue.append(pending)
+                self._pending[pending.seq] = pending
+        if refused:
+            if refused == 1:
+                log.error("%d lines are waiting for Redis: new lines are refused until it takes them", self.queue_limit)
+            return False
         self._wake.set()
+        return True
 
     def read_after(self, room: str, after_id: str | None, limit: int) -> list[Entry]:
-        """Stored entries of ``room`` after ``after_id``, oldest first ([] while Redis is unreachable)."""
+        """Stored entries of ``room`` after ``after_id`` (up to the last one delivered here), oldest first."""
         start = "-" if after_id is None else f"({after_id}"
-        return self._read_range(room, lambda c, k: c.xrange(k, start, "+", count=limit))
+        return self._read_range(room, lambda c, k, top: c.xrange(k, start, top, count=limit))
 
     def read_before(self, room: str, before_id: str | None, limit: int) -> list[Entry]:
         """The last ``limit`` stored entries of ``room`` before ``before_id``, oldest first."""
-        end = "+" if before_id is None else f"({before_id}"
-        return self._read_range(room, lambda c, k: list(reversed(c.xrevrange(k, end, "-", count=limit))))
+
+        def query(client: Any, key: str, top: str) -> list[Any]:
+            end = top if before_id is None or (top != "+" and id_key(top) < id_key(before_id)) else f"({before_id}"
+            return list(reversed(client.xrevrange(key, end, "-", count=limit)))
+
+        return self._read_range(room, query)
 
     def marks(self, person: str) -> dict[str, str]:
         """A person's read positions (mutual TLS), kept in Redis for every server."""
@@ -318,52 +362,44 @@ class RedisRoomLog(RoomLog):
         return self.history
 
     @property
-    def degraded(self) -> bool:
-        """True while lines are delivered locally because Redis is unreachable."""
-        return self._degraded
+    def paused(self) -> bool:
+        """True while Redis is unreachable: lines wait, nothing is delivered."""
+        return self._paused_since is not None
 
     @property
     def queued(self) -> int:
         """Lines waiting for Redis."""
         return len(self._queue)
 
-    def _provisional_id(self) -> str:
-        ms = max(int(time.time() * 1000), self._last[0])
-        seq = self._last[1] + 1 if ms == self._last[0] else 0
-        self._last = (ms, seq)
-        return f"{ms}-{seq}"
-
-    def _echo(self, pending: _Pending) -> None:
-        """Deliver one of this server's lines locally, now (lock held)."""
-        pending.echoed = True
-        if pending.seq in self._pending:
-            self._echoed += 1  # one more to skip when it comes back from Redis
-        assert self._deliver is not None
-        self._deliver(replace(pending.entry, id=self._provisional_id()))
-
-    def _degrade(self, why: str) -> None:
-        """Switch to local delivery: first every own line not delivered yet, in order (lock held)."""
-        if self._degraded:
-            return
-        self._degraded = True
-        log.warning("Redis unreachable (%s): local chat goes on; lines are shared when it is back", why)
-        for pending in self._pending.values():
-            if not pending.echoed:
-                self._echo(pending)
-
     def _set_health(self, *, writer: bool | None = None, reader: bool | None = None, why: str = "") -> None:
+        tell: bool | None = None
         with self._lock:
             if writer is not None:
                 self._writer_ok = writer
             if reader is not None:
                 self._reader_ok = reader
             if not (self._writer_ok and self._reader_ok):
-                self._degrade(why)
-            elif self._degraded and not self._echoed:
-                # Everything shown locally has come back from Redis: one order again.
-                self._degraded = False
-                self._unshared = 0
-                log.warning("Redis is back: lines are shared again")
+                if self._paused_since is None:
+                    self._paused_since = time.monotonic()
+                    log.warning("Redis unreachable (%s): lines wait, in order, and are delivered when it is back", why)
+                elif not self._pause_told and time.monotonic() - self._paused_since >= PAUSE_NOTICE_AFTER:
+                    self._pause_told = tell = True
+            elif self._paused_since is not None:
+                log.warning("Redis is back after %.1f s: delivery goes on", time.monotonic() - self._paused_since)
+                self._paused_since = None
+                if self._pause_told:
+                    self._pause_told, tell = False, False
+        if tell is not None and self._on_pause is not None:
+            self._on_pause(tell)
+
+    def _failed(self, why: str) -> None:
+        """The writer lost Redis: every line written but not read back is sent again (written once)."""
+        with self._lock:
+            again = [p for p in self._pending.values() if p.written]
+            for pending in reversed(again):
+                pending.written = False
+                self._queue.appendleft(pending)
+        self._set_health(writer=False, why=why)
 
     # -- writer ----------------------------------------------------------------------------
 
@@ -374,23 +410,20 @@ class RedisRoomLog(RoomLog):
         # before every pipeline, a second round trip per batch. NOSCRIPT (Redis restarted) reloads.
         shas: dict[str, str] = {}
         no_script = redis_module().exceptions.NoScriptError
-        backoff = Backoff()
+        backoff = Backoff(self.config.backoff_max)
         deadline: float | None = None
         trimmed = time.monotonic()
         written_rooms: set[str] = set()
-        batch: list[_Pending] = []
-        marks: dict[str, dict[str, str]] = {}
         while True:
+            with self._lock:
+                batch = [self._queue[i] for i in range(min(WRITE_BATCH, len(self._queue)))]
+                marks, self._marks = self._marks, {}
             if not batch and not marks:
-                with self._lock:
-                    batch = [self._queue[i] for i in range(min(WRITE_BATCH, len(self._queue)))]
-                    marks, self._marks = self._marks, {}
-                if not batch and not marks:
-                    if self._stop.is_set():
-                        break
-                    self._wake.wait(1.0)
-                    self._wake.clear()
-                    continue
+                if self._stop.is_set():
+                    break
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
             if self.history_seconds and time.monotonic() - trimmed > TRIM_EVERY:
                 trimmed = time.monotonic()
                 self._trim(client, written_rooms)
@@ -411,25 +444,26 @@ class RedisRoomLog(RoomLog):
                         pipe.hset(key, mapping=positions)
                 results = pipe.execute()
             except errors as exc:
+                with self._lock:
+                    for person, positions in marks.items():
+                        self._marks.setdefault(person, positions)  # unless newer ones came meanwhile
                 if isinstance(exc, no_script):  # a restarted Redis: load the scripts, send again (written once)
                     shas = {}
                     continue
-                self._set_health(writer=False, why=describe_redis_error(exc))
+                self._failed(describe_redis_error(exc))
                 backoff.wait(self._stop if deadline is None else threading.Event())
                 continue
             with self._lock:
                 for pending, result in zip(batch, results, strict=False):
-                    self._queue.popleft()
+                    if self._queue and self._queue[0] is pending:
+                        self._queue.popleft()
+                    pending.written = True
                     if not pending.store and result != self.origin:
                         # Routed to another server's inbox (or to nobody): it never comes back here.
-                        if self._pending.pop(pending.seq, None) is not None and pending.echoed:
-                            self._echoed -= 1
-                for person, positions in marks.items():
-                    self._marks.setdefault(person, positions)  # unless newer ones came meanwhile
-                    if self._marks[person] is positions:
-                        del self._marks[person]
+                        self._pending.pop(pending.seq, None)
+                    elif pending.session and result is None:
+                        self._pending.pop(pending.seq, None)  # a departure from a session resumed elsewhere
             self.written += len(batch)
-            batch, marks = [], {}
             if backoff.delay:
                 backoff.reset()
             self._set_health(writer=True)
@@ -446,7 +480,8 @@ class RedisRoomLog(RoomLog):
             return
         room_stream = self.config.key("room", self.room_key(entry.room))
         rooms.add(room_stream)
-        pipe.evalsha(shas["append"], 3, self._log_key, room_stream, self._seq_key,
+        keys = [self._log_key, room_stream, self._seq_key, *([pending.session] if pending.session else [])]
+        pipe.evalsha(shas["append"], len(keys), *keys,
                      pending.seq, self.log_cap, self.history_lines if self.history else -1, SEQ_TTL_MS, *fields)
 
     def _trim(self, client: Any, rooms: set[str]) -> None:
@@ -463,9 +498,10 @@ class RedisRoomLog(RoomLog):
 
     def _read_loop(self, start_id: str) -> None:
         errors = redis_errors()
-        client = self.config.client(timeout=COMMAND_TIMEOUT + READ_BLOCK_MS / 1000, single=True)
+        # Through Sentinel, a replica's copy: a line is delivered once it survives the primary's death.
+        client = self.config.client(timeout=COMMAND_TIMEOUT + READ_BLOCK_MS / 1000, single=True, replica=True)
         positions = {self._log_key: start_id, self._inbox_key: "0-0"}
-        backoff = Backoff()
+        backoff = Backoff(self.config.backoff_max)
         resumed = False
         while not self._stop.is_set():
             try:
@@ -480,12 +516,12 @@ class RedisRoomLog(RoomLog):
                 continue
             if backoff.delay:
                 backoff.reset()
+            self._set_health(reader=True)
             with batched_wakeups():  # each member's thread is woken once per batch, not once per line
                 for stream, items in reply or ():
                     for entry_id, fields in items:
                         positions[stream] = entry_id
-                        self._receive(entry_id, fields)
-            self._set_health(reader=True)
+                        self._receive(stream, entry_id, fields)
         client.close()
 
     def _check_gap(self, client: Any, last_seen: str) -> None:
@@ -496,38 +532,57 @@ class RedisRoomLog(RoomLog):
             log.error("the Redis log was trimmed past this server's position while it was disconnected: some lines "
                       "said on other servers were not delivered here (raise the firehose cap)")
 
-    def _receive(self, entry_id: str, fields: dict[str, str]) -> None:
+    def _receive(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
         entry = _decode(entry_id, fields)
         if entry is None:
             log.warning("skipped a malformed entry %s in the Redis log", entry_id)
             return
-        with self._lock:
-            if entry.room[:1] != "@":  # inbox ids come from another stream
-                self._last = max(self._last, id_key(entry_id))
-            if entry.origin == self.origin:
-                pending = self._pending.pop(_int(fields.get("q")), None)
-                if pending is not None and pending.echoed:
-                    self._echoed -= 1
-                    return  # shown here while Redis was away
-            assert self._deliver is not None
-            try:
-                self._deliver(entry)
-            except Exception:  # the room code's bug must not stop delivery for everyone
-                log.exception("delivering %s failed", entry_id)
+        seq = _int(fields.get("q"))
+        if seq >= 0:
+            seen = self._seen.setdefault(stream, {})
+            if seq <= seen.get(entry.origin, -1):
+                log.warning("skipped %s: a line written twice (server %s, line %d)", entry_id, entry.origin, seq)
+                return
+            seen.pop(entry.origin, None)
+            seen[entry.origin] = seq  # the newest at the end: the oldest server is forgotten first
+            if len(seen) > MAX_ORIGINS:
+                del seen[next(iter(seen))]
+        if entry.origin == self.origin:
+            with self._lock:
+                self._pending.pop(seq, None)
+        if stream == self._log_key:
+            self._watermark = entry_id
+        assert self._deliver is not None
+        try:
+            self._deliver(entry)
+        except Exception:  # the room code's bug must not stop delivery for everyone
+            log.exception("delivering %s failed", entry_id)
 
     # -- history ---------------------------------------------------------------------------
 
-    def _read_range(self, room: str, query: Callable[[Any, str], list[Any]]) -> list[Entry]:
+    def _read_range(self, room: str, query: Callable[[Any, str, str], list[Any]]) -> list[Entry]:
+        """Run ``query(client, room stream, newest id to return)``, retrying up to READ_WAIT while Redis is away."""
         assert self._client is not None, "start() first"
-        try:
-            items = query(self._client, self.config.key("room", self.room_key(room)))
-        except redis_errors() as exc:
-            if not self._history_warned:
-                self._history_warned = True
-                log.error("history unavailable while Redis is unreachable: %s", describe_redis_error(exc))
-            return []
+        deadline = time.monotonic() + READ_WAIT
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                items = query(self._client, self.config.key("room", self.room_key(room)), self._watermark or "+")
+                break
+            except redis_errors() as exc:
+                if time.monotonic() + delay > deadline or self._stop.is_set():
+                    if not self._history_warned:
+                        self._history_warned = True
+                        log.error("history unavailable while Redis is unreachable: %s", describe_redis_error(exc))
+                    raise HistoryUnavailable(describe_redis_error(exc)) from None
+                time.sleep(delay)
+                delay = min(delay * 2, READ_WAIT / 4)
         self._history_warned = False
         return [e for e in (_decode(i, f) for i, f in items) if e is not None]
+
+
+class HistoryUnavailable(Exception):
+    """Redis stayed unreachable for READ_WAIT seconds: the history could not be read."""
 
 
 def _int(value: str | None) -> int:
