@@ -4,7 +4,8 @@ Tests that need one use the ``redis_server`` fixture (import it from here); they
 reason when ``redis-server`` is not installed (Debian package ``redis-server``; ``.ci/run`` installs
 it) or when the tests lack redis-py (``pip install -e '.[redis,test]'``).
 
-``redis_sentinel`` starts a primary, a replica and one ``redis-sentinel`` (Debian package
+``redis_sentinel`` starts a primary, a replica (replicating through a relay the test can cut,
+``tests/netcut.py``) and one ``redis-sentinel`` (Debian package
 ``redis-sentinel``) watching them with quorum 1: on loopback there is no network to split the
 Sentinels from Redis or from each other, so one judge is enough to test failover; a deployment runs
 three on separate machines with quorum 2. Its timeouts are short (the primary is down after
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import trustme
+
+from tests.netcut import CutRelay
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_SENTINEL = shutil.which("redis-sentinel")
@@ -51,12 +54,12 @@ class RedisServer:
     """
 
     def __init__(self, directory: Path, *, password: str | None = None, tls: trustme.LeafCert | None = None,
-                 ca: trustme.CA | None = None, persistent: bool = True, replica_of: RedisServer | None = None) -> None:
+                 ca: trustme.CA | None = None, persistent: bool = True, replica_of: int | None = None) -> None:
         self.directory = directory
         self.password = password
         self.tls = tls
         self.persistent = persistent
-        self.replica_of = replica_of
+        self.replica_of = replica_of  # the port it replicates from
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = directory / "redis.log"
@@ -86,7 +89,7 @@ class RedisServer:
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
         if self.replica_of is not None:
-            args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         if self.tls:
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.directory / "redis.pem"),
                      "--tls-key-file", str(self.directory / "redis.key"), "--tls-ca-cert-file",
@@ -153,9 +156,10 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 class SentinelGroup:
     """A primary, a replica and one Sentinel watching them, all on loopback (see the module's docstring)."""
 
-    def __init__(self, primary: RedisServer, replica: RedisServer, directory: Path) -> None:
+    def __init__(self, primary: RedisServer, replica: RedisServer, link: CutRelay, directory: Path) -> None:
         self.primary = primary
         self.replica = replica
+        self.link = link  # replication goes through it: cut it, and the replica falls behind
         self.directory = directory
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -226,6 +230,7 @@ class SentinelGroup:
             self.proc.kill()
             self.proc.wait(10)
         self.proc = None
+        self.link.close()
 
 
 @pytest.fixture
@@ -237,10 +242,11 @@ def redis_sentinel(redis_server: Callable[..., RedisServer], tmp_path: Path) -> 
 
     def start(**options: object) -> SentinelGroup:
         primary = redis_server(**options)
-        replica = redis_server(**options, replica_of=primary)
+        link = CutRelay(primary.port)
+        replica = redis_server(**options, replica_of=link.port)
         directory = tmp_path / f"sentinel{len(groups)}"
         directory.mkdir()
-        group = SentinelGroup(primary, replica, directory)
+        group = SentinelGroup(primary, replica, link, directory)
         groups.append(group)
         group.start()
         return group

@@ -84,6 +84,11 @@ HISTORY_LINES = 10_000
 # A graceful close waits this long for Redis to take the lines still queued.
 CLOSE_FLUSH_SECONDS = 5.0
 
+# A line written but not read back after this long is sent again (written once: the script skips what
+# it has): the primary that took it died before its replica had it. Far beyond the reader's usual lag
+# (milliseconds), so a busy cluster does not resend what is merely on its way.
+SEND_AGAIN_AFTER = 5.0
+
 # A history read (a join's replay, a resume's catch-up) retries this long while Redis is unreachable:
 # a restart or a Sentinel failover with short timeouts is over by then. Beyond, it reads nothing and
 # says so in the log.
@@ -170,7 +175,7 @@ return origin
 class _Pending:
     """One of this server's lines on its way through Redis."""
 
-    __slots__ = ("seq", "entry", "store", "session", "written")
+    __slots__ = ("seq", "entry", "store", "session", "written", "written_at")
 
     def __init__(self, seq: int, entry: Entry, store: bool, session: str) -> None:
         self.seq = seq
@@ -178,6 +183,7 @@ class _Pending:
         self.store = store  # False: a private message routed to its recipient's server, kept nowhere
         self.session = session  # a departure's session key: written only if the session is still ours
         self.written = False  # Redis took it; it stays pending until the reader sees it come back
+        self.written_at = 0.0  # when (time.monotonic())
 
 
 class RedisRoomLog(RoomLog):
@@ -392,14 +398,17 @@ class RedisRoomLog(RoomLog):
         if tell is not None and self._on_pause is not None:
             self._on_pause(tell)
 
-    def _failed(self, why: str) -> None:
-        """The writer lost Redis: every line written but not read back is sent again (written once)."""
+    def _send_again(self, *, older_than: float = 0.0) -> None:
+        """Every line written but not read back goes to the front of the queue again (the script writes it
+        once): after an error, or when the oldest has waited ``older_than`` seconds."""
         with self._lock:
             again = [p for p in self._pending.values() if p.written]
+            if not again or time.monotonic() - again[0].written_at < older_than:
+                return
             for pending in reversed(again):
                 pending.written = False
                 self._queue.appendleft(pending)
-        self._set_health(writer=False, why=why)
+        self._wake.set()
 
     # -- writer ----------------------------------------------------------------------------
 
@@ -423,6 +432,9 @@ class RedisRoomLog(RoomLog):
                     break
                 self._wake.wait(1.0)
                 self._wake.clear()
+                # A primary that died before its replica had them takes lines with it, and the reader
+                # never sees them: whatever has not come back for a while is sent again.
+                self._send_again(older_than=SEND_AGAIN_AFTER)
                 continue
             if self.history_seconds and time.monotonic() - trimmed > TRIM_EVERY:
                 trimmed = time.monotonic()
@@ -450,14 +462,16 @@ class RedisRoomLog(RoomLog):
                 if isinstance(exc, no_script):  # a restarted Redis: load the scripts, send again (written once)
                     shas = {}
                     continue
-                self._failed(describe_redis_error(exc))
+                self._send_again()
+                self._set_health(writer=False, why=describe_redis_error(exc))
                 backoff.wait(self._stop if deadline is None else threading.Event())
                 continue
+            now = time.monotonic()
             with self._lock:
                 for pending, result in zip(batch, results, strict=False):
                     if self._queue and self._queue[0] is pending:
                         self._queue.popleft()
-                    pending.written = True
+                    pending.written, pending.written_at = True, now
                     if not pending.store and result != self.origin:
                         # Routed to another server's inbox (or to nobody): it never comes back here.
                         self._pending.pop(pending.seq, None)
@@ -511,6 +525,7 @@ class RedisRoomLog(RoomLog):
                 reply = client.xread(positions, count=READ_COUNT, block=READ_BLOCK_MS)
             except errors as exc:
                 self._set_health(reader=False, why=describe_redis_error(exc))
+                self._send_again()  # a failover, perhaps: what the old primary took has to be written again
                 backoff.wait(self._stop)
                 resumed = True
                 continue

@@ -23,7 +23,7 @@ import pytest
 from securechat.server.engine import ChatServer
 from securechat.store.redis_config import RedisConfig
 from securechat.store.redis_directory import RedisDirectory
-from securechat.store.redis_log import RedisRoomLog
+from securechat.store.redis_log import QUEUE_LIMIT, RedisRoomLog
 from tests.conftest import LOOPBACK, LineClient
 
 Serve = Callable[..., ChatServer]
@@ -35,12 +35,12 @@ def node(serve: Serve) -> Iterator[Callable[..., ChatServer]]:
     """``node(url)``: an in-process server sharing its rooms through the Redis at ``url``."""
     directories: list[RedisDirectory] = []
 
-    def start(url: str, ttl: float = 15.0, **options: object) -> ChatServer:
+    def start(url: str, ttl: float = 15.0, queue_limit: int = QUEUE_LIMIT, **options: object) -> ChatServer:
         config = RedisConfig(url)
         directory = RedisDirectory(config, ttl=ttl)
         directory.start()
         directories.append(directory)
-        server = serve(roomlog=RedisRoomLog(config), directory=directory, **options)
+        server = serve(roomlog=RedisRoomLog(config, queue_limit=queue_limit), directory=directory, **options)
         servers.append(server)
         return server
 
@@ -132,6 +132,88 @@ def test_three_servers_one_order_for_everyone(redis_server, node, connect: Conne
             assert mine == [f"[user{i}] {i}:{r}" for r in range(20)]  # each sender's order
         seen.append(lines)
     assert seen[0] == seen[1] == seen[2]  # and one order on every server
+
+
+def test_no_notice_that_did_not_happen_and_counts_agree_across_servers(redis_server, node, connect: Connect) -> None:
+    """Issue #18, bug 10: one's own join never echoed back; "(N here)" counts the whole cluster, as /rooms does."""
+    redis = redis_server()
+    a, b = node(redis.url), node(redis.url)
+    bob = connect(b, "bob")
+    bob.send("/join dev")
+    bob.expect("* you joined #dev")
+    ron = connect(a, "ron")
+    ron.send("/cap echo")  # what the securechat client asks for: its own lines back, as the others got them
+    assert ron.expect("* cap: echo on")
+    ron.send("/join dev")
+    assert bob.expect("* ron joined") == "* ron joined"
+    ron.send("/rooms")
+    ron.send("hi")
+    assert bob.expect("[ron]") == "[ron] hi"
+    seen = [ron.readline()]
+    while seen[-1] != "[ron] hi":  # echoed: the line went out; and everything ron got before it
+        seen.append(ron.readline())
+    assert seen[0] == "* you joined #dev (2 here); now talking in #dev"
+    assert "* 2 rooms: #dev (2), #lobby (2)" in seen
+    assert not [line for line in seen + ron.lines_until_quiet(0.5) if line.endswith("* ron joined")]
+
+
+@pytest.mark.slow
+def test_resuming_on_another_server_is_no_join_and_a_leave_is_told_once(redis_server, node, connect: Connect) -> None:
+    """Issue #18, bug 10: ron's connection to A drops, he resumes on B: nobody is told he joined, A does not say he
+    left when its grace period runs out; when he really leaves, everyone is told once."""
+    redis = redis_server()
+    a = node(redis.url, ttl=1.0, grace=1.0)
+    b = node(redis.url, ttl=1.0, grace=1.0)
+    dave = connect(a, "dave")
+    carol = connect(b, "carol")
+    ron = connect(a, "ron")
+    for listener in (dave, carol):
+        listener.expect("* ron joined")
+    ron.send("/session")
+    token = ron.expect("* session ").split()[2]
+    ron.close()  # dropped: A holds his session for the grace period
+    time.sleep(0.2)
+    back = connect(b)
+    back.expect("* securechat")
+    back.send(f"/resume {token}")
+    assert back.expect("* welcome").startswith("* welcome, ron! (resumed)")
+    time.sleep(2.5)  # A's grace period is over
+    for listener in (dave, carol):
+        heard = listener.lines_until_quiet(0.5)
+        assert not [line for line in heard if "ron" in line], heard
+    for listener in (dave, carol, back):
+        listener.send("/rooms")
+        assert listener.expect("* 1 room") == "* 1 room: #lobby (3)"
+        listener.send("/who")
+        assert listener.expect("* 3 online") == "* 3 online: carol, dave, ron"
+    back.send("/quit")
+    for listener in (dave, carol):
+        assert listener.expect("* ron left") == "* ron left"
+        assert not [line for line in listener.lines_until_quiet(0.5) if "ron" in line]
+
+
+@pytest.mark.slow
+def test_while_redis_is_away_lines_wait_people_are_told_and_a_full_queue_refuses(redis_server, node,
+                                                                                  connect: Connect) -> None:
+    redis = redis_server()
+    a = node(redis.url, queue_limit=3)
+    b = node(redis.url)
+    alice, bob = connect(a, "alice"), connect(b, "bob")
+    alice.expect("* bob joined")
+    redis.stop(signal.SIGKILL)
+    for i in range(4):
+        alice.send(f"line {i}")
+    assert alice.expect("* not delivered") == ("* not delivered (the chat's servers cannot reach their shared "
+                                               "store): line 3")
+    paused = ("* delivery paused: the chat's servers cannot reach their shared store; your lines wait and go out, "
+              "in order, when it is back")
+    assert alice.expect("* delivery", timeout=10) == paused
+    assert bob.expect("* delivery", timeout=10) == paused
+    redis.start()
+    for client in (alice, bob):
+        assert client.expect("* delivery resumed", timeout=10)
+    assert [bob.expect("[alice]", timeout=10) for _ in range(3)] == [f"[alice] line {i}" for i in range(3)]
+    assert not [line for line in bob.lines_until_quiet(0.5) if "[alice]" in line]
 
 
 # -- faults, with real server processes --------------------------------------------------------
