@@ -67,9 +67,14 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
-# Ends a session record if it is still this server's. KEYS: the session; ARGV: origin.
+# Ends a session if it is still this server's: the record stays, marked "ended:ORIGIN", until it
+# expires, so that no other server takes it over and the server that ended it still announces the
+# departure (the room log's append script reads the mark). KEYS: the session; ARGV: origin.
 _END_SESSION_LUA = """
-if redis.call('HGET', KEYS[1], 'origin') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('HGET', KEYS[1], 'origin') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'origin', 'ended:' .. ARGV[1])
+  return 1
+end
 return 0
 """
 
@@ -382,13 +387,15 @@ class RedisDirectory(Directory):
             record = self._call(lambda: self._client.hgetall(self.config.session_key(token)))
         except DirectoryUnavailable:
             return None
-        if not record or record.get("origin") == self.origin or record.get("person", "") != (person or ""):
+        origin = str(record.get("origin", ""))
+        if not record or origin == self.origin or origin.startswith("ended:") or \
+                record.get("person", "") != (person or ""):
             return None
         nick = str(record.get("nick", ""))
         if protocol.nick_error(nick) is not None:
             return None
         with self._lock:
-            self._adopting[self.nick_key(nick)] = (str(record.get("origin", "")), token)
+            self._adopting[self.nick_key(nick)] = (origin, token)
         return nick
 
     def take_over(self, nick: str) -> bool:
@@ -472,11 +479,14 @@ class RedisDirectory(Directory):
             pipe.execute()
 
     def _forget(self, lost: list[tuple[str, str]], gone: list[str]) -> None:
-        """Nicks and sessions another server has taken over (resumed there): stop refreshing them, and
-        take their memberships out of the lists at once, so nobody is counted twice."""
+        """Nicks and sessions another server has taken over (resumed there, perhaps ended there since): stop
+        refreshing them, give back the nick if the refresh took it again, and take their memberships out of
+        the lists at once, so nobody is counted twice."""
         with self._lock:
             for token in gone:
-                self._sessions.pop(token, None)
+                key, _ = self._sessions.pop(token, ("", ""))
+                if key in self._nicks and all(k != key for k, _ in lost):
+                    lost.append((key, self._nicks[key]))
             rooms = []
             for key, display in lost:
                 if self._nicks.get(key) == display:
@@ -492,8 +502,10 @@ class RedisDirectory(Directory):
             pipe = self._client.pipeline(transaction=False)
             for room, display in rooms:
                 pipe.zrem(self.config.key("who", room), self._member(display))
-            for _, display in lost:
+            for key, display in lost:
                 pipe.zrem(self.config.key("online"), self._member(display))
+                self._scripts["release"](keys=[self.config.key("nick", key)], args=[self._value(display)],
+                                         client=pipe)
             pipe.execute()
 
     def _heartbeat_loop(self) -> None:

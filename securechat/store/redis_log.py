@@ -89,6 +89,9 @@ CLOSE_FLUSH_SECONDS = 5.0
 # (milliseconds), so a busy cluster does not resend what is merely on its way.
 SEND_AGAIN_AFTER = 5.0
 
+# How often the reader checks, through Sentinel, that the replica it follows is in sync (one INFO).
+FOLLOW_CHECK_EVERY = 5.0
+
 # A history read (a join's replay, a resume's catch-up) retries this long while Redis is unreachable:
 # a restart or a Sentinel failover with short timeouts is over by then. Beyond, it reads nothing and
 # says so in the log.
@@ -117,27 +120,37 @@ TRIM_EVERY = 60.0
 # room names; anything longer did not come from a securechat server.
 _MAX_FIELD = protocol.MAX_LINE_BYTES
 
-# Writes the line to the firehose and to its room with the same id, once per (origin, seq).
-# KEYS: log, room stream, seq key[, session]; ARGV: seq, log cap, room cap (0: none, -1: no history),
-# seq ttl ms, then the fields. With a session key (a departure that ends a resumable session): written
-# only if no other server has taken the session over, and the session ends with it (so it cannot be
-# taken over afterwards): a departure is announced once, or the person goes on elsewhere, never both.
-_APPEND_LUA = """
-local seq = tonumber(ARGV[1])
-local last = tonumber(redis.call('GET', KEYS[3]) or '-1')
+# Each server's lines reach Redis once and in its order: its sequence numbers, each written at most
+# once and never past a gap (a pipeline half refused, by NOSCRIPT after a Redis restart, say, must not
+# let a later line in before an earlier one, which would then be skipped for good). ``floor`` is the
+# sender's oldest line not yet read back: a gap below it cannot be filled by anyone, and is crossed.
+# SEQ_KEY names the sequence-number key; ARGV: seq, floor, the key's ttl ms. False: written already.
+_SEQ_LUA = """
+local seq, floor = tonumber(ARGV[1]), tonumber(ARGV[2])
+local last = tonumber(redis.call('GET', SEQ_KEY) or '-1')
 if seq <= last then return false end
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
+if seq > last + 1 and last + 1 >= floor then return redis.error_reply('SEQGAP ' .. last) end
+redis.call('SET', SEQ_KEY, ARGV[1], 'PX', ARGV[3])
+"""
+
+# Writes the line to the firehose and to its room with the same id, once per (origin, seq).
+# KEYS: log, room stream, seq key[, session]; ARGV: seq, floor, seq ttl ms, log cap, room cap (0: none,
+# -1: no history), then the fields. With a session key (a departure that ends a resumable session):
+# written only if no other server has taken the session over (its record names this server, or says
+# this server ended it), and the session ends with it (so it cannot be taken over afterwards): a
+# departure is announced once, or the person goes on elsewhere, never both.
+_APPEND_LUA = _SEQ_LUA.replace("SEQ_KEY", "KEYS[3]") + """
 local fields = {}
 local origin = ''
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-for i = 5, #ARGV - 1, 2 do if ARGV[i] == 'o' then origin = ARGV[i + 1] end end
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 6, #ARGV - 1, 2 do if ARGV[i] == 'o' then origin = ARGV[i + 1] end end
 if KEYS[4] then
   local holder = redis.call('HGET', KEYS[4], 'origin')
-  if holder and holder ~= origin then return false end
-  redis.call('DEL', KEYS[4])
+  if holder and holder ~= origin and holder ~= 'ended:' .. origin then return false end
+  if holder then redis.call('HSET', KEYS[4], 'origin', 'ended:' .. origin) end
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
-local cap = tonumber(ARGV[3])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+local cap = tonumber(ARGV[5])
 if cap > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', cap, id, unpack(fields))
 elseif cap == 0 then
@@ -147,27 +160,23 @@ return id
 """
 
 # A private message for someone online (not stored): to the inbox of the server holding the nick,
-# once per (origin, seq). KEYS: the nick's key, seq key; ARGV: seq, seq ttl ms, inbox key prefix,
-# inbox cap, then fields. Returns the holder's origin, or false (nobody holds it, or seen already).
-# The recipient's name is written as the holder spells it.
-_ROUTE_LUA = """
-local seq = tonumber(ARGV[1])
-local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
-if seq <= last then return false end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+# once per (origin, seq). KEYS: the nick's key, seq key; ARGV: seq, floor, seq ttl ms, inbox key
+# prefix, inbox cap, then fields. Returns the holder's origin, or false (nobody holds it, or seen
+# already). The recipient's name is written as the holder spells it.
+_ROUTE_LUA = _SEQ_LUA.replace("SEQ_KEY", "KEYS[2]") + """
 local holder = redis.call('GET', KEYS[1])
 if not holder then return false end
 local origin, display = string.match(holder, '^([^\t]*)\t(.*)$')
 if not origin then return false end
 local fields = {}
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local name, value = ARGV[i], ARGV[i + 1]
   -- the recipient as its holder spells it, whatever case the sender typed
   if name == 'g' then value = display elseif name == 'r' then value = '@' .. display end
   fields[#fields + 1] = name
   fields[#fields + 1] = value
 end
-redis.call('XADD', ARGV[3] .. origin, 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+redis.call('XADD', ARGV[4] .. origin, 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
 return origin
 """
 
@@ -236,8 +245,11 @@ class RedisRoomLog(RoomLog):
         self._on_pause: Callable[[bool], None] | None = None
         # Guards the queue and the pending lines (never held while delivering or talking to Redis).
         self._lock = threading.Lock()
+        # Lines not sent yet, in sequence order; every line sent but not read back is older than all of
+        # them. Only the writer takes from the left (append adds at the right), so a batch stays its front.
         self._queue: collections.deque[_Pending] = collections.deque()
         self._pending: dict[int, _Pending] = {}  # by seq: appended, not yet read back, in seq order
+        self._rewind = False  # send again every line not read back (the writer does it, between batches)
         self._seq = 0
         self._refused = 0  # lines refused in a row because the queue was full
         self._writer_ok = True
@@ -398,17 +410,26 @@ class RedisRoomLog(RoomLog):
         if tell is not None and self._on_pause is not None:
             self._on_pause(tell)
 
-    def _send_again(self, *, older_than: float = 0.0) -> None:
-        """Every line written but not read back goes to the front of the queue again (the script writes it
-        once): after an error, or when the oldest has waited ``older_than`` seconds."""
+    def _send_again(self) -> None:
+        """Have the writer send again every line written but not read back (the script writes it once)."""
         with self._lock:
+            self._rewind = True
+        self._wake.set()
+
+    def _next_batch(self) -> tuple[list[_Pending], int]:
+        """The writer's next lines (lock held), after a rewind if one was asked for; and the oldest one pending."""
+        if self._rewind or (self._pending and not self._queue and
+                            time.monotonic() - next(iter(self._pending.values())).written_at > SEND_AGAIN_AFTER):
+            # A primary that died before its replica had them took lines with it, and the reader never
+            # sees them: everything not read back is sent again, in order, before anything newer.
+            self._rewind = False
             again = [p for p in self._pending.values() if p.written]
-            if not again or time.monotonic() - again[0].written_at < older_than:
-                return
             for pending in reversed(again):
                 pending.written = False
                 self._queue.appendleft(pending)
-        self._wake.set()
+        batch = [self._queue[i] for i in range(min(WRITE_BATCH, len(self._queue)))]
+        floor = next(iter(self._pending)) if self._pending else 0
+        return batch, floor
 
     # -- writer ----------------------------------------------------------------------------
 
@@ -425,16 +446,13 @@ class RedisRoomLog(RoomLog):
         written_rooms: set[str] = set()
         while True:
             with self._lock:
-                batch = [self._queue[i] for i in range(min(WRITE_BATCH, len(self._queue)))]
+                batch, floor = self._next_batch()
                 marks, self._marks = self._marks, {}
             if not batch and not marks:
                 if self._stop.is_set():
                     break
                 self._wake.wait(1.0)
                 self._wake.clear()
-                # A primary that died before its replica had them takes lines with it, and the reader
-                # never sees them: whatever has not come back for a while is sent again.
-                self._send_again(older_than=SEND_AGAIN_AFTER)
                 continue
             if self.history_seconds and time.monotonic() - trimmed > TRIM_EVERY:
                 trimmed = time.monotonic()
@@ -448,29 +466,34 @@ class RedisRoomLog(RoomLog):
                     shas = {"append": client.script_load(_APPEND_LUA), "route": client.script_load(_ROUTE_LUA)}
                 pipe = client.pipeline(transaction=False)
                 for pending in batch:
-                    self._queue_write(pipe, pending, shas, written_rooms)
+                    self._queue_write(pipe, pending, floor, shas, written_rooms)
                 for person, positions in marks.items():
                     key = self.config.key("marks", person)
                     pipe.delete(key)
                     if positions:
                         pipe.hset(key, mapping=positions)
-                results = pipe.execute()
+                # Each reply on its own: a pipeline can be refused half-way (NOSCRIPT, a gap).
+                results = pipe.execute(raise_on_error=False)
+                refused = next((r for r in results if isinstance(r, Exception)), None)
+                if refused is not None:
+                    raise refused
             except errors as exc:
                 with self._lock:
                     for person, positions in marks.items():
                         self._marks.setdefault(person, positions)  # unless newer ones came meanwhile
+                self._send_again()  # whatever part of the batch Redis took is skipped when sent again
                 if isinstance(exc, no_script):  # a restarted Redis: load the scripts, send again (written once)
                     shas = {}
                     continue
-                self._send_again()
+                if str(exc).startswith("SEQGAP"):  # an older line must go first: the rewind sends it
+                    continue
                 self._set_health(writer=False, why=describe_redis_error(exc))
                 backoff.wait(self._stop if deadline is None else threading.Event())
                 continue
             now = time.monotonic()
             with self._lock:
                 for pending, result in zip(batch, results, strict=False):
-                    if self._queue and self._queue[0] is pending:
-                        self._queue.popleft()
+                    self._queue.popleft()  # the batch is the queue's front: only this thread takes from it
                     pending.written, pending.written_at = True, now
                     if not pending.store and result != self.origin:
                         # Routed to another server's inbox (or to nobody): it never comes back here.
@@ -483,20 +506,20 @@ class RedisRoomLog(RoomLog):
             self._set_health(writer=True)
         client.close()
 
-    def _queue_write(self, pipe: Any, pending: _Pending, shas: dict[str, str], rooms: set[str]) -> None:
-        """Add one line's script call to the pipeline."""
+    def _queue_write(self, pipe: Any, pending: _Pending, floor: int, shas: dict[str, str], rooms: set[str]) -> None:
+        """Add one line's script call to the pipeline (``floor``: the oldest line not read back)."""
         entry = pending.entry
         fields = ["r", entry.room, "k", entry.kind, "s", entry.sender, "t", entry.text, "g", entry.target,
                   "o", self.origin, "q", pending.seq, "ts", repr(entry.ts)]
         if not pending.store:
             pipe.evalsha(shas["route"], 2, self.config.key("nick", self.nick_key(entry.target)), self._seq_key,
-                         pending.seq, SEQ_TTL_MS, self.config.key("inbox", ""), INBOX_CAP, *fields)
+                         pending.seq, floor, SEQ_TTL_MS, self.config.key("inbox", ""), INBOX_CAP, *fields)
             return
         room_stream = self.config.key("room", self.room_key(entry.room))
         rooms.add(room_stream)
         keys = [self._log_key, room_stream, self._seq_key, *([pending.session] if pending.session else [])]
-        pipe.evalsha(shas["append"], len(keys), *keys,
-                     pending.seq, self.log_cap, self.history_lines if self.history else -1, SEQ_TTL_MS, *fields)
+        pipe.evalsha(shas["append"], len(keys), *keys, pending.seq, floor, SEQ_TTL_MS,
+                     self.log_cap, self.history_lines if self.history else -1, *fields)
 
     def _trim(self, client: Any, rooms: set[str]) -> None:
         """Drop history older than history_seconds from the rooms this server wrote to."""
@@ -512,13 +535,21 @@ class RedisRoomLog(RoomLog):
 
     def _read_loop(self, start_id: str) -> None:
         errors = redis_errors()
-        # Through Sentinel, a replica's copy: a line is delivered once it survives the primary's death.
-        client = self.config.client(timeout=COMMAND_TIMEOUT + READ_BLOCK_MS / 1000, single=True, replica=True)
+        timeout = COMMAND_TIMEOUT + READ_BLOCK_MS / 1000
+        primary = self.config.client(timeout=timeout, single=True)
+        # Through Sentinel, a replica's copy when it follows the primary: a line is delivered once it
+        # survives the primary's death. A replica still syncing (or cut off from the primary) would only
+        # be late: then the primary's, as without a replica (a dying primary could take nothing a
+        # replica in sync has not got anyway).
+        replica = self.config.client(timeout=timeout, single=True, replica=True) if self.config.sentinel else None
+        client, chosen = primary, 0.0
         positions = {self._log_key: start_id, self._inbox_key: "0-0"}
         backoff = Backoff(self.config.backoff_max)
         resumed = False
         while not self._stop.is_set():
             try:
+                if replica is not None and (resumed or time.monotonic() - chosen > FOLLOW_CHECK_EVERY):
+                    client, chosen = (replica if _in_sync(replica) else primary), time.monotonic()
                 if resumed:
                     self._check_gap(client, positions[self._log_key])
                     resumed = False
@@ -537,7 +568,9 @@ class RedisRoomLog(RoomLog):
                     for entry_id, fields in items:
                         positions[stream] = entry_id
                         self._receive(stream, entry_id, fields)
-        client.close()
+        for each in (primary, replica):
+            if each is not None:
+                each.close()
 
     def _check_gap(self, client: Any, last_seen: str) -> None:
         """Log if the firehose was trimmed past what this server had read while disconnected."""
@@ -598,6 +631,12 @@ class RedisRoomLog(RoomLog):
 
 class HistoryUnavailable(Exception):
     """Redis stayed unreachable for READ_WAIT seconds: the history could not be read."""
+
+
+def _in_sync(replica: Any) -> bool:
+    """True when ``replica`` is a replica following its primary (not syncing, not cut off, not promoted)."""
+    info = replica.info("replication")
+    return info.get("role") == "slave" and info.get("master_link_status") == "up"
 
 
 def _int(value: str | None) -> int:

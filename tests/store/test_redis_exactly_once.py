@@ -104,22 +104,29 @@ def test_a_departure_is_written_only_if_the_session_was_not_resumed_elsewhere(re
     for directory in (dir_a, dir_b):
         directory.start()
     try:
-        for nick in ("ron", "sue"):
+        for nick in ("ron", "sue", "tom"):
             assert dir_a.claim(nick)
             dir_a.remember_session(f"token-of-{nick}", nick, None)
         assert dir_b.session_nick("token-of-ron", None) == "ron" and dir_b.take_over("ron")
+        # tom resumes on B and quits there at once, before A has noticed anything: A must not take his nick
+        # or his session back, nor announce him gone a second time when its grace period runs out.
+        assert dir_b.session_nick("token-of-tom", None) == "tom" and dir_b.take_over("tom")
+        dir_b.remember_session("token-of-tom", "tom", None)
+        dir_b.release("tom")
+        dir_a.refresh()
+        assert dir_b.locate("tom") is None and dir_a.session_nick("token-of-tom", None) is None
+        log_a.append("lobby", "part", "tom", "connection lost", session="token-of-tom")
         log_a.append("lobby", "part", "ron", "connection lost", session="token-of-ron")  # ron goes on at B
         log_a.append("lobby", "part", "sue", "connection lost", session="token-of-sue")  # sue is gone
         log_a.append("lobby", "chat", "amy", "after")
         got = inbox_a.wait_for(lambda es: len(es) == 2)
         assert [(e.kind, e.sender) for e in got] == [("part", "sue"), ("chat", "amy")]
         assert dir_b.session_nick("token-of-sue", None) is None  # ended with its departure
+        assert not dir_b.take_over("sue")
         raw = redis_py.Redis.from_url(redis.url, decode_responses=True)
         assert raw.hget(log_a.config.session_key("token-of-ron"), "origin") == dir_b.origin
         raw.close()
         # A's refresh finds ron taken over: it stops counting him (he is B's now) and keeps off his session.
-        assert dir_b.everyone() == ["ron", "sue"]  # A still lists ron as its own, until its refresh
-        dir_a.refresh()
         assert dir_a.everyone() == ["ron"] and dir_b.everyone() == ["sue"]  # counted once, as B's
         dir_a.release("ron")
         assert dir_b.locate("ron") == (dir_b.origin, "ron")

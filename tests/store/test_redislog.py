@@ -199,8 +199,9 @@ def test_redis_restart_mid_stream_loses_nothing_repeats_nothing_and_shows_nothin
     assert not a.paused and not b.paused
 
 
-def test_a_resent_batch_is_written_once(redis_server) -> None:
-    """The append script skips a (server, seq) it has seen: a batch re-sent after a lost reply."""
+def test_a_resent_batch_is_written_once_and_in_order(redis_server) -> None:
+    """The append script skips a (server, seq) it has seen (a batch re-sent after a lost reply), and refuses
+    to write past a gap the sender can still fill (a pipeline refused half-way must not reorder lines)."""
     import redis as redis_py
 
     from securechat.store.redis_log import _APPEND_LUA
@@ -209,11 +210,19 @@ def test_a_resent_batch_is_written_once(redis_server) -> None:
     client = redis_py.Redis.from_url(redis.url, decode_responses=True)
     script = client.register_script(_APPEND_LUA)
     keys = ["securechat:log", "securechat:room:lobby", "securechat:seq:x"]
-    first = script(keys=keys, args=[1, 100, 100, 60000, "k", "chat", "t", "one"])
-    assert script(keys=keys, args=[1, 100, 100, 60000, "k", "chat", "t", "one"]) is None
-    second = script(keys=keys, args=[2, 100, 100, 60000, "k", "chat", "t", "two"])
-    assert [i for i, _ in client.xrange("securechat:log")] == [first, second]
-    assert [i for i, _ in client.xrange("securechat:room:lobby")] == [first, second]
+
+    def append(seq: int, floor: int, text: str) -> str | None:
+        return script(keys=keys, args=[seq, floor, 60000, 100, 100, "k", "chat", "t", text])
+
+    first = append(1, 1, "one")
+    assert append(1, 1, "one") is None
+    with pytest.raises(redis_py.ResponseError, match="SEQGAP 1"):
+        append(3, 2, "three")  # two is still the sender's to send: three waits for it
+    second = append(2, 2, "two")
+    third = append(3, 2, "three")
+    assert append(5, 5, "five") is not None  # four is gone for good (not the sender's any more): crossed
+    assert [f["t"] for _, f in client.xrange("securechat:log")] == ["one", "two", "three", "five"]
+    assert [i for i, _ in client.xrange("securechat:room:lobby")][:3] == [first, second, third]
     client.close()
 
 
