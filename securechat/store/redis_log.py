@@ -209,11 +209,13 @@ class RedisRoomLog(RoomLog):
     - While Redis is unreachable nothing is delivered: lines wait in the queue, in order, and go out
       when it is back (a restart or a failover: a second or two). The room code is told when delivery
       has been paused for PAUSE_NOTICE_AFTER seconds, and when it resumes.
-    - A line is done only when the reader has read it back; until then it is kept, and after any
-      error the writer sends again every line not read back yet. The script writes each (server,
-      sequence number) once, so a resent line that did reach Redis is not written twice, and one
-      lost with a primary that died before its replica had it is written again on the new primary.
-    - Through Sentinel the reader follows a *replica* when there is one: a line is delivered only
+    - A line is done only when the reader has read it back; until then it is kept, and after an error
+      (or SEND_AGAIN_AFTER seconds) the writer sends again, in order, every line not read back. The
+      scripts write each (server, sequence number) once and never past a gap the server can still
+      fill, so a resent line that did reach Redis is not written twice, a pipeline refused half-way
+      cannot reorder lines, and one lost with a primary that died before its replica had it is
+      written again on the new primary.
+    - Through Sentinel the reader follows a *replica* while one is in sync: a line is delivered only
       once a replica has it, so the primary's death cannot take back a line someone has seen (the
       replica Sentinel promotes is the most up to date). History is read from the primary, but only
       up to the last id the reader has delivered (newer lines arrive live).

@@ -163,7 +163,7 @@ def test_a_primary_killed_mid_conversation_every_line_crosses_once_in_order(redi
     # How long the crossing lines stopped (the README's failover timeline).
     gap, began = _quiet(run, "lib", "ann")
     print(f"\nprimary killed at +0.00 s; replica promoted at +{promoted[0] - run['struck']:.2f} s; "
-          f"ann's lines stopped reaching B from +{began:.2f} s for {gap:.2f} s")
+          f"ann's lines stopped reaching B at {began:+.2f} s for {gap:.2f} s")
     assert gap < 10
     # After the failover: a new nick is claimed, and a client that moves server resumes exactly.
     ann, bea, lia, lib = run["clients"]
