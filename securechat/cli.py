@@ -6,12 +6,13 @@ and with no arguments shows the seed's interactive menu.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
 
 from securechat import __version__
-from securechat.wire import addr, options
+from securechat.wire import options
 
 # subcommand -> (module with main(argv) -> int, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "revoke": ("securechat.pki.revoke", "revoke a client certificate: securechat revoke NAME|SERIAL"),
     "certs": ("securechat.pki.issued", "list the client certificates issued through invites"),
 }
+
+# Commands that outlive their stdout: a server's users, a chat, do not depend on its console.
+CARRY_ON = frozenset({"serve", "connect"})
 
 USAGE = """usage: securechat [COMMAND] [OPTIONS]
 
@@ -51,10 +55,16 @@ def _usage() -> str:
 def _run(command: str, argv: Sequence[str]) -> int:
     module_name, _ = COMMANDS[command]
     entry: Callable[[Sequence[str]], int] = importlib.import_module(module_name).main
-    try:
-        return entry(list(argv))
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already reported in one line)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    # Output that goes away (| head -1, > /dev/full) is one line and status 1 for every command, also
+    # one added later; the long-running ones carry on without it instead (options.guard_stdout).
+    with options.strict_stdout(command not in CARRY_ON):
+        try:
+            return entry(list(argv))
+        except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already reported in one line)
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        except options.OutputLost as exc:
+            options.print_error(f"securechat {command}", f"cannot write to standard output ({exc})")
+            return EXIT_FAILURE
 
 
 def _ask(prompt: str, why_not: Callable[[str], str | None]) -> str:
@@ -75,14 +85,23 @@ def _host_error(answer: str) -> str | None:
     if not answer:
         return "The server's address is needed: the IP it prints at start, e.g. 192.168.0.20 (or 192.168.0.20:5555)."
     try:
-        addr.split_host_port(answer)
-    except addr.AddressError as exc:
+        options.server_address(answer)  # what connect will take: HOST, HOST:PORT, [V6]:PORT
+    except argparse.ArgumentTypeError as exc:
         return f"That address won't do: {exc}."
     return None
 
 
 def menu() -> int:
     """The seed's menu, kept word for word; a re-asked question says why first."""
+    try:
+        with options.strict_stdout():
+            return _menu()
+    except options.OutputLost as exc:
+        options.print_error("securechat", f"cannot write to standard output ({exc})")
+        return EXIT_FAILURE
+
+
+def _menu() -> int:
     try:
         print("Select mode:")
         print("1. Server")
@@ -91,10 +110,12 @@ def menu() -> int:
         if option == "1":
             return _run("serve", [])
         host = _ask("Enter server IP: ", _host_error)
+        from securechat.client import firstcontact
+
+        return firstcontact.connect(host, _ask, _run)  # asks how to recognise a server not met yet
     except (EOFError, KeyboardInterrupt):
         print()
         return EXIT_OK
-    return _run("connect", [host])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

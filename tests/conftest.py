@@ -260,3 +260,31 @@ def serve_proc(tmp_path: Path, cert_files: dict[str, Path]) -> Iterator[Callable
             except subprocess.TimeoutExpired:
                 proc.kill()
         proc.communicate(timeout=10)
+
+
+def issue_client(ca_dir: Path, name: str, out: Path, *, days_ago: float = 25, days: int = 30) -> tuple[Path, Path]:
+    """A client certificate for ``name`` from the CA in ``ca_dir``, entered in its ledger as issued
+    ``days_ago`` days ago for ``days`` days (the default is inside its renewal window: the last third).
+
+    Written to ``out``/NAME-SERIAL.pem and .key (0600); returns (certificate, key) paths.
+    """
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from securechat.pki import builders, certs, ledger
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_cert, ca_key = certs._load_ca(ca_dir, now)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = builders.build_client(key, ca_cert, ca_key, name, days, now - dt.timedelta(days=days_ago))
+    ledger.Store(ca_dir).record(cert, name, days, None)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{cert.serial_number:X}"
+    cert_path, key_path = stem.with_suffix(".pem"), stem.with_suffix(".key")
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path

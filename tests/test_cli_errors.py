@@ -12,6 +12,7 @@ too, and runs each bad value in a real ``python -m securechat`` process.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import importlib
 import os
 import signal
@@ -364,3 +365,217 @@ def test_a_name_lookup_failure_is_described_in_words() -> None:
 
     text = describe_error(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
     assert text == "no such host name or address (Name or service not known)"
+
+
+# -- every command's output going away (issue 18, bug 3) ---------------------------------------------
+#
+# The walk above covers every option of every subcommand; this one covers every subcommand's output:
+# each is run for real with stdout on a full disk and on a pipe whose reader has left. A subcommand
+# added to cli.COMMANDS without an entry in OUTPUT_RUNS fails test_every_subcommand_has_an_output_run.
+
+BROKEN_STDOUTS = ["/dev/full", "closed pipe"]
+WHY = {"/dev/full": "no space left on device", "closed pipe": "broken pipe"}
+
+
+@dataclass
+class Served:
+    """A real `securechat serve` (the CA, invites) with a client certificate issued and registered."""
+
+    home: Path
+    port: int
+    ca: Path
+    proc: subprocess.Popen[str]
+    names: Iterator[int]
+
+    def cli(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*SECURECHAT, *argv], cwd=self.home, capture_output=True, text=True, timeout=60,
+                              env=env, check=False, stdin=subprocess.DEVNULL)
+
+    def code(self) -> str:
+        done = self.cli("invite", f"walker{next(self.names)}")
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()[-1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    import itertools
+
+    home = tmp_path_factory.mktemp("served")
+    port = _free_port()
+    proc = subprocess.Popen([*SECURECHAT, "serve", "--listen", LOOPBACK, "--port", str(port)], cwd=home,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    try:
+        _wait_port(port)
+        deadline = time.monotonic() + 30
+        while not list((home / "certs").glob("serving-*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield Served(home, port, home / "certs" / "ca.pem", proc, itertools.count())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _broken(argv: list[str], stdout: str, *, cwd: Path, env: dict[str, str] | None = None,
+            stdin: str = "", signal_after: Callable[[], None] | None = None) -> tuple[int, str]:
+    """Run ``securechat ARGV`` with stdout on /dev/full or a pipe nobody reads; (status, stderr)."""
+    if stdout == "/dev/full":
+        out = os.open("/dev/full", os.O_WRONLY)
+    else:
+        read_end, out = os.pipe()
+        os.close(read_end)  # every write gets EPIPE
+    try:
+        proc = subprocess.Popen([*SECURECHAT, *argv], cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=out,
+                                stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(out)
+    if signal_after is not None:
+        signal_after()
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(stdin, timeout=60)
+    return proc.returncode, err
+
+
+def _config(root: Path) -> dict[str, str]:
+    return {**os.environ, "XDG_CONFIG_HOME": str(root / f"config-{time.monotonic_ns()}")}
+
+
+def _run_serve(srv: Served, stdout: str, root: Path) -> tuple[int, str, str]:
+    port = _free_port()
+    home = root / f"serve-{time.monotonic_ns()}"
+    home.mkdir()
+    def running() -> None:  # its record is written once the signal handlers are in place
+        _wait_port(port)
+        deadline = time.monotonic() + 30
+        while not (home / "certs" / f"serving-{port}.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    status, err = _broken(["serve", "--listen", LOOPBACK, "--port", str(port)], stdout, cwd=home,
+                          signal_after=running)
+    return status, err, "carrying on without it"
+
+
+def _run_connect(srv: Served, stdout: str, root: Path) -> tuple[int, str, str]:
+    status, err = _broken(["connect", f"{LOOPBACK}:{srv.port}", "--ca", str(srv.ca), "--nick", "piper"], stdout,
+                          cwd=root, env=_config(root), stdin="hello\n")
+    return status, err, "carrying on without it"
+
+
+def _run_join(srv: Served, stdout: str, root: Path) -> tuple[int, str, str]:
+    status, err = _broken(["join", LOOPBACK, srv.code(), "--port", str(srv.port)], stdout, cwd=root,
+                          env=_config(root))
+    return status, err, f"joined all the same (the profile is saved), from now on: securechat connect " \
+                        f"{LOOPBACK}:{srv.port}"
+
+
+def _run_revoke(srv: Served, stdout: str, root: Path) -> tuple[int, str, str]:
+    name = f"victim{next(srv.names)}"
+    assert srv.cli("gen-certs", "--client", name).returncode == 0
+    status, err = _broken(["revoke", name], stdout, cwd=srv.home)
+    return status, err, f"revoked all the same: {name} (serial "
+
+
+def _run_invite(srv: Served, stdout: str, root: Path) -> tuple[int, str, str]:
+    status, err = _broken(["invite", f"guest{next(srv.names)}"], stdout, cwd=srv.home)
+    return status, err, "cancelled, since nobody saw its code"
+
+
+def _one_shot(*argv: str, where: str = "home") -> Callable[[Served, str, Path], tuple[int, str, str]]:
+    def run(srv: Served, stdout: str, root: Path) -> tuple[int, str, str]:
+        status, err = _broken([a.replace("ROOT", str(root)) for a in argv], stdout,
+                              cwd=srv.home if where == "home" else root)
+        return status, err, ""
+    return run
+
+
+# subcommand -> a real run whose stdout is broken: (exit status, stderr, what the line says besides)
+OUTPUT_RUNS: dict[str, tuple[int, Callable[[Served, str, Path], tuple[int, str, str]]]] = {
+    "serve": (0, _run_serve),  # long-running: carries on without its console, exits 0 at SIGTERM
+    "connect": (0, _run_connect),  # long-running: keeps chatting
+    "gen-certs": (1, _one_shot("gen-certs", "--out", "ROOT/out", where="root")),
+    "fingerprint": (1, _one_shot("fingerprint", "certs/ca.pem")),
+    "invite": (1, _run_invite),
+    "join": (1, _run_join),
+    "revoke": (1, _run_revoke),
+    "certs": (1, _one_shot("certs")),
+}
+
+
+def test_every_subcommand_has_an_output_run() -> None:
+    assert sorted(OUTPUT_RUNS) == sorted(cli.COMMANDS), "add an entry to OUTPUT_RUNS for the new subcommand"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stdout", BROKEN_STDOUTS)
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_subcommand_without_a_working_stdout_is_one_line(served: Served, tmp_path: Path, command: str,
+                                                                stdout: str) -> None:
+    """Bug 3: `certs | head -1`, `invite --list | head -1`, `join ... | head -1`, `invite NAME > /dev/full`
+    traced back. Every subcommand: one line `securechat COMMAND: cannot write to standard output (...)`."""
+    if command not in OUTPUT_RUNS:
+        pytest.fail(f"no output run for {command!r}: add one to OUTPUT_RUNS")
+    expected, run = OUTPUT_RUNS[command]
+    status, err, besides = run(served, stdout, tmp_path)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert status == expected, err
+    assert err.count("\n") == 1 and err.startswith(f"securechat {command}: cannot write to standard output "
+                                                   f"({WHY[stdout]})"), err
+    assert besides in err, err
+
+
+@pytest.mark.parametrize("stdout", BROKEN_STDOUTS)
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_subcommands_help_without_a_working_stdout_is_one_line(tmp_path: Path, command: str,
+                                                                     stdout: str) -> None:
+    status, err = _broken([command, "--help"], stdout, cwd=tmp_path)
+    assert status == 1, err
+    assert err == f"securechat {command}: cannot write to standard output ({WHY[stdout]})\n"
+
+
+def test_an_invite_nobody_saw_is_not_left_usable(served: Served, tmp_path: Path) -> None:
+    """`invite NAME > /dev/full` made an invite whose code nobody ever saw, and left it usable."""
+    status, err = _broken(["invite", "ghost"], "/dev/full", cwd=served.home)
+    assert status == 1, err
+    listed = served.cli("invite", "--list")
+    assert listed.returncode == 0 and "ghost" not in listed.stdout, listed.stdout
+
+
+@pytest.mark.parametrize("pipeline", ["certs", "invite --list", "join"])
+def test_the_issues_pipelines_into_head(served: Served, tmp_path: Path, pipeline: str) -> None:
+    """The issue's own commands through a real `| head -1`: the first line, then at most one line on stderr."""
+    from securechat.pki import builders, ledger
+    from securechat.pki.certs import _load_ca
+
+    if pipeline == "certs":  # enough rows that head leaves while the command still writes
+        ca_cert, ca_key = _load_ca(served.home / "certs", dt.datetime.now(dt.timezone.utc))
+        key = builders.new_key("ec")
+        store = ledger.Store(served.home / "certs")
+        for i in range(1000):
+            name = f"crowd{i}"
+            store.record(builders.build_client(key, ca_cert, ca_key, name, 30, dt.datetime.now(dt.timezone.utc)),
+                         name, 30, None)
+        command = "securechat certs"
+    elif pipeline == "invite --list":
+        for _ in range(20):
+            served.code()
+        command = "securechat invite --list"
+    else:
+        command = f"securechat join {LOOPBACK} {served.code()} --port {served.port}"
+    env = {**_config(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {command} | head -1"], cwd=served.home, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    assert done.stdout.count("\n") == 1, done.stdout
+    if done.stderr:  # head left before the rest was written
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert "cannot write to standard output (broken pipe)" in done.stderr
+    else:
+        assert done.returncode == 0
+
+
+@pytest.mark.parametrize("stdout", BROKEN_STDOUTS)
+def test_the_menu_without_a_working_stdout_is_one_line(tmp_path: Path, stdout: str) -> None:
+    """`securechat` with no command (the seed's menu) prompts on stdout: losing it is one line too."""
+    status, err = _broken([], stdout, cwd=tmp_path, stdin="2\n127.0.0.1:1\n")
+    assert status == 1, err
+    assert err == f"securechat: cannot write to standard output ({WHY[stdout]})\n"

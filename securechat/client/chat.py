@@ -66,9 +66,11 @@ DEFAULT_CA = Path("certs") / "ca.pem"
 DEFAULT_TIMEOUT = 10.0
 
 # A securechat server greets at once; a TLS server reached by a --plain client says nothing (it waits
-# for a ClientHello). Silence this long from a plain connection is the tell, well before the 10 s of
-# DEFAULT_TIMEOUT and long enough for a loaded LAN server to get to us.
-PLAIN_GREETING_WAIT = 2.0
+# for a ClientHello), and neither does a TLS service that is not securechat. Silence this long is the
+# tell, well before the 10 s of DEFAULT_TIMEOUT and long enough for a loaded LAN server to get to us.
+GREETING_WAIT = 2.0
+# How much of what a service that is not securechat said is shown.
+SHOWN_CHARS = 60
 
 # After /quit, how long to wait for the server's "* goodbye" and close before closing ourselves.
 QUIT_WAIT = 2.0
@@ -371,8 +373,11 @@ class ChatClient:
                 for command in self.resume.rejoin_lines():
                     self._conn.send(protocol.encode(command))
                 self._phase = _LIVE
-                return (f"* reconnected, but the server had forgotten this session: lines said meanwhile "
-                        f"are lost ({line[len(notice):]})")
+                # The server was given our place in each room (/resume): it shows what we missed, and says
+                # itself what it cannot give back.
+                return (f"* reconnected, but the server had forgotten this session (it restarted, or the connection "
+                        f"was down longer than it waits): back in your rooms as {protocol.welcome_nick(line)}; what "
+                        "you missed follows")
             self._phase = _LIVE
             return line
         if line.startswith(notice + protocol.RESUME_REFUSED):
@@ -512,11 +517,11 @@ class ChatClient:
             raise TLSRequired(f"{line[len(notice):]} (drop --plain and pass --ca with the server's ca.pem)")
 
     def wait_greeting(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for the server's first line and raise if it is a refusal.
+        """Wait up to ``timeout`` for the server's first line; raise if it is a refusal, or not securechat's.
 
         A TLS or plain securechat server greets at once (or says it is full); a TLS server reached by
         a plain client says nothing until the client speaks. Returns False on silence, for the caller
-        to judge.
+        to judge. Call it before sending anything: a service that is not securechat gets nothing.
         """
         line = self.recv_line(timeout)
         if line is None:
@@ -524,6 +529,11 @@ class ChatClient:
                 self._raise_ended()
             return False
         self._check_refusal(line)
+        if not protocol.is_opening(line):
+            self.close(timeout=0.5)
+            said = line if len(line) <= SHOWN_CHARS else line[:SHOWN_CHARS] + "..."
+            raise ChatError(f"{addr.join(self.host, self.port)} is not a securechat server: it said {said!r} instead "
+                            "of securechat's greeting; nothing was sent to it")
         if not line.startswith(protocol.NOTICE_PREFIX + protocol.GREETING):
             self._pending_lines.append(line)
         return True

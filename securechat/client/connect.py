@@ -19,7 +19,7 @@ from securechat.client.chat import DEFAULT_CA, DEFAULT_TIMEOUT
 from securechat.client.errors import CA_HELP, ChatError, Disconnected
 from securechat.client.frontend import Frontend, LineMode
 from securechat.pki import certdir
-from securechat.wire import addr, options, tls
+from securechat.wire import options, tls
 from securechat.wire.addr import DEFAULT_PORT
 from securechat.wire.conn import describe_error
 from securechat.wire.options import EXIT_FAILURE, EXIT_OK
@@ -105,14 +105,11 @@ def parse_servers(text: str, port: int | None = None) -> list[tuple[str, int]]:
         raise ValueError(f"at most {MAX_SERVERS} servers")
     servers: list[tuple[str, int]] = []
     for item in items:
-        host, item_port = addr.split_host_port(item)
         try:
-            host = options.host(host)  # what can be judged without the network (control characters, ...)
+            address = options.server_address(item)  # the one parser every command that names a server uses
         except argparse.ArgumentTypeError as exc:
             raise ValueError(str(exc)) from None
-        if item_port is not None and port is not None and item_port != port:
-            raise ValueError(f"two ports: {item_port} in {addr.join(host, item_port)} and --port {port}; give one")
-        servers.append((host, item_port or port or DEFAULT_PORT))
+        servers.append((address[0], options.server_port(address, port)))
     return servers
 
 
@@ -191,6 +188,23 @@ def _first_contact(key: str, fingerprint: str, path: Path, kind: str) -> None:
          "delete that line from the file and do not chat")
 
 
+def _ask_trust(key: str, fingerprint: str, path: Path, kind: str) -> bool:
+    """``--tofu`` at a terminal: show the fingerprint and ask before anything is trusted or saved."""
+    print(f"First contact with {key}. Its {kind} has the SHA-256 fingerprint\n  {fingerprint}\n"
+          f"Compare it with the server's '{identity.line_for(kind)}' line (on the server, or ask its admin).",
+          flush=True)
+    try:
+        answer = input("Trust this server? [y/N] ")
+    except (EOFError, KeyboardInterrupt):
+        print(flush=True)
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _remembered(key: str, fingerprint: str, path: Path, kind: str) -> None:
+    print(f"Remembered in {path}: from now on {key} must present this {kind}.", flush=True)
+
+
 def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, identity.ServerTrust | None]:
     """The TLS context, or the --pin/--tofu trust, the command line asks for; ChatError on any problem."""
     if not (args.pin or args.tofu or args.ca) and (joined := _joined_context(args)) is not None:
@@ -207,8 +221,11 @@ def build_context(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, iden
 
         if args.pin:
             return None, identity.PinTrust(args.pin, tls_min=args.tls_min, prepare=prepare)
-        return None, identity.TofuTrust(args.host, args.port, on_first_contact=_first_contact,
-                                        tls_min=args.tls_min, prepare=prepare)
+        # A person at a terminal is asked first; a script keeps the old way (remember, and say what to check).
+        person = sys.stdin.isatty() and sys.stdout.isatty()
+        return None, identity.TofuTrust(args.host, args.port, tls_min=args.tls_min, prepare=prepare,
+                                        on_first_contact=_remembered if person else _first_contact,
+                                        ask=_ask_trust if person else None)
     ca = args.ca or DEFAULT_CA
     if not ca.is_file():
         raise ChatError(f"CA file {str(ca)!r} not found: {CA_HELP}; or recognise the server by its CA "

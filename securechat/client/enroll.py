@@ -1,6 +1,8 @@
 """The joiner's end of the enrollment exchange: joining with an invite code, and renewing one's certificate.
 
 The exchange and why it is safe: :mod:`securechat.pki.enrollment`. The command is :mod:`securechat.client.join`.
+Whatever the server says (an ``ERR`` line before any proof, a name) is untrusted text: it is sanitised
+(:func:`protocol.sanitize`) before it goes into a message a terminal will show.
 """
 
 from __future__ import annotations
@@ -67,11 +69,20 @@ class Enrolled:
 def new_key_and_csr() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A fresh P-256 key (made here, never sent) and a CSR for it, DER."""
     key = ec.generate_private_key(ec.SECP256R1())
-    # The server decides the name (the invite's); the CSR only proves possession of the key.
+    return key, csr_for(key)
+
+
+def csr_for(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A CSR (DER) for ``key``: the server decides the name (the invite's); the CSR only proves possession."""
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "securechat joiner")]))
            .sign(key, hashes.SHA256()))
-    return key, csr.public_bytes(serialization.Encoding.DER)
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def _said(text: str) -> str:
+    """What the server said, fit to show: no escape sequence or control character survives."""
+    return protocol.sanitize(text)
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -128,7 +139,7 @@ def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
         wire.send(f"JOIN {nameplate} {b64(pake.start())}")
         verb, _, rest = wire.read().partition(" ")
         if verb == "ERR":
-            raise JoinError(f"{where} refused the invite: {rest}")
+            raise JoinError(f"{where} refused the invite: {_said(rest)}")
         if verb != "PAKE":
             raise JoinError(f"{where} answered something unexpected: is it a securechat server?")
         try:
@@ -140,11 +151,13 @@ def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
         wire.send(f"CONFIRM {seen.hex()} {b64(mac(k, b'client', seen, csr_hash))} {b64(csr_der)}")
         verb, _, rest = wire.read().partition(" ")
         if verb == "ERR":
-            raise JoinError(f"{where} refused the invite: {rest}. Nothing was saved")
+            raise JoinError(f"{where} refused the invite: {_said(rest)}. Nothing was saved")
         fields = rest.split(" ")
         if verb != "OK" or len(fields) != 4:
             raise JoinError(f"{where} answered something unexpected: {INTERCEPTED}? Nothing was saved")
         name = None if fields[0] == "-" else fields[0]
+        if name is not None and protocol.nick_error(name) is not None:
+            raise JoinError(f"{where} gave a name no server would accept ({_said(name)!r}). Nothing was saved")
         cert_der = b"" if fields[1] == "-" else unb64(fields[1])
         ca_der = unb64(fields[2])
         if not hmac.compare_digest(unb64(fields[3]), mac(k, b"server", seen, csr_hash, (name or "").encode(),
@@ -172,11 +185,14 @@ def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
         sock.close()
 
 
-def renew(host: str, port: int, ctx: ssl.SSLContext, *, timeout: float = 10.0
-          ) -> tuple[ec.EllipticCurvePrivateKey, bytes, bytes]:
+def renew(host: str, port: int, ctx: ssl.SSLContext, *, key: ec.EllipticCurvePrivateKey | None = None,
+          timeout: float = 10.0) -> tuple[ec.EllipticCurvePrivateKey, bytes, bytes]:
     """Renew the client certificate loaded in ``ctx`` (which also verifies the server against our CA).
 
-    Returns (new key, certificate PEM, CA PEM). RenewalRefused when the server will not (revoked);
+    ``key``: the new key, when a renewal with it was asked for before and its answer never came
+    (the server then sends the same certificate again); a fresh one otherwise. Returns (new key,
+    certificate PEM, CA PEM as the server sent it: the caller checks the certificate against the CA it
+    trusts, never adopts this one). RenewalRefused when the server will not (revoked, too early);
     JoinError for anything else.
     """
     ctx.set_alpn_protocols([ALPN])
@@ -186,13 +202,14 @@ def renew(host: str, port: int, ctx: ssl.SSLContext, *, timeout: float = 10.0
         if sock.selected_alpn_protocol() != ALPN:
             raise JoinError(f"{where} does not renew certificates (an older securechat?)")
         wire = Wire(sock, time.monotonic() + enrollment.EXCHANGE_DEADLINE)
-        key, csr_der = new_key_and_csr()
-        wire.send(f"RENEW {b64(csr_der)}")
+        if key is None:
+            key = ec.generate_private_key(ec.SECP256R1())
+        wire.send(f"RENEW {b64(csr_for(key))}")
         verb, _, rest = wire.read().partition(" ")
         if verb == "ERR":
             if rest.startswith("REFUSED "):
-                raise RenewalRefused(rest.removeprefix("REFUSED "))
-            raise JoinError(rest)
+                raise RenewalRefused(_said(rest.removeprefix("REFUSED ")))
+            raise JoinError(_said(rest))
         fields = rest.split(" ")
         if verb != "OK" or len(fields) != 2:
             raise JoinError(f"{where} answered something unexpected")

@@ -152,8 +152,8 @@ def explain_verification(exc: ssl.SSLCertVerificationError, name: str) -> str:
     if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_ADDRESS_MISMATCH):
         option = "--ip" if _looks_like_ip(name) else "--host"
         return (f"the server's certificate is not valid for {name!r}: connect with the name or address it "
-                f"was "
-                f"issued for, or re-issue it on the server with 'securechat gen-certs {option} {name}'")
+                f"was issued for, or re-issue it on the server with 'securechat gen-certs {option} {name}' (a "
+                "running server loads it within seconds)")
     if code in _X509_UNTRUSTED:
         return ("the server's certificate is not signed by the CA in the --ca file (wrong or old ca.pem): "
                 f"{CA_HELP}")

@@ -14,8 +14,8 @@ import threading
 import zlib
 
 from securechat.client import identity
-from securechat.client.chat import MAX_STDIN_LINES, PLAIN_GREETING_WAIT, ChatClient
-from securechat.client.errors import TLSRequired
+from securechat.client.chat import GREETING_WAIT, MAX_STDIN_LINES, ChatClient
+from securechat.client.errors import ChatError, TLSRequired
 from securechat.wire import addr, protocol
 from securechat.wire.options import EXIT_OK
 
@@ -78,14 +78,17 @@ class Frontend:
         args = self.args
         self.client.connect(args.host, args.port, ssl_context=self.context, timeout=args.timeout,
                             trust=self.trust, alternates=getattr(args, "alternates", ()))
-        if self.client.tls:
-            self.client.wait_greeting(self.args.timeout)
-        elif not self.client.wait_greeting(min(PLAIN_GREETING_WAIT, self.args.timeout)):
-            # Before the nickname goes out in clear: a TLS server waits for a ClientHello, silently.
-            where = addr.join(args.host, args.port)
-            raise TLSRequired(f"{where} sent no greeting within {min(PLAIN_GREETING_WAIT, args.timeout):g} s: "
-                              "it probably requires TLS; drop --plain and pass --ca with the server's ca.pem "
-                              "(or --pin/--tofu); nothing was sent")
+        wait = min(GREETING_WAIT, args.timeout)
+        if not self.client.wait_greeting(wait):
+            # Before the nickname goes out: a securechat server greets at once.
+            where = addr.join(self.client.host, self.client.port)
+            self.client.close(timeout=0.5)
+            if self.client.tls:
+                raise ChatError(f"{where} completed the TLS handshake but sent no securechat greeting within "
+                                f"{wait:g} s: it is not a securechat server; nothing was sent to it")
+            # In clear: a TLS server waits for a ClientHello, silently.
+            raise TLSRequired(f"{where} sent no greeting within {wait:g} s: it probably requires TLS; drop --plain "
+                              "and pass --ca with the server's ca.pem (or --pin/--tofu); nothing was sent")
 
     def leave(self) -> int:
         """Say /quit, let the server answer, and report how it ended.

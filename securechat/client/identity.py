@@ -216,7 +216,8 @@ class ServerTrust:
         if code in (X509_HOSTNAME_MISMATCH, X509_IP_ADDRESS_MISMATCH):
             option = "--ip" if code == X509_IP_ADDRESS_MISMATCH else "--host"
             return (f"the server's certificate is not valid for {name!r}: connect with a name or address it "
-                    f"was issued for, or re-issue it on the server with 'securechat gen-certs {option} {name}'")
+                    f"was issued for, or re-issue it on the server with 'securechat gen-certs {option} {name}' (a "
+                    "running server loads it within seconds)")
         if code in X509_UNTRUSTED:
             return (f"the server's certificate is not signed by the pinned {self.anchor_kind} "
                     f"{self.anchor_fingerprint}: someone may be impersonating the server")
@@ -331,17 +332,21 @@ class TofuTrust(ServerTrust):
     What is remembered is the top of the chain the server proves (the local CA when the server sends
     it), so the server renewing its own certificate from the same CA is not a change; it is written
     only after the verified handshake succeeded. ``on_first_contact(key, fingerprint, path, kind)``
-    is told about a first contact (``kind``: "CA certificate" or "server certificate").
+    is told about a first contact (``kind``: "CA certificate" or "server certificate"). ``ask``, with
+    the same arguments, is asked before anything is trusted (a person at a terminal): False refuses
+    the server, and nothing is saved.
     """
 
     def __init__(self, host: str, port: int, known: KnownHosts | None = None,
                  on_first_contact: Callable[[str, str, Path, str], None] | None = None, *,
                  tls_min: str = tls.DEFAULT_TLS_MIN,
-                 prepare: Callable[[ssl.SSLContext], object] | None = None) -> None:
+                 prepare: Callable[[ssl.SSLContext], object] | None = None,
+                 ask: Callable[[str, str, Path, str], bool] | None = None) -> None:
         super().__init__(tls_min=tls_min, prepare=prepare)
         self.host, self.port = host, port
         self.known = known or KnownHosts()
         self.on_first_contact = on_first_contact
+        self.ask = ask
         self._first = False
 
     def choose(self, chain: Sequence[bytes]) -> bytes:
@@ -364,6 +369,11 @@ class TofuTrust(ServerTrust):
                     f"{key} from {self.known.path}")
             index = prints.index(remembered)
         self.anchor_kind, self.anchor_fingerprint = kind_of(index), tls.fingerprint(chain[index])
+        # Asked between the probe and the real connection: no server waits on a person reading a fingerprint.
+        if self._first and self.ask is not None and \
+                not self.ask(key, self.anchor_fingerprint, self.known.path, self.anchor_kind):
+            raise IdentityError(f"not trusted, so nothing was saved in {self.known.path}; connect again once you "
+                                f"have compared the fingerprint with the server's '{line_for(self.anchor_kind)}' line")
         return chain[index]
 
     def confirmed(self) -> None:

@@ -6,11 +6,17 @@ One directory per server and port under the user's configuration directory
     ca.pem        the server's CA, delivered by the invite exchange
     client.pem    this machine's certificate (named invites only)
     client.key    its private key, made on this machine, mode 0600
+    client.key.next  the key of a renewal whose answer has not arrived yet (asked again with it)
     profile.json  host, port, name
 
 The directory is 0700 and every file is replaced atomically, as certs.py does for the CA.
 :func:`renew_if_due` renews the client certificate over an authenticated connection once a third
 of its lifetime is left; ``connect`` calls it before connecting.
+
+The profile's CA changes only by the user's hand, as OpenSSH's ``known_hosts`` does: a renewed
+certificate must be signed by the CA the profile already trusts, and the CA a renewal answer carries is
+never adopted. A server whose CA really changed is joined again (``securechat join HOST CODE``: the
+invite's code proves the new CA, and the profile is replaced).
 """
 
 from __future__ import annotations
@@ -25,20 +31,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from securechat.client import identity
 from securechat.client.enroll import Enrolled, key_pem, renew
 from securechat.pki.certdir import write_atomic
 from securechat.pki.enrollment import JoinError, RenewalRefused
+from securechat.pki.ledger import RENEW_FRACTION  # the server's rule: the last third of the lifetime
 from securechat.wire import tls
 
 PROFILE = "profile.json"
 CA = "ca.pem"
 CERT = "client.pem"
 KEY = "client.key"
-
-# Renew when this fraction of the certificate's lifetime is left (the issue: a third).
-RENEW_FRACTION = 1 / 3
+NEXT_KEY = "client.key.next"
 
 
 @dataclass(frozen=True)
@@ -165,27 +173,77 @@ def _renew_if_due(profile: Profile, now: dt.datetime, tls_min: str, timeout: flo
             say(f"your certificate for {profile.host} expired on {_not_after(profile.cert)}: ask for a new "
                 f"invite and run 'securechat join {profile.host} CODE' again")
             return False
-        key, cert_pem, ca_pem = renew(profile.host, profile.port, context(profile, tls_min=tls_min),
-                                      timeout=timeout)
+        # The key is kept before it is used: if the answer is lost, the server (which recorded the
+        # renewal, and from then on refuses the old certificate) sends the same certificate again.
+        key = _next_key(profile)
+        key, cert_pem, _ = renew(profile.host, profile.port, context(profile, tls_min=tls_min), key=key,
+                                 timeout=timeout)
     except RenewalRefused as exc:
         say(f"your certificate for {profile.host} cannot be renewed: {exc}")
+        _drop_next_key(profile)
         return False
     except (JoinError, OSError, ValueError, ssl.SSLError) as exc:
         say(f"could not renew your certificate for {profile.host} ({exc}); it stays valid until "
             f"{_not_after(profile.cert)}")
+        return False
+    why = _not_a_renewal(profile, cert_pem)
+    if why is not None:
+        say(f"refused the renewed certificate from {profile.host}: {why}; nothing was changed")
+        _drop_next_key(profile)
         return False
     # Key first: a crash between the two leaves a new key with the old certificate, which the
     # mismatch check in connect reports, rather than a certificate nobody holds the key of.
     try:
         write_atomic(profile.key, key_pem(key), 0o600)
         write_atomic(profile.cert, cert_pem, 0o644)
-        write_atomic(profile.ca, ca_pem, 0o644)
+        _drop_next_key(profile)
     except OSError as exc:
         say(f"could not save the renewed certificate in {profile.dir} ({exc.strerror or exc}): join again with "
             "a new invite if connecting fails")
         return False
     say(f"renewed your certificate for {profile.host}: valid until {_not_after(profile.cert)}")
     return True
+
+
+def _next_key(profile: Profile) -> ec.EllipticCurvePrivateKey:
+    """The key of an unanswered renewal, or a new one, saved (0600) before it is asked for."""
+    path = profile.dir / NEXT_KEY
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            return key
+    except (OSError, ValueError, TypeError):
+        pass
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_atomic(path, key_pem(key), 0o600)
+    return key
+
+
+def _drop_next_key(profile: Profile) -> None:
+    (profile.dir / NEXT_KEY).unlink(missing_ok=True)
+
+
+def _not_a_renewal(profile: Profile, cert_pem: bytes) -> str | None:
+    """Why ``cert_pem`` is not a renewal of the profile's certificate by the profile's own CA, or None.
+
+    The CA the server sent along is ignored: trusting it would let anyone holding any server key from
+    the CA (any server of a cluster) replace this profile's trust anchor for good.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        ca = x509.load_pem_x509_certificate(profile.ca.read_bytes())
+        current = x509.load_pem_x509_certificate(profile.cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        return f"it cannot be checked ({exc})"
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        fingerprint = tls.fingerprint(ca.public_bytes(serialization.Encoding.DER))
+        return (f"it is not signed by the CA this profile trusts ({fingerprint}); if the server's CA really "
+                f"changed, join again with a new invite")
+    if cert.subject != current.subject:
+        return "it is for another name"
+    return None
 
 
 def _not_after(cert_file: Path) -> str:

@@ -68,7 +68,12 @@ CAP_WAIT = 3.0
 # The input area grows with a multi-line paste, up to this many rows (the chat stays visible).
 INPUT_MAX_ROWS = 8
 
-COMMANDS = ("/help", "/me", "/msg", "/nick", "/quit", "/who")
+# Tab completes every command the server's /help lists (read from the text itself, so they never drift
+# apart; "//text" is not a command), room names after the commands taking one, nicks after /msg.
+COMMANDS = tuple(sorted({"/" + name for name in re.findall(r"(?<![/\w])/([a-z]+)\b", protocol.HELP_TEXT)}))
+ROOM_COMMANDS = frozenset({"/join", "/part", "/who"})
+ROOMS_COMMAND = "rooms"
+NICK_COMMANDS = frozenset({"/msg"})
 
 TIME_STYLE = "fg:ansibrightblack"
 DAY_STYLE = "bold fg:ansibrightblack"
@@ -84,6 +89,13 @@ _NICK = r"[A-Za-z0-9_-]{1,%d}" % protocol.MAX_NICK_CHARS
 _JOINED_RE = re.compile(rf"\* ({_NICK}) joined\Z")
 _LEFT_RE = re.compile(rf"\* ({_NICK}) left(?: \(.*\))?\Z")
 _ONLINE_RE = re.compile(rf"\d+ online: ((?:{_NICK})(?:, {_NICK})*)")
+_MEMBERS_RE = re.compile(rf"\* \d+ in #[A-Za-z0-9_-]+: ((?:{_NICK})(?:, {_NICK})*)\Z")  # /who ROOM
+_ROOM = r"#([A-Za-z0-9_-]{1,32})"
+# Where the server names a room (never in text a person wrote): its answer to /rooms, joining and
+# switching, history and catch-up, and the room in front of a line of a room followed but not current.
+_ROOMS_REPLY_RE = re.compile(r"\* \d+ rooms?: ")
+_ROOM_NOTICE_RE = re.compile(rf"\* (?:you joined |(?:.*; )?now talking in |history of |missed in |now live in ){_ROOM}")
+_ROOM_PREFIX_RE = re.compile(rf"{_ROOM} [\[*]")
 
 
 @dataclass
@@ -154,18 +166,41 @@ class Display:
 
 
 class Roster:
-    """Who is online, as far as the server's notices tell: for Tab completion."""
+    """Who is online and which rooms exist, as far as the server's lines tell: for Tab completion."""
 
     def __init__(self) -> None:
         self._nicks: dict[str, str] = {}  # nick_key -> nick as written
+        self._rooms: dict[str, str] = {}  # room key (folded) -> room as written
 
     def add(self, nick: str) -> None:
         self._nicks[protocol.nick_key(nick)] = nick
 
+    def add_room(self, name: str) -> None:
+        self._rooms[protocol.nick_key(name)] = name
+
+    def feed_rooms(self, line: str) -> bool:
+        """The server's answer to /rooms (``* 2 rooms: #dev (2), #lobby (5)``): the whole list; True if it was one."""
+        if not _ROOMS_REPLY_RE.match(line):
+            return False
+        self._rooms = {}
+        for name in re.findall(rf"{_ROOM} \(\d+\)", line):
+            self.add_room(name)
+        return True
+
     def feed(self, line: str) -> None:
-        """Learn from one received line (welcome and /who lists, joins, leaves, renames, senders)."""
+        """Learn from one received line (welcome and /who lists, joins, leaves, renames, senders, rooms)."""
+        if m := _ROOM_PREFIX_RE.match(line):  # a line of a room followed but not current
+            self.add_room(m.group(1))
+            return
         if protocol.is_notice(line):
-            if m := _ONLINE_RE.search(line):
+            if self.feed_rooms(line):
+                return
+            if m := _ROOM_NOTICE_RE.match(line):
+                self.add_room(m.group(1))
+            if m := _MEMBERS_RE.match(line):
+                for nick in m.group(1).split(", "):
+                    self.add(nick)
+            elif m := _ONLINE_RE.search(line):
                 self._nicks = {}
                 for nick in m.group(1).split(", "):
                     self.add(nick)
@@ -182,6 +217,9 @@ class Roster:
     def nicks(self) -> list[str]:
         return sorted(self._nicks.values(), key=str.casefold)
 
+    def rooms(self) -> list[str]:
+        return sorted(self._rooms.values(), key=str.casefold)
+
 
 @dataclass
 class _Cycle:
@@ -197,8 +235,9 @@ class _Cycle:
 class TabCompleter:
     """irssi-style Tab: completes the word before the cursor; Tab again cycles through the matches.
 
-    A word starting with ``/`` at the start of the line completes to a command, anything else to
-    an online nick (``bob: `` at the start of a line, ``bob `` elsewhere).
+    A word starting with ``/`` at the start of the line completes to a command, the word after
+    ``/join``, ``/part`` or ``/who`` to a room, anything else to an online nick (``bob: `` at the
+    start of a line, ``bob `` elsewhere, after ``/msg`` too).
     """
 
     def __init__(self, roster: Roster, me: Callable[[], str | None]) -> None:
@@ -212,12 +251,23 @@ class TabCompleter:
         word = text[start:cursor]
         if start == 0 and word.startswith("/"):
             return start, [c for c in COMMANDS if c.startswith(word.lower())], " "
-        if not word:
+        before = text[:start].split()
+        command = before[0].lower() if len(before) == 1 else ""
+        if self.room_word(text, cursor):
+            hash_ = "#" if word.startswith("#") else ""
+            key = word.removeprefix("#").casefold()
+            return start, [hash_ + r for r in self.roster.rooms() if r.casefold().startswith(key)], " "
+        if not word and command not in NICK_COMMANDS:
             return start, [], ""
         me = self.me()
         key = word.casefold()
         found = [n for n in self.roster.nicks() if n.casefold().startswith(key) and n != me]
         return start, found, ": " if start == 0 else " "
+
+    def room_word(self, text: str, cursor: int) -> bool:
+        """Whether the word before the cursor is a room name (after /join, /part, /who)."""
+        before = text[:text.rfind(" ", 0, cursor) + 1].split()
+        return len(before) == 1 and before[0].lower() in ROOM_COMMANDS
 
     def complete(self, text: str, cursor: int) -> tuple[str, int] | None:
         """The new (text, cursor) after Tab, or None when nothing matches."""
@@ -327,6 +377,8 @@ class TerminalUI(Frontend):
         self._ended = False
         self._app: Application[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._rooms_asked = 0  # quiet /rooms sent, whose answers feed Tab completion instead of the screen
+        self._tab_waiting: tuple[str, int] | None = None  # a room Tab waiting for that answer
 
     @property
     def app(self) -> Application[None]:
@@ -393,22 +445,23 @@ class TerminalUI(Frontend):
 
         @kb.add("tab", filter=~confirming)
         def _tab(event: KeyPressEvent) -> None:
-            done = self.completer.complete(buffer.text, buffer.cursor_position)
-            if done is not None:
-                self._completing = True
-                buffer.set_document(Document(done[0], done[1]), bypass_readonly=True)
-                self._completing = False
+            if not self._tab() and self.completer.room_word(buffer.text, buffer.cursor_position):
+                # A room made since we last asked: ask again, and complete when the answer comes.
+                self._tab_waiting = (buffer.text, buffer.cursor_position)
+                self._ask_rooms()
 
         @kb.add(Keys.BracketedPaste)
         def _paste(event: KeyPressEvent) -> None:
             data = event.data.replace("\r\n", "\n").replace("\r", "\n")
-            if data.endswith("\n"):
-                data = data[:-1]  # the newline copied along with the last line
+            ended = data.endswith("\n")  # the last line's Enter was copied along: it is sent, as typed
+            data = data.removesuffix("\n")
             if self.paste_verify and data.count("\n") + 1 > self.paste_verify and self._paste is None:
                 doc = buffer.document
                 self._paste = doc.text_before_cursor + data + doc.text_after_cursor
             elif self._paste is None:
                 buffer.insert_text(data)
+                if ended:
+                    buffer.validate_and_handle()
 
         @kb.add(Keys.Vt100MouseEvent)
         def _not_mouse(event: KeyPressEvent) -> None:
@@ -472,6 +525,7 @@ class TerminalUI(Frontend):
         def pre_run() -> None:
             self._loop = asyncio.get_running_loop()
             self.client.set_on_line(self._on_line)
+            self._ask_rooms()  # the rooms that exist, for Tab after /join
             threading.Thread(target=self._watch_end, name="securechat-watch", daemon=True).start()
 
         try:
@@ -496,6 +550,22 @@ class TerminalUI(Frontend):
     def _typed(self) -> None:
         if not self._completing:
             self.completer.reset()
+
+    def _tab(self) -> bool:
+        """Complete the word before the cursor; False when nothing matches."""
+        done = self.completer.complete(self.buffer.text, self.buffer.cursor_position)
+        if done is None:
+            return False
+        self._completing = True
+        self.buffer.set_document(Document(done[0], done[1]), bypass_readonly=True)
+        self._completing = False
+        return True
+
+    def _ask_rooms(self) -> None:
+        """Ask the server which rooms exist, quietly (one question at a time)."""
+        if not self._rooms_asked and self.client.send(f"/{ROOMS_COMMAND}"):
+            self._rooms_asked += 1
+            self.pacer.spend()  # it counts against the flood limit like any line
 
     def _on_line(self, line: str) -> None:
         """Connection thread: hand the line to the application's loop."""
@@ -526,6 +596,12 @@ class TerminalUI(Frontend):
                 app.exit()
 
     def _received(self, line: str) -> None:
+        if self._rooms_asked and self.roster.feed_rooms(line):  # the answer to our quiet /rooms
+            self._rooms_asked -= 1
+            waiting, self._tab_waiting = self._tab_waiting, None
+            if waiting == (self.buffer.text, self.buffer.cursor_position):
+                self._tab()
+            return
         self.roster.feed(line)
         self._print(self.display.render(line))
 

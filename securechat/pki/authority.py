@@ -1,7 +1,14 @@
-"""The certificate authority inside a running server: enrollments, renewals, the revocation denylist.
+"""The certificate authority inside a running server: enrollments and renewals, recorded in the ledger.
 
 The exchange itself (what travels, and why it is safe) is described in :mod:`securechat.pki.enrollment`;
-the joiner's end is :mod:`securechat.client.enroll`.
+the joiner's end is :mod:`securechat.client.enroll`. What the ledger says (revoked certificates and
+names) is enforced by the server, :mod:`securechat.server.trust`.
+
+Enrollment connections are unauthenticated, so they are bounded like everything else unauthenticated:
+the first line (``JOIN`` or ``RENEW``) must come within :data:`FIRST_LINE_DEADLINE`; only then does the
+connection take a slot, from one of two pools so that joiners can never starve renewals: joins
+(:data:`MAX_ENROLLING` at once, at most :data:`MAX_ENROLLING_PER_ADDRESS` from one address) and
+renewals (:data:`MAX_RENEWING`, one per certificate).
 """
 
 from __future__ import annotations
@@ -10,7 +17,6 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -24,16 +30,54 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from securechat.pki import builders, certs, enrollment
 from securechat.pki.enrollment import ALPN, ID_JOINER, ID_SERVER, INTERCEPTED, Wire, b64, leaf_fingerprint, mac, unb64
-from securechat.pki.ledger import InviteError, Store, StoreError, serial_hex
-from securechat.wire import protocol, tls
+from securechat.pki.ledger import InviteError, Refused, Store, StoreError, serial_hex
+from securechat.wire import tls
 from securechat.wire.conn import describe_error
 from securechat.wire.console import announce
 
 log = logging.getLogger("securechat.enroll")
 
-# Enrollment connections at once; they count as unauthenticated, like handshakes: beyond this
-# many, the next one is told to come back (a person joins once, a classroom in a minute).
+# Joins at once; they count as unauthenticated, like handshakes: beyond this many, the next one is
+# told to come back (a person joins once, a classroom in a minute).
 MAX_ENROLLING = 16
+# A quarter of them from one address: one machine cannot hold every joiner out.
+MAX_ENROLLING_PER_ADDRESS = 4
+# Renewals at once, a pool of their own (one per certificate): joiners never starve them.
+MAX_RENEWING = 16
+# The joiner's client sends its first line right after the handshake: a silent connection is gone
+# after this, long before the whole exchange's deadline (enrollment.EXCHANGE_DEADLINE).
+FIRST_LINE_DEADLINE = 5.0
+
+
+class Slots:
+    """At most ``total`` exchanges of one kind (``what``) at once, and at most ``per_key`` under one key
+    (``per``: an address, a certificate); thread-safe."""
+
+    def __init__(self, what: str, total: int, per_key: int, per: str) -> None:
+        self.what = what
+        self.total = total
+        self.per_key = per_key
+        self.per = per
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
+
+    def take(self, key: str) -> str | None:
+        """Take a slot for ``key``: None, or why not (for the peer)."""
+        with self._lock:
+            if sum(self._held.values()) >= self.total:
+                return f"the server is busy with other {self.what}: try again in a minute"
+            if self._held.get(key, 0) >= self.per_key:
+                return f"the server is busy with other {self.what} from your {self.per}: try again in a minute"
+            self._held[key] = self._held.get(key, 0) + 1
+        return None
+
+    def give(self, key: str) -> None:
+        with self._lock:
+            left = self._held.get(key, 1) - 1
+            if left > 0:
+                self._held[key] = left
+            else:
+                self._held.pop(key, None)
 
 
 # -- the server's side ---------------------------------------------------------------------------
@@ -50,7 +94,7 @@ class _PublicKeyOnly:
 
 
 class Authority:
-    """The CA's agent inside a running server: enrollments, renewals, the revocation denylist.
+    """The CA's agent inside a running server: enrollments and renewals, each recorded in the ledger.
 
     Built by ``securechat serve`` when the local CA (``ca.pem`` + ``ca.key``) is beside the server
     certificate. ``clock`` replaces ``time.time`` for the store (tests).
@@ -62,11 +106,10 @@ class Authority:
         self.store = Store(self.dir, clock=clock)
         self.clock = clock
         self.require_client_cert = require_client_cert
-        self._slots = threading.BoundedSemaphore(MAX_ENROLLING)
+        self._joins = Slots("joins", MAX_ENROLLING, MAX_ENROLLING_PER_ADDRESS, "address")
+        self._renewals = Slots("renewals", MAX_RENEWING, 1, "certificate")
         self._ca_lock = threading.Lock()  # one signature at a time; also keeps ca.key reads simple
-        self._revoked: frozenset[str] = frozenset()
-        self._held: frozenset[str] = frozenset()
-        self.refresh()
+        self.store.generation()  # creates (or upgrades) the ledger now: a broken file fails the start
 
     @staticmethod
     def beside(cert_file: str | Path) -> Path | None:
@@ -90,49 +133,6 @@ class Authority:
             leaf.public_bytes(serialization.Encoding.DER)).digest()
         return ctx
 
-    # -- revocation and names ---------------------------------------------------------------
-
-    def refresh(self) -> None:
-        """Re-read the denylist and the names held by certificates."""
-        try:
-            self._revoked = self.store.revoked_serials()
-            self._held = frozenset(protocol.nick_key(n) for n in self.store.held_names())
-        except StoreError as exc:
-            log.error("cannot read the certificate registry: %s", exc)
-
-    def is_revoked(self, serial: int) -> bool:
-        """Whether the certificate ``serial`` is on the denylist as last read (:meth:`refresh`)."""
-        return serial_hex(serial) in self._revoked
-
-    def reserved(self, nick: str) -> str | None:
-        """Why a guest (no certificate) may not take ``nick``, or None."""
-        if protocol.nick_key(nick) in self._held:
-            return f"{nick!r} belongs to a certificate holder"
-        return None
-
-    def admit(self, sock: socket.socket | ssl.SSLSocket) -> tuple[str | None, int | None]:
-        """(refusal notice or None, client certificate serial or None) for a chat connection.
-
-        Runs in the connection's own thread, after the handshake and before the greeting. The
-        denylist is read afresh from the store here, so a revocation holds from the very next
-        connection, whatever the poll.
-        """
-        der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
-        if not der:
-            if self.require_client_cert:
-                return (f"{protocol.CERT_REQUIRED}: join with an invite ('securechat join HOST CODE') or "
-                        "pass --cert and --key"), None
-            return None, None
-        serial = x509.load_der_x509_certificate(der).serial_number
-        try:
-            if serial_hex(serial) in self.store.revoked_serials():
-                return f"{protocol.CERT_REVOKED}: ask the server's admin for a new invite", serial
-            self.store.seen(serial)
-        except StoreError as exc:  # fail closed: a certificate we cannot check is not let in
-            log.error("cannot check certificate %s: %s", serial_hex(serial), exc)
-            return "the server cannot check certificates right now; try again later", serial
-        return None, serial
-
     # -- enrollment connections -------------------------------------------------------------
 
     @staticmethod
@@ -142,25 +142,42 @@ class Authority:
 
     def serve(self, sock: ssl.SSLSocket, peer: tuple[Any, ...]) -> None:
         """Run one enrollment or renewal exchange (in the connection's thread), then return."""
-        wire = Wire(sock, time.monotonic() + enrollment.EXCHANGE_DEADLINE)
-        if not self._slots.acquire(blocking=False):
-            log.warning("join from %s refused: %d joins already in progress", peer, MAX_ENROLLING)
-            self._say(wire, "ERR the server is busy with other joins: try again in a minute")
-            return
+        started = time.monotonic()
+        wire = Wire(sock, started + min(FIRST_LINE_DEADLINE, enrollment.EXCHANGE_DEADLINE))
         try:
             first = wire.read()
-            verb, _, rest = first.partition(" ")
-            handler = _HANDLERS.get(verb)
-            if handler is None:
-                log.warning("enrollment from %s refused: unknown request", peer)
-                self._say(wire, "ERR unknown request")
-                return
+        except (OSError, ValueError) as exc:
+            log.info("enrollment from %s ended before its request: %s", peer,
+                     describe_error(exc) if isinstance(exc, OSError) else exc)
+            return
+        verb, _, rest = first.partition(" ")
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            log.warning("enrollment from %s refused: unknown request", peer)
+            self._say(wire, "ERR unknown request")
+            return
+        slots, key = self._slot_for(verb, sock, peer)
+        busy = slots.take(key)
+        if busy is not None:
+            log.warning("%s from %s refused: %s (%d at once, %d per %s)", verb, peer, busy, slots.total,
+                        slots.per_key, slots.per)
+            self._say(wire, f"ERR {busy}")
+            return
+        wire.deadline = started + enrollment.EXCHANGE_DEADLINE
+        try:
             handler(self, wire, sock, peer, rest)
         except (OSError, ValueError, StoreError) as exc:
             log.warning("enrollment from %s failed: %s", peer, describe_error(exc) if isinstance(exc, OSError)
                         else exc)
         finally:
-            self._slots.release()
+            slots.give(key)
+
+    def _slot_for(self, verb: str, sock: ssl.SSLSocket, peer: tuple[Any, ...]) -> tuple[Slots, str]:
+        """The pool a request draws on, and the key it counts under there."""
+        if verb == "RENEW":
+            der = sock.getpeercert(binary_form=True) or b""
+            return self._renewals, hashlib.sha256(der).hexdigest()
+        return self._joins, str(peer[0])
 
     @staticmethod
     def _say(wire: Wire, line: str) -> None:
@@ -169,8 +186,9 @@ class Authority:
         except (OSError, ValueError):
             pass
 
-    def _issue(self, public_key: Any, name: str, days: int, nameplate: int | None) -> tuple[bytes, bytes]:
-        """(certificate DER, CA certificate DER) for ``name``, recorded in the registry."""
+    def _sign(self, public_key: Any, name: str, days: int) -> tuple[x509.Certificate, x509.Certificate]:
+        """(a certificate for ``name`` and ``public_key``, the CA certificate): signed, not yet recorded,
+        so not yet to be handed out."""
         if not isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
             raise ValueError("the CSR's key is neither EC nor RSA")
         if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size < 2048:
@@ -180,8 +198,12 @@ class Authority:
             ca_cert, ca_key = certs._load_ca(self.dir, now)
             cert = builders.build_client(cast(builders.PrivateKey, _PublicKeyOnly(public_key)), ca_cert, ca_key,
                                        name, days, now)
+        return cert, ca_cert
+
+    def _issue(self, public_key: Any, name: str, days: int, nameplate: int | None) -> tuple[bytes, bytes]:
+        """(certificate DER, CA certificate DER) for ``name``, recorded in the ledger (Refused: not issued)."""
+        cert, ca_cert = self._sign(public_key, name, days)
         self.store.record(cert, name, days, nameplate)
-        self.refresh()
         return (cert.public_bytes(serialization.Encoding.DER), ca_cert.public_bytes(serialization.Encoding.DER))
 
     def _join(self, wire: Wire, sock: ssl.SSLSocket, peer: tuple[Any, ...], rest: str) -> None:
@@ -263,32 +285,39 @@ class Authority:
         return ssl.PEM_cert_to_DER_cert(pem)
 
     def _renew(self, wire: Wire, sock: ssl.SSLSocket, peer: tuple[Any, ...], rest: str) -> None:
+        """``RENEW <CSR>`` over a connection that presented the current certificate.
+
+        Checked, signed and recorded by the ledger in one transaction (:meth:`Store.renew`): not revoked
+        (nor its name), in the last third of its life, not renewed before. So a ``revoke`` racing a
+        renewal either comes first and the renewal is refused, or comes second and revokes the renewed
+        certificate too.
+        """
         der = sock.getpeercert(binary_form=True)
         if not der:
             self._say(wire, "ERR renewing needs your current certificate")
             return
         old = x509.load_der_x509_certificate(der)  # verified by TLS: our CA, within its validity
         serial = serial_hex(old.serial_number)
+        signed: list[x509.Certificate] = []  # the CA certificate the new one was signed with
+
+        def sign(name: str, days: int) -> x509.Certificate:
+            cert, ca_cert = self._sign(csr.public_key(), name, days)
+            signed.append(ca_cert)
+            return cert
+
         try:
-            issued = self.store.get(old.serial_number)
-        except StoreError as exc:
-            self._say(wire, f"ERR {exc}")
+            csr = x509.load_der_x509_csr(unb64(rest.strip()))
+            if not csr.is_signature_valid:
+                raise ValueError("the CSR's signature is not valid")
+            recorded, cert_der = self.store.renew(old, csr.public_key(), sign)
+        except Refused as exc:
+            log.warning("renewal from %s refused: certificate %s (%s): %s", peer, serial, old.subject.rfc4514_string(),
+                        exc)
+            self._say(wire, f"ERR REFUSED {exc}")
             return
-        if issued is None:
-            log.warning("renewal from %s refused: certificate %s was not issued through an invite", peer, serial)
-            self._say(wire, "ERR REFUSED this certificate was not issued through an invite: ask for an invite")
-            return
-        if issued.revoked is not None:
-            log.warning("renewal from %s refused: certificate %s (%s) is revoked", peer, serial, issued.name)
-            self._say(wire, f"ERR REFUSED {protocol.CERT_REVOKED}: it cannot be renewed")
-            return
-        csr = x509.load_der_x509_csr(unb64(rest.strip()))
-        if not csr.is_signature_valid:
-            raise ValueError("the CSR's signature is not valid")
-        cert_der, ca_der = self._issue(csr.public_key(), issued.name, issued.cert_days or 30, None)
+        ca_der = signed[0].public_bytes(serialization.Encoding.DER) if signed else self._ca_der()
         wire.send(f"OK {b64(cert_der)} {b64(ca_der)}")
-        new_serial = serial_hex(x509.load_der_x509_certificate(cert_der).serial_number)
-        announce(f"[RENEW] {peer[:2]} {issued.name}: certificate {serial} renewed as {new_serial}")
+        announce(f"[RENEW] {peer[:2]} {recorded.name}: certificate {serial} renewed as {recorded.serial}")
 
 
 # Request verb -> handler: the whole enrollment protocol.

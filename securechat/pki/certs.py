@@ -147,6 +147,25 @@ def _check_client_names(out_dir: Path, names: Sequence[str]) -> None:
             )
 
 
+def _record_clients(out_dir: Path, issued: Sequence[tuple[x509.Certificate, str]], days: int) -> None:
+    """Enter client certificates in the CA's ledger before their files are written (the one name rule:
+    :mod:`securechat.pki.names`); CertError, and nothing written, when it refuses one."""
+    if not issued:
+        return
+    from securechat.pki.ledger import Store, StoreError
+
+    store = Store(out_dir)
+    try:
+        for _, name in issued:  # every name first, so a refusal leaves nothing recorded
+            why = store.name_refusal(name)
+            if why is not None:
+                raise CertError(why)
+        for cert, name in issued:
+            store.record(cert, name, days)
+    except StoreError as exc:
+        raise CertError(str(exc)) from None
+
+
 def _issued_clients(out_dir: Path) -> list[str]:
     """Names of the client certificates and keys in ``out_dir`` (``client-NAME.pem``/``.key``)."""
     if not out_dir.is_dir():
@@ -349,6 +368,7 @@ def _issue(
     now: dt.datetime,
     server: bool = True,
     keep_names: bool = True,
+    this_machine: bool = True,
 ) -> MintResult:
     """Everything after the refusal checks: build in memory, then write (keys before certificates).
 
@@ -363,7 +383,7 @@ def _issue(
     validate_key_type(key_type)
     _check_client_names(out_dir, client_names)
 
-    auto_names, auto_addrs = netinfo.machine_names(), netinfo.local_addresses()
+    auto_names, auto_addrs = (netinfo.machine_names(), netinfo.local_addresses()) if this_machine else ([], [])
     if ca is not None and keep_names:
         kept_names, kept_addrs = _current_server_names(out_dir, ca[0])
         auto_names, auto_addrs = dedupe([*auto_names, *kept_names]), dedupe([*auto_addrs, *kept_addrs])
@@ -404,6 +424,7 @@ def _issue(
             (out_dir / SERVER_CERT, cert_to_pem(server_cert) + cert_to_pem(ca_cert), 0o644),
         ]
     clients_out: dict[str, tuple[Path, Path]] = {}
+    issued: list[tuple[x509.Certificate, str]] = []
     for name in client_names:
         cert_path, key_path = certdir.client_paths(out_dir, name)
         if ca is not None and key_path.exists():
@@ -417,6 +438,8 @@ def _issue(
         cert = build_client(key, ca_cert, ca_key, name, days, now)
         written.append((cert_path, cert_to_pem(cert), 0o644))
         clients_out[name] = (cert_path, key_path)
+        issued.append((cert, name))
+    _record_clients(out_dir, issued, days)
 
     for path, data, mode in written:
         certdir.write_atomic(path, data, mode)
@@ -477,6 +500,7 @@ def mint(
     key_type: str = "ec",
     force: bool = False,
     reset_names: bool = False,
+    this_machine: bool = True,
     now: dt.datetime | None = None,
 ) -> MintResult:
     """Mint (or reuse) the local CA in ``out_dir`` and issue a server certificate and client certificates.
@@ -487,7 +511,9 @@ def mint(
     ``hosts`` entries that are IP addresses are treated as ``ips``. Invalid names raise ValueError.
 
     With a reused CA, asking only for ``clients`` leaves an existing server certificate alone;
-    re-issuing the server certificate keeps the names it had unless ``reset_names``. The whole
+    re-issuing the server certificate keeps the names it had unless ``reset_names``. ``this_machine=False``
+    issues it for another machine (another server of the chat): without this machine's names and
+    addresses, and without the names the current one had (localhost and loopback stay). The whole
     read-modify-write runs under the directory's lock (:mod:`securechat.pki.certdir`).
     """
     out_dir = Path(out_dir)
@@ -501,11 +527,13 @@ def mint(
     validate_key_type(key_type)
     with _locked_dir(out_dir):
         return _mint_locked(out_dir, hosts=hosts, ips=ips, clients=clients, days=days, key_type=key_type,
-                            force=force, reset_names=reset_names, now=current)
+                            force=force, reset_names=reset_names or not this_machine, now=current,
+                            this_machine=this_machine)
 
 
 def _mint_locked(out_dir: Path, *, hosts: list[str], ips: list[str | IPAddress], clients: list[str], days: int,
-                 key_type: str, force: bool, reset_names: bool, now: dt.datetime) -> MintResult:
+                 key_type: str, force: bool, reset_names: bool, now: dt.datetime,
+                 this_machine: bool = True) -> MintResult:
     ca: tuple[x509.Certificate, PrivateKey] | None = None
     if not force:
         if (out_dir / CA_CERT).exists() or (out_dir / CA_KEY).exists():
@@ -523,7 +551,7 @@ def _mint_locked(out_dir: Path, *, hosts: list[str], ips: list[str | IPAddress],
         and _existing_server(out_dir) is not None
     )
     return _issue(out_dir, ca=ca, hosts=hosts, ips=ips, clients=clients, days=days, key_type=key_type,
-                  now=now, server=server, keep_names=not reset_names)
+                  now=now, server=server, keep_names=not reset_names, this_machine=this_machine)
 
 
 def mint_if_missing(out_dir: str | Path, check: Callable[[Path], None] | None = None) -> MintResult | None:

@@ -108,6 +108,13 @@ def build_parser(prog: str = "securechat gen-certs") -> argparse.ArgumentParser:
         "the --host/--ip given; without it, re-issuing keeps every name the current certificate has",
     )
     parser.add_argument(
+        "--other-machine",
+        action="store_true",
+        help="the server certificate is for another machine (a second server of the chat, issued here where "
+        "the CA is): it names exactly the --host/--ip given, plus localhost, and none of this machine's names "
+        "and addresses nor the current certificate's",
+    )
+    parser.add_argument(
         "--force",
         action="store_true",
         help="mint a new CA instead of reusing it, with a new server key and certificate and new keys for "
@@ -202,6 +209,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "securechat gen-certs
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help (0) or a usage error (2): return instead of exiting the caller
         return exc.code if isinstance(exc.code, int) else 2
+    if args.other_machine and not (args.host or args.ip):
+        try:
+            parser.error("--other-machine needs that machine's --host NAME or --ip ADDR")
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 2
     try:
         result = mint(
             args.out,
@@ -212,6 +224,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "securechat gen-certs
             key_type=args.key_type,
             force=args.force,
             reset_names=args.reset_names,
+            this_machine=not args.other_machine,
         )
     except CertError as exc:
         options.print_error(prog, str(exc))

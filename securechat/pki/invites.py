@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from securechat.pki import serving
 from securechat.pki.ledger import (
     DEFAULT_CERT_DAYS,
     DEFAULT_EXPIRES,
@@ -22,7 +23,8 @@ from securechat.pki.ledger import (
     utc,
 )
 from securechat.wire import options
-from securechat.wire.addr import DEFAULT_PORT
+from securechat.wire.addr import DEFAULT_PORT, host_text
+from securechat.wire.addr import join as join_address
 
 PROG = "securechat invite"
 DEFAULT_CERTS = Path("certs")
@@ -68,6 +70,19 @@ def _human(seconds: float) -> str:
     return f"{seconds:g} seconds"
 
 
+def no_ca_here(certs_dir: Path) -> str | None:
+    """Why ``certs_dir`` is not where the CA lives (invites, revocations and the certificate registry are
+    kept beside ``ca.key``), or None. Checked before anything is opened, so nothing is created there."""
+    if (certs_dir / "ca.key").is_file():
+        return None
+    if not certs_dir.is_dir():
+        return (f"no certificate directory {certs_dir}: run this on the server machine, in the folder where "
+                "'securechat serve' minted certs/, or pass --certs DIR")
+    copy = " (ca.pem alone is a client's copy of the CA)" if (certs_dir / "ca.pem").is_file() else ""
+    return (f"no CA here: {certs_dir} holds no ca.key{copy}; run this on the server machine, in the folder "
+            "where 'securechat serve' minted certs/, or pass --certs DIR")
+
+
 def _join_host(certs_dir: Path) -> str:
     """What a joiner most likely types to reach this server: a LAN address its certificate names."""
     try:
@@ -103,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert-days", type=options.count(1, MAX_CERT_DAYS), default=DEFAULT_CERT_DAYS,
                    metavar="N", help="client certificate lifetime in days; clients renew their own "
                    "(default: %(default)s)")
-    p.add_argument("--host", type=options.host,
-                   help="the address joiners type (default: one from the server certificate)")
-    p.add_argument("--port", type=options.port, default=DEFAULT_PORT,
-                   help="the server's port (default: %(default)s)")
+    p.add_argument("--host", type=options.server_address, metavar="HOST[:PORT]",
+                   help="the address joiners type (default: the one the running server offers first)")
+    p.add_argument("--port", type=options.port, default=None,
+                   help="the server's port (default: the running server's)")
     certs_dir_option(p)
     action = p.add_mutually_exclusive_group()
     action.add_argument("--list", action="store_true", help="list the invites still usable")
@@ -121,6 +136,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.list or args.cancel) and args.name:
         parser.error("NAME cannot be combined with --list or --cancel")
+    if args.host is not None:
+        try:
+            args.port = options.server_port(args.host, args.port, 0) or None
+        except ValueError as exc:
+            parser.error(f"argument --host: {exc}")
+    missing = no_ca_here(args.certs)
+    if missing:
+        options.print_error(PROG, missing)
+        return 1
     store = Store(args.certs)
     try:
         if args.list:
@@ -133,21 +157,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             for inv in cancelled:
                 print(f"Cancelled invite {inv.nameplate}{f' for {inv.name}' if inv.name else ''}.")
             return 0
-        if not (args.certs / "ca.key").is_file():
-            options.print_error(PROG, f"no CA in {args.certs} (ca.key): run this where the server's certs/ folder "
-                                "is, or pass --certs DIR")
-            return 1
         invite = store.create(args.name, expires_in=args.expires, uses=args.uses, cert_days=args.cert_days)
     except StoreError as exc:
         options.print_error(PROG, str(exc))
         return 1
-    host = args.host or _join_host(args.certs)
-    port = "" if args.port == DEFAULT_PORT else f" --port {args.port}"
+    where, warning = _where(args)
+    if warning:
+        options.print_error(PROG, f"warning: {warning}")
     who = invite.name or "your guest"
     once = "once" if invite.uses_total == 1 else f"{invite.uses_total} times"
-    print(f"Give {who} this line (valid {_human(args.expires)}, {once}):")
-    print(f"  securechat join {host} {invite.code}{port}")
+    try:
+        print(f"Give {who} this line (valid {_human(args.expires)}, {once}):")
+        print(f"  securechat join {where} {invite.code}")
+    except options.OutputLost as exc:
+        # Nobody saw the code: left usable, it would be a live secret no one knows is out there.
+        store.cancel(str(invite.nameplate))
+        options.print_error(PROG, f"cannot write to standard output ({exc}): invite {invite.nameplate} cancelled, "
+                            "since nobody saw its code")
+        return 1
     return 0
+
+
+def _where(args: argparse.Namespace) -> tuple[str, str]:
+    """The address for the join line (``HOST``, or ``HOST:PORT`` off the default port), and a warning if
+    no running server with this CA matches it."""
+    live = serving.running(args.certs)
+    match = [s for s in live if args.port is None or s.port == args.port]
+    port = args.port or (match[0].port if match else DEFAULT_PORT)
+    host = args.host[0] if args.host else next((s.hosts[0] for s in match if s.hosts), None) or _join_host(args.certs)
+    where = host_text(host) if port == DEFAULT_PORT else join_address(host, port)
+    if not live:
+        return where, (f"no server is running with the CA in {args.certs}: start 'securechat serve' there "
+                       f"before the code is used (this line assumes port {port})")
+    if not match:
+        return where, (f"no server with the CA in {args.certs} listens on port {port}; running: "
+                       f"port {', '.join(str(s.port) for s in live)}")
+    if len(match) > 1:
+        return where, (f"several servers use this CA (ports {', '.join(str(s.port) for s in match)}): the code "
+                       f"works on any of them; the line names port {port} (--port picks another)")
+    return where, ""
 
 
 def _list_invites(store: Store) -> int:

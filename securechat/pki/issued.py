@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from securechat.pki.invites import certs_dir_option
+from securechat.pki.invites import certs_dir_option, no_ca_here
 from securechat.pki.ledger import Store, StoreError, utc
 from securechat.wire import options
 
@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``securechat certs``: 0, or 1 when the registry cannot be read."""
     args = build_parser().parse_args(argv)
+    missing = no_ca_here(args.certs)
+    if missing:
+        options.print_error(PROG, missing)
+        return 1
     try:
         issued = Store(args.certs).certificates()
     except StoreError as exc:

@@ -1,16 +1,25 @@
-"""The CA's ledger: invites, and the client certificates they led to (issued, renewed, revoked).
+"""The CA's ledger: invites, the client certificates they led to (issued, renewed, revoked), and the names given out.
 
 Everything lives in one SQLite file beside the CA (``certs/invites.db``, mode 0600, like ``ca.key``),
-because two processes use it at once: ``securechat invite`` / ``revoke`` on the operator's terminal,
-and the running server, which reads it on every enrollment and every half second for revocations.
-SQLite's locking makes each step atomic across processes: claiming the last use of an invite is one
-``UPDATE ... WHERE uses_left > 0`` inside ``BEGIN IMMEDIATE``, so two joiners racing with one code
-get one certificate between them, never two.
+because several processes use it at once: ``securechat invite`` / ``revoke`` / ``gen-certs`` on the
+operator's terminal, and the running server, which reads it on every enrollment and every half second
+for revocations. SQLite's locking makes each step atomic across processes: claiming the last use of an
+invite is one ``UPDATE ... WHERE uses_left > 0`` inside ``BEGIN IMMEDIATE``, so two joiners racing with
+one code get one certificate between them, never two.
 
-Revocation is a serial denylist (the ``revoked_at`` column), checked by the server after each
-handshake and every :data:`REVOCATION_POLL` seconds for live sessions. A CRL was rejected: Python's
-``ssl`` fails every handshake when a configured CRL is missing or stale, and could not cut a session
-that is already open anyway.
+Every decision is *checked and recorded in one transaction*: a certificate is signed first, but it is
+only handed out once :meth:`Store.record` or :meth:`Store.renew` has committed it, and those refuse (in
+the same write transaction that would record it) a revoked name, another spelling of a name already
+given out, a renewal outside its window or of a certificate already renewed. ``revoke`` runs in a write
+transaction too, so a renewal either commits before it (and is revoked with the rest) or sees it.
+
+Revocation is a serial denylist (the ``revoked`` column) plus *names*: ``revoke NAME`` revokes every
+certificate with that name and the name itself (table ``names``), so a certificate of that name issued
+or presented later is refused as well, until ``revoke --release NAME``. ``revoke SERIAL`` revokes the
+certificate's whole renewal chain (``parent``/``child`` links). A CRL was rejected: Python's ``ssl``
+fails every handshake when a configured CRL is missing or stale, and could not cut a session that is
+already open anyway. What servers enforce is :meth:`Store.snapshot`; each write bumps a generation
+number so that readers (and the Redis copy a cluster reads) notice a change with one cheap query.
 """
 
 from __future__ import annotations
@@ -22,12 +31,16 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from securechat.pki import names
 from securechat.pki.codes import NAMEPLATE_MAX, format_code, new_words
+from securechat.pki.names import Held
+from securechat.wire import protocol
 
 DB_NAME = "invites.db"
 
@@ -49,6 +62,8 @@ KEEP_FINISHED = 7 * 24 * 3600.0
 BUSY_TIMEOUT = 5.0
 # How often the server re-reads the denylist: the issue asks for live sessions cut within 2 s.
 REVOCATION_POLL = 0.5
+# A client certificate is renewed in the last third of its lifetime, and once in it (the issue's rule).
+RENEW_FRACTION = 1 / 3
 
 
 class InviteError(Exception):
@@ -57,6 +72,13 @@ class InviteError(Exception):
 
 class StoreError(Exception):
     """The store cannot be opened or written (a command-line failure: one line, exit 1)."""
+
+
+class Refused(StoreError):
+    """The ledger will not record a name or a certificate (revoked, taken, outside its window): one line.
+
+    A StoreError, so every command that writes the ledger reports it the same way (one line, exit 1).
+    """
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,21 @@ class Issued:
     revoked: float | None
     last_seen: float | None
     cert_days: int
+    parent: str | None = None  # the certificate this one renewed
+    child: str | None = None  # the certificate that renewed (and so replaced) this one
+
+
+@dataclass(frozen=True)
+class LedgerState:
+    """What every server enforces: the denylist, the certificates replaced by renewal, the names given out.
+
+    Expired certificates are left out (TLS refuses them anyway), so it stays small.
+    """
+
+    generation: int  # bumped by every change; equal generations mean equal states
+    revoked: frozenset[str]  # serials (hex)
+    superseded: frozenset[str]  # serials whose renewal replaced them
+    held: dict[str, Held]  # names.key(name) -> how that name is held
 
 
 def serial_hex(serial: int) -> str:
@@ -120,7 +157,22 @@ CREATE TABLE IF NOT EXISTS issued (
     nameplate INTEGER
 );
 CREATE INDEX IF NOT EXISTS issued_name ON issued(name);
+CREATE TABLE IF NOT EXISTS names (
+    key TEXT PRIMARY KEY,   -- names.key(name): folded
+    name TEXT NOT NULL,     -- the spelling given out
+    state TEXT NOT NULL,    -- names.STATES
+    until REAL              -- invited: when the last invite for it ends
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+
+# Columns the issued table gained after its first release; added to older files on opening.
+_ISSUED_COLUMNS = (("name_key", "TEXT"), ("not_before", "REAL"), ("parent", "TEXT"), ("child", "TEXT"),
+                   ("der", "BLOB"))
+_ISSUED = "serial, name, not_after, issued, revoked, last_seen, cert_days, parent, child"
 
 
 class Store:
@@ -171,14 +223,44 @@ class Store:
             mode = self.path.stat().st_mode & 0o777
             if mode & 0o077:
                 os.chmod(self.path, 0o600)  # an old or copied file: the codes in it are secrets
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT)
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
             try:
-                db.executescript(_SCHEMA)
+                db.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                self._upgrade(db)
+                db.execute("COMMIT")
             finally:
                 db.close()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from None
         self._ready = True
+
+    @staticmethod
+    def _upgrade(db: sqlite3.Connection) -> None:
+        """Bring a file written by an older securechat up to date (inside the creating transaction).
+
+        Names of certificates issued before the names table existed are entered as issued, or as
+        revoked when every certificate of theirs was: reserved, the safe side.
+        """
+        have = {row[1] for row in db.execute("PRAGMA table_info(issued)")}
+        for column, kind in _ISSUED_COLUMNS:
+            if column not in have:
+                db.execute(f"ALTER TABLE issued ADD COLUMN {column} {kind}")
+        db.execute("CREATE INDEX IF NOT EXISTS issued_key ON issued(name_key)")
+        rows = db.execute("SELECT serial, name, revoked FROM issued WHERE name_key IS NULL").fetchall()
+        alive: dict[str, tuple[str, bool]] = {}
+        for serial, name, revoked in rows:
+            key = names.key(name)
+            db.execute("UPDATE issued SET name_key = ? WHERE serial = ?", (key, serial))
+            spelling, live = alive.get(key, (name, False))
+            alive[key] = (spelling, live or revoked is None)
+        for key, (spelling, live) in alive.items():
+            db.execute("INSERT OR IGNORE INTO names (key, name, state) VALUES (?, ?, ?)",
+                       (key, spelling, names.ISSUED if live else names.REVOKED))
+        if rows:
+            _bump(db)
 
     # -- invites ----------------------------------------------------------------------------
 
@@ -188,6 +270,8 @@ class Store:
         now = self.clock()
         words = new_words()
         with self._tx() as db:
+            if name is not None:  # the name rule, in the transaction that reserves the name
+                self._hold_name(db, name, names.INVITED, now + expires_in)
             db.execute("DELETE FROM invites WHERE expires < ?", (now - KEEP_FINISHED,))
             taken = {row[0] for row in db.execute("SELECT nameplate FROM invites")}
             free = [n for n in range(1, NAMEPLATE_MAX + 1) if n not in taken]
@@ -219,6 +303,8 @@ class Store:
                               "(CAST(nameplate AS TEXT) = ? OR name = ?)", (now, key, key)).fetchall()
             for row in rows:
                 db.execute("UPDATE invites SET state = 'cancelled' WHERE nameplate = ?", (row[0],))
+            for name in {row[1] for row in rows if row[1]}:
+                self._unhold_invited(db, name, now)
         return [Invite(*row) for row in rows]
 
     def _usable(self, db: sqlite3.Connection, nameplate: int) -> Invite:
@@ -288,60 +374,282 @@ class Store:
             raise refusal
         return invite
 
+    # -- names -------------------------------------------------------------------------------
+
+    def _held(self, db: sqlite3.Connection, key: str) -> Held | None:
+        row = db.execute("SELECT name, state, until FROM names WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        held = Held(*row)
+        return held if held.alive(self.clock()) else None  # an invitation that ended holds nothing
+
+    def _hold_name(self, db: sqlite3.Connection, name: str, state: str, until: float | None = None) -> None:
+        """Give ``name`` out (invited or issued) under the name rule, or raise Refused (write transaction)."""
+        key = names.key(name)
+        held = self._held(db, key)
+        why = names.refusal(name, held)
+        if why is not None:
+            raise Refused(why)
+        if held is None or held.state == names.INVITED and state == names.ISSUED:
+            db.execute("INSERT OR REPLACE INTO names (key, name, state, until) VALUES (?, ?, ?, ?)",
+                       (key, name, state, until))
+        elif held.state == names.INVITED and until is not None:
+            db.execute("UPDATE names SET until = MAX(until, ?) WHERE key = ?", (until, key))
+        else:
+            return
+        _bump(db)
+
+    def _unhold_invited(self, db: sqlite3.Connection, name: str, now: float) -> None:
+        """An invite for ``name`` was cancelled: an invitation no other live invite backs is dropped."""
+        key = names.key(name)
+        live = [row[0] for row in db.execute("SELECT name FROM invites WHERE state = 'active' AND expires > ?",
+                                             (now,)) if row[0] and names.key(row[0]) == key]
+        if not live and db.execute("DELETE FROM names WHERE key = ? AND state = ?", (key, names.INVITED)).rowcount:
+            _bump(db)
+
+    def name_refusal(self, name: str) -> str | None:
+        """Why ``name`` may not be given out now (:func:`names.refusal`), or None."""
+        with self._tx(write=False) as db:
+            return names.refusal(name, self._held(db, names.key(name)))
+
+    def release(self, name: str) -> str:
+        """``revoke --release NAME``: the name may be given out (and taken by guests) again; its spelling.
+
+        Refused while a valid certificate still bears it: revoke those first.
+        """
+        key = names.key(name)
+        now = self.clock()
+        with self._tx() as db:
+            row = db.execute("SELECT name FROM names WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                raise Refused(f"no name {name!r} is held by the CA ('securechat certs' lists what it issued)")
+            live = db.execute("SELECT COUNT(*) FROM issued WHERE name_key = ? AND revoked IS NULL AND not_after > ?",
+                              (key, now)).fetchone()[0]
+            if live:
+                raise Refused(f"{row[0]!r} still has {live} valid certificate{'s' if live != 1 else ''}: revoke "
+                              f"{'them' if live != 1 else 'it'} first ('securechat revoke {row[0]}')")
+            db.execute("DELETE FROM names WHERE key = ?", (key,))
+            _bump(db)
+        return str(row[0])
+
     # -- certificates -----------------------------------------------------------------------
 
-    def record(self, cert: x509.Certificate, name: str, cert_days: int, nameplate: int | None) -> Issued:
+    def record(self, cert: x509.Certificate, name: str, cert_days: int, nameplate: int | None = None) -> Issued:
+        """Enter a certificate just signed for ``name``; Refused (and nothing recorded) under the name rule.
+
+        The caller hands the certificate out only once this returns: the check and the record are one
+        transaction, so a revocation of the name either came before (refused here) or comes after
+        (and revokes it).
+        """
         now = self.clock()
-        serial = serial_hex(cert.serial_number)
-        not_after = cert.not_valid_after_utc.timestamp()
         with self._tx() as db:
-            db.execute("INSERT INTO issued (serial, name, not_after, issued, cert_days, nameplate) VALUES "
-                       "(?, ?, ?, ?, ?, ?)", (serial, name, not_after, now, cert_days, nameplate))
-        return Issued(serial, name, not_after, now, None, None, cert_days)
+            self._hold_name(db, name, names.ISSUED)
+            self._insert(db, cert, name, cert_days, nameplate, None, now)
+            _bump(db)
+        return Issued(serial_hex(cert.serial_number), name, cert.not_valid_after_utc.timestamp(), now, None, None,
+                      cert_days)
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, cert: x509.Certificate, name: str, cert_days: int, nameplate: int | None,
+                parent: str | None, now: float) -> None:
+        db.execute("INSERT INTO issued (serial, name, name_key, not_before, not_after, issued, cert_days, nameplate, "
+                   "parent, der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (serial_hex(cert.serial_number), name, names.key(name), cert.not_valid_before_utc.timestamp(),
+                    cert.not_valid_after_utc.timestamp(), now, cert_days, nameplate, parent,
+                    cert.public_bytes(serialization.Encoding.DER)))
+
+    def renew(self, current: x509.Certificate, public_key: object,
+              sign: Callable[[str, int], x509.Certificate]) -> tuple[Issued, bytes]:
+        """Renew ``current`` for ``public_key`` (a renewal request's): check, sign and record in one transaction.
+
+        ``sign(name, cert_days)`` makes the new certificate; it is called only once every check passed,
+        inside the write transaction (a signature takes a millisecond), so nothing is signed in vain and
+        nothing signed escapes the checks. Returns the certificate to hand out and its DER: the new one,
+        or, when ``current`` was already renewed for that very key (the answer was lost on the way),
+        the one recorded then. Refused, with nothing recorded, when ``current`` is unknown, revoked
+        (itself, its chain or its name), not yet in the last third of its lifetime, or already renewed
+        for another key.
+        """
+        serial = serial_hex(current.serial_number)
+        now = self.clock()
+        with self._tx() as db:
+            row = db.execute(f"SELECT {_ISSUED} FROM issued WHERE serial = ?", (serial,)).fetchone()
+            if row is None:
+                raise Refused("this certificate was not issued through an invite: ask for an invite")
+            issued = Issued(*row)
+            held = self._held(db, names.key(issued.name))
+            if issued.revoked is not None or held is not None and held.state == names.REVOKED:
+                raise Refused(f"{protocol.CERT_REVOKED}: it cannot be renewed")
+            if issued.child is not None:
+                child = db.execute("SELECT der, revoked FROM issued WHERE serial = ?", (issued.child,)).fetchone()
+                if child is not None and child[1] is None and child[0] is not None:
+                    again = x509.load_der_x509_certificate(child[0])
+                    if again.public_key() == public_key:
+                        return self._issued(db, issued.child), bytes(child[0])
+                raise Refused(f"this certificate was already renewed (as {issued.child}); a certificate is renewed "
+                              "once: if that was not you, tell the server's admin")
+            opens = renewal_opens(current)
+            if now < opens:
+                raise Refused(f"too early: a certificate is renewed in the last third of its life, from {utc(opens)}")
+            self._hold_name(db, issued.name, names.ISSUED)  # the same spelling: checks, and keeps it issued
+            days = issued.cert_days or DEFAULT_CERT_DAYS  # 0: entered from a file, its lifetime unknown
+            renewed = sign(issued.name, days)
+            self._insert(db, renewed, issued.name, days, None, serial, now)
+            db.execute("UPDATE issued SET child = ? WHERE serial = ?", (serial_hex(renewed.serial_number), serial))
+            _bump(db)
+            return self._issued(db, serial_hex(renewed.serial_number)), renewed.public_bytes(serialization.Encoding.DER)
+
+    @staticmethod
+    def _issued(db: sqlite3.Connection, serial: str) -> Issued:
+        return Issued(*db.execute(f"SELECT {_ISSUED} FROM issued WHERE serial = ?", (serial,)).fetchone())
 
     def certificates(self) -> list[Issued]:
         with self._tx(write=False) as db:
-            rows = db.execute("SELECT serial, name, not_after, issued, revoked, last_seen, cert_days FROM issued "
-                              "ORDER BY name, issued").fetchall()
+            rows = db.execute(f"SELECT {_ISSUED} FROM issued ORDER BY name, issued").fetchall()
         return [Issued(*row) for row in rows]
 
     def get(self, serial: int) -> Issued | None:
         with self._tx(write=False) as db:
-            row = db.execute("SELECT serial, name, not_after, issued, revoked, last_seen, cert_days FROM issued "
-                             "WHERE serial = ?", (serial_hex(serial),)).fetchone()
+            row = db.execute(f"SELECT {_ISSUED} FROM issued WHERE serial = ?", (serial_hex(serial),)).fetchone()
         return Issued(*row) if row else None
 
-    def revoke(self, which: str, *, extra: Sequence[x509.Certificate] = ()) -> list[Issued]:
-        """Revoke every live certificate named ``which``, or the one with that serial (hex).
+    def revoke(self, which: str, *, extra: Sequence[x509.Certificate] = ()) -> Revocation:
+        """Revoke by serial (hex: the certificate and its whole renewal chain) or by name.
 
-        ``extra`` are certificates not issued through invites (``gen-certs --client`` files) to put on
-        the denylist as well. Returns what was newly revoked.
+        By name: every certificate whose name folds to it, the live invites for it, and the name
+        itself, so a certificate of that name issued or presented later is refused too, until
+        :meth:`release`. ``extra`` are certificates not issued through invites (``gen-certs --client``
+        files from before the ledger) to enter under the name first.
         """
         now = self.clock()
         key = which.strip()
         serial_key = key.upper().replace(":", "")
         with self._tx() as db:
             for cert in extra:
-                db.execute("INSERT OR IGNORE INTO issued (serial, name, not_after, issued, cert_days) VALUES "
-                           "(?, ?, ?, ?, 0)", (serial_hex(cert.serial_number), key,
-                                                cert.not_valid_after_utc.timestamp(), now))
-            rows = db.execute("SELECT serial, name, not_after, issued, revoked, last_seen, cert_days FROM issued "
-                              "WHERE revoked IS NULL AND (name = ? OR serial = ?)", (key, serial_key)).fetchall()
-            db.execute("UPDATE issued SET revoked = ? WHERE revoked IS NULL AND (name = ? OR serial = ?)",
-                       (now, key, serial_key))
-        return [Issued(row[0], row[1], row[2], row[3], now, row[5], row[6]) for row in rows]
+                db.execute("INSERT OR IGNORE INTO issued (serial, name, name_key, not_before, not_after, issued, "
+                           "cert_days) VALUES (?, ?, ?, ?, ?, ?, 0)",
+                           (serial_hex(cert.serial_number), key, names.key(key),
+                            cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp(), now))
+            invites: list[int] = []
+            if db.execute("SELECT 1 FROM issued WHERE serial = ?", (serial_key,)).fetchone():
+                serials, name = _chain(db, serial_key), None
+            else:
+                serials, name, invites = self._revoke_name(db, key, now)
+            rows = [Issued(*row) for serial in serials for row in
+                    db.execute(f"SELECT {_ISSUED} FROM issued WHERE serial = ? AND revoked IS NULL", (serial,))]
+            for serial in serials:
+                db.execute("UPDATE issued SET revoked = ? WHERE revoked IS NULL AND serial = ?", (now, serial))
+            if rows or name or invites:
+                _bump(db)
+        return Revocation([replace(row, revoked=now) for row in rows], name, invites)
 
-    def revoked_serials(self) -> frozenset[str]:
-        with self._tx(write=False) as db:
-            return frozenset(row[0] for row in db.execute("SELECT serial FROM issued WHERE revoked IS NOT NULL"))
+    def _revoke_name(self, db: sqlite3.Connection, which: str, now: float) -> tuple[list[str], str | None, list[int]]:
+        """(serials to revoke, the name now revoked or None, invites cancelled) for ``revoke NAME``."""
+        key = names.key(which)
+        serials = [row[0] for row in db.execute("SELECT serial FROM issued WHERE name_key = ?", (key,))]
+        if not serials and protocol.nick_error(which) is not None:
+            return [], None, []
+        invites = [row[0] for row in db.execute("SELECT nameplate, name FROM invites WHERE state = 'active' AND "
+                                                "expires > ?", (now,)) if row[1] and names.key(row[1]) == key]
+        for nameplate in invites:
+            db.execute("UPDATE invites SET state = 'cancelled' WHERE nameplate = ?", (nameplate,))
+        row = db.execute("SELECT name, state FROM names WHERE key = ?", (key,)).fetchone()
+        if row is None and not serials:
+            return [], None, invites
+        spelling = row[0] if row else which
+        if row is None or row[1] != names.REVOKED:
+            db.execute("INSERT OR REPLACE INTO names (key, name, state, until) VALUES (?, ?, ?, NULL)",
+                       (key, spelling, names.REVOKED))
+            return serials, spelling, invites
+        return serials, None, invites
 
-    def held_names(self) -> frozenset[str]:
-        """Names that belong to a live (unrevoked, unexpired) certificate: no guest may take them."""
+    def snapshot(self) -> LedgerState:
+        """What servers enforce, as of now (see :class:`LedgerState`)."""
         now = self.clock()
         with self._tx(write=False) as db:
-            return frozenset(row[0] for row in db.execute(
-                "SELECT DISTINCT name FROM issued WHERE revoked IS NULL AND not_after > ?", (now,)))
+            generation = _generation(db)
+            revoked = frozenset(row[0] for row in db.execute(
+                "SELECT serial FROM issued WHERE revoked IS NOT NULL AND not_after > ?", (now,)))
+            superseded = frozenset(row[0] for row in db.execute(
+                "SELECT serial FROM issued WHERE child IS NOT NULL AND revoked IS NULL AND not_after > ?", (now,)))
+            held = {key: Held(name, state, until)
+                    for key, name, state, until in db.execute("SELECT key, name, state, until FROM names")}
+        return LedgerState(generation, revoked, superseded, {k: h for k, h in held.items() if h.alive(now)})
 
-    def seen(self, serial: int) -> None:
+    def generation(self) -> int:
+        """The ledger's generation: it changes whenever what :meth:`snapshot` says may have."""
+        with self._tx(write=False) as db:
+            return _generation(db)
+
+    def seen(self, cert: x509.Certificate, name: str) -> None:
+        """``cert`` (verified by TLS: this CA's) was just presented: note when, and enter it if the ledger
+        never recorded it (a ``gen-certs --client`` certificate from before the ledger did), so that its
+        name is held and ``revoke SERIAL`` knows it. One the name rule refuses is only not entered."""
+        now = self.clock()
+        serial = serial_hex(cert.serial_number)
         with self._tx() as db:
-            db.execute("UPDATE issued SET last_seen = ? WHERE serial = ?", (self.clock(), serial_hex(serial)))
+            if db.execute("UPDATE issued SET last_seen = ? WHERE serial = ?", (now, serial)).rowcount:
+                return
+            days = round((cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds() / 86400)
+            with contextlib.suppress(Refused):
+                self._hold_name(db, name, names.ISSUED)
+                self._insert(db, cert, name, days, None, None, now)
+                db.execute("UPDATE issued SET last_seen = ? WHERE serial = ?", (now, serial))
+                _bump(db)
+
+    # -- the cluster's copy -------------------------------------------------------------------
+
+    def note_published(self, where: str) -> None:
+        """A server published the ledger to its cluster (``where``: the Redis URL, password hidden), now."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('published', ?)",
+                       (f"{self.clock()!r} {where}",))
+
+    def published(self) -> tuple[float, str] | None:
+        """(when, where) the ledger was last published to a cluster, or None if it never was."""
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'published'").fetchone()
+        if row is None:
+            return None
+        when, _, where = str(row[0]).partition(" ")
+        return float(when), where
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What one ``revoke`` did."""
+
+    certificates: list[Issued]  # newly revoked
+    name: str | None  # the name newly revoked (reserved until released), if any
+    invites: list[int]  # nameplates of the live invites for that name, cancelled
+
+
+def renewal_opens(cert: x509.Certificate) -> float:
+    """When ``cert`` may be renewed: the last :data:`RENEW_FRACTION` of its lifetime (epoch seconds)."""
+    start, end = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+    return end - (end - start) * RENEW_FRACTION
+
+
+def _chain(db: sqlite3.Connection, serial: str) -> list[str]:
+    """Every serial of ``serial``'s renewal chain: what it renewed, and what renewed it, transitively."""
+    chain, todo = [], [serial]
+    while todo:
+        current = todo.pop()
+        if current in chain:
+            continue
+        chain.append(current)
+        for parent, child in db.execute("SELECT parent, child FROM issued WHERE serial = ?", (current,)):
+            todo += [s for s in (parent, child) if s]
+        todo += [row[0] for row in db.execute("SELECT serial FROM issued WHERE parent = ?", (current,))]
+    return chain
+
+
+def _generation(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _bump(db: sqlite3.Connection) -> None:
+    """A change readers must see: the next generation (inside the changing transaction)."""
+    db.execute("INSERT INTO meta (key, value) VALUES ('generation', '1') ON CONFLICT(key) DO UPDATE SET "
+               "value = CAST(value AS INTEGER) + 1")

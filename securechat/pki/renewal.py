@@ -9,8 +9,9 @@ certificate's names and addresses. It then builds a *new* context and assigns it
 connections get the new certificate while connections already open keep theirs.
 
 Without the CA key nothing can be re-issued: the renewer logs a warning with the days left (an error
-once expired) at start and at every check within :data:`RENEW_BEFORE`. Certificate files replaced by
-hand (``securechat gen-certs`` on the CA's machine, copied over) are picked up by the next check too.
+once expired) at start and at every check within :data:`RENEW_BEFORE`. Certificate files replaced
+(``securechat gen-certs --ip ADDR`` run beside a running server, or files copied over from the CA's
+machine) are noticed within :data:`WATCH_INTERVAL` and loaded the same way, and the log says so.
 
 The clock is injectable (``now``) and :meth:`CertRenewer.check_once` runs one check directly, so
 tests use short-lived certificates and a fake clock instead of waiting.
@@ -24,6 +25,7 @@ import ipaddress
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -40,6 +42,9 @@ log = logging.getLogger("securechat.renewal")
 RENEW_BEFORE = dt.timedelta(days=30)
 #: seconds between two checks while the server runs
 CHECK_INTERVAL = 24 * 60 * 60.0
+#: seconds between two looks at the files' metadata (two stat() calls): a certificate re-issued with
+#: ``gen-certs`` (a new name, a new address) is served within about this long, no restart needed
+WATCH_INTERVAL = 1.0
 
 
 class HasContext(Protocol):
@@ -124,6 +129,7 @@ class CertRenewer:
         interval: float = CHECK_INTERVAL,
         days: int = builders.DEFAULT_DAYS,
         auto_renew: bool = True,
+        watch_interval: float = WATCH_INTERVAL,
     ) -> None:
         self.server = server
         self.cert = Path(cert)
@@ -134,9 +140,11 @@ class CertRenewer:
         self.now = now
         self.renew_before = renew_before
         self.interval = interval
+        self.watch_interval = watch_interval
         self.days = days
         self.ca_dir, self.why_not = ca_dir_for(self.cert, self.key) if auto_renew else (None, "--no-renew")
         self._loaded = self._file_fingerprint()  # what the server's current context was built from
+        self._seen = self._files()  # the files' metadata at the last check
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one check at a time (the thread and a direct call)
@@ -144,6 +152,13 @@ class CertRenewer:
     @property
     def can_renew(self) -> bool:
         return self.ca_dir is not None
+
+    def _files(self) -> tuple[tuple[int, int, int], ...] | None:
+        """(inode, size, mtime) of the certificate and key files: any replacement changes one of them."""
+        try:
+            return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (self.cert.stat(), self.key.stat()))
+        except OSError:
+            return None
 
     def _file_fingerprint(self) -> str | None:
         try:
@@ -156,6 +171,7 @@ class CertRenewer:
     def check_once(self) -> Outcome:
         """Check the certificate now: renew and load it, load a replaced file, or warn."""
         with self._lock:
+            self._seen = self._files()  # before reading them: a change made meanwhile is seen next time
             try:
                 return self._check()
             except Exception:  # a renewal bug must never take the server down
@@ -172,7 +188,7 @@ class CertRenewer:
         left = not_after - now
         if left > self.renew_before:
             if self._file_fingerprint() != self._loaded:
-                return self._reload(not_after, Outcome.RELOADED, "the certificate file changed")
+                return self._reload(not_after, Outcome.RELOADED, "changed on disk and was loaded")
             log.info("server certificate %s valid until %s (%.0f days left)", self.cert,
                      f"{not_after:%Y-%m-%d %H:%M} UTC", _days(left))
             return Outcome.VALID
@@ -207,7 +223,7 @@ class CertRenewer:
             return Outcome.FAILED
         for note in result.notes:
             log.info("renewal: %s", note)
-        return self._reload(result.server_not_after, Outcome.RENEWED, "renewed from the local CA")
+        return self._reload(result.server_not_after, Outcome.RENEWED, "renewed from the local CA and loaded")
 
     def _reload(self, not_after: dt.datetime, outcome: Outcome, why: str) -> Outcome:
         try:
@@ -220,9 +236,14 @@ class CertRenewer:
             return Outcome.FAILED
         self.server.ssl_context = context  # new handshakes use it; open connections keep theirs
         self._loaded = self._file_fingerprint()
-        log.warning("server certificate %s: valid until %s UTC; new SHA-256 fingerprint %s "
-                    "(clients that pinned the old fingerprint must update it)",
-                    why, f"{not_after:%Y-%m-%d %H:%M}", self._loaded)
+        try:
+            names, addrs = read_sans(self.cert)
+        except (OSError, ValueError):
+            names, addrs = [], []
+        log.warning("server certificate %s %s, no restart needed: valid for %s until %s UTC; new SHA-256 "
+                    "fingerprint %s (clients that pinned the old fingerprint must update it)", self.cert, why,
+                    ", ".join(dict.fromkeys([*names, *addrs])) or "no names", f"{not_after:%Y-%m-%d %H:%M}",
+                    self._loaded)
         return outcome
 
     # -- background thread ---------------------------------------------------------------
@@ -236,8 +257,13 @@ class CertRenewer:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.check_once()
+        due = time.monotonic() + self.interval
+        while not self._stop.wait(max(0.0, min(self.watch_interval, due - time.monotonic()))):
+            if time.monotonic() >= due:
+                due = time.monotonic() + self.interval
+                self.check_once()
+            elif self._files() != self._seen:  # replaced (gen-certs here, or copied over): load it now
+                self.check_once()
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the background thread; returns at once unless a check is running."""

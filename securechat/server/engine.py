@@ -46,6 +46,7 @@ from securechat.wire.console import announce
 
 if TYPE_CHECKING:
     from securechat.pki.authority import Authority
+    from securechat.server.trust import Trust
 
 log = logging.getLogger("securechat.server")
 
@@ -117,6 +118,7 @@ class ChatServer:
         grace: float = GRACE_SECONDS,
         offline_messages: bool = False,
         authority: Authority | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.host = host
         # host "::" with dual_stack: one socket for IPv6 and IPv4 (IPV6_V6ONLY off), where the OS allows it.
@@ -134,8 +136,12 @@ class ChatServer:
         # the people on other servers come from ``directory`` (default: nobody else).
         self.rooms = Rooms(roomlog, directory, announce_limit=announce_limit, replay=replay, grace=grace,
                            offline_messages=offline_messages)
-        # Invites, renewals and the revocation denylist (securechat.pki.enrollment), when the CA is at hand.
+        # Invites and renewals (securechat.pki.enrollment), when the CA is at hand.
         self.authority = authority
+        # The CA's ledger enforced here (securechat.server.trust): revoked certificates, names given out.
+        self.trust = trust
+        if trust is not None:
+            self.rooms.persons = trust.person  # offline messages go to people the CA knows, by their name
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
         self._chatters = 0  # sessions holding a chat place (a Slot): what max_clients bounds
@@ -327,7 +333,7 @@ class ChatServer:
 
     def reserved(self, nick: str) -> str | None:
         """Why a client without a certificate may not take ``nick`` (it is a certificate's name), or None."""
-        return self.authority.reserved(nick) if self.authority is not None else None
+        return self.trust.reserved(nick) if self.trust is not None else None
 
     @property
     def client_count(self) -> int:
@@ -464,8 +470,8 @@ class ChatServer:
         session = None
         try:
             serial = None
-            if self.authority is not None:
-                refusal, serial = self.authority.admit(sock)
+            if self.trust is not None:
+                refusal, serial = self.trust.admit(sock)
                 if refusal is not None:
                     log.warning("refused %s: %s", peer, refusal)
                     _say_and_close(sock, protocol.notice(refusal))

@@ -75,13 +75,9 @@ def certificate_ips(cert: Path) -> list[ipaddress.IPv4Address | ipaddress.IPv6Ad
     return list(san.get_values_for_type(x509.IPAddress))  # type: ignore[arg-type]
 
 
-def connect_hint(host: str, port: int, dual: bool, *, cert: Path | None, mutual: bool = False) -> list[str]:
-    """Lines telling the operator which addresses clients can use, and the command to give them.
-
-    ``cert`` is the server certificate (None with ``--plain``): with TLS only the addresses it
-    covers work, so only those are offered.
-    """
-
+def reachable(host: str, dual: bool, cert: Path | None) -> tuple[list[str], list[str]]:
+    """(this machine's LAN addresses, loopback addresses) clients can use to reach a server listening on
+    ``host``: with TLS (``cert``) only those the certificate covers, since clients refuse the others."""
     if host in (ANY_IPV4, ANY_IPV6):
         candidates = [a for a in netinfo.local_addresses() if dual or host == ANY_IPV4 and a.version == 4
                       or host == ANY_IPV6 and a.version == 6]
@@ -94,21 +90,32 @@ def connect_hint(host: str, port: int, dual: bool, *, cert: Path | None, mutual:
     if covered is not None:
         candidates = [a for a in candidates if a in covered]
         loopback = [h for h in loopback if ipaddress.ip_address(h) in covered or h == "localhost"]
+    return [str(a) for a in candidates], loopback
+
+
+def connect_hint(host: str, port: int, dual: bool, *, cert: Path | None, mutual: bool = False) -> list[str]:
+    """Lines telling the operator which addresses clients can use, and the command to give them.
+
+    ``cert`` is the server certificate (None with ``--plain``): with TLS only the addresses it
+    covers work, so only those are offered.
+    """
+    candidates, loopback = reachable(host, dual, cert)
+    covered = cert is not None
     port_part = "" if port == DEFAULT_PORT else f":{port}"
     trust = "--plain" if cert is None else "--ca ca.pem"
     if mutual:
         trust += " --cert client-NAME.pem --key client-NAME.key"
     lines = []
     if candidates:
-        first = addr.host_text(str(candidates[0]))
+        first = addr.host_text(candidates[0])
         lines.append(f"[SERVER] Clients on the network connect with: securechat connect {first}{port_part} {trust}")
-        others = [addr.host_text(str(a)) for a in candidates[1:]]
+        others = [addr.host_text(a) for a in candidates[1:]]
         if others:
             lines.append(f"[SERVER] Other addresses of this machine they can use: {', '.join(others)}")
     elif loopback:
         first = addr.host_text(loopback[0])
         why = ("no LAN address of this machine is in the certificate (re-issue it with 'securechat gen-certs "
-               "--ip ADDR')" if covered is not None and host in (ANY_IPV4, ANY_IPV6) else
+               "--ip ADDR')" if covered and host in (ANY_IPV4, ANY_IPV6) else
                "listening on this machine only")
         lines.append(f"[SERVER] Only this machine can connect ({why}): securechat connect {first}{port_part} {trust}")
     if candidates and loopback:

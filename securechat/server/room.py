@@ -65,6 +65,45 @@ GRACE_SECONDS = 60.0
 # Kinds delivered to everyone but their sender (a join is told to the others only).
 EXCLUDE_SENDER = frozenset({"chat", "action", "join"})
 
+# What a replay (joining a room, /history) counts: lines people said. Arrivals and departures are left
+# out of replays, or 30 people coming and going would push the last real lines out of a newcomer's 50
+# (/who tells who is here now); renames stay, uncounted, so the speakers' names make sense.
+CONVERSATION = frozenset({"chat", "action"})
+REPLAYED = CONVERSATION | {"notice"}
+# Entries looked through for one replay at most (about 6 ms of SQLite and Python here), so a room where
+# only arrivals happened for days costs a bounded read: 20 comings and goings for each line of a 50-line
+# replay. Reads start at twice the lines wanted and double, so a quiet doorway costs one read.
+MAX_REPLAY_SCAN = 1000
+
+
+def conversation(read_before: Callable[[str | None, int], list[Entry]], anchor: str | None,
+                 limit: int) -> tuple[list[Entry], str | None]:
+    """The replay of the last ``limit`` conversation lines before ``anchor``, oldest first (see
+    :data:`CONVERSATION`), and the id paging goes on before: the oldest entry looked at, or the oldest
+    shown when more were found (None when nothing was there). ``read_before(anchor, n)`` is the log's."""
+    found: list[Entry] = []
+    oldest: str | None = None
+    counted = scanned = 0
+    chunk_size = 2 * limit
+    while counted < limit and scanned < MAX_REPLAY_SCAN:
+        wanted = min(chunk_size, MAX_REPLAY_SCAN - scanned)
+        chunk_size *= 2
+        chunk = read_before(anchor, wanted)
+        if not chunk:
+            break
+        scanned += len(chunk)
+        anchor = oldest = chunk[0].id
+        found = [e for e in chunk if e.kind in REPLAYED] + found
+        counted += sum(e.kind in CONVERSATION for e in chunk)
+        if len(chunk) < wanted:
+            break
+    while counted > limit:  # the oldest chunk gave more than needed: keep the newest
+        counted -= found[0].kind in CONVERSATION
+        found = found[1:]
+    if found and oldest is not None and counted >= limit:
+        oldest = found[0].id
+    return found, oldest
+
 # What people are told when the chat's servers cannot reach their shared storage (Redis): nothing is
 # lost and nothing is shown out of order, it waits.
 PAUSED_WHY = "the chat's servers cannot reach their shared store"

@@ -20,11 +20,14 @@ What a member sees (see the protocol table in :mod:`securechat.wire.protocol`):
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
+from securechat.server.inbox import Inbox
 from securechat.server.room import (
     ANNOUNCE_LIMIT,
     DEFAULT_ROOM,
@@ -46,12 +49,12 @@ from securechat.server.room import (
     Held,
     Member,
     Room,
+    conversation,
     live,
     read_stored,
     render,
     replayed,
     room_error,
-    time_label,
 )
 from securechat.store.roomlog import Directory, DirectoryUnavailable, Entry, LocalDirectory, LocalLog, RoomLog
 from securechat.wire import protocol
@@ -79,6 +82,10 @@ class Rooms:
         self.replay = replay
         # Under mutual TLS a name is a person: a /msg to someone offline is kept for them.
         self.offline_messages = offline_messages
+        self.inbox = Inbox(self, self._save_marks)
+        # The person a nick names, spelled as the CA issued it, or None for nobody (the server's
+        # securechat.server.trust, when it knows the CA's names); None here: any nick is a person.
+        self.persons: Callable[[str], str | None] | None = None
         self.grace = grace
         self._lock = threading.Lock()
         self._nicks: dict[str, Member] = {}  # nick_key -> member (held sessions included)
@@ -183,6 +190,7 @@ class Rooms:
     def unregister(self, member: Member, why: str, *, quiet: bool = False) -> None:
         """``member`` is gone for good: leave every room (telling each, unless ``quiet``), free the nick."""
         self._save_marks(member)
+        self.inbox.forget(member)
         for room in list(member.joined):
             self._leave_room(member, room, why, quiet=quiet, session=member.token)
         member.current = None
@@ -255,8 +263,8 @@ class Rooms:
             if room_error(name) is None and len(member.joined) < MAX_JOINED:
                 self.join(member, name, after=mark, confirm=False, budget=REPLAY_BYTES // share,
                           max_lines=MAX_CATCHUP_LINES // share)
-        if member.person and self._offline_messages(member, marks.get("@" + member.nick)):
-            self._save_marks(member)  # now, so even a crash of the server never gives them twice
+        if member.person:
+            self.inbox.deliver(member, marks.get("@" + member.nick))
 
     def join(self, member: Member, name: str, *, after: str | None = None, confirm: bool = True,
              budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES, announce: bool = True) -> None:
@@ -293,10 +301,11 @@ class Rooms:
         if confirm:  # not at login: the welcome line says it
             member.conn.send(protocol.notice(f"you joined #{room.name} ({count} here); now talking in #{room.name}"))
         # Read before telling the room: the replay ends with what was said before this arrival.
-        if after is None:
-            entries = read_stored(self.log, room.name, None, self.replay, before=True)
-            if entries:
-                member.paged[room.key] = entries[0].id  # /history goes on from there
+        if after is None:  # what people said (room.conversation), however many came and went since
+            entries, oldest = conversation(functools.partial(read_stored, self.log, room.name, before=True), None,
+                                           self.replay)
+            if oldest:
+                member.paged[room.key] = oldest  # /history goes on from there
         else:
             entries = self._missed(member, room, after)
         if announce and (not self.announce_limit or count <= self.announce_limit):
@@ -436,8 +445,14 @@ class Rooms:
         elif self.directory.online(target_nick):
             name, store = target_nick, False
         elif self.offline_messages and protocol.nick_error(target_nick) is None:
-            name, store = target_nick, True
-            member.conn.send(protocol.notice(f"{target_nick} is offline: kept for their next login"))
+            person = self.persons(target_nick) if self.persons is not None else target_nick
+            if person is None:
+                return f"no such nick: {protocol.sanitize(target_nick)}"
+            refusal = self.inbox.refusal(member.nick, person)
+            if refusal is not None:
+                return refusal
+            name, store = person, True
+            member.conn.send(protocol.notice(f"{person} is offline: kept for their next login"))
         else:
             return f"no such nick: {protocol.sanitize(target_nick)}"
         if not self.log.append("@" + name, "private", member.nick, text, name, store=store):
@@ -455,12 +470,13 @@ class Rooms:
         if not self.log.stores:
             member.conn.send(protocol.notice("history is off on this server"))
             return
-        before = member.paged.get(room.key)
-        entries = read_stored(self.log, room.name, before, min(count, MAX_HISTORY_PAGE), before=True)
+        entries, oldest = conversation(functools.partial(read_stored, self.log, room.name, before=True),
+                                       member.paged.get(room.key), min(count, MAX_HISTORY_PAGE))
+        if oldest:
+            member.paged[room.key] = oldest
         if not entries:
             member.conn.send(protocol.notice(f"no earlier lines in #{room.name}"))
             return
-        member.paged[room.key] = entries[0].id
         now = time.time()
         member.conn.send(protocol.notice(f"history of #{room.name}: {len(entries)} earlier "
                                          f"line{'s' if len(entries) != 1 else ''}"))
@@ -522,25 +538,6 @@ class Rooms:
             return
         target.conn.send(data)
 
-    def _offline_messages(self, member: Member, mark: str | None) -> bool:
-        """Give a returning person the private messages kept for it while it was away; True if any."""
-        if not self.log.stores:
-            return False
-        try:
-            entries = self.log.read_after("@" + member.nick, mark, MAX_CATCHUP)
-        except Exception as exc:
-            log.error("cannot read the messages kept for %s: %s", member.nick, exc)
-            return False
-        if not entries:
-            return False
-        now = time.time()
-        member.conn.send(protocol.notice(f"{len(entries)} private message{'s' if len(entries) != 1 else ''} "
-                                         "while you were away:"))
-        for entry in entries:
-            member.conn.send(protocol.encode(f"(missed {time_label(entry.ts, now)}) {render(entry)}"))
-        member.private_mark = entries[-1].id
-        return True
-
     # -- read positions and resuming -------------------------------------------------------
 
     def _save_marks(self, member: Member) -> None:
@@ -571,6 +568,7 @@ class Rooms:
     def _detach(self, member: Member) -> None:
         """Stop delivering to ``member`` but keep its nick and rooms (its lines stay in the log)."""
         self._save_marks(member)
+        self.inbox.forget(member)
         member.dropped_at = {room.key: room.last_id for room in member.joined}
         member.held_private = []
         for room in member.joined:

@@ -37,7 +37,7 @@ from securechat.wire.addr import DEFAULT_HOST, DEFAULT_PORT
 from securechat.wire.conn import describe_error
 
 if TYPE_CHECKING:
-    pass
+    from securechat.server.trust import Trust
 
 # The operator reads one log: the command line's diagnostics go where the server's go.
 log = logging.getLogger("securechat.server")
@@ -214,8 +214,42 @@ def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
         return lambda: authority.configure(
             tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
                                require_client_cert=args.require_client_cert), cert)
+    cluster_ca = _cluster_client_ca(args)
+    if cluster_ca is not None:  # a cluster server without ca.key: recognise certificate holders too
+        from securechat.server.trust import request_client_certificates
+
+        return lambda: request_client_certificates(
+            tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
+                               require_client_cert=args.require_client_cert), cluster_ca)
     return lambda: tls.server_context(cert, key, tls_min=args.tls_min, client_ca=client_ca,
                                       require_client_cert=args.require_client_cert)
+
+
+def _cluster_client_ca(args: argparse.Namespace) -> Path | None:
+    """With --redis and no CA key here: the CA whose client certificates this server recognises
+    (``--ca``, else ``ca.pem`` beside the certificate, as the README's multi-server recipe copies it)."""
+    if not getattr(args, "redis", None):
+        return None
+    ca = Path(args.ca) if args.ca else Path(args.cert or DEFAULT_CERT).parent / certs.CA_CERT
+    return ca if ca.is_file() else None
+
+
+def _trust(args: argparse.Namespace) -> Trust | None:
+    """What enforces the CA's ledger here: the ledger beside ca.key (published to the cluster with
+    --redis), else the cluster's copy in Redis; None for a lone server without its CA."""
+    from securechat.server.trust import ClusterSource, LocalSource, Trust
+
+    ledger = None
+    if args.redis:
+        from securechat.store.redis_config import RedisConfig
+        from securechat.store.redis_ledger import RedisLedger
+
+        ledger = RedisLedger(RedisConfig(args.redis, ca_file=args.redis_ca))
+    if args.authority is not None:
+        return Trust(LocalSource(args.authority.store), require_client_cert=args.require_client_cert, publish=ledger)
+    if ledger is not None:
+        return Trust(ClusterSource(ledger), require_client_cert=args.require_client_cert)
+    return None
 
 
 def _enable_invites(args: argparse.Namespace) -> None:
@@ -313,6 +347,7 @@ def _serve(args: argparse.Namespace) -> int:
         options.print_error(PROG, str(exc))
         return 1
     roomlog, directory = cluster if cluster is not None else (None, None)
+    trust = _trust(args)
     server = ChatServer(args.listen, args.port, context, dual_stack=args.dual_stack,
                         max_clients=args.max_clients, max_per_ip=args.max_per_ip,
                         handshake_timeout=args.handshake_timeout, login_timeout=args.login_timeout,
@@ -320,7 +355,7 @@ def _serve(args: argparse.Namespace) -> int:
                         announce_limit=args.announce_limit, max_pending=args.max_pending,
                         max_pending_per_ip=args.max_pending_per_ip, replay=args.replay, grace=args.grace,
                         offline_messages=args.require_client_cert and not args.no_history,
-                        authority=args.authority, roomlog=roomlog, directory=directory)
+                        authority=args.authority, trust=trust, roomlog=roomlog, directory=directory)
     _raise_descriptor_limit(args.max_clients + args.max_pending)
     failure = _bind(server, args)
     if failure is not None:
@@ -410,14 +445,25 @@ def _serve(args: argparse.Namespace) -> int:
                                     mutual=args.require_client_cert):
         print(line, flush=True)
     watcher = None
+    record = None
     if args.authority is not None:
+        from securechat.pki import serving
+
+        # Beside the invite store, so 'securechat invite' names this port and these addresses.
+        lan, loopback = listen.reachable(host, server.dual_stack, args.cert or DEFAULT_CERT)
+        record = serving.publish(args.authority.dir, port, [*lan, *loopback])
+    if trust is not None:
         from securechat.server.revocation import RevocationWatcher
 
-        watcher = RevocationWatcher(args.authority, server.sessions)
+        watcher = RevocationWatcher(trust, server.sessions)
         watcher.start()
     server.serve_forever(signal_fd=signal_r)
     if watcher is not None:
         watcher.stop()
+    if trust is not None:
+        trust.close()
+    if record is not None:
+        record.close()
     signal.set_wakeup_fd(-1)
     os.close(signal_r)
     os.close(signal_w)

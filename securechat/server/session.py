@@ -7,10 +7,12 @@ through :class:`~securechat.server.rooms.Rooms`. What it needs from the server t
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -19,6 +21,7 @@ from securechat.server.pending import PendingPool, Ticket
 from securechat.server.room import (
     DEFAULT_ROOM,
     REPLAY_LINES,
+    Member,
     Room,
     parse_positions,
     parse_rooms,
@@ -35,6 +38,43 @@ log = logging.getLogger("securechat.server")
 
 # Lines dropped in a row before a flooder is disconnected.
 FLOOD_DISCONNECT = 100
+
+# Sessions whose grace period ran out are remembered this long (and within this many bytes of held private
+# lines, the oldest forgotten first), so that their client, coming back later with the token, gets the
+# private messages held for it and is told exactly what is lost.
+FORGOTTEN_KEEP = 3600.0
+FORGOTTEN_BYTES = 8 << 20
+
+
+class Forgotten:
+    """Expired sessions by resume token: (when, person, the private lines held for it). Thread-safe, bounded."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: collections.OrderedDict[str, tuple[float, str | None, list[bytes]]] = collections.OrderedDict()
+        self._bytes = 0
+
+    def keep(self, token: str, person: str | None, held: list[bytes], now: float) -> None:
+        with self._lock:
+            self._items[token] = (now, person, held)
+            self._bytes += sum(map(len, held))
+            while self._items and (self._bytes > FORGOTTEN_BYTES or next(iter(self._items.values()))[0] <
+                                   now - FORGOTTEN_KEEP):
+                self._bytes -= sum(map(len, self._items.popitem(last=False)[1][2]))
+
+    def take(self, token: str, person: str | None, now: float) -> list[bytes] | None:
+        """The private lines held for session ``token`` (once), None when it is not remembered."""
+        with self._lock:
+            item = self._items.get(token)
+            if item is None or item[1] != person or item[0] < now - FORGOTTEN_KEEP:
+                return None
+            del self._items[token]
+            self._bytes -= sum(map(len, item[2]))
+            return item[2]
+
+
+# One per process: tokens are 144 random bits, so the servers of a process (tests) never share one.
+FORGOTTEN = Forgotten()
 
 
 class Admission(Protocol):
@@ -88,7 +128,7 @@ class Session:
     __slots__ = ("server", "peer", "nick", "bound_nick", "person", "state", "conn", "bucket", "dropped", "slot",
                  "admission", "joined", "current", "tagged", "token", "quitting", "paged", "held_private",
                  "private_mark", "dropped_at", "replaced", "echo",
-                 "cert_serial")
+                 "cert_serial", "forgotten", "forgotten_token")
 
     def __init__(self, server: Host, sock: socket.socket | ssl.SSLSocket, peer: tuple) -> None:
         self.server = server
@@ -124,6 +164,9 @@ class Session:
         self.dropped_at: dict[str, str | None] = {}  # room key -> last id when the connection dropped
         self.replaced = False  # a resumed connection took over this session
         self.cert_serial: int | None = None  # the client certificate's, watched for revocation
+        # Came back after the server forgot its session: room key -> the last id it saw, until it is back there.
+        self.forgotten: dict[str, str] | None = None
+        self.forgotten_token = ""
 
     def __repr__(self) -> str:
         return f"<Session {self.nick or '?'} {self.peer} {self.state.name}>"
@@ -230,7 +273,32 @@ class Session:
         self.reply(f"{protocol.WELCOME}{nick}!{aside} {len(nicks)} online: {', '.join(nicks)}. "
                    "/help lists commands")
         log.info("%s is %s%s", self.peer, nick, " (certificate)" if self.bound_nick else "")
-        self.server.rooms.enter_default(self)
+        if self.forgotten is None or self.person:  # under mutual TLS its read positions are kept anyway
+            self.server.rooms.enter_default(self)
+        else:
+            self._back_in(DEFAULT_ROOM, confirm=False)
+        if self.forgotten is not None:
+            self._lost_privates()
+
+    def _back_in(self, name: str, *, confirm: bool = True) -> None:
+        """Join ``name`` again after a forgotten session: only what was said after the last line it saw."""
+        rooms = self.server.rooms
+        after = self.forgotten.pop(room_key(name), None) if self.forgotten else None
+        rooms.join(self, name, after=after, confirm=confirm)
+        if after is not None and not rooms.log.stores:
+            self.reply(f"history is off on this server: what was said in #{name.lstrip('#')} while you were "
+                       "away is lost")
+
+    def _lost_privates(self) -> None:
+        """After a forgotten session: the private messages held for it, or exactly what cannot be had."""
+        held = FORGOTTEN.take(self.forgotten_token, self.person, time.time())
+        if held:
+            self.reply(f"{len(held)} private message{'s' if len(held) != 1 else ''} while you were away:")
+            for data in held:
+                self.conn.send(data)
+        elif held is None and not self.server.rooms.offline_messages:
+            self.reply("this server did not know your session any more (it restarted, or you were away for over "
+                       "an hour): private messages sent to you meanwhile, if any, are lost")
 
     def _resume(self, arg: str) -> None:
         """``/resume TOKEN ROOM=ID ...``: take back a dropped session within its grace period."""
@@ -248,6 +316,9 @@ class Session:
             rooms.rejoin_rooms(self, parse_rooms(positions))
             return
         if old is None:
+            # Where it was: once it is back under its nick, it is shown only what it has not seen.
+            self.forgotten, self.forgotten_token = parse_positions(positions), token
+            self.tagged = True  # a securechat client: the tags keep its place from the first line
             self.reply(f"{protocol.RESUME_REFUSED}unknown or expired session; send your nickname")
             return
         self.state = State.CHAT
@@ -278,6 +349,8 @@ class Session:
             self.conn.deadline = None
             self.conn.close(protocol.notice(f"no nickname within {self.server.login_timeout:g} s; goodbye"),
                             reason="no nickname in time")
+        elif self.state is State.CHAT:  # private messages kept while away, given back batch by batch
+            self.server.rooms.inbox.tick(self)
 
     def _on_too_long(self) -> None:
         self.quitting = True
@@ -319,7 +392,10 @@ class Session:
         if error:
             self.reply(error)
             return
-        self.server.rooms.join(self, name)
+        if self.forgotten and room_key(name.lstrip("#")) in self.forgotten:
+            self._back_in(name)
+        else:
+            self.server.rooms.join(self, name)
 
     def cmd_part(self, arg: str) -> None:
         name = arg.strip()
@@ -376,8 +452,10 @@ class Session:
         self.reply(protocol.cap_reply(protocol.CAP_ECHO, self.server.flood_rate, self.server.flood_burst))
 
 
-def _held_expired(member: object) -> None:
-    log.info("%s did not come back in time", getattr(member, "nick", "?"))
+def _held_expired(member: Member) -> None:
+    log.info("%s did not come back in time", member.nick)
+    if member.token:
+        FORGOTTEN.keep(member.token, member.person, list(member.held_private or []), time.time())
 
 
 # Command name (without the slash) -> handler: the whole command set, in one table.

@@ -301,6 +301,20 @@ class SqliteLog(LocalLog):
         return self._select(f"SELECT {self._COLUMNS} FROM lines WHERE room = ? AND (ms, seq) > (?, ?) "
                             "ORDER BY ms, seq LIMIT ?", (room_key(room), ms, seq, limit))
 
+    def senders_after(self, room: str, after_id: str | None, limit: int) -> list[str]:
+        if self._failed:
+            return []
+        self.flush()
+        ms, seq = id_key(after_id) if after_id else (-1, -1)
+        try:
+            with self._reader_lock:
+                rows = self._reader.execute("SELECT sender FROM lines WHERE room = ? AND (ms, seq) > (?, ?) ORDER BY "
+                                            "ms, seq LIMIT ?", (room_key(room), ms, seq, limit)).fetchall()
+        except sqlite3.Error as exc:
+            log.error("history: cannot read: %s", _explain(exc, self.path))
+            return []
+        return [row[0] for row in rows]
+
     def read_before(self, room: str, before_id: str | None, limit: int) -> list[Entry]:
         ms, seq = id_key(before_id) if before_id else (1 << 62, 0)
         rows = self._select(f"SELECT {self._COLUMNS} FROM lines WHERE room = ? AND (ms, seq) < (?, ?) "

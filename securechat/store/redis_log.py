@@ -113,8 +113,11 @@ INBOX_CAP = 10_000
 # The dedupe record of a server's sequence numbers outlives any retry by far.
 SEQ_TTL_MS = 7 * 24 * 3600 * 1000
 
-# How often the writer trims each room it wrote to by age (--history-days).
+# How often the writer trims every room, inbox and the firehose by age (--history-days): a SCAN and
+# one pipelined XTRIM a minute; a line outlives its age by at most this.
 TRIM_EVERY = 60.0
+# Keys asked for per SCAN step while trimming.
+TRIM_SCAN_COUNT = 500
 
 # Lengths a line read back from Redis may have: what the protocol allows, with room to spare for
 # room names; anything longer did not come from a securechat server.
@@ -444,9 +447,11 @@ class RedisRoomLog(RoomLog):
         no_script = redis_module().exceptions.NoScriptError
         backoff = Backoff(self.config.backoff_max)
         deadline: float | None = None
-        trimmed = time.monotonic()
-        written_rooms: set[str] = set()
+        trimmed = time.monotonic() - TRIM_EVERY  # the first pass at once: a restart must not wait a minute
         while True:
+            if self.history_seconds and time.monotonic() - trimmed > TRIM_EVERY:
+                trimmed = time.monotonic()
+                self._trim(client)
             with self._lock:
                 batch, floor = self._next_batch()
                 marks, self._marks = self._marks, {}
@@ -456,9 +461,6 @@ class RedisRoomLog(RoomLog):
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
-            if self.history_seconds and time.monotonic() - trimmed > TRIM_EVERY:
-                trimmed = time.monotonic()
-                self._trim(client, written_rooms)
             if self._stop.is_set():
                 deadline = deadline or time.monotonic() + CLOSE_FLUSH_SECONDS
                 if time.monotonic() > deadline:
@@ -468,7 +470,7 @@ class RedisRoomLog(RoomLog):
                     shas = {"append": client.script_load(_APPEND_LUA), "route": client.script_load(_ROUTE_LUA)}
                 pipe = client.pipeline(transaction=False)
                 for pending in batch:
-                    self._queue_write(pipe, pending, floor, shas, written_rooms)
+                    self._queue_write(pipe, pending, floor, shas)
                 for person, positions in marks.items():
                     key = self.config.key("marks", person)
                     pipe.delete(key)
@@ -508,7 +510,7 @@ class RedisRoomLog(RoomLog):
             self._set_health(writer=True)
         client.close()
 
-    def _queue_write(self, pipe: Any, pending: _Pending, floor: int, shas: dict[str, str], rooms: set[str]) -> None:
+    def _queue_write(self, pipe: Any, pending: _Pending, floor: int, shas: dict[str, str]) -> None:
         """Add one line's script call to the pipeline (``floor``: the oldest line not read back)."""
         entry = pending.entry
         fields = ["r", entry.room, "k", entry.kind, "s", entry.sender, "t", entry.text, "g", entry.target,
@@ -518,20 +520,27 @@ class RedisRoomLog(RoomLog):
                          pending.seq, floor, SEQ_TTL_MS, self.config.key("inbox", ""), INBOX_CAP, *fields)
             return
         room_stream = self.config.key("room", self.room_key(entry.room))
-        rooms.add(room_stream)
         keys = [self._log_key, room_stream, self._seq_key, *([pending.session] if pending.session else [])]
         pipe.evalsha(shas["append"], len(keys), *keys, pending.seq, floor, SEQ_TTL_MS,
                      self.log_cap, self.history_lines if self.history else -1, *fields)
 
-    def _trim(self, client: Any, rooms: set[str]) -> None:
-        """Drop history older than history_seconds from the rooms this server wrote to."""
-        cutoff = int((time.time() - self.history_seconds) * 1000)
+    def _trim(self, client: Any) -> None:
+        """Forget every line older than history_seconds: in every room (quiet ones too, whoever wrote
+        them), every stored and routed private message, and the firehose.
+
+        Exact, by id (a stream id is its line's time in ms): ``XTRIM MINID`` without ``~``, which would
+        keep any partly filled node, that is every line of a quiet room. Every server does it; it is
+        idempotent.
+        """
+        cutoff = f"{int((time.time() - self.history_seconds) * 1000)}-0"
         with contextlib.suppress(*redis_errors()):
+            keys = [self._log_key]
+            for pattern in (self.config.key("room", "*"), self.config.key("inbox", "*")):
+                keys += client.scan_iter(match=pattern, count=TRIM_SCAN_COUNT, _type="stream")
             pipe = client.pipeline(transaction=False)
-            for key in rooms:
-                pipe.xtrim(key, minid=f"{cutoff}-0", approximate=True)
+            for key in keys:
+                pipe.xtrim(key, minid=cutoff, approximate=False)
             pipe.execute()
-            rooms.clear()
 
     # -- reader ----------------------------------------------------------------------------
 

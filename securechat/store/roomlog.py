@@ -148,6 +148,11 @@ class RoomLog(abc.ABC):
         newest = self.read_before(room, None, 1)
         return newest[-1].id if newest else None
 
+    def senders_after(self, room: str, after_id: str | None, limit: int) -> list[str]:
+        """The senders of the first ``limit`` stored entries after ``after_id``: what counting a
+        person's waiting messages needs, without their text (a back-end may do it cheaper)."""
+        return [entry.sender for entry in self.read_after(room, after_id, limit)]
+
     def marks(self, person: str) -> dict[str, str]:
         """A person's read positions: room -> last id they were given (empty when not kept).
 

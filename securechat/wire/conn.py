@@ -145,7 +145,7 @@ class Outbox:
     reading is detected however the backlog is split between the queue and the socket layer.
     """
 
-    __slots__ = ("limit", "_lock", "_chunks", "_backlog", "_signalled", "overflowed", "waker")
+    __slots__ = ("limit", "_lock", "_chunks", "_backlog", "_signalled", "overflowed", "waker", "sent")
 
     def __init__(self, limit: int = OUTBOX_LIMIT) -> None:
         self.limit = limit
@@ -155,6 +155,7 @@ class Outbox:
         self._signalled = False
         self.overflowed = False
         self.waker = Waker()
+        self.sent = 0  # bytes written to the socket since the start (see end_offset)
 
     def put(self, data: bytes) -> bool:
         """Queue ``data`` and wake the owner. False (and nothing queued) once over the bound."""
@@ -191,6 +192,12 @@ class Outbox:
         """The owner wrote ``n`` bytes of what it took."""
         with self._lock:
             self._backlog -= n
+            self.sent += n
+
+    def end_offset(self) -> int:
+        """Bytes accepted so far: once :attr:`sent` reaches it, everything queued until now is written."""
+        with self._lock:
+            return self.sent + self._backlog
 
     @property
     def backlog(self) -> int:

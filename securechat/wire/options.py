@@ -25,9 +25,11 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn
+
+from securechat.wire import addr
 
 # Exit statuses shared by every subcommand (cli.py re-exports them).
 EXIT_OK = 0
@@ -75,7 +77,7 @@ class Parser(argparse.ArgumentParser):
         try:
             out.write(self.format_help())
             out.flush()
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OutputLost) as exc:
             silence_stdout()
             print_error(self.prog, f"cannot write to standard output ({_stdout_error(exc)})")
             raise SystemExit(EXIT_FAILURE) from None
@@ -189,6 +191,30 @@ def _host(text: str) -> str:
 host = _type("host", _host)
 
 
+def _server_address(text: str) -> tuple[str, int | None]:
+    try:
+        name, given_port = addr.split_host_port(text)
+    except addr.AddressError as exc:
+        raise ValueError(str(exc)) from None
+    return _host(name), given_port
+
+
+#: a server's address as people type it, ``HOST``, ``HOST:PORT`` or ``[V6ADDR]:PORT``: ``(host, port or
+#: None)``. Every command that names a server (connect, join, invite --host, the menu) parses it here.
+server_address = _type("host", _server_address)
+
+
+def server_port(address: tuple[str, int | None], option: int | None, default: int = addr.DEFAULT_PORT) -> int:
+    """The port of ``address`` (from :data:`server_address`), else ``--port`` (``option``), else ``default``.
+
+    ValueError when both name a port and they differ: which one was meant cannot be guessed.
+    """
+    host_, given = address
+    if given is not None and option is not None and given != option:
+        raise ValueError(f"two ports: {given} in {addr.join(host_, given)} and --port {option}; give one")
+    return given or option or default
+
+
 def _path(text: str) -> Path:
     if not text.strip():
         raise ValueError("an empty path: name a file")  # Path("") would silently mean "."
@@ -274,7 +300,53 @@ class GuardedStdout:
         return getattr(self._stream, name)
 
 
-def _stdout_error(exc: OSError | ValueError) -> str:
+class OutputLost(Exception):
+    """Standard output failed (a full disk, a reader that left, a closed descriptor); ``str()`` says how.
+
+    Raised by :class:`StrictStdout` from ``print``: the dispatcher turns it into one line and exit
+    status 1; a command whose output carries a consequence (an invite's code) catches it first.
+    """
+
+
+class StrictStdout:
+    """``sys.stdout`` for one-shot commands: every write is flushed at once, and a failure raises
+    :class:`OutputLost` (stdout then silenced, so nothing fails again at exit)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            written = self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError) as exc:
+            silence_stdout()
+            with contextlib.suppress(OSError, ValueError):
+                self.stream.flush()  # what is still buffered goes to /dev/null now
+            raise OutputLost(_stdout_error(exc)) from None
+        return written
+
+    def flush(self) -> None:
+        self.write("")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def strict_stdout(strict: bool = True) -> Iterator[None]:
+    """Run a one-shot command with :class:`StrictStdout` as ``sys.stdout`` (restored afterwards); with
+    ``strict=False``, a long-running one on the plain stream (it guards its own: :func:`guard_stdout`)."""
+    previous = sys.stdout
+    stream = previous.stream if isinstance(previous, StrictStdout) else previous
+    sys.stdout = StrictStdout(stream) if strict else stream
+    try:
+        yield
+    finally:
+        sys.stdout = previous
+
+
+def _stdout_error(exc: OSError | ValueError | OutputLost) -> str:
     return os.strerror(exc.errno).lower() if isinstance(exc, OSError) and exc.errno else str(exc)
 
 
@@ -290,6 +362,9 @@ def write_stdout(prog: str, text: str) -> bool:
     except (OSError, ValueError) as exc:
         silence_stdout()
         print_error(prog, f"cannot write to standard output ({_stdout_error(exc)})")
+        return False
+    except OutputLost as exc:
+        print_error(prog, f"cannot write to standard output ({exc})")
         return False
     return True
 

@@ -416,6 +416,16 @@ SHUTDOWN = "server shutting down"
 LINE_TOO_LONG = "line too long"
 SESSION = "session "  # "* session TOKEN GRACE": the answer to /session
 RESUME_REFUSED = "resume refused: "
+TOO_MANY = "too many connections"  # "* too many connections from IP (at most N); try again later"
+# What a securechat server's first line can say: its greeting, or why it will not let this connection in.
+# A client recognises it before sending anything (its nickname included), so that a service that is not
+# securechat (an SMTP or IMAP server greets too, IMAP even with "* ") is told apart at once.
+OPENING_NOTICES = (GREETING, SERVER_FULL, TOO_MANY, TLS_REQUIRED, CERT_REQUIRED, CERT_REVOKED, SHUTDOWN)
+
+
+def is_opening(line: str) -> bool:
+    """Whether ``line`` can be the first line of a securechat server (see :data:`OPENING_NOTICES`)."""
+    return line.startswith(NOTICE_PREFIX) and line[len(NOTICE_PREFIX):].startswith(OPENING_NOTICES)
 
 
 def welcome_nick(line: str) -> str | None:

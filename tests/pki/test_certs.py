@@ -321,7 +321,11 @@ def test_file_modes_whatever_the_umask(tmp_path, umask):  # type: ignore[no-unty
         assert stat.S_IMODE(pem.stat().st_mode) == 0o644, pem
     lock = tmp_path / "out" / LOCK_NAME  # securechat.pki.certdir's lock file: empty, owner only
     assert stat.S_IMODE(lock.stat().st_mode) == 0o600 and lock.stat().st_size == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([LOCK_NAME, *(p.name for p in keys + pems)])
+    # The CA's ledger records the client certificate (securechat.pki.ledger): owner only, like ca.key.
+    ledger = tmp_path / "out" / "invites.db"
+    assert stat.S_IMODE(ledger.stat().st_mode) == 0o600
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([LOCK_NAME, ledger.name,
+                                                                           *(p.name for p in keys + pems)])
 
 
 def test_rerun_keeps_ca_and_issues_new_server_cert(tmp_path):  # type: ignore[no-untyped-def]

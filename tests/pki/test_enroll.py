@@ -17,7 +17,7 @@ from securechat.client import enroll
 from securechat.pki import authority, certs, enrollment
 from securechat.server.engine import ChatServer
 from securechat.wire import tls
-from tests.conftest import LOOPBACK, LineClient
+from tests.conftest import LOOPBACK, LineClient, issue_client
 
 
 @pytest.fixture
@@ -32,13 +32,42 @@ def _start(serve: Callable[..., ChatServer], ca_dir: Path, **options: object) ->
     return serve(context=ctx, authority=ca, **options)
 
 
-def _enroller(server: ChatServer) -> LineClient:
+def _enroller(server: ChatServer, source: str = LOOPBACK) -> LineClient:
+    """An enrollment connection (TLS with the enrollment ALPN) from ``source`` (another loopback address
+    stands for another machine)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     ctx.set_alpn_protocols([enrollment.ALPN])
-    sock = ctx.wrap_socket(socket.create_connection((LOOPBACK, server.address[1]), timeout=10))
+    raw = socket.create_connection((LOOPBACK, server.address[1]), timeout=10, source_address=(source, 0))
+    sock = ctx.wrap_socket(raw)
     assert sock.selected_alpn_protocol() == enrollment.ALPN
     return LineClient(sock)
+
+
+def _join_line(nameplate: int) -> str:
+    from spake2 import SPAKE2_A
+
+    return f"JOIN {nameplate} {enrollment.b64(SPAKE2_A(b'not-the-code').start())}"
+
+
+def _stalled_join(server: ChatServer, source: str = LOOPBACK) -> tuple[LineClient, str]:
+    """A joiner that sends JOIN for a live invite and then nothing: (it, the server's answer).
+
+    Answered ``PAKE ...``, it holds a join slot until the exchange's deadline."""
+    assert server.authority is not None
+    client = _enroller(server, source)
+    client.send(_join_line(server.authority.store.create(None).nameplate))
+    return client, client.readline()
+
+
+def _renew(server: ChatServer, ca_dir: Path, tmp_path: Path, name: str) -> str:
+    """Renew a certificate of ``name`` that is in its renewal window; the renewed one's name."""
+    from cryptography import x509
+
+    cert, key = issue_client(ca_dir, name, tmp_path / "people")
+    ctx = tls.client_context(ca_dir / "ca.pem", certfile=cert, keyfile=key)
+    _, cert_pem, _ = enroll.renew(LOOPBACK, server.address[1], ctx)
+    return str(x509.load_pem_x509_certificate(cert_pem).subject.rfc4514_string())
 
 
 def _ends(client: LineClient, timeout: float) -> list[str]:
@@ -69,16 +98,60 @@ def test_joiners_at_once_are_bounded(serve: Callable[..., ChatServer], ca_dir: P
     monkeypatch.setattr(authority, "MAX_ENROLLING", 2)
     monkeypatch.setattr(enrollment, "EXCHANGE_DEADLINE", 3.0)
     server = _start(serve, ca_dir)
-    held = [_enroller(server), _enroller(server)]
-    time.sleep(0.5)  # both are in their exchange, waiting for a line
-    third = _enroller(server)
-    assert _ends(third, 5) == ["ERR the server is busy with other joins: try again in a minute"]
-    for client in held:
+    held = [_stalled_join(server, "127.0.0.2"), _stalled_join(server, "127.0.0.3")]
+    assert all(answer.startswith("PAKE ") for _, answer in held)  # both in their exchange, holding a slot
+    _, answer = _stalled_join(server)
+    assert answer == "ERR the server is busy with other joins: try again in a minute"
+    for client, _ in held:
         _ends(client, 6)
     # The slots come back: a later joiner is served (and told its invite does not exist).
     late = _enroller(server)
-    late.send("JOIN 5 " + "A" * 44)
-    assert _ends(late, 5)[0].startswith("ERR there is no invite number 5 on this server")
+    late.send("JOIN 999 " + "A" * 44)
+    assert _ends(late, 5)[0].startswith("ERR there is no invite number 999 on this server")
+
+
+def test_idle_enrollment_connections_hold_no_slot_and_end_at_the_first_line_deadline(
+        serve: Callable[..., ChatServer], ca_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17, finding 6: 16 idle enrollment connections from one address locked every joiner and every
+    renewal out for 20 s at a time. Now a slot is taken only with the first line, which must come soon."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setattr(authority, "FIRST_LINE_DEADLINE", 2.0, raising=False)
+    server = _start(serve, ca_dir)
+    assert server.authority is not None
+    idle = [_enroller(server, "127.0.0.2") for _ in range(authority.MAX_ENROLLING)]
+    time.sleep(0.3)  # all past their handshake, saying nothing
+    started = time.monotonic()
+    assert enroll.join(LOOPBACK, server.address[1], server.authority.store.create("grace").code).name == "grace"
+    assert _renew(server, ca_dir, tmp_path, "heidi").startswith("CN=heidi,")
+    for client in idle:  # gone at the first-line deadline, long before the exchange's (20 s)
+        assert _ends(client, 6) == []
+    assert time.monotonic() - started < 5
+
+
+def test_one_address_holds_at_most_its_share_of_the_join_slots(serve: Callable[..., ChatServer], ca_dir: Path,
+                                                                tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    server = _start(serve, ca_dir)
+    assert server.authority is not None
+    share = getattr(authority, "MAX_ENROLLING_PER_ADDRESS", 4)
+    joiners = [_stalled_join(server, "127.0.0.2") for _ in range(share + 2)]  # kept open: each holds its slot
+    answers = [answer for _, answer in joiners]
+    assert [a.split(" ")[0] for a in answers[:share]] == ["PAKE"] * share
+    assert answers[share:] == ["ERR the server is busy with other joins from your address: try again in a "
+                               "minute"] * 2
+    # Someone else joins meanwhile.
+    assert enroll.join(LOOPBACK, server.address[1], server.authority.store.create("ivan").code).name == "ivan"
+
+
+def test_renewals_are_never_starved_by_joins(serve: Callable[..., ChatServer], ca_dir: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(authority, "MAX_ENROLLING", 4)
+    server = _start(serve, ca_dir)
+    held = [_stalled_join(server, f"127.0.0.{2 + i}") for i in range(4)]  # every join slot, from 4 machines
+    assert all(answer.startswith("PAKE ") for _, answer in held)
+    assert _stalled_join(server, "127.0.0.9")[1] == "ERR the server is busy with other joins: try again in a minute"
+    assert _renew(server, ca_dir, tmp_path, "judy").startswith("CN=judy,")
 
 
 def test_a_joiner_holds_a_pending_place_and_is_evicted_like_any_unauthenticated_connection(

@@ -135,3 +135,47 @@ def test_python_m_securechat_gen_certs(tmp_path):  # type: ignore[no-untyped-def
     )
     assert again.returncode == 1
     assert again.stderr.startswith("securechat gen-certs: ")
+
+
+def _recipe() -> list[str]:
+    """The README's multi-server recipe, as written (the bash block after "Certificates from one CA")."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("**Certificates from one CA.**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("   #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def _sans(pem: Path) -> set[str]:
+    from cryptography import x509
+
+    san = x509.load_pem_x509_certificate(pem.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    return {str(v) for v in san.get_values_for_type(x509.DNSName)} | \
+        {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+
+
+def test_the_readme_multi_server_recipe_gives_each_server_a_certificate_naming_only_itself(tmp_path):  # type: ignore[no-untyped-def]
+    """Issue 18: chat2's certificate was also valid for chat1's name and address (and this machine's)."""
+    from securechat.wire import netinfo
+
+    steps = _recipe()
+    assert steps[-1].startswith("scp "), steps  # the copy to chat2 needs chat2: everything before it runs here
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for step in steps[:-1]:
+        done = subprocess.run(["bash", "-c", step], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (step, done.stderr)
+    loopback = {"localhost", "127.0.0.1", "::1"}
+    chat1, chat2 = _sans(tmp_path / "certs" / "server.pem"), _sans(tmp_path / "certs-chat2" / "server.pem")
+    assert chat2 == loopback | {"chat2.lan", "10.0.0.2"}
+    assert {"chat1.lan", "10.0.0.1"} <= chat1 and not {"chat2.lan", "10.0.0.2"} & chat1
+    here = {*netinfo.machine_names(), *(str(a) for a in netinfo.local_addresses())} - loopback
+    assert here <= chat1 and not here & chat2  # the CA's machine is chat1 in the recipe, never chat2
+    # Both chain to the one CA, so clients need one ca.pem.
+    assert (tmp_path / "certs" / "ca.pem").read_bytes() == (tmp_path / "certs-chat2" / "ca.pem").read_bytes()
+
+
+def test_other_machine_needs_the_machines_names(tmp_path, capsys):  # type: ignore[no-untyped-def]
+    assert main(["--out", str(tmp_path / "c"), "--other-machine"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("securechat gen-certs: --other-machine needs that machine's --host NAME or --ip ADDR; "
+                   "see 'securechat gen-certs --help'\n")
+    assert not (tmp_path / "c").exists()

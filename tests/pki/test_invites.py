@@ -27,7 +27,8 @@ from cryptography import x509
 
 from securechat.client import enroll, profiles
 from securechat.pki import codes, enrollment, ledger
-from tests.conftest import LOOPBACK, LineClient
+from securechat.wire import tls
+from tests.conftest import LOOPBACK, LineClient, issue_client
 
 
 def _free_port() -> int:
@@ -100,7 +101,7 @@ class Server:
         """Make an invite; return its code (checking the line the user is shown)."""
         done = self.cli("invite", *args, "--host", LOOPBACK, "--port", str(self.port))
         assert done.returncode == 0, done.stderr
-        match = re.search(rf"^  securechat join {re.escape(LOOPBACK)} (\S+) --port {self.port}$", done.stdout, re.M)
+        match = re.search(rf"^  securechat join {re.escape(LOOPBACK)}:{self.port} (\S+)$", done.stdout, re.M)
         assert match, done.stdout
         return match.group(1)
 
@@ -464,31 +465,47 @@ def test_mutual_tls_server_takes_invites_and_still_requires_certificates(servers
 # -- renewal -----------------------------------------------------------------------------------------
 
 
-def test_client_renews_its_certificate_when_a_third_is_left_and_revoked_cannot(server: Server, tmp_path: Path,
-                                                                               monkeypatch: pytest.MonkeyPatch
-                                                                               ) -> None:
+def test_client_renews_in_the_last_third_once_and_the_renewal_replaces_the_old_certificate(
+        server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "alice-config"))
     enrolled = enroll.join(LOOPBACK, server.port, server.invite("alice", "--cert-days", "30"))
     profile = profiles.save(LOOPBACK, server.port, enrolled)
-    first = x509.load_pem_x509_certificate(profile.cert.read_bytes())
     now = dt.datetime.now(dt.timezone.utc)
     said: list[str] = []
     assert not profiles.renew_if_due(profile, now=now + dt.timedelta(days=19), say=said.append)
     assert said == [] and profile.cert.read_bytes() == enrolled.cert_pem
-    assert profiles.renew_if_due(profile, now=now + dt.timedelta(days=21), say=said.append)
+    # A client whose clock runs ahead asks too early: the server keeps the window, whatever the client thinks.
+    assert not profiles.renew_if_due(profile, now=now + dt.timedelta(days=21), say=said.append)
+    assert said == [f"your certificate for {LOOPBACK} cannot be renewed: too early: a certificate is renewed in the "
+                    f"last third of its life, from {ledger.utc(renewal_opens(profile.cert))}"]
+    assert profile.cert.read_bytes() == enrolled.cert_pem and not (profile.dir / "client.key.next").exists()
+
+    # 25 days on (a certificate the CA issued then): in its window, renewed.
+    old_cert, old_key = issue_client(server.home / "certs", "alice", tmp_path / "then")
+    shutil.copy(old_cert, profile.cert)
+    shutil.copy(old_key, profile.key)
+    first = x509.load_pem_x509_certificate(profile.cert.read_bytes())
+    said.clear()
+    assert profiles.renew_if_due(profile, say=said.append)
     second = x509.load_pem_x509_certificate(profile.cert.read_bytes())
     assert second.serial_number != first.serial_number
     assert second.subject == first.subject and second.public_key() != first.public_key()
-    assert second.not_valid_after_utc >= first.not_valid_after_utc  # issued with the real clock, now
-    assert stat.S_IMODE(profile.key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(profile.key.stat().st_mode) == 0o600 and not (profile.dir / "client.key.next").exists()
     assert said[0].startswith(f"renewed your certificate for {LOOPBACK}: valid until ")
-    # The renewed certificate chats.
+    # The renewed certificate chats; the one it replaced does not, and cannot be renewed a second time.
     alice = Machine(tmp_path / "alice")
     alice.config = tmp_path / "alice-config"
     a = alice.chat(server)
     Reader(a).expect("* welcome, alice!")
     _say(a, "/quit")
     a.wait(10)
+    replaced = alice.run("connect", LOOPBACK, "--port", str(server.port), "--ca", str(profile.ca), "--cert",
+                         str(old_cert), "--key", str(old_key))
+    assert replaced.returncode == 1 and "it was replaced by its renewal" in replaced.stderr
+    with pytest.raises(enrollment.RenewalRefused, match="already renewed"):
+        enroll.renew(LOOPBACK, server.port, tls.client_context(profile.ca, certfile=old_cert, keyfile=old_key))
 
     said.clear()
     assert not profiles.renew_if_due(profile, now=now + dt.timedelta(days=75), say=said.append)
@@ -499,7 +516,11 @@ def test_client_renews_its_certificate_when_a_third_is_left_and_revoked_cannot(s
     assert not profiles.renew_if_due(profile, now=now + dt.timedelta(days=25), say=said.append)
     assert said == [f"your certificate for {LOOPBACK} cannot be renewed: {invites_revoked()}: it cannot be renewed"]
     assert x509.load_pem_x509_certificate(profile.cert.read_bytes()).serial_number == second.serial_number
-    server.wait_log("is revoked")
+    server.wait_log("cannot be renewed")
+
+
+def renewal_opens(cert_file: Path) -> float:
+    return ledger.renewal_opens(x509.load_pem_x509_certificate(cert_file.read_bytes()))
 
 
 def invites_revoked() -> str:
@@ -580,7 +601,7 @@ def test_concurrent_wrong_guesses_never_exceed_three(tmp_path: Path) -> None:
     (["invite", "alice", "--expires", "9d"], 2, "argument --expires: an invite lives more than 0 and at most 7 days"),
     (["invite", "alice", "--uses", "0"], 2, "0 is out of range: a whole number from 1 to 200"),
     (["invite", "admin"], 2, "invalid client name 'admin': 'admin' is reserved"),
-    (["invite", "alice"], 1, "securechat invite: no CA in certs (ca.key)"),
+    (["invite", "alice"], 1, "securechat invite: no certificate directory certs"),
     (["invite", "--list"], 1, "securechat invite: no certificate directory certs"),
     (["revoke", "alice"], 1, "securechat revoke: no certificate directory certs"),
     (["join", LOOPBACK, "7-crayon-galaxy"], 1, "securechat join: '7-crayon-galaxy' is not an invite code"),

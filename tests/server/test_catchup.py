@@ -60,6 +60,7 @@ class Relay:
             except OSError:
                 a.close()
                 continue
+            b.settimeout(None)  # the timeout was for connecting: an idle chat is no reason to cut
             with self.lock:
                 self.pairs.append((a, b))
             done: list[int] = []

@@ -190,3 +190,65 @@ def test_a_person_whose_held_session_waits_can_log_in_afresh(mtls: Callable[...,
     again = person(server, "alice")  # a new client, same certificate: not locked out for the grace period
     again.send("hello")
     assert watcher.expect("[alice]") == "[alice] hello"
+
+
+def _leave_notes(server: ChatServer, person: Callable[[ChatServer, str], LineClient], sender: str, count: int,
+                 size: int = 0) -> list[str]:
+    """``sender`` logs in, leaves ``count`` messages for alice (offline), and leaves; returns their texts."""
+    client = person(server, sender)
+    texts = [f"{sender} note {i:03d} {'x' * size}".rstrip() for i in range(count)]
+    for text in texts:
+        client.send(f"/msg alice {text}")
+    for _ in texts:
+        client.expect("* alice is offline: kept for their next login")
+    _leave(client)
+    return texts
+
+
+def test_a_flood_of_kept_messages_arrives_whole_in_one_login(mtls: Callable[..., ChatServer],
+                                                             person: Callable[[ChatServer, str], LineClient]) -> None:
+    """Issue 17, finding 5: a few hundred kept messages overflowed the outbox at login; the person was cut
+    off, and the read position was saved as if all had been delivered: lost for good."""
+    server = mtls()
+    # 360 messages of 3 KB: more than a connection's whole outbox (1 MiB) at once.
+    sent = {sender: _leave_notes(server, person, sender, 90, 3000) for sender in ("s0", "s1", "s2", "s3")}
+    alice = person(server, "alice")
+    seen: list[str] = []
+    deadline = time.monotonic() + 60  # generous: a loaded machine; the server paces the batches itself
+    while len([line for line in _missed(seen) if " -> alice] " in line]) < 360:
+        seen.append(alice.readline(max(0.1, deadline - time.monotonic())))
+    seen += alice.lines_until_quiet(0.5)  # and nothing more
+    kept = [line for line in _missed(seen) if " -> alice] " in line]
+    for sender, texts in sent.items():  # every one, once, in each sender's order
+        assert [line.split("] ", 1)[1] for line in kept if line.startswith(f"[{sender} -> alice] ")] == texts
+    assert len(kept) == 360
+    assert "* 200 or more private messages while you were away:" in seen
+    alice.send("/who")
+    assert alice.expect("* ").startswith("* 1 online: alice")  # still connected
+    _leave(alice)
+    alice = person(server, "alice")
+    assert _missed(alice.lines_until_quiet()) == []  # nothing twice
+
+
+def test_one_sender_may_leave_one_person_only_so_many_messages(mtls: Callable[..., ChatServer],
+                                                              person: Callable[[ChatServer, str], LineClient]) -> None:
+    per_sender = 100  # securechat.server.inbox.MAX_INBOX_PER_SENDER (checked at the end)
+    server = mtls()
+    _leave_notes(server, person, "bob", per_sender)
+    bob = person(server, "bob")
+    bob.send("/msg alice one too many")
+    assert bob.expect("* alice") == (f"* alice has {per_sender} of your messages waiting already: the next ones "
+                                     "once they have read those")
+    assert _leave_notes(server, person, "carol", 1) == ["carol note 000"]  # others still may
+    alice = person(server, "alice")
+    assert len([line for line in _missed(alice.lines_until_quiet(1.0)) if " -> alice] " in line]) == per_sender + 1
+    _leave(alice)
+    from securechat.server import inbox
+
+    assert inbox.MAX_INBOX_PER_SENDER == per_sender
+    deadline = time.monotonic() + 5
+    while server.rooms.find("alice") is not None:  # gone (not merely saying goodbye): a /msg is kept again
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    bob.send("/msg alice read yet?")  # read now: bob may write again
+    assert bob.expect("* alice is") == "* alice is offline: kept for their next login"

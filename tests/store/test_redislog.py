@@ -110,6 +110,42 @@ def test_history_is_capped_per_room(redis_server, cluster) -> None:
     assert kept[-1].text == "299"
 
 
+def test_history_days_forgets_old_lines_exactly_in_quiet_rooms_inboxes_and_the_firehose(
+        redis_server, cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17, finding 10: --history-days with --redis trimmed only the rooms this server had just
+    written to, approximately (XTRIM MINID ~ never removes a partly filled node: a quiet room kept all)."""
+    import redis as redis_py
+
+    from securechat.store import redis_log
+
+    monkeypatch.setattr(redis_log, "TRIM_EVERY", 0.2)
+    redis = redis_server()
+    raw = redis_py.Redis.from_url(redis.url, decode_responses=True)
+    old = {"k": "chat", "r": "quiet", "s": "alice", "t": "a year ago", "o": "gone", "q": "1", "ts": "1.0"}
+    # Lines a server that is gone wrote long ago (their ids are their times): a quiet room, a person's
+    # stored private messages, that server's inbox of routed ones, and the firehose.
+    for key in ("securechat:room:quiet", "securechat:room:@bob", "securechat:inbox:gone", "securechat:log"):
+        for i in range(150):
+            raw.xadd(key, old, id=f"{1_000_000 + i}-0")
+    raw.xadd("securechat:room:quiet", {**old, "t": "today"})  # and one line of now, which stays
+    a, inbox = cluster(redis.url, history_seconds=3600.0)
+    a.append("other", "chat", "dave", "a room this server writes to")
+    inbox.wait_for(lambda es: len(es) == 1)
+    deadline = time.monotonic() + 10
+    lengths: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        lengths = {key: raw.xlen(key) for key in ("securechat:room:quiet", "securechat:room:@bob",
+                                                  "securechat:inbox:gone", "securechat:log")}
+        if lengths == {"securechat:room:quiet": 1, "securechat:room:@bob": 0, "securechat:inbox:gone": 0,
+                       "securechat:log": 1}:
+            break
+        time.sleep(0.1)
+    assert lengths == {"securechat:room:quiet": 1, "securechat:room:@bob": 0, "securechat:inbox:gone": 0,
+                       "securechat:log": 1}
+    assert [e.text for e in a.read_after("quiet", None, 10)] == ["today"]
+    raw.close()
+
+
 def test_a_line_from_redis_that_is_not_ours_is_skipped_or_sanitised(redis_server, cluster) -> None:
     import redis as redis_py
 
