@@ -908,7 +908,7 @@ class RedisProc:
                 self.stop()
                 raise RuntimeError("--sentinel needs redis-sentinel (Debian package redis-sentinel)")
             replica = self._redis(binary, directory / "replica", cpu, "--replicaof", LOOPBACK, str(self.port))
-            time.sleep(0.5)  # the replica's first sync, before the Sentinel looks
+            time.sleep(0.5)  # the replica's first sync (at once: no diskless delay), before the Sentinel looks
             self.sentinel_port = free_port()
             config = directory / "sentinel.conf"
             config.write_text(f"port {self.sentinel_port}\nbind {LOOPBACK}\ndir {directory}\n"
@@ -925,7 +925,8 @@ class RedisProc:
         port = free_port()
         self.procs.append(subprocess.Popen(
             [binary, "--bind", LOOPBACK, "--port", str(port), "--dir", str(directory), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", str(directory / "redis.log"), *extra],
+             "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", str(directory / "redis.log"),
+             "--repl-diskless-sync-delay", "0", *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_pinned(cpu)))
         try:
             _wait_listening(port, "redis-server")

@@ -90,6 +90,8 @@ class RedisServer:
             args += ["--requirepass", self.password, "--masterauth", self.password]
         if self.replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        # A replica's first sync at once (Redis waits 5 s by default for others to share the transfer).
+        args += ["--repl-diskless-sync-delay", "0"]
         if self.tls:
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.directory / "redis.pem"),
                      "--tls-key-file", str(self.directory / "redis.key"), "--tls-ca-cert-file",

@@ -212,6 +212,9 @@ def test_a_network_cut_mid_conversation_loses_nothing_repeats_nothing_and_grants
             assert answer == "* nickname refused: 'carol' is taken; send another" and time.monotonic() < deadline
             time.sleep(0.2)
         assert answer.startswith("* welcome, carol! 5 online: ann, bea, carol, lia, lib.")
+        for served in (a, b):  # while they still reach Redis: a stopping server flushes what it has
+            served.proc.send_signal(signal.SIGTERM)
+            served.proc.wait(15)
     finally:
         relay.close()
 
