@@ -17,11 +17,12 @@ from securechat.wire import options
 # subcommand -> (module with main(argv) -> int, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("securechat.server.serve", "run the chat server (TLS; mints certificates into certs/ on first run)"),
-    "connect": ("securechat.client.connect", "join a chat server: securechat connect HOST"),
+    "connect": ("securechat.client.connect", "join a chat server: securechat connect [HOST]"),
     "gen-certs": ("securechat.pki.gencerts", "mint a local CA and a server certificate into certs/"),
     "fingerprint": ("securechat.client.identity", "print a certificate file's SHA-256 fingerprint"),
     "invite": ("securechat.pki.invites", "make a one-time code for someone to join: securechat invite [NAME]"),
-    "join": ("securechat.client.join", "join a server with an invite code: securechat join HOST CODE"),
+    "join": ("securechat.client.join", "join a server with an invite code: securechat join [HOST] CODE"),
+    "servers": ("securechat.client.servers", "list the securechat servers on this network (mDNS/DNS-SD)"),
     "revoke": ("securechat.pki.revoke", "revoke a client certificate: securechat revoke NAME|SERIAL"),
     "certs": ("securechat.pki.issued", "list the client certificates issued through invites"),
 }
@@ -109,10 +110,12 @@ def _menu() -> int:
         option = _ask("Option: ", _option_error)
         if option == "1":
             return _run("serve", [])
-        host = _ask("Enter server IP: ", _host_error)
-        from securechat.client import firstcontact
+        from securechat.client import firstcontact, servers
 
-        return firstcontact.connect(host, _ask, _run)  # asks how to recognise a server not met yet
+        offers = servers.offer()  # number -> address, listed before the seed's prompt
+        host = _ask("Enter server IP: ", lambda answer: None if answer in offers else _host_error(answer))
+        # Asks how to recognise a server not met yet (an invite code, its fingerprint, a CA file).
+        return firstcontact.connect(offers.get(host, host), _ask, _run)
     except (EOFError, KeyboardInterrupt):
         print()
         return EXIT_OK

@@ -20,7 +20,7 @@ import pytest
 import trustme
 
 from securechat.server.engine import ChatServer
-from securechat.wire import tls
+from securechat.wire import dnssd, tls
 from tests.redis_server import redis_sentinel, redis_server  # noqa: F401  (fixtures: a real redis-server on loopback)
 
 LOOPBACK = "127.0.0.1"
@@ -29,6 +29,11 @@ LOOPBACK = "127.0.0.1"
 _DATA_HOME = tempfile.mkdtemp(prefix="securechat-test-data-")
 os.environ["XDG_DATA_HOME"] = _DATA_HOME
 atexit.register(shutil.rmtree, _DATA_HOME, ignore_errors=True)
+
+# No test announces or searches on this machine's real network: every `securechat serve` and client this
+# suite starts inherits this switch (securechat.wire.dnssd.ENV_SWITCH). Only the tests in network
+# namespaces of their own (tests/test_lan_discovery.py) turn discovery back on, inside those namespaces.
+os.environ[dnssd.ENV_SWITCH] = "off"
 
 Handshake = Callable[[ssl.SSLContext, ssl.SSLContext, str], None]
 

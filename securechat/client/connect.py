@@ -9,6 +9,7 @@ import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +25,9 @@ from securechat.wire.addr import DEFAULT_PORT
 from securechat.wire.conn import describe_error
 from securechat.wire.options import EXIT_FAILURE, EXIT_OK
 
+if TYPE_CHECKING:
+    from securechat.client.profiles import Profile
+
 
 def _pin_arg(text: str) -> str:
     try:
@@ -37,10 +41,11 @@ def _pin_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = options.Parser(prog=PROG, description="Join a securechat server.")
-    p.add_argument("host", metavar="HOST[:PORT]",
+    p.add_argument("host", metavar="HOST[:PORT]", nargs="?",
                    help="the server's IP address or host name, optionally with the port: 192.168.0.20, "
                    "192.168.0.20:5555, [fe80::1%%eth0]:5555; several servers of one chat (serve --redis) "
-                   "separated by commas: the first that answers is used, the others when it goes away")
+                   "separated by commas: the first that answers is used, the others when it goes away. Left "
+                   "out: the server found on this network (mDNS) whose CA you know, else a numbered choice")
     p.add_argument("--port", type=options.port, default=None, help=f"TCP port (default: {DEFAULT_PORT})")
     p.add_argument("--nick", help="nickname (default: the name in --cert, else asked)")
     trust = p.add_argument_group(
@@ -245,7 +250,7 @@ def _joined_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The context for a server joined with an invite (``securechat join``), renewing first if due."""
     from securechat.client import profiles
 
-    profile = profiles.load(args.host, args.port)
+    profile = getattr(args, "profile", None) or profiles.load(args.host, args.port)
     if profile is None:
         return None
     if args.cert is None:
@@ -262,10 +267,36 @@ def _joined_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return context
 
 
+def _found_on_network(args: argparse.Namespace) -> tuple[str, Profile | None]:
+    """``connect`` without an address: the server found on the LAN (see :mod:`securechat.client.servers`)."""
+    from securechat.client import discover, servers
+
+    try:
+        found = discover.browse()
+    except discover.DiscoveryError as exc:
+        raise ChatError(f"no server address given, and {exc}: give one, as in 'securechat connect "
+                        "192.168.0.20'") from None
+    chosen, profile = servers.choose_for_connect(
+        found, plain=args.plain, pin=args.pin, ca=args.ca, tofu=args.tofu,
+        interactive=sys.stdin.isatty() and sys.stdout.isatty())
+    how = " (you joined it)" if profile is not None else ""
+    _err(f"found '{chosen.name}' at {chosen.where} on this network{how}")
+    return chosen.where, profile
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``securechat connect``: 0 after leaving (or after the server shut down), 1 on any failure."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.profile = None
+    if args.host is None:
+        if args.port is not None:
+            parser.error("--port needs the server's address (HOST): 'securechat connect HOST --port N'")
+        try:
+            args.host, args.profile = _found_on_network(args)
+        except ChatError as exc:
+            _err(str(exc))
+            return EXIT_FAILURE
     try:
         servers = parse_servers(args.host, args.port)
     except ValueError as exc:

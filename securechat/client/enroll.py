@@ -113,8 +113,30 @@ def _open(host: str, port: int, ctx: ssl.SSLContext, timeout: float) -> ssl.SSLS
                         "server?") from None
 
 
-def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
-    """Use invite ``code`` with the server at ``host:port``; JoinError (one line) on any failure."""
+@dataclass
+class Started:
+    """A join the server answered with its half of the PAKE: nothing is spent on the server yet.
+
+    The server counts a try only when the joiner confirms (:func:`finish`); closing here instead
+    (:meth:`close`) costs the invite nothing, so several servers can be asked which holds an invite.
+    """
+
+    where: str
+    sock: ssl.SSLSocket
+    wire: Wire
+    key: bytes  # the SPAKE2 key
+    seen: bytes  # SHA-256 of the certificate the server showed
+    leaf: bytes  # that certificate, DER
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start(host: str, port: int, code: str, *, timeout: float = 10.0) -> Started:
+    """Open the exchange for invite ``code`` with ``host:port``, up to the server's PAKE message.
+
+    JoinError (one line) on any failure, the connection then closed.
+    """
     from spake2 import SPAKE2_A
 
     try:
@@ -146,6 +168,22 @@ def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
             k = pake.finish(unb64(rest))
         except Exception:  # SPAKEError, NotOnCurve (a bare Exception), ...: the peer's bytes are junk
             raise JoinError(f"{where} answered something unexpected: is it a securechat server?") from None
+        return Started(where, sock, wire, k, seen, leaf)
+    except BaseException as exc:
+        sock.close()
+        if isinstance(exc, (OSError, ValueError)):
+            detail = describe_error(exc) if isinstance(exc, OSError) else str(exc)
+            raise JoinError(f"the exchange with {where} failed: {detail}") from None
+        raise
+
+
+def finish(started: Started) -> Enrolled:
+    """Confirm the exchange :func:`start` opened and check the server's answer; the connection is closed.
+
+    JoinError (one line) on any failure: a wrong code, a relay in the middle, a refusal.
+    """
+    where, wire, k, seen, leaf = started.where, started.wire, started.key, started.seen, started.leaf
+    try:
         key, csr_der = new_key_and_csr()
         csr_hash = hashlib.sha256(csr_der).digest()
         wire.send(f"CONFIRM {seen.hex()} {b64(mac(k, b'client', seen, csr_hash))} {b64(csr_der)}")
@@ -182,7 +220,12 @@ def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
         detail = describe_error(exc) if isinstance(exc, OSError) else str(exc)
         raise JoinError(f"the exchange with {where} failed: {detail}") from None
     finally:
-        sock.close()
+        started.close()
+
+
+def join(host: str, port: int, code: str, *, timeout: float = 10.0) -> Enrolled:
+    """Use invite ``code`` with the server at ``host:port``; JoinError (one line) on any failure."""
+    return finish(start(host, port, code, timeout=timeout))
 
 
 def renew(host: str, port: int, ctx: ssl.SSLContext, *, key: ec.EllipticCurvePrivateKey | None = None,

@@ -138,6 +138,28 @@ def load(host: str, port: int) -> Profile | None:
     return Profile(host, port, name if isinstance(name, str) else None, d)
 
 
+# Profiles read when a server is recognised by its CA (one per server joined, so a handful; bounded).
+MAX_PROFILES = 1000
+
+
+def every() -> list[Profile]:
+    """Every saved profile, in directory order (a server found on the LAN is matched to them by its CA)."""
+    try:
+        dirs = sorted(servers_dir().iterdir())[:MAX_PROFILES]
+    except OSError:
+        return []
+    found = []
+    for d in dirs:
+        try:
+            meta = json.loads((d / PROFILE).read_text("utf-8"))
+            host, port, name = meta["host"], meta["port"], meta.get("name")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            continue
+        if isinstance(host, str) and isinstance(port, int) and (d / CA).is_file():
+            found.append(Profile(host, port, name if isinstance(name, str) else None, d))
+    return found
+
+
 def context(profile: Profile, *, tls_min: str = tls.DEFAULT_TLS_MIN) -> ssl.SSLContext:
     """A client context that trusts the profile's CA and presents its certificate, if any."""
     if profile.has_cert:

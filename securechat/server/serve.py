@@ -32,7 +32,7 @@ from securechat.server.pending import MAX_PENDING, MAX_PENDING_PER_ADDRESS
 from securechat.server.room import ANNOUNCE_LIMIT, GRACE_SECONDS, MAX_HISTORY_PAGE, REPLAY_LINES
 from securechat.store import redis_config, redis_options
 from securechat.store.history import DEFAULT_DAYS, DEFAULT_LINES, MAX_HISTORY_DAYS, MAX_HISTORY_LINES, default_data_dir
-from securechat.wire import addr, console, options, tls
+from securechat.wire import addr, console, dnssd, options, tls
 from securechat.wire.addr import DEFAULT_HOST, DEFAULT_PORT
 from securechat.wire.conn import describe_error
 
@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=GRACE_SECONDS, metavar="SECONDS",
                    help="how long a dropped securechat client's nick and rooms are held for it to resume, "
                    "0 for not at all (default: %(default)g)")
+    p.add_argument("--no-announce", action="store_true",
+                   help="do not announce this server on the LAN (by default it announces itself with mDNS/DNS-SD "
+                   "as _securechat._tcp on the interfaces it listens on, never on loopback, so 'securechat "
+                   "servers', 'securechat connect' and 'securechat join CODE' find it without its address)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every connection and handshake")
     p.add_argument("--log-format", choices=console.LOG_FORMATS, default="console",
                    help="log lines on stderr: 'console', readable ([SERVER] WARNING: ...), or 'json', one "
@@ -331,6 +335,18 @@ def _raise_descriptor_limit(connections: int) -> None:
                     "%d: when they run out, the oldest unauthenticated connections make room", soft, wanted)
 
 
+def _announcement(args: argparse.Namespace, context: ssl.SSLContext | None) -> tuple[Path | None, dnssd.Txt]:
+    """The certificate whose addresses may be announced, and the TXT record. The fingerprint clients
+    pin is the top of the chain, as the '(for --pin)' line shows."""
+    cert = None if context is None else Path(args.cert or DEFAULT_CERT)
+    try:
+        ca = tls.file_fingerprints(cert)[-1] if cert is not None else None
+    except (OSError, ValueError):
+        ca = None
+    return cert, dnssd.Txt(tls=context is not None, ca=ca, mutual=args.require_client_cert,
+                           invites=args.authority is not None)
+
+
 def _serve(args: argparse.Namespace) -> int:
     args.authority = None
     try:
@@ -444,6 +460,12 @@ def _serve(args: argparse.Namespace) -> int:
                                     cert=None if context is None else args.cert or DEFAULT_CERT,
                                     mutual=args.require_client_cert):
         print(line, flush=True)
+    announcer = None
+    if not args.no_announce:
+        from securechat.server import announce
+
+        cert, txt = _announcement(args, context)
+        announcer = announce.start(host, port, dual=server.dual_stack, cert=cert, txt=txt)
     watcher = None
     record = None
     if args.authority is not None:
@@ -458,6 +480,8 @@ def _serve(args: argparse.Namespace) -> int:
         watcher = RevocationWatcher(trust, server.sessions)
         watcher.start()
     server.serve_forever(signal_fd=signal_r)
+    if announcer is not None:
+        announcer.stop()  # first: nobody should find a server that is going away
     if watcher is not None:
         watcher.stop()
     if trust is not None:

@@ -50,6 +50,10 @@ from dataclasses import dataclass
 
 ENCODING = "utf-8"
 
+# The line protocol of the README's table. Announced on the LAN (securechat.wire.dnssd); raise it
+# only when a client of one version can no longer talk to a server of the other.
+PROTOCOL_VERSION = 1
+
 # IRC allows 512 bytes a line; 4 KiB lets a pasted paragraph through while bounding what one
 # connection can make the server buffer before a newline arrives.
 MAX_LINE_BYTES = 4096
