@@ -95,11 +95,6 @@ class SentinelTarget:
     password: str | None = None
     tls: bool = False
 
-    @property
-    def where(self) -> str:
-        """The Sentinels as the URL gives them: ``127.0.0.1:26379,[::1]:26380``."""
-        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
-
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
     """``redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/MASTER[/DB]``; ValueError: what is wrong."""

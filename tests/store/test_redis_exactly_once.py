@@ -26,7 +26,8 @@ def test_sentinel_urls_are_read_as_redis_py_needs_them() -> None:
         sentinels=(("10.0.0.1", 26379), ("fd00::2", 26379), ("s3.lan", 26380)), master="chat", db=2,
         username=None, password="pw", tls=False)
     target = parse_sentinel_url("rediss+sentinel://ops:p%40ss@s1/chat")
-    assert (target.username, target.password, target.tls, target.where) == ("ops", "p@ss", True, "s1:26379")
+    assert (target.username, target.password, target.tls, target.sentinels) == ("ops", "p@ss", True,
+                                                                                (("s1", 26379),))
     assert redact("rediss+sentinel://ops:p%40ss@s1:1,s2:2/chat") == "rediss+sentinel://ops:***@s1:1,s2:2/chat"
     for bad, why in [("redis+sentinel://s1", "name the Sentinel group"),
                      ("redis+sentinel://s1/a b", "name the"),
