@@ -15,6 +15,9 @@ Modes (defaults in brackets; every option can override them):
   all N-1 others is reported. Its clients are "light" by default (``--client``, below).
 * ``handshakes``: full TLS handshakes per second for --duration seconds [5] with --concurrency
   [4] in flight, next to ``openssl s_time -new`` against the same server.
+* ``web``: the ``hold`` load against one securechat server twice in one run, N [1000] WebSocket clients
+  (the browser front door: TLS with ALPN ``http/1.1``, the upgrade at ``/ws``, one line per text message)
+  beside N line clients: RSS and threads held, then the time for one line to reach all.
 * ``cluster``: one securechat server alone, then 1, 2 and 3 servers (--cluster-sizes) sharing their
   rooms through one redis-server (``serve --redis``), N [100] clients spread round-robin over them,
   S [10] senders x M [200] lines flat out; then a light load (4 senders at 10 lines/s) for the
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import re
@@ -70,6 +74,7 @@ MODE_DEFAULTS = {
     "hold": (10000, 1, 5, 2.0),
     "handshakes": (0, 0, 0, 0.0),
     "cluster": (100, 10, 200, 0.0),
+    "web": (1000, 1, 5, 2.0),
 }
 
 # ncat's broker loop uses select() (FD_SETSIZE 1024); here it resets connections from ~1000 clients.
@@ -187,7 +192,7 @@ class SecurechatAdapter(Adapter):
 
     def on_login_line(self, client: BenchClient, line: bytes) -> bool:
         if line.startswith(b"* securechat: send your nickname"):
-            client.transport.write(b"b%d\n" % client.idx)
+            write_line(client, b"b%d\n" % client.idx)
         elif line.startswith(b"* welcome, "):
             return True
         elif line.startswith(b"* nickname refused") or line.startswith(b"* server full"):
@@ -224,7 +229,14 @@ class NcatAdapter(Adapter):
         return b"is connected as" in line
 
 
-ADAPTERS = {"securechat": SecurechatAdapter, "ncat": NcatAdapter}
+class SecurechatWebAdapter(SecurechatAdapter):
+    """The same server, its clients over WebSockets (:class:`WebBenchClient`)."""
+
+    name = "securechat-web"
+    web = True
+
+
+ADAPTERS = {"securechat": SecurechatAdapter, "ncat": NcatAdapter, "securechat-web": SecurechatWebAdapter}
 
 
 class Server:
@@ -403,6 +415,78 @@ class BenchClient(asyncio.Protocol):
             run.last_delivery_ns = now
 
 
+class WebBenchClient(BenchClient):
+    """A :class:`BenchClient` over a WebSocket, as the browser page speaks: the upgrade at ``/ws`` with the
+    page's Origin, then each text message one line, masked by wsproto's frame writer as a browser's are.
+    The server's frames are read by hand (unmasked, unfragmented): wsproto's Python parser would make the
+    generator, not the server, the bottleneck of a thousand clients receiving one line at once."""
+
+    def __init__(self, run: Run, adapter: Adapter, idx: int, ready: asyncio.Future) -> None:
+        from wsproto.frame_protocol import FrameProtocol
+
+        super().__init__(run, adapter, idx, ready)
+        self.framer = FrameProtocol(True, [])
+        self.key = base64.b64encode(os.urandom(16))
+        self.head = b""  # the upgrade's answer, until its blank line
+        self.frames = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport.write(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\nOrigin: https://localhost\r\n\r\n"
+                             % self.key)
+
+    def write_line(self, data: bytes) -> None:
+        self.transport.write(bytes(self.framer.send_data(data.rstrip(b"\n").decode())))
+
+    def data_received(self, data: bytes) -> None:
+        if self.head is not None:
+            from wsproto.utilities import generate_accept_token
+
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            head, _, data = self.head.partition(b"\r\n\r\n")
+            self.head = None
+            if not head.startswith(b"HTTP/1.1 101 ") or generate_accept_token(self.key) not in head:
+                if not self.ready.done():
+                    self.ready.set_exception(ConnectionError(f"client {self.idx}: upgrade refused: {head[:80]!r}"))
+                return
+        buf = self.frames + data
+        lines = []
+        at = 0
+        while len(buf) - at >= 2:
+            opcode, size = buf[at] & 0x0F, buf[at + 1] & 0x7F
+            head = 2
+            if size == 126:
+                if len(buf) - at < 4:
+                    break
+                size, head = int.from_bytes(buf[at + 2:at + 4], "big"), 4
+            elif size == 127:
+                if len(buf) - at < 10:
+                    break
+                size, head = int.from_bytes(buf[at + 2:at + 10], "big"), 10
+            if len(buf) - at < head + size:
+                break
+            if opcode == 1:
+                lines.append(buf[at + head:at + head + size] + b"\n")
+            elif opcode == 8 and not self.ready.done():
+                self.ready.set_exception(ConnectionError(f"client {self.idx}: closed: {buf[at + head:][:size]!r}"))
+            at += head + size
+        self.frames = buf[at:]
+        if lines:
+            super().data_received(b"".join(lines))
+
+
+def write_line(client: BenchClient, data: bytes) -> None:
+    """One line from ``client``, framed as its transport wants."""
+    frame = getattr(client, "write_line", None)
+    if frame is not None:
+        frame(data)
+    else:
+        client.transport.write(data)
+
+
 class LightTransport:
     """A client's non-blocking ``ssl.SSLSocket`` driven by the event loop's selector (``--client light``).
 
@@ -517,6 +601,7 @@ async def connect_all(
     """
     ports = [port] if isinstance(port, int) else port
     loop = asyncio.get_running_loop()
+    kind = WebBenchClient if getattr(adapter, "web", False) else BenchClient
     sem = asyncio.Semaphore(concurrency)
     clients: list[BenchClient] = []
     times: list[float] = []
@@ -526,11 +611,11 @@ async def connect_all(
             t0 = time.perf_counter_ns()
             ready = loop.create_future()
             if light:
-                proto = BenchClient(run, adapter, i, ready)
+                proto = kind(run, adapter, i, ready)
                 await asyncio.wait_for(connect_light(loop, ctx, ports[i % len(ports)], proto), 60)
             else:
                 _, proto = await loop.create_connection(
-                    lambda: BenchClient(run, adapter, i, ready),
+                    lambda: kind(run, adapter, i, ready),
                     LOOPBACK,
                     ports[i % len(ports)],
                     ssl=ctx,
@@ -562,7 +647,7 @@ async def send_lines(
     client: BenchClient, sid: int, lines: int, rate: float, start: float, stagger: float, pad: bytes
 ) -> None:
     """Send ``lines`` marked lines, flat out (yielding every 16) or at ``rate`` lines/s."""
-    write = client.transport.write
+    write = getattr(client, "write_line", None) or client.transport.write
     clock = time.perf_counter_ns
     if rate <= 0:
         for seq in range(lines):
@@ -625,8 +710,11 @@ async def run_load(server: Server, certs: dict[str, str], args: argparse.Namespa
     adapter = server.adapter
     senders = min(args.senders, n)
     spread = len(server.port) if isinstance(server.port, list) else 1
-    run = Run(senders=max(senders, 1), lines=max(args.lines, 1), per_line=args.mode == "hold", servers=spread)
+    run = Run(senders=max(senders, 1), lines=max(args.lines, 1), per_line=args.mode in ("hold", "web"),
+              servers=spread)
     ctx = ssl.create_default_context(cafile=certs["ca"])
+    if getattr(adapter, "web", False):
+        ctx.set_alpn_protocols(["http/1.1"])  # what a browser offers: the server's route to HTTPS
     res: dict = {
         "server": adapter.name,
         "clients": n,
@@ -919,6 +1007,7 @@ ROWS = {
         "rss_connected_mib",
     ],
 }
+ROWS["web"] = ROWS["hold"]  # the same figures, for WebSocket clients beside line clients
 
 # Ratio securechat/ncat, and whether bigger is better (for the arrow in the table).
 HIGHER_BETTER = {"lines_per_s", "mib_per_s", "handshakes_per_s", "connect_per_s", "s_time_per_s"}
@@ -926,8 +1015,8 @@ HIGHER_BETTER = {"lines_per_s", "mib_per_s", "handshakes_per_s", "connect_per_s"
 
 def table(mode: str, results: dict[str, dict]) -> str:
     names = list(results)
-    pair = len(names) == 2 and mode != "cluster"  # the securechat/ncat ratio column
-    rows = [["metric", *names] + (["sc/ncat"] if pair else [])]
+    pair = len(names) == 2 and mode != "cluster"  # the securechat/ncat (web: WebSocket/line) ratio column
+    rows = [["metric", *names] + ([("web/lines" if mode == "web" else "sc/ncat")] if pair else [])]
     for key in ROWS[mode]:
         vals = [results[n].get(key) for n in names]
         if all(v is None for v in vals):
@@ -1209,7 +1298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connect-concurrency", type=int, default=64, help="connections being opened at once")
     p.add_argument("--client", choices=["asyncio", "light"],
                    help="client transports: asyncio's TLS, or non-blocking SSLSockets on the selector "
-                   "(default: light for hold, asyncio otherwise)")
+                   "(default: light for hold and web, asyncio otherwise)")
     p.add_argument(
         "--connect-timeout", type=float, default=300.0, help="seconds allowed to connect all clients"
     )
@@ -1260,10 +1349,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.senders = s if args.senders is None else args.senders
     args.lines = n if args.lines is None else args.lines
     args.rate = r if args.rate is None else args.rate
-    if args.mode == "hold":
+    if args.mode in ("hold", "web"):
         args.senders = 1
     if args.client is None:
-        args.client = "light" if args.mode == "hold" else "asyncio"
+        args.client = "light" if args.mode in ("hold", "web") else "asyncio"
     return args
 
 
@@ -1323,6 +1412,8 @@ def main(argv: list[str] | None = None) -> int:
     loadavg_before = os.getloadavg()
     nofile = raise_nofile()
     names = ["securechat", "ncat"] if args.server == "both" else [args.server]
+    if args.mode == "web":  # the same server, WebSocket clients beside line clients
+        names = ["securechat-web", "securechat"]
     if "ncat" in names and shutil.which("ncat") is None:
         print("ncat not found on PATH: benchmarking securechat only", file=sys.stderr)
         names.remove("ncat")

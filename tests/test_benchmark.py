@@ -51,3 +51,14 @@ def test_throughput_smoke() -> None:
     sc = report["results"]["securechat"]
     assert sc["threads_connected"] >= 5  # one thread per client: /proc was read
     assert sc["rss_connected_mib"] > 0
+
+
+def test_web_hold_smoke() -> None:
+    """WebSocket clients beside line clients on one server: every line reaches every client of both kinds."""
+    report = run_benchmark("--mode", "web", "--clients", "20", "--lines", "2", "--idle-timeout", "3")
+    assert list(report["results"]) == ["securechat-web", "securechat"]
+    for name, res in report["results"].items():
+        assert "error" not in res, res
+        assert res["expected"] == 2 * 19, (name, res)
+        assert res["delivered"] == res["expected"] and res["order_violations"] == 0, (name, res)
+        assert res["reach_all_max_ms"] is not None, (name, res)

@@ -1,4 +1,8 @@
 """``securechat invite [NAME]``: make, list and cancel invites in the CA's ledger.
+
+``invite NAME`` makes a code for ``securechat join``; ``invite NAME --web`` a one-time link that makes a
+browser NAME's (:mod:`securechat.pki.devices`); ``invite --qr`` makes no invite at all, it shows the address
+of the server's onboarding page as a QR code, for phones to scan.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from securechat.pki import serving
+from securechat.pki import devices, serving
 from securechat.pki.ledger import (
     DEFAULT_CERT_DAYS,
     DEFAULT_EXPIRES,
@@ -22,7 +26,7 @@ from securechat.pki.ledger import (
     StoreError,
     utc,
 )
-from securechat.wire import options
+from securechat.wire import options, tls
 from securechat.wire.addr import DEFAULT_PORT, host_text
 from securechat.wire.addr import join as join_address
 
@@ -56,7 +60,7 @@ def _name_arg(text: str) -> str:
 
 
 def _cancel_arg(text: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9_-]{1,24}", text):  # a nameplate number, or a name
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,24}", text):  # a nameplate number, a browser link's wN, or a name
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is neither an invite number nor a name")
 
@@ -118,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert-days", type=options.count(1, MAX_CERT_DAYS), default=DEFAULT_CERT_DAYS,
                    metavar="N", help="client certificate lifetime in days; clients renew their own "
                    "(default: %(default)s)")
+    p.add_argument("--web", action="store_true",
+                   help="a one-time link (and QR code) that makes a browser NAME's: for phones and computers "
+                   "without securechat, on any server, also one with --require-client-cert")
+    p.add_argument("--qr", action="store_true",
+                   help="without NAME: make no invite, show the server's onboarding page (the CA for browsers, "
+                   "http://HOST:PORT/) as a QR code to scan with a phone")
     p.add_argument("--host", type=options.server_address, metavar="HOST[:PORT]",
                    help="the address joiners type (default: the one the running server offers first)")
     p.add_argument("--port", type=options.port, default=None,
@@ -134,8 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``securechat invite``: 0, 1 on failure, 2 on a usage error."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.list or args.cancel) and args.name:
-        parser.error("NAME cannot be combined with --list or --cancel")
+    if (args.list or args.cancel) and (args.name or args.web or args.qr):
+        parser.error("NAME, --web and --qr cannot be combined with --list or --cancel")
+    if args.web and not args.name:
+        parser.error("--web needs NAME: the link makes a browser that person's (securechat invite NAME --web)")
+    if args.web and args.uses != 1:
+        parser.error("--web links work once: make one link per browser")
+    if args.qr and args.name and not args.web:
+        parser.error("--qr shows the browser onboarding page; for a browser link of NAME add --web")
     if args.host is not None:
         try:
             args.port = options.server_port(args.host, args.port, 0) or None
@@ -145,25 +161,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         options.print_error(PROG, missing)
         return 1
+    if args.qr and not args.name:
+        return _onboarding_qr(args)
     store = Store(args.certs)
     try:
         if args.list:
             return _list_invites(store)
         if args.cancel:
             cancelled = store.cancel(args.cancel)
-            if not cancelled:
+            links = devices.cancel(store, args.cancel)
+            if not cancelled and not links:
                 options.print_error(PROG, f"no usable invite {args.cancel!r} (securechat invite --list shows them)")
                 return 1
             for inv in cancelled:
                 print(f"Cancelled invite {inv.nameplate}{f' for {inv.name}' if inv.name else ''}.")
+            for link in links:
+                print(f"Cancelled browser link w{link.id} for {link.name}.")
             return 0
+        if args.web:
+            return _web_link(args, store)
         invite = store.create(args.name, expires_in=args.expires, uses=args.uses, cert_days=args.cert_days)
     except StoreError as exc:
         options.print_error(PROG, str(exc))
         return 1
-    where, warning = _where(args)
+    host, port, warning = _server(args)
     if warning:
         options.print_error(PROG, f"warning: {warning}")
+    where = host_text(host) if port == DEFAULT_PORT else join_address(host, port)
     who = invite.name or "your guest"
     once = "once" if invite.uses_total == 1 else f"{invite.uses_total} times"
     try:
@@ -178,33 +202,88 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _where(args: argparse.Namespace) -> tuple[str, str]:
-    """The address for the join line (``HOST``, or ``HOST:PORT`` off the default port), and a warning if
-    no running server with this CA matches it."""
+def _server(args: argparse.Namespace) -> tuple[str, int, str]:
+    """(host, port) of the server to name in what is printed, and a warning if no running server with
+    this CA matches them."""
     live = serving.running(args.certs)
     match = [s for s in live if args.port is None or s.port == args.port]
     port = args.port or (match[0].port if match else DEFAULT_PORT)
     host = args.host[0] if args.host else next((s.hosts[0] for s in match if s.hosts), None) or _join_host(args.certs)
-    where = host_text(host) if port == DEFAULT_PORT else join_address(host, port)
     if not live:
-        return where, (f"no server is running with the CA in {args.certs}: start 'securechat serve' there "
+        return host, port, (f"no server is running with the CA in {args.certs}: start 'securechat serve' there "
                        f"before the code is used (this line assumes port {port})")
     if not match:
-        return where, (f"no server with the CA in {args.certs} listens on port {port}; running: "
+        return host, port, (f"no server with the CA in {args.certs} listens on port {port}; running: "
                        f"port {', '.join(str(s.port) for s in live)}")
     if len(match) > 1:
-        return where, (f"several servers use this CA (ports {', '.join(str(s.port) for s in match)}): the code "
+        return host, port, (f"several servers use this CA (ports {', '.join(str(s.port) for s in match)}): the code "
                        f"works on any of them; the line names port {port} (--port picks another)")
-    return where, ""
+    return host, port, ""
 
 
 def _list_invites(store: Store) -> int:
     invites = store.invites()
-    if not invites:
+    links = devices.invites(store)
+    if not invites and not links:
         print("No usable invites.")
         return 0
     print(f"{'number':>6}  {'name':<24}  {'uses left':>9}  {'wrong tries':>11}  expires")
     for inv in invites:
         print(f"{inv.nameplate:>6}  {inv.name or '(guest)':<24}  {inv.uses_left:>9}  "
               f"{inv.tries:>8}/{MAX_WRONG_TRIES}  {utc(inv.expires)}")
+    for link in links:
+        print(f"{'w' + str(link.id):>6}  {link.name + ' (browser link)':<24}  {1:>9}  {'-':>11}  {utc(link.expires)}")
+    return 0
+
+
+def web_address(host: str, port: int, scheme: str = "https") -> str:
+    """``https://HOST:PORT/`` as a browser wants it (an IPv6 address in brackets)."""
+    return f"{scheme}://{join_address(host, port)}/"
+
+
+def print_qr(text: str) -> None:
+    """``text`` as a QR code in the terminal, two rows of modules a line (light on dark, as terminals are)."""
+    import segno  # a maintained pure-Python QR encoder; only these commands need it
+
+    segno.make(text, error="m", micro=False).terminal(compact=True)
+
+
+def _onboarding_qr(args: argparse.Namespace) -> int:
+    """``invite --qr``: the onboarding page's address as a QR code, and what to compare there."""
+    try:
+        fingerprint = tls.file_fingerprint(args.certs / "ca.pem")
+    except (OSError, ValueError):
+        options.print_error(PROG, f"no CA certificate in {args.certs} (ca.pem): run this where the server's certs/ "
+                            "folder is, or pass --certs DIR")
+        return 1
+    host, port, warning = _server(args)
+    if warning:
+        options.print_error(PROG, f"warning: {warning}")
+    page = web_address(host, port, "http")
+    print(f"Phones and computers on the network: scan this, or open {page}")
+    print_qr(page)
+    print(f"The page offers the CA certificate; its SHA-256 fingerprint must read {fingerprint}.")
+    print(f"Once it is trusted, chat at {web_address(host, port)}")
+    return 0
+
+
+def _web_link(args: argparse.Namespace, store: Store) -> int:
+    """``invite NAME --web``: a one-time link that makes a browser NAME's, and its QR code."""
+    link = devices.create_invite(store, args.name, expires_in=args.expires, days=args.cert_days)
+    host, port, warning = _server(args)
+    if warning:
+        options.print_error(PROG, f"warning: {warning}")
+    url = f"{web_address(host, port)}#invite={link.token}"
+    try:
+        print(f"Open this link in {link.name}'s browser (valid {_human(args.expires)}, once); it makes that "
+              f"browser {link.name}'s:")
+        print(f"  {url}")
+        print_qr(url)
+        print(f"First time on that phone or computer? Trust the CA first at {web_address(host, port, 'http')} "
+              "('securechat invite --qr').")
+    except options.OutputLost as exc:  # nobody saw the link: it must not stay usable
+        devices.cancel(store, f"w{link.id}")
+        options.print_error(PROG, f"cannot write to standard output ({exc}): browser link w{link.id} cancelled, "
+                            "since nobody saw it")
+        return 1
     return 0

@@ -1,10 +1,11 @@
-"""``securechat certs``: what the local CA issued through invites (and renewals), and its state."""
+"""``securechat certs``: what the local CA issued through invites (and renewals), browsers included, and its state."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
+from securechat.pki import devices
 from securechat.pki.invites import certs_dir_option, no_ca_here
 from securechat.pki.ledger import Store, StoreError, utc
 from securechat.wire import options
@@ -13,8 +14,8 @@ PROG = "securechat certs"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = options.Parser(prog=PROG, description="List the client certificates the CA issued through invites: "
-                       "name, serial, expiry, revoked, last seen.")
+    p = options.Parser(prog=PROG, description="List the client certificates the CA issued through invites, and "
+                       "the browsers bound to a name ('invite NAME --web'): name, serial, expiry, revoked, last seen.")
     certs_dir_option(p)
     return p
 
@@ -27,7 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         options.print_error(PROG, missing)
         return 1
     try:
-        issued = Store(args.certs).certificates()
+        store = Store(args.certs)
+        issued = store.certificates()
+        browsers = devices.device_serials(store)
     except StoreError as exc:
         options.print_error(PROG, str(exc))
         return 1
@@ -36,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"{'name':<24}  {'serial':<40}  {'expires':<20}  {'revoked':<20}  last seen")
     for cert in issued:
-        print(f"{cert.name:<24}  {cert.serial:<40}  {utc(cert.not_after):<20}  "
+        name = f"{cert.name} (browser)" if cert.serial in browsers else cert.name
+        print(f"{name:<24}  {cert.serial:<40}  {utc(cert.not_after):<20}  "
               f"{utc(cert.revoked) if cert.revoked else 'no':<20}  "
               f"{utc(cert.last_seen) if cert.last_seen else 'never'}")
     return 0

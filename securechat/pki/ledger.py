@@ -167,6 +167,20 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS web_invites (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    token_hash BLOB NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'active',
+    days INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS web_devices (
+    serial TEXT PRIMARY KEY,
+    secret_hash BLOB NOT NULL UNIQUE,
+    invite INTEGER
+);
 """
 
 # Columns the issued table gained after its first release; added to older files on opening.
@@ -190,7 +204,7 @@ class Store:
         self._ready = False
 
     @contextlib.contextmanager
-    def _tx(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
         """One transaction. A writing one is IMMEDIATE: it takes the write lock before its first read,
         so check-then-update is atomic across threads and processes."""
         if not self._ready:
@@ -211,6 +225,8 @@ class Store:
             raise StoreError(f"cannot use {self.path}: {exc}") from None
         finally:
             db.close()
+
+    _tx = transaction
 
     def _create(self) -> None:
         """Create the file 0600 before SQLite touches it (SQLite would use the umask: 0644)."""
@@ -406,6 +422,12 @@ class Store:
                                              (now,)) if row[0] and names.key(row[0]) == key]
         if not live and db.execute("DELETE FROM names WHERE key = ? AND state = ?", (key, names.INVITED)).rowcount:
             _bump(db)
+
+    # The name rule inside a caller's write transaction, for the other credentials the CA hands out
+    # (browser devices: securechat.pki.devices), so every name goes through this one rule.
+    held = _held
+    hold_name = _hold_name
+    unhold_invited = _unhold_invited
 
     def name_refusal(self, name: str) -> str | None:
         """Why ``name`` may not be given out now (:func:`names.refusal`), or None."""
@@ -647,6 +669,11 @@ def _chain(db: sqlite3.Connection, serial: str) -> list[str]:
 def _generation(db: sqlite3.Connection) -> int:
     row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
     return int(row[0]) if row else 0
+
+
+def bump(db: sqlite3.Connection) -> None:
+    """A change readers must see: the next generation (inside the changing transaction)."""
+    _bump(db)
 
 
 def _bump(db: sqlite3.Connection) -> None:

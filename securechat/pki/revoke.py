@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from cryptography import x509
 
+from securechat.pki import devices
 from securechat.pki.invites import certs_dir_option, no_ca_here
 from securechat.pki.ledger import REVOCATION_POLL, Store, StoreError, utc
 from securechat.wire import options
@@ -84,17 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = Store(args.certs)
     try:
         done = store.revoke(args.which, extra=extra)
+        links = devices.cancel(store, args.which) if _NAME.fullmatch(args.which) else []  # browser links too
         published = store.published()
     except StoreError as exc:
         options.print_error(PROG, str(exc))
         return 1
-    if not (done.certificates or done.name or done.invites):
+    if not (done.certificates or done.name or done.invites or links):
         options.print_error(PROG, f"no unrevoked certificate named or numbered {args.which!r} ('securechat certs' "
                             "lists them)")
         return 1
     try:
         for cert in done.certificates:
             print(f"Revoked {cert.name} (serial {cert.serial}). A running server ends the session within 2 s.")
+        for link in links:
+            print(f"Cancelled browser link w{link.id} for {link.name}.")
         if done.invites:
             print(f"Cancelled invite{'s' if len(done.invites) > 1 else ''} {', '.join(map(str, done.invites))}.")
         if done.name:

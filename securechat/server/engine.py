@@ -56,7 +56,7 @@ from securechat.server.session import Session
 from securechat.server.transport import Transport
 from securechat.server.workers import WORKERS, Workers
 from securechat.store.roomlog import Directory, RoomLog
-from securechat.wire import addr, protocol
+from securechat.wire import addr, hello, protocol
 from securechat.wire.addr import DEFAULT_HOST, DEFAULT_PORT
 from securechat.wire.conn import OUTBOX_LIMIT, Waker, batched_wakeups, describe_error, tune_socket
 from securechat.wire.console import announce
@@ -383,9 +383,17 @@ class ChatServer:
         """Connections accepted and not yet closed, in any phase (handshake, login, chat, linger)."""
         return self._connections
 
-    def tls_context(self) -> ssl.SSLContext | None:
-        """The context for a new handshake, offering the routes' ALPN names (None: ``--plain``)."""
+    def tls_context(self, offered: tuple[str, ...] = ()) -> ssl.SSLContext | None:
+        """The context for a new handshake, offering the routes' ALPN names (None: ``--plain``).
+
+        ``offered``: the ALPN names of the client's ClientHello. A browser's handshake gets the context
+        the browser front door attached (``securechat_browsers``: no client-certificate request), if any.
+        """
         ctx = self.ssl_context
+        if ctx is not None and hello.is_browser(offered):
+            browsers = getattr(ctx, "securechat_browsers", None)
+            if browsers is not None:
+                return browsers
         if ctx is not None and ctx is not self._alpn_ready:
             with self._alpn_lock:  # once per context, before any handshake uses it
                 if ctx is not self._alpn_ready:

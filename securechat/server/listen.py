@@ -121,3 +121,16 @@ def connect_hint(host: str, port: int, dual: bool, *, cert: Path | None, mutual:
     if candidates and loopback:
         lines.append(f"[SERVER] On this machine: {', '.join(addr.host_text(h) for h in loopback)}")
     return lines
+
+
+def browser_hint(host: str, port: int, dual: bool, *, cert: Path, mutual: bool = False) -> list[str]:
+    """The browsers' address (the chat page, HTTPS) and the onboarding page's (plain HTTP, the same port)."""
+    candidates, loopback = reachable(host, dual, cert)
+    where = candidates[0] if candidates else loopback[0] if loopback else None
+    if where is None:
+        return []
+    hostport = addr.join(where, port)
+    how = "browsers join with a link from 'securechat invite NAME --web'; " if mutual else ""
+    return [f"[SERVER] Browsers: https://{hostport}/",
+            f"[SERVER] First time on a phone or computer: {how}http://{hostport}/ offers the CA certificate "
+            "('securechat invite --qr' shows that address as a QR code)"]

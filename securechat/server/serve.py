@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-renew", action="store_true",
                    help="never re-issue the certificate from the local CA (it is renewed when within 30 days "
                    "of expiry if ca.key is beside it); expiry warnings stay")
+    p.add_argument("--no-web", action="store_true",
+                   help="serve no browsers: no chat page, no WebSocket and no onboarding page on this port (the line "
+                   "protocol and invites only)")
     p.add_argument("--plain", action="store_true",
                    help="serve WITHOUT encryption: everything is readable by anyone on the network")
     p.add_argument("--max-clients", type=options.count(1), default=DEFAULT_MAX_CLIENTS, metavar="N",
@@ -204,7 +207,26 @@ def _first_run(certs: ModuleType) -> None:
 
 
 def _context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
-    """Builds the server context from the files named by ``args`` (again after each renewal)."""
+    """Builds the server context from the files named by ``args`` (again after each renewal); with the
+    browser front door, each one carries the context browsers' handshakes get (no client-certificate request)."""
+    build = _main_context_factory(args)
+    if not _serves_browsers(args):
+        return build
+    from securechat.server import web
+
+    cert, key = args.cert or DEFAULT_CERT, args.key or DEFAULT_KEY
+    return lambda: web.spare_browsers(build(), cert, key, tls_min=args.tls_min)
+
+
+def _serves_browsers(args: argparse.Namespace) -> bool:
+    """Whether this server has a browser front door: TLS, not --no-web, and under --require-client-cert only
+    with the CA at hand (browsers then chat with devices from its ledger; without it, never)."""
+    return not args.plain and not args.no_web and (not args.require_client_cert
+                                                   or getattr(args, "authority", None) is not None)
+
+
+def _main_context_factory(args: argparse.Namespace) -> Callable[[], ssl.SSLContext]:
+    """The context every handshake but a browser's uses."""
     cert = args.cert or DEFAULT_CERT
     key = args.key or DEFAULT_KEY
     client_ca = None
@@ -372,6 +394,11 @@ def _serve(args: argparse.Namespace) -> int:
                         max_pending_per_ip=args.max_pending_per_ip, replay=args.replay, grace=args.grace,
                         offline_messages=args.require_client_cert and not args.no_history,
                         authority=args.authority, trust=trust, roomlog=roomlog, directory=directory)
+    if _serves_browsers(args):
+        from securechat.server import pages, web
+
+        web.install(server, pages.Onboarding.for_certificate(args.cert or DEFAULT_CERT),
+                    mutual=args.require_client_cert)
     _raise_descriptor_limit(args.max_clients + args.max_pending)
     failure = _bind(server, args)
     if failure is not None:
@@ -460,6 +487,10 @@ def _serve(args: argparse.Namespace) -> int:
                                     cert=None if context is None else args.cert or DEFAULT_CERT,
                                     mutual=args.require_client_cert):
         print(line, flush=True)
+    if _serves_browsers(args):
+        for line in listen.browser_hint(host, port, server.dual_stack, cert=args.cert or DEFAULT_CERT,
+                                        mutual=args.require_client_cert):
+            print(line, flush=True)
     announcer = None
     if not args.no_announce:
         from securechat.server import announce

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from securechat.server.handshake import TLS_HANDSHAKE_RECORD
 from securechat.server.loop import ERROR, READ, WRITE, Loop, Timer
 from securechat.server.routes import HTTP_SNIFF_BYTES, NO_ALPN, PLAINTEXT, Routes
+from securechat.wire import hello
 from securechat.wire.conn import OUTBOX_LIMIT, RECV_SIZE, describe_error
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ class Host(Protocol):
     handshake_timeout: float
     workers: Workers
 
-    def tls_context(self) -> ssl.SSLContext | None: ...
+    def tls_context(self, offered: tuple[str, ...] = ()) -> ssl.SSLContext | None: ...
 
     def handshaken(self, transport: Transport) -> None: ...
 
@@ -124,7 +125,7 @@ class Transport:
     __slots__ = ("loop", "host", "sock", "fd", "peer", "alpn", "tls", "handler", "admission", "limit",
                  "high_water", "low_water", "_state", "_mask", "_out", "_backlog", "_view", "_dirty",
                  "_paused", "_held", "_writes_paused", "_eof", "_write_wants_read", "_read_wants_write", "_timer",
-                 "_reason", "_asked", "_lost", "_first", "_sent", "_watchers", "__weakref__")
+                 "_reason", "_asked", "_lost", "_first", "_sent", "_watchers", "_hello_waits", "__weakref__")
 
     def __init__(self, sock: socket.socket, peer: tuple[Any, ...], loop: Loop, host: Host,
                  limit: int = OUTBOX_LIMIT) -> None:
@@ -157,6 +158,7 @@ class Transport:
         self._asked = False  # close() or abort() asked, from any thread
         self._lost = False  # connection_lost has been called
         self._first = b""  # plaintext bytes read while deciding the route
+        self._hello_waits = 0  # times the rest of a ClientHello was waited for
         self._sent = 0  # bytes the socket accepted, since the start
         # (the byte count _sent must reach, what to call then), in order: see when_written
         self._watchers: collections.deque[tuple[int, Callable[..., object], tuple[Any, ...]]] | None = None
@@ -363,7 +365,10 @@ class Transport:
             self._close_fd()
             return
         if first and first[0] == TLS_HANDSHAKE_RECORD:
-            context = self.host.tls_context()
+            offered = self._offered_alpn(sock)
+            if offered is None:
+                return  # the rest of the ClientHello is on its way: looked at again in a moment
+            context = self.host.tls_context(offered)
             assert context is not None
             try:
                 # Ragged EOFs raise, so a vanished peer is told apart from one that said goodbye.
@@ -393,6 +398,32 @@ class Transport:
         log.info("%s spoke plaintext to the TLS port", self.peer)
         first_bytes, self._first = self._first, b""
         self._open(key if key is not None else PLAINTEXT, first_bytes)
+
+    def _offered_alpn(self, sock: socket.socket) -> tuple[str, ...] | None:
+        """The ALPN names the ClientHello offers (peeked, left for OpenSSL), or None to wait for its rest.
+
+        Browsers are spared the client-certificate request (see :mod:`securechat.wire.hello`), which
+        the server can only decide before the handshake starts. While the ClientHello is incomplete
+        (a browser's spans two TCP segments on most LANs) the socket is not watched, or the unread bytes
+        would wake the loop without pause; it is looked at again after 2, 4, 8 ... ms, at most
+        :data:`~securechat.wire.hello.HELLO_WAITS` times, and after that the default context is used.
+        """
+        try:
+            data = sock.recv(hello.MAX_HELLO_BYTES, socket.MSG_PEEK)
+        except OSError:
+            return ()  # the handshake will say what is wrong
+        offered = hello.offered_alpn(data)
+        if offered is None and self._hello_waits < hello.HELLO_WAITS:
+            self._hello_waits += 1
+            self._set_mask(0)
+            self.loop.call_later(0.001 * 2 ** self._hello_waits, self._sniff_again)
+            return None
+        return offered or ()
+
+    def _sniff_again(self) -> None:
+        if self._state == SNIFF:
+            self._set_mask(READ)
+            self._sniff()
 
     def _handshake(self) -> None:
         sock = self.sock

@@ -285,6 +285,20 @@ def test_connect_hint_offers_only_addresses_the_certificate_covers(tmp_path: Pat
         assert plain[0] == f"[SERVER] Clients on the network connect with: securechat connect {lan[0]} --plain"
 
 
+def test_browser_hint_names_the_page_and_the_onboarding_page_at_a_covered_address(tmp_path: Path) -> None:
+    cert = tmp_path / "server.pem"
+    trustme.CA().issue_cert("localhost", "127.0.0.1").cert_chain_pems[0].write_to_path(str(cert))
+    assert listen.browser_hint("0.0.0.0", 6000, False, cert=cert) == [
+        "[SERVER] Browsers: https://127.0.0.1:6000/",
+        "[SERVER] First time on a phone or computer: http://127.0.0.1:6000/ offers the CA certificate "
+        "('securechat invite --qr' shows that address as a QR code)"]
+    v6 = tmp_path / "v6.pem"
+    trustme.CA().issue_cert("::1").cert_chain_pems[0].write_to_path(str(v6))
+    hint = listen.browser_hint("::1", 5555, False, cert=v6, mutual=True)
+    assert hint[0] == "[SERVER] Browsers: https://[::1]:5555/"
+    assert "link from 'securechat invite NAME --web'" in hint[1]
+
+
 @pytest.mark.parametrize("fmt", ["console", "json"])
 def test_log_format(fmt: str, tmp_path: Path, serving: list[Serve], cert_files: dict[str, Path]) -> None:
     served = Serve("--listen", "127.0.0.1", "--cert", str(cert_files["cert"]), "--key", str(cert_files["key"]),
