@@ -101,6 +101,7 @@ def conversation(read_before: Callable[[str | None, int], list[Entry]], anchor: 
         oldest = found[0].id
     return found, oldest
 
+
 # What people are told when the chat's servers cannot reach their shared storage (Redis): nothing is
 # lost and nothing is shown out of order, it waits.
 PAUSED_WHY = "the chat's servers cannot reach their shared store"
@@ -358,4 +359,3 @@ def parse_positions(words: Iterable[str]) -> dict[str, str]:
         if room_error(name) is None and len(positions) < MAX_JOINED:
             positions[room_key(name)] = entry_id
     return positions
-
