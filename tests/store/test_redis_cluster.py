@@ -460,9 +460,16 @@ def test_the_client_moves_to_the_next_server_of_connect_a_b_and_catches_up(redis
     threading.Thread(target=read, daemon=True).start()
     try:
         alice.expect("* reader joined")  # on B, the first server of the list
+        # The client's session is on record in Redis (so A can resume it) before a line whose id it will
+        # know: a sleep instead lost that race on a loaded machine, and the client, with no position to
+        # give, was shown the room's history instead of what it missed.
+        import redis as redis_py
+
+        sessions = redis_py.Redis.from_url(redis.url)
+        wait_for(lambda: bool(sessions.keys("securechat:session:*")))
+        sessions.close()
         alice.send("before")
         wait_for(lambda: "[alice] before" in out)
-        time.sleep(0.3)  # the client has asked for its session token by now
         b.proc.send_signal(how)
         b.proc.wait(15)
         for i in range(3):
