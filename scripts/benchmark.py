@@ -21,7 +21,11 @@ Modes (defaults in brackets; every option can override them):
 * ``cluster``: one securechat server alone, then 1, 2 and 3 servers (--cluster-sizes) sharing their
   rooms through one redis-server (``serve --redis``), N [100] clients spread round-robin over them,
   S [10] senders x M [200] lines flat out; then a light load (4 senders at 10 lines/s) for the
-  latency of a line that crosses servers. Needs ``redis-server`` and redis-py.
+  latency of a line that crosses servers. Needs ``redis-server`` and redis-py. ``--sentinel``: through
+  a primary, a replica and a Sentinel instead (``serve --redis redis+sentinel://``; the servers read
+  from the replica), which needs ``redis-sentinel``. Pinned (see below), the generator has CPU 0,
+  Redis (with its replica and Sentinel) the next CPU, and each server one of the CPUs after, round
+  robin; with fewer CPUs than that, Redis and the servers share the CPU after the generator's.
 * ``files``: a --file-mib [256] MiB file up (``securechat send``) and down (``securechat get``), each
   process timed from its start, next to the same bytes through ``ncat --ssl``; two chat clients trade a
   line every 10 ms meanwhile (lost lines, latency). See scripts/bench_files.py.
@@ -58,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1089,42 +1094,90 @@ class ClusterAdapter(SecurechatAdapter):
         return [*super().command(port, certs, max_clients), *extra]
 
 
-class RedisProc:
-    """A throwaway redis-server on a free loopback port (AOF, fsync every second, as in production)."""
+def _pinned(cpu: int | None) -> Callable[[], None]:
+    """A preexec_fn that pins the child to ``cpu`` (None: leaves it alone)."""
 
-    def __init__(self, directory: Path, cpu: int | None) -> None:
-        self.port = free_port()
+    def preexec() -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+
+    return preexec
+
+
+def _wait_listening(port: int, what: str) -> None:
+    hexport = ":%04X" % port
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as f:
+            if any(line.split()[1].endswith(hexport) and line.split()[3] == "0A" for line in f):
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start")
+
+
+class RedisProc:
+    """A throwaway redis-server on a free loopback port (AOF, fsync every second, as in production).
+
+    ``sentinel``: also a replica of it and one redis-sentinel watching both (quorum 1, on loopback),
+    and :attr:`url` is the ``redis+sentinel://`` URL; all of them on ``cpu``.
+    """
+
+    def __init__(self, directory: Path, cpu: int | None, sentinel: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("cluster mode needs redis-server (Debian package redis-server)")
+        self.procs: list[subprocess.Popen] = []
+        self.port = self._redis(binary, directory / "primary", cpu)
+        self.pid = self.procs[0].pid
+        self.sentinel_port: int | None = None
+        if sentinel:
+            sentinel_binary = shutil.which("redis-sentinel")
+            if sentinel_binary is None:
+                self.stop()
+                raise RuntimeError("--sentinel needs redis-sentinel (Debian package redis-sentinel)")
+            replica = self._redis(binary, directory / "replica", cpu, "--replicaof", LOOPBACK, str(self.port))
+            time.sleep(0.5)  # the replica's first sync (at once: no diskless delay), before the Sentinel looks
+            self.sentinel_port = free_port()
+            config = directory / "sentinel.conf"
+            config.write_text(f"port {self.sentinel_port}\nbind {LOOPBACK}\ndir {directory}\n"
+                              f"sentinel monitor bench {LOOPBACK} {self.port} 1\n"
+                              "sentinel down-after-milliseconds bench 5000\n")
+            self.procs.append(subprocess.Popen([sentinel_binary, str(config)], stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                               preexec_fn=_pinned(cpu)))
+            _wait_listening(self.sentinel_port, "redis-sentinel")
+            del replica
 
-        def preexec() -> None:
-            if cpu is not None:
-                os.sched_setaffinity(0, {cpu})
-
-        self.proc = subprocess.Popen(
-            [binary, "--bind", LOOPBACK, "--port", str(self.port), "--dir", str(directory), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", str(directory / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
-        self.pid = self.proc.pid
-        hexport = ":%04X" % self.port
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with open("/proc/net/tcp") as f:
-                if any(line.split()[1].endswith(hexport) and line.split()[3] == "0A" for line in f):
-                    return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("redis-server did not start")
+    def _redis(self, binary: str, directory: Path, cpu: int | None, *extra: str) -> int:
+        directory.mkdir()
+        port = free_port()
+        self.procs.append(subprocess.Popen(
+            [binary, "--bind", LOOPBACK, "--port", str(port), "--dir", str(directory), "--save", "",
+             "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", str(directory / "redis.log"),
+             "--repl-diskless-sync-delay", "0", *extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_pinned(cpu)))
+        try:
+            _wait_listening(port, "redis-server")
+        except RuntimeError:
+            self.stop()
+            raise
+        return port
 
     @property
     def url(self) -> str:
+        if self.sentinel_port is not None:
+            return f"redis+sentinel://{LOOPBACK}:{self.sentinel_port}/bench"
         return f"redis://{LOOPBACK}:{self.port}/0"
 
+    def cpu(self) -> float:
+        """CPU seconds of every Redis process (primary, replica, Sentinel)."""
+        return sum(proc_cpu(p.pid) for p in self.procs if p.poll() is None)
+
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 class ServerGroup:
@@ -1148,7 +1201,28 @@ class ServerGroup:
         return sum(s.cpu() for s in self.servers)
 
     def redis_cpu(self) -> float:
-        return proc_cpu(self.redis.pid) if self.redis is not None else 0.0
+        return self.redis.cpu() if self.redis is not None else 0.0
+
+
+def cluster_cpus(size: int, shared: bool) -> tuple[int | None, list[int | None], str]:
+    """Where Redis and each of ``size`` servers run when pinned: (Redis's CPU, the servers', in words).
+
+    The generator has the first CPU (main() pins it); Redis the next; the servers one each of the CPUs
+    after, round robin. With two CPUs, Redis and every server share the second.
+    """
+    cpus = PIN["cpus"]
+    if len(cpus) < 2:
+        return None, [None] * size, "not pinned"
+    rest = cpus[2:] or cpus[1:]
+    redis_cpu = cpus[1] if shared else None
+    servers = [rest[i % len(rest)] if shared else cpus[1] for i in range(size)]
+    words = f"generator cpu {cpus[0]}" + (f"; Redis cpu {redis_cpu}" if shared else "") + \
+        f"; server{'s' if size > 1 else ''} cpu {','.join(str(c) for c in servers)}"
+    return redis_cpu, servers, words
+
+
+# The CPUs main() pins to (empty when it does not): the generator has the first.
+PIN: dict[str, list[int]] = {"cpus": []}
 
 
 def run_cluster(size: int, shared: bool, certs: dict[str, str], args: argparse.Namespace,
@@ -1158,20 +1232,22 @@ def run_cluster(size: int, shared: bool, certs: dict[str, str], args: argparse.N
     if light:
         phase.senders, phase.lines, phase.rate = args.light_senders, args.light_lines, args.light_rate
     work = Path(tempfile.mkdtemp(dir=tmp))
-    redis = RedisProc(work, srv_cpu) if shared else None
+    redis_cpu, server_cpus, pinning = cluster_cpus(size, shared)
+    redis = RedisProc(work, redis_cpu, sentinel=args.sentinel) if shared else None
     servers: list[Server] = []
     try:
         for i in range(size):
             data = work / f"data{i}"
             data.mkdir()
             adapter = ClusterAdapter(str(data), redis.url if redis else None)
-            servers.append(Server(adapter, certs, max(args.clients, 1), srv_cpu, args.server_env))
+            servers.append(Server(adapter, certs, max(args.clients, 1), server_cpus[i], args.server_env))
         for server in servers:
             server.wait_listening()
         group = ServerGroup(servers, redis)
         redis_cpu0 = group.redis_cpu()
         res = asyncio.run(run_load(group, certs, phase, args.clients))  # type: ignore[arg-type]
         res["redis_cpu_s"] = round(group.redis_cpu() - redis_cpu0, 2) if redis else None
+        res["pinning"] = pinning
         return res
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -1184,7 +1260,8 @@ def run_cluster(size: int, shared: bool, certs: dict[str, str], args: argparse.N
 
 def cluster_main(args: argparse.Namespace, certs: dict[str, str], srv_cpu: int | None, tmp: Path) -> dict:
     """One server alone, then each cluster size; each config: a flat-out run and a light one."""
-    configs = [("1 alone", 1, False)] + [(f"{k} + Redis", k, True) for k in args.cluster_sizes]
+    shared_name = "Redis+Sentinel" if args.sentinel else "Redis"
+    configs = [("1 alone", 1, False)] + [(f"{k} + {shared_name}", k, True) for k in args.cluster_sizes]
     results: dict[str, dict] = {}
     for name, size, shared in configs:
         runs = [run_cluster(size, shared, certs, args, srv_cpu, tmp, light=False) for _ in range(args.repeat)]
@@ -1193,7 +1270,7 @@ def cluster_main(args: argparse.Namespace, certs: dict[str, str], srv_cpu: int |
         if "error" in light:
             res.setdefault("error", "light load: " + light["error"])
         for key in ("lat_p50_ms", "lat_p99_ms", "lat_max_ms", "cross_p50_ms", "cross_p99_ms", "cross_max_ms",
-                    "lost", "order_violations", "duplicates"):
+                    "lost", "order_violations", "duplicates", "pinning"):
             if key in light:
                 res["light_" + key] = light[key]
         res["servers"] = size
@@ -1228,6 +1305,18 @@ def files_main(args: argparse.Namespace, certs: dict[str, str], srv_cpu: int | N
         if "ncat" in runs:
             runs["ncat"].append(bench_files.ncat_run(payload, certs, srv_cpu, tmp, wait_port, free_port))
     return {name: aggregate(rs) for name, rs in runs.items()}
+
+
+def crossing_summary(results: dict[str, dict]) -> str:
+    """The light-load p99 of lines that cross servers, beside one server's alone (the 2 ms goal's figures)."""
+    alone = results.get("1 alone", {})
+    out = [f"light load ({alone.get('pinning', '?')}): one server alone, every line: p99 "
+           f"{alone.get('light_lat_p99_ms')} ms"]
+    for name, res in results.items():
+        if res.get("light_cross_p99_ms") is not None:
+            out.append(f"  {name} ({res.get('pinning')}): crossing lines p50 {res.get('light_cross_p50_ms')} ms, "
+                       f"p99 {res['light_cross_p99_ms']} ms (goal: under 2 ms)")
+    return "\n".join(out)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -1290,6 +1379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="runs per server, alternating; medians are reported")
     p.add_argument("--cluster-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 3],
                    metavar="N,N", help="cluster mode: numbers of servers sharing through Redis (default: 1,2,3)")
+    p.add_argument("--sentinel", action="store_true",
+                   help="cluster mode: share through a primary, a replica and a Sentinel (needs redis-sentinel)")
     p.add_argument("--light-senders", type=int, default=4, help="cluster mode, light load: senders")
     p.add_argument("--light-lines", type=int, default=30, help="cluster mode, light load: lines each")
     p.add_argument("--light-rate", type=float, default=10.0, help="cluster mode, light load: lines/s each")
@@ -1377,6 +1468,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_cpu, srv_cpu = (cpus[0], cpus[1]) if pin else (None, None)
     args.gen_cpu = gen_cpu
     if pin:
+        PIN["cpus"] = cpus
         os.sched_setaffinity(0, {gen_cpu})
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="securechat-bench-") as tmp:
@@ -1433,6 +1525,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = {k: v for k, v in results.items() if "error" not in v}
         if ok:
             print(table(args.mode, ok))
+        if args.mode == "cluster":
+            print(crossing_summary(ok))
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

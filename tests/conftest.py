@@ -5,8 +5,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -19,7 +22,7 @@ import trustme
 from securechat.server.engine import ChatServer
 from securechat.wire import dnssd, tls
 from tests.filehelp import chat, file_server  # noqa: F401  (fixtures: file sharing)
-from tests.redis_server import redis_server  # noqa: F401  (fixture: a real redis-server on loopback)
+from tests.redis_server import redis_sentinel, redis_server  # noqa: F401  (fixtures: a real redis-server on loopback)
 
 LOOPBACK = "127.0.0.1"
 
@@ -206,6 +209,63 @@ def connect(client_ctx: ssl.SSLContext) -> Iterator[Callable[..., LineClient]]:
     yield open_client
     for client in clients:
         client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """A ``securechat serve --redis`` process."""
+
+    def __init__(self, proc: subprocess.Popen[str], port: int) -> None:
+        self.proc = proc
+        self.port = port
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if line.startswith("[SERVER] Waiting for connections"):
+                return
+        err = self.proc.stderr.read() if self.proc.stderr and self.proc.poll() is not None else ""
+        raise AssertionError(f"server not ready: {seen!r} {err!r}")
+
+
+@pytest.fixture
+def serve_proc(tmp_path: Path, cert_files: dict[str, Path]) -> Iterator[Callable[..., Proc]]:
+    """``serve_proc(*args)``: a real ``securechat serve`` process on a free loopback port (SIGTERM afterwards)."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, ready: bool = True) -> Proc:
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "securechat", "serve", "--host", LOOPBACK, "--port", str(port),
+             "--cert", str(cert_files["cert"]), "--key", str(cert_files["key"]), "--no-renew", *args],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        procs.append(proc)
+        served = Proc(proc, port)
+        if ready:
+            served.wait_ready()
+        return served
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.communicate(timeout=10)
 
 
 def issue_client(ca_dir: Path, name: str, out: Path, *, days_ago: float = 25, days: int = 30) -> tuple[Path, Path]:

@@ -1,6 +1,6 @@
 """Sessions whose grace period ran out, remembered for a while so that their client, coming back, is told what is lost.
 
-When a dropped session is not resumed in time (:meth:`securechat.server.rooms.Rooms.hold`), its resume
+When a dropped session is not resumed in time (:meth:`securechat.server.resume.HeldSessions.hold`), its resume
 token, its person and the private lines held for it are kept here (:data:`FORGOTTEN`). A client that
 comes back later with that token is refused the resume, but once it has a nickname again it gets those
 private lines, and is told exactly what cannot be had (:class:`securechat.server.session.Session`).

@@ -7,13 +7,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from securechat.store.roomlog import Entry
+from securechat.store.roomlog import Entry, RoomLog
+from securechat.wire import protocol
 from securechat.wire.conn import OUTBOX_LIMIT
 from securechat.wire.ids import id_key, room_key
 
@@ -100,6 +102,15 @@ def conversation(read_before: Callable[[str | None, int], list[Entry]], anchor: 
     return found, oldest
 
 
+# What people are told when the chat's servers cannot reach their shared storage (Redis): nothing is
+# lost and nothing is shown out of order, it waits.
+PAUSED_WHY = "the chat's servers cannot reach their shared store"
+PAUSED = f"delivery paused: {PAUSED_WHY}; your lines wait and go out, in order, when it is back"
+RESUMED = "delivery resumed"
+UNCHECKED = ("cannot check {nick!r} with the chat's other servers right now (their shared store is unreachable); "
+             "try again in a moment")
+
+
 Write = Callable[[bytes], object]
 Targets = tuple[tuple[str, Write], ...]
 
@@ -163,6 +174,10 @@ class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
 
+# What times the grace periods: ``schedule(delay, fn, *args)`` runs ``fn(*args)`` in ``delay`` seconds.
+Schedule = Callable[..., Cancellable]
+
+
 def thread_timer(delay: float, fn: Callable[..., object], *args: object) -> Cancellable:
     """A :class:`threading.Timer` (a thread each): the default outside the engine, which uses its timer heap."""
     timer = threading.Timer(delay, fn, args)
@@ -208,6 +223,36 @@ def render(entry: Entry) -> str:
 def tag(entry: Entry) -> str:
     """The opt-in tag in front of a room line: ``@id=1700000000000-0;room=dev ``."""
     return f"@id={entry.id};room={entry.room} "
+
+
+def read_stored(log: RoomLog, room: str, anchor: str | None, limit: int, *, before: bool) -> list[Entry]:
+    """Up to ``limit`` stored lines of ``room`` before (or after) id ``anchor``; [] when storage fails (logged)."""
+    if limit <= 0 or not log.stores:
+        return []
+    try:
+        if before:
+            return log.read_before(room, anchor, limit)
+        return log.read_after(room, anchor, limit)
+    except Exception as exc:  # storage trouble must not cost the chat
+        logging.getLogger("securechat.rooms").error("cannot read the history of #%s: %s", room, exc)
+        return []
+
+
+def replayed(member: Member, entry: Entry, how: str, now: float) -> bytes:
+    """``entry`` replayed to ``member`` (``how``: history, missed), as sent."""
+    where = "" if member.current is not None and member.current.key == room_key(entry.room) else f"#{entry.room} "
+    line = f"({how} {time_label(entry.ts, now)}) {where}{render(entry)}"
+    if member.tagged:
+        line = tag(entry) + line
+    return protocol.encode(line)
+
+
+def live(member: Member, room: Room, entry: Entry) -> bytes:
+    """A live ``entry`` of ``room`` as ``member`` gets it, as sent."""
+    line = render(entry) if member.current is room else f"#{room.name} {render(entry)}"
+    if member.tagged:
+        line = tag(entry) + line
+    return protocol.encode(line)
 
 
 class Room:

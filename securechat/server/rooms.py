@@ -4,7 +4,14 @@ The server's sessions only call :class:`Rooms`; :class:`Rooms` only talks to a
 :class:`~securechat.store.roomlog.RoomLog` (where lines get their ids and are kept) and a
 :class:`~securechat.store.roomlog.Directory` (who is on the other servers). A line said in a room is
 appended to the log; the log hands it back to :meth:`Rooms._deliver`, which formats it once per
-form and queues it on each member's bounded outbox. Nobody writes to another client's socket.
+form and queues it on each member's bounded outbox. Nobody writes to another client's socket. A member
+whose connection dropped is held for its client to resume by :attr:`Rooms.held`
+(:mod:`securechat.server.resume`).
+
+Where it runs: chat lines (:meth:`Rooms.say`) on a loop thread, so appending never blocks; everything
+that asks the directory or reads the log (a nick claim, a join's count and replay, /who, /rooms, read
+positions) on a worker, in the session's turn, and outside the registry lock, so that a slow Redis holds
+up nobody else.
 
 What a member sees (see the protocol table in :mod:`securechat.wire.protocol`):
 
@@ -26,9 +33,9 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from securechat.server.inbox import Inbox
+from securechat.server.resume import HeldSessions
 from securechat.server.room import (
     ANNOUNCE_LIMIT,
     DEFAULT_ROOM,
@@ -40,19 +47,24 @@ from securechat.server.room import (
     MAX_HISTORY_PAGE,
     MAX_JOINED,
     MAX_ROOMS,
+    PAUSED,
+    PAUSED_WHY,
     REPLAY_BYTES,
     REPLAY_LINES,
-    Cancellable,
+    RESUMED,
+    UNCHECKED,
     Member,
     Room,
+    Schedule,
     conversation,
+    live,
+    read_stored,
     render,
+    replayed,
     room_error,
-    tag,
     thread_timer,
-    time_label,
 )
-from securechat.store.roomlog import Directory, Entry, LocalDirectory, LocalLog, RoomLog
+from securechat.store.roomlog import Directory, DirectoryUnavailable, Entry, LocalDirectory, LocalLog, RoomLog
 from securechat.wire import protocol
 from securechat.wire.ids import id_key, room_key
 
@@ -72,8 +84,8 @@ class Rooms:
         offline_messages: bool = False,
         grace: float = GRACE_SECONDS,
     ) -> None:
-        self.log = roomlog if roomlog is not None else LocalLog()
-        self.directory = directory if directory is not None else LocalDirectory()
+        self.log: RoomLog = roomlog if roomlog is not None else LocalLog()
+        self.directory: Directory = directory if directory is not None else LocalDirectory()
         self.announce_limit = announce_limit
         self.replay = replay
         # Under mutual TLS a name is a person: a /msg to someone offline is kept for them.
@@ -83,29 +95,26 @@ class Rooms:
         # securechat.server.trust, when it knows the CA's names); None here: any nick is a person.
         self.persons: Callable[[str], str | None] | None = None
         self.grace = grace
-        self.schedule = thread_timer  # times grace periods; the engine's is its timer heap, not a thread each
+        self.schedule: Schedule = thread_timer  # grace periods; the engine's is its timer heap, not a thread each
         self._lock = threading.Lock()
         self._nicks: dict[str, Member] = {}  # nick_key -> member (held sessions included)
-        self._held: dict[str, _Held] = {}  # resume token -> a dropped session waiting for its client
+        self._claiming: set[str] = set()  # nick keys being claimed from the directory (outside the lock)
         self._tokens: dict[str, Member] = {}  # resume token -> its member, connected or held
-        self._resume_lock = threading.Lock()  # holding, expiring and resuming one at a time
         self._rooms: dict[str, Room] = {}  # room_key -> room
         self._by_name: dict[str, Room] = {}  # exact display name -> room (the fast path)
         self._started = False
+        self.held = HeldSessions(self)  # dropped sessions waiting for their client (securechat.server.resume)
 
     def start(self) -> None:
         """Connect to the log: from now on its entries are delivered here."""
         if not self._started:
             self._started = True
+            self.log.watch(self._paused)
             self.log.start(self._deliver)
 
     def close(self) -> None:
         """Stop the grace timers and close the log (a graceful close stores everything)."""
-        with self._lock:
-            held = list(self._held.values())
-            self._held.clear()
-        for h in held:
-            h.timer.cancel()
+        self.held.close()
         self.log.close()
 
     def _changed(self, member: Member, *also: Room) -> None:
@@ -124,33 +133,51 @@ class Rooms:
     def register(self, member: Member, nick: str) -> str | None:
         """Give ``member`` the name ``nick`` (no room yet); return why not, or None."""
         key = protocol.nick_key(nick)
-        held = self._nicks.get(key)
-        if held is not None and member.person and held.person == member.person and held.held_private is not None:
+        dropped = self._nicks.get(key)
+        if dropped is not None and member.person and dropped.person == member.person and \
+                dropped.held_private is not None:
             # The same person (certificate) is back with a fresh client instead of resuming:
             # the held session is over now, not at the end of its grace period.
-            self._expire(held.token)
+            self.held.expire(dropped.token)
         with self._lock:
             holder = self._nicks.get(key)
             if holder is not None and holder.held_private is not None:
                 return f"{nick!r} is held for its dropped connection to resume (up to {self.grace:g} s)"
-            if holder is not None:
+            if holder is not None or key in self._claiming:
                 return f"{nick!r} is taken"
-            if not self.directory.claim(nick):
-                return f"{nick!r} is taken"
-            self._nicks[key] = member
-            member.nick = nick
-        return None
+            self._claiming.add(key)
+        claimed = self._claim(key, nick)
+        with self._lock:
+            if claimed:
+                self._nicks[key] = member
+                member.nick = nick
+        return None if claimed else UNCHECKED.format(nick=nick) if claimed is None else f"{nick!r} is taken"
+
+    def _claim(self, key: str, nick: str, *, take_over: bool = False) -> bool | None:
+        """The directory on ``nick``, asked outside the registry lock: True, False (taken), None (cannot tell)."""
+        try:
+            return self.directory.take_over(nick) if take_over else self.directory.claim(nick)
+        except DirectoryUnavailable:
+            return None
+        finally:
+            with self._lock:
+                self._claiming.discard(key)
 
     def rename(self, member: Member, new: str) -> str | None:
         """Rename ``member`` and tell each of its rooms; return why not, or None."""
         old = member.nick
         key = protocol.nick_key(new)
+        changing = protocol.nick_key(old) != key
         with self._lock:
             holder = self._nicks.get(key)
-            if holder is not None and holder is not member:
+            if (holder is not None and holder is not member) or key in self._claiming:
                 return f"{new!r} is taken"
-            if protocol.nick_key(old) != key and not self.directory.claim(new):
-                return f"{new!r} is taken"
+            if changing:
+                self._claiming.add(key)
+        claimed = self._claim(key, new) if changing else True
+        with self._lock:
+            if not claimed:
+                return UNCHECKED.format(nick=new) if claimed is None else f"{new!r} is taken"
             del self._nicks[protocol.nick_key(old)]
             self._nicks[key] = member
             member.nick = new
@@ -170,16 +197,49 @@ class Rooms:
         self._save_marks(member)
         self.inbox.forget(member)
         for room in list(member.joined):
-            self._leave_room(member, room, why, quiet=quiet)
+            self._leave_room(member, room, why, quiet=quiet, session=member.token)
         member.current = None
+        if self.vacate(member):
+            self.directory.release(member.nick)
+
+    def vacate(self, member: Member) -> bool:
+        """Free ``member``'s resume token and nick here (not in the directory); True if the nick was its."""
         with self._lock:
             if member.token and self._tokens.get(member.token) is member:
                 del self._tokens[member.token]
             key = protocol.nick_key(member.nick)
             if self._nicks.get(key) is not member:
-                return
+                return False
             del self._nicks[key]
-        self.directory.release(member.nick)
+        return True
+
+    def holder(self, token: str) -> Member | None:
+        """The member resume token ``token`` names here (connected or held), or None."""
+        return self._tokens.get(token)
+
+    def seat(self, member: Member, nick: str, token: str) -> None:
+        """``member`` (a resumed connection) takes the place of ``nick`` and ``token`` here."""
+        with self._lock:
+            member.nick, member.token = nick, token
+            self._tokens[token] = member
+            self._nicks[protocol.nick_key(nick)] = member
+
+    def take_over(self, member: Member, nick: str, token: str) -> bool:
+        """Seat ``member`` as ``nick`` with ``token``, a session taken over from another server through the
+        directory (outside the registry lock); False when either is here already or the nick went to someone else."""
+        key = protocol.nick_key(nick)
+        with self._lock:
+            if key in self._nicks or token in self._tokens or key in self._claiming:
+                return False  # here already: HeldSessions.resume() is the way back
+            self._claiming.add(key)
+        taken = self._claim(key, nick, take_over=True)
+        with self._lock:
+            if not taken:
+                return False
+            self._nicks[key] = member
+            self._tokens[token] = member
+            member.nick, member.token = nick, token
+        return True
 
     def find(self, nick: str) -> Member | None:
         """The local member called ``nick`` (held sessions included), or None."""
@@ -209,7 +269,7 @@ class Rooms:
                 self._by_name[name] = room
         return room
 
-    def _add(self, name: str, member: Member) -> tuple[Room, int] | None:
+    def add(self, name: str, member: Member) -> tuple[Room, int] | None:
         """Put ``member`` in room ``name`` (created if need be, None past MAX_ROOMS), catching up.
 
         Under the registry lock, so a room being emptied at that moment cannot be dropped with
@@ -227,7 +287,8 @@ class Rooms:
                 room.add_catching(member)
                 return room, len(room.members)
 
-    def _drop_if_empty(self, room: Room) -> None:
+    def drop_if_empty(self, room: Room) -> None:
+        """Forget ``room`` if nobody is in it any more (nor joining it)."""
         with self._lock, room.lock:
             if not room.members and not room.catching and self._rooms.get(room.key) is room:
                 del self._rooms[room.key]
@@ -249,11 +310,11 @@ class Rooms:
             self.inbox.deliver(member, marks.get("@" + member.nick))
 
     def join(self, member: Member, name: str, *, after: str | None = None, confirm: bool = True,
-             budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES) -> None:
+             budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES, announce: bool = True) -> None:
         """Join ``name`` (created on first join) and make it the current room; replies to ``member``.
 
         With ``after`` (an id), the lines after it are replayed as missed instead of the last
-        :attr:`replay` lines as history.
+        :attr:`replay` lines as history. ``announce=False``: nobody is told (resumed from another server).
         """
         if name.startswith("#"):
             name = name[1:]
@@ -267,11 +328,12 @@ class Rooms:
         if len(member.joined) >= MAX_JOINED:
             member.conn.send(protocol.notice(f"you follow {MAX_JOINED} rooms already: /part one first"))
             return
-        added = self._add(name, member)
+        added = self.add(name, member)
         if added is None:
             member.conn.send(protocol.notice(f"too many rooms on this server ({MAX_ROOMS}); join an existing one"))
             return
         room, count = added
+        count += len(self.held.in_room(room)) + len(self.directory.members(room.name))  # as /rooms counts
         previous = member.current
         member.current = room
         member.joined.append(room)
@@ -283,40 +345,30 @@ class Rooms:
             member.conn.send(protocol.notice(f"you joined #{room.name} ({count} here); now talking in #{room.name}"))
         # Read before telling the room: the replay ends with what was said before this arrival.
         if after is None:  # what people said (room.conversation), however many came and went since
-            entries, oldest = conversation(functools.partial(self._read, room, before=True), None, self.replay)
+            entries, oldest = conversation(functools.partial(read_stored, self.log, room.name, before=True), None,
+                                           self.replay)
             if oldest:
                 member.paged[room.key] = oldest  # /history goes on from there
         else:
-            entries = self._missed(member, room, after)
-        if not self.announce_limit or count <= self.announce_limit:
+            entries = self.missed(member, room, after)
+        if announce and (not self.announce_limit or count <= self.announce_limit):
             self.log.append(room.name, "join", member.nick, "")
-        self._catch_up(member, room, entries, "history" if after is None else "missed", budget, max_lines)
+        self.catch_up(member, room, entries, "history" if after is None else "missed", budget, max_lines)
 
-    def _read(self, room: Room, anchor: str | None, limit: int, *, before: bool) -> list[Entry]:
-        if limit <= 0 or not self.log.stores:
-            return []
-        try:
-            if before:
-                return self.log.read_before(room.name, anchor, limit)
-            return self.log.read_after(room.name, anchor, limit)
-        except Exception as exc:  # storage trouble must not cost the chat
-            log.error("cannot read the history of #%s: %s", room.name, exc)
-            return []
-
-    def _missed(self, member: Member, room: Room, after: str | None) -> list[Entry]:
+    def missed(self, member: Member, room: Room, after: str | None) -> list[Entry]:
         """What ``member`` missed in ``room`` after id ``after`` (not its own lines), oldest first.
 
         Beyond :data:`MAX_CATCHUP` lines, the newest ones: a gap before the live lines would be
         worse than one further back, which /history can page through.
         """
-        entries = self._read(room, after, MAX_CATCHUP, before=False)
+        entries = read_stored(self.log, room.name, after, MAX_CATCHUP, before=False)
         if len(entries) >= MAX_CATCHUP:
-            entries = self._read(room, None, MAX_CATCHUP, before=True)
+            entries = read_stored(self.log, room.name, None, MAX_CATCHUP, before=True)
             if entries:
                 member.paged[room.key] = entries[0].id
         return [e for e in entries if e.sender != member.nick]
 
-    def _catch_up(self, member: Member, room: Room, entries: list[Entry], how: str,
+    def catch_up(self, member: Member, room: Room, entries: list[Entry], how: str,
                   budget: int = REPLAY_BYTES, max_lines: int = MAX_CATCHUP_LINES) -> None:
         """Send ``entries`` as history or missed lines, then the live lines that arrived meanwhile.
 
@@ -327,7 +379,7 @@ class Rooms:
         send = member.conn.send
         skipped = max(0, len(entries) - max_lines)
         entries = entries[skipped:]
-        lines = [self._replayed(member, entry, how, now) for entry in entries]
+        lines = [replayed(member, entry, how, now) for entry in entries]
         if sum(map(len, lines)) > budget:
             keep = 0
             for data in reversed(lines):
@@ -356,22 +408,9 @@ class Rooms:
                 if last is None or id_key(entry.id) > last:
                     if entry.kind in EXCLUDE_SENDER and entry.sender == member.nick:
                         continue
-                    send(self._live(member, room, entry))
+                    send(live(member, room, entry))
             if room.last_id is None and entries:
                 room.last_id = entries[-1].id
-
-    def _replayed(self, member: Member, entry: Entry, how: str, now: float) -> bytes:
-        where = "" if member.current is not None and member.current.key == room_key(entry.room) else f"#{entry.room} "
-        line = f"({how} {time_label(entry.ts, now)}) {where}{render(entry)}"
-        if member.tagged:
-            line = tag(entry) + line
-        return protocol.encode(line)
-
-    def _live(self, member: Member, room: Room, entry: Entry) -> bytes:
-        line = render(entry) if member.current is room else f"#{room.name} {render(entry)}"
-        if member.tagged:
-            line = tag(entry) + line
-        return protocol.encode(line)
 
     def part(self, member: Member, name: str) -> None:
         """Leave ``name`` (the current room when empty); replies to ``member``."""
@@ -387,7 +426,7 @@ class Rooms:
         if member.current is not None:
             member.conn.send(protocol.notice(f"now talking in #{member.current.name}"))
 
-    def _leave_room(self, member: Member, room: Room, why: str, *, quiet: bool = False) -> None:
+    def _leave_room(self, member: Member, room: Room, why: str, *, quiet: bool = False, session: str = "") -> None:
         with room.lock:
             announcing = not self.announce_limit or len(room.members) <= self.announce_limit
             room.remove(member)
@@ -399,14 +438,15 @@ class Rooms:
             if member.current is not None:
                 self._changed(member)
         self.directory.parted(room.name, member.nick)
-        if not quiet and (why or announcing):
-            self.log.append(room.name, "part", member.nick, why)
-        self._drop_if_empty(room)
+        if not quiet and (why or announcing):  # ``session``: unless it was resumed on another server meanwhile
+            self.log.append(room.name, "part", member.nick, why, session=session)
+        self.drop_if_empty(room)
 
     def rooms(self) -> list[tuple[str, int]]:
         """Every room with people in it, here and on the other servers: (name, members), by name."""
+        held = self.held.counts()
         with self._lock:
-            counts = {room.name: len(room.members) for room in self._rooms.values()}
+            counts = {room.name: len(room.members) + held[room] for room in self._rooms.values()}
         for name, n in self.directory.rooms().items():
             counts[name] = counts.get(name, 0) + n
         return sorted(((n, c) for n, c in counts.items() if c), key=lambda item: item[0].casefold())
@@ -415,11 +455,16 @@ class Rooms:
         """The members of room ``name`` everywhere, sorted; None when there is no such room here."""
         name = name.removeprefix("#")
         room = self._room(name, create=False)
-        here = [m.nick for m in room.members] if room is not None else []
+        here = [m.nick for m in (*room.members, *self.held.in_room(room))] if room is not None else []
         there = self.directory.members(name)
         if room is None and not there:
             return None
         return sorted({*here, *there}, key=str.casefold)
+
+    def _paused(self, paused: bool) -> None:
+        """The shared log cannot reach its storage for a while now (or can again): tell everyone here why."""
+        for member in [m for m in list(self._nicks.values()) if m.held_private is None]:
+            member.conn.send(protocol.notice(PAUSED if paused else RESUMED))
 
     # -- saying things ---------------------------------------------------------------------
 
@@ -429,7 +474,8 @@ class Rooms:
         if room is None:
             member.conn.send(protocol.notice("you are in no room: /join NAME"))
             return
-        self.log.append(room.name, kind, member.nick, text)
+        if not self.log.append(room.name, kind, member.nick, text):
+            member.conn.send(protocol.notice(f"{protocol.NOT_DELIVERED} ({PAUSED_WHY}): {text}"))
 
     def private(self, member: Member, target_nick: str, text: str) -> str | None:
         """A private message; return why it cannot be sent, or None."""
@@ -449,7 +495,8 @@ class Rooms:
             member.conn.send(protocol.notice(f"{person} is offline: kept for their next login"))
         else:
             return f"no such nick: {protocol.sanitize(target_nick)}"
-        self.log.append("@" + name, "private", member.nick, text, name, store=store)
+        if not self.log.append("@" + name, "private", member.nick, text, name, store=store):
+            return f"{protocol.NOT_DELIVERED} ({PAUSED_WHY}): {text}"
         if member.echo and protocol.nick_key(name) != protocol.nick_key(member.nick):
             member.conn.send(protocol.private(member.nick, name, text))
         return None
@@ -463,8 +510,8 @@ class Rooms:
         if not self.log.stores:
             member.conn.send(protocol.notice("history is off on this server"))
             return
-        entries, oldest = conversation(functools.partial(self._read, room, before=True), member.paged.get(room.key),
-                                       min(count, MAX_HISTORY_PAGE))
+        entries, oldest = conversation(functools.partial(read_stored, self.log, room.name, before=True),
+                                       member.paged.get(room.key), min(count, MAX_HISTORY_PAGE))
         if oldest:
             member.paged[room.key] = oldest
         if not entries:
@@ -474,7 +521,7 @@ class Rooms:
         member.conn.send(protocol.notice(f"history of #{room.name}: {len(entries)} earlier "
                                          f"line{'s' if len(entries) != 1 else ''}"))
         for entry in entries:
-            member.conn.send(self._replayed(member, entry, "history", now))
+            member.conn.send(replayed(member, entry, "history", now))
         member.conn.send(protocol.notice(f"end of history; now live in #{room.name}"))
 
     # -- delivery (the log's callback) -----------------------------------------------------
@@ -493,8 +540,8 @@ class Rooms:
         exclude = entry.sender if entry.kind in EXCLUDE_SENDER else None
         if exclude is not None:
             sender = self._nicks.get(protocol.nick_key(exclude))
-            if sender is not None and sender.echo:
-                exclude = None  # "/cap echo": the sender sees its line exactly as the others do
+            if sender is not None and sender.echo and entry.kind != "join":
+                exclude = None  # "/cap echo": the sender sees its line exactly as the others do (never its join)
         here = protocol.encode(render(entry))
         there: bytes | None = None
         with room.lock:
@@ -510,7 +557,7 @@ class Rooms:
                 if member in catching:
                     catching[member].append(entry)
                 elif member.tagged:
-                    member.conn.send(self._live(member, room, entry))
+                    member.conn.send(live(member, room, entry))
                 elif member.current is room:
                     member.conn.send(here)
                 else:
@@ -530,7 +577,7 @@ class Rooms:
             return
         target.conn.send(data)
 
-    # -- read positions and resuming -------------------------------------------------------
+    # -- read positions and dropped connections (held: securechat.server.resume) -----------
 
     def _save_marks(self, member: Member) -> None:
         """Under mutual TLS: remember where the person is in each of its rooms."""
@@ -557,7 +604,7 @@ class Rooms:
         self.directory.remember_session(member.token, member.nick, member.person)
         return member.token
 
-    def _detach(self, member: Member) -> None:
+    def detach(self, member: Member) -> None:
         """Stop delivering to ``member`` but keep its nick and rooms (its lines stay in the log)."""
         self._save_marks(member)
         self.inbox.forget(member)
@@ -566,133 +613,3 @@ class Rooms:
         for room in member.joined:
             with room.lock:
                 room.remove(member)
-
-    def hold(self, member: Member, on_expiry: _Expiry) -> bool:
-        """``member``'s connection dropped: keep its nick and rooms for :attr:`grace` seconds.
-
-        Only a member that asked for a token (/session) is held. It leaves the rooms' delivery
-        (its lines are read back from the log on resume) but not the rooms, and nobody is told
-        anything unless the grace period runs out. False when it is not held (then unregister it).
-        """
-        with self._resume_lock:
-            if member.replaced:  # a new connection already took over: nothing left to do
-                return True
-            if not member.token or self.grace <= 0:
-                return False
-            self._detach(member)
-            with self._lock:  # _expire waits for _resume_lock: the entry is there before it runs
-                timer = self.schedule(self.grace, self._expire, member.token)
-                self._held[member.token] = _Held(member, timer, on_expiry)
-        return True
-
-    def _expire(self, token: str) -> None:
-        with self._resume_lock:
-            with self._lock:
-                held = self._held.pop(token, None)
-                if held is not None:
-                    self._tokens.pop(token, None)
-        if held is None:
-            return
-        member = held.member
-        # The nick is free before anyone is told it left.
-        with self._lock:
-            key = protocol.nick_key(member.nick)
-            if self._nicks.get(key) is member:
-                del self._nicks[key]
-        self.directory.release(member.nick)
-        rooms = list(member.joined)
-        member.joined.clear()
-        for room in rooms:
-            self.directory.parted(room.name, member.nick)
-            self.log.append(room.name, "part", member.nick, "connection lost")
-            self._drop_if_empty(room)
-        held.on_expiry(member)
-
-    def resume(self, member: Member, token: str, person: str | None) -> Member | None:
-        """Take over session ``token``: the old member, or None when there is no such session.
-
-        The old one is either held (its connection dropped) or still connected: a connection that
-        died silently (Wi-Fi gone) looks alive to the server for up to two minutes, and the
-        returning client must not wait for that. Under mutual TLS it must be the same certificate.
-        """
-        with self._resume_lock:
-            with self._lock:
-                old = self._tokens.get(token)
-                if old is None or old.person != person:
-                    return None
-                held = self._held.pop(token, None)
-            if held is not None:
-                held.timer.cancel()
-            else:
-                self._detach(old)
-                old.replaced = True
-                old.conn.abort("resumed from another connection")
-            with self._lock:
-                member.nick = old.nick
-                member.token = token
-                self._tokens[token] = member
-                self._nicks[protocol.nick_key(old.nick)] = member
-        return old
-
-    def adopt(self, member: Member, token: str, person: str | None) -> bool:
-        """Take over a session that another server gave ``token`` (a shared back-end; that server is gone).
-
-        The directory knows the token's nick, which is taken over here; then :meth:`rejoin_rooms`.
-        False (nothing done) when the token is unknown everywhere.
-        """
-        nick = self.directory.session_nick(token, person)
-        if nick is None:
-            return False
-        key = protocol.nick_key(nick)
-        with self._lock:
-            if key in self._nicks or token in self._tokens:
-                return False  # here already: resume() is the way back
-            if not self.directory.take_over(nick):
-                return False
-            self._nicks[key] = member
-            self._tokens[token] = member
-            member.nick, member.token = nick, token
-        self.directory.remember_session(token, nick, person)
-        return True
-
-    def rejoin_rooms(self, member: Member, rooms: list[tuple[str, str]]) -> None:
-        """An adopted member joins ``rooms`` again (``(name, last id seen)``), each with what it missed."""
-        self.tag(member)
-        share = REPLAY_BYTES // max(1, len(rooms))
-        for name, after in rooms[:MAX_JOINED]:
-            self.join(member, name, after=after, confirm=False, budget=share)
-        if not member.joined:
-            self.join(member, DEFAULT_ROOM, confirm=False)
-
-    def rejoin(self, member: Member, old: Member, positions: dict[str, str]) -> None:
-        """Put a resumed ``member`` back in ``old``'s rooms with what it missed (after its ids)."""
-        rooms, current = list(old.joined), old.current
-        old.joined.clear()
-        for room in rooms:
-            added = self._add(room.name, member)  # the room may have emptied and gone meanwhile
-            if added is None:
-                continue
-            member.joined.append(added[0])
-            if current is room or member.current is None:
-                member.current = added[0]
-        for data in old.held_private or []:
-            member.conn.send(data)
-        share = max(1, len(member.joined))
-        for room in list(member.joined):
-            # Without an id from the client (it saw no line there), from where the drop happened.
-            after = positions.get(room.key) or old.dropped_at.get(room.key)
-            self._catch_up(member, room, self._missed(member, room, after), "missed", REPLAY_BYTES // share,
-                           MAX_CATCHUP_LINES // share)
-
-
-class _Expiry(Protocol):
-    def __call__(self, member: Member) -> None: ...
-
-
-class _Held:
-    __slots__ = ("member", "timer", "on_expiry")
-
-    def __init__(self, member: Member, timer: Cancellable, on_expiry: _Expiry) -> None:
-        self.member = member
-        self.timer = timer
-        self.on_expiry = on_expiry

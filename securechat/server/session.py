@@ -320,7 +320,7 @@ class Session:
             if self.server.stopping:
                 # While the server shuts down everyone leaves at once; nobody needs the roll call.
                 rooms.unregister(self, "", quiet=True)
-            elif self.quitting or not rooms.hold(self, _held_expired):
+            elif self.quitting or not rooms.held.hold(self, _held_expired):
                 rooms.unregister(self, _leave_reason(why))
         log.info("%s %s disconnected: %s", self.peer, self.nick or "(no nick)", why)
 
@@ -368,8 +368,9 @@ class Session:
     def _register_bound(self, asked: str, nick: str) -> None:
         """Join under the certificate's name, whatever nick line was sent."""
         error = protocol.nick_error(nick)
-        if error is None and self.server.rooms.register(self, nick) is not None:
-            error = f"{nick!r} is already connected"
+        refusal = self.server.rooms.register(self, nick) if error is None else None
+        if refusal is not None:  # taken: this person is here already; anything else is said as it is
+            error = f"{nick!r} is already connected" if refusal.endswith(" is taken") else refusal
         if error:
             self.conn.close(protocol.notice(f"{protocol.NICK_REFUSED}{error} (your certificate names you "
                                             f"{nick!r}); goodbye"), reason="certificate nick unusable")
@@ -421,14 +422,14 @@ class Session:
         """``/resume TOKEN ROOM=ID ...``: take back a dropped session within its grace period."""
         token, *positions = arg.split()
         rooms = self.server.rooms
-        old = rooms.resume(self, token, self.person) if token else None
-        if old is None and token and rooms.adopt(self, token, self.person):
+        old = rooms.held.resume(self, token, self.person) if token else None
+        if old is None and token and rooms.held.adopt(self, token, self.person):
             # A session from another server sharing these rooms (--redis): back in its rooms, caught up.
             self._in()
             self.nick_since = time.time()
             self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {self._online()}. /help lists commands")
             log.info("%s resumed %s from another server", self.peer, self.nick)
-            rooms.rejoin_rooms(self, parse_rooms(positions))
+            rooms.held.rejoin_rooms(self, parse_rooms(positions))
             return
         if old is None:
             # Where it was: once it is back under its nick, it is shown only what it has not seen.
@@ -442,7 +443,7 @@ class Session:
         self.nick_since = getattr(old, "nick_since", time.time())
         self.reply(f"{protocol.WELCOME}{self.nick}! (resumed) {self._online()}. /help lists commands")
         log.info("%s resumed %s", self.peer, self.nick)
-        rooms.rejoin(self, old, parse_positions(positions))
+        rooms.held.rejoin(self, old, parse_positions(positions))
 
     # -- commands ------------------------------------------------------------------------
 

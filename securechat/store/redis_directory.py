@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from securechat.store.redis_config import RedisConfig, describe_redis_error, redis_errors
-from securechat.store.roomlog import Directory
+from securechat.store.roomlog import Directory, DirectoryUnavailable
 from securechat.wire import protocol
 from securechat.wire.ids import room_key as roomlog_room_key
 
@@ -27,7 +26,7 @@ PRESENCE_TTL = 15.0
 # grace period (--grace passes the server's).
 SESSION_GRACE = 60.0
 
-# Directory calls run on a session's thread (a login, /who): Redis answers in under a millisecond,
+# Directory calls run in a session's turn on a worker (a login, /who): Redis answers in under a millisecond,
 # so a second means it is gone, and then the directory answers for this server alone.
 DIRECTORY_TIMEOUT = 1.0
 
@@ -41,13 +40,39 @@ if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
 return 0
 """
 
-# Takes a nick for a resumed session: only if it is free, or still held by the server that gave the
-# session (gone, or its client would have resumed there), never from someone who took it since.
-# KEYS: the nick; ARGV: new value, ttl ms, the session's origin.
+# Takes over a session and its nick for a resumed session, in one step: only while the session is
+# still the server's that gave it (not ended there: its departure announced), and the nick is free or
+# still held by that server (gone, or its client would have resumed there), never from someone who
+# took it since. KEYS: the nick, the session; ARGV: new value, ttl ms, the session's origin, this
+# server's origin, the session's ttl ms.
 _TAKE_OVER_LUA = """
+if redis.call('HGET', KEYS[2], 'origin') ~= ARGV[3] then return 0 end
 local v = redis.call('GET', KEYS[1])
 if (not v) or string.sub(v, 1, #ARGV[3] + 1) == ARGV[3] .. '\t' then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('HSET', KEYS[2], 'origin', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  return 1
+end
+return 0
+"""
+
+# Records (or refreshes) a session this server gave, unless another server has taken it over.
+# KEYS: the session; ARGV: nick, person, origin, ttl ms. 0: it is another server's now.
+_SESSION_LUA = """
+local holder = redis.call('HGET', KEYS[1], 'origin')
+if holder and holder ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'nick', ARGV[1], 'person', ARGV[2], 'origin', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# Ends a session if it is still this server's: the record stays, marked "ended:ORIGIN", until it
+# expires, so that no other server takes it over and the server that ended it still announces the
+# departure (the room log's append script reads the mark). KEYS: the session; ARGV: origin.
+_END_SESSION_LUA = """
+if redis.call('HGET', KEYS[1], 'origin') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'origin', 'ended:' .. ARGV[1])
   return 1
 end
 return 0
@@ -118,10 +143,13 @@ class RedisDirectory(Directory):
       servers' clocks may differ), members ``nick<TAB>origin``: :meth:`members`, :meth:`rooms` and
       :meth:`everyone` report the other servers' people, and a dead server's vanish within the TTL.
 
-    Calls are blocking round trips on the caller's (session) thread, bounded by a short timeout;
-    while Redis is known to be unreachable they answer at once for this server alone: a claim is
-    granted (local chat goes on; the refresh takes the nick in Redis when it is back, and logs if
-    another server took it meanwhile), and nobody is reported elsewhere.
+    Calls are blocking round trips on the caller's thread (a worker, never a loop), bounded by a short timeout;
+    while Redis is known to be unreachable they answer at once for this server alone: nobody is
+    reported elsewhere, and a claim raises DirectoryUnavailable (a nick is never granted without
+    Redis, so two servers never hand out one nick).
+    - A session resumed on another server is taken over there in one step with its nick
+      (:meth:`take_over`); from then on this server neither refreshes nor ends it, and drops the
+      nick and memberships it held for it (:meth:`refresh` finds them gone).
     """
 
     def __init__(self, config: RedisConfig, *, ttl: float = PRESENCE_TTL, grace: float = SESSION_GRACE,
@@ -137,7 +165,9 @@ class RedisDirectory(Directory):
         self._members: dict[str, dict[str, str]] = {}  # room key -> {nick key: display}
         self._room_names: dict[str, str] = {}  # room key -> display
         self._sessions: dict[str, tuple[str, str]] = {}  # resume token -> (nick key, person)
-        self._adopting: dict[str, str] = {}  # nick key -> origin of the session being resumed here
+        self._adopting: dict[str, tuple[str, str]] = {}  # nick key -> (origin, token) of a session resumed here
+        # Claims whose answer was lost (Redis may have carried them out): given back when it is reachable.
+        self._doubtful: dict[str, str] = {}  # nick key -> the value this server may have set
         self._draining = False  # the server is stopping: sessions stay resumable elsewhere
         # A session record outlives its server by the grace period (plus the time to notice it died).
         self.session_ttl_ms = int((grace + ttl) * 1000)
@@ -167,7 +197,8 @@ class RedisDirectory(Directory):
         self.config.check()
         self._client = self.config.client(timeout=DIRECTORY_TIMEOUT)
         for name, source in (("refresh", _REFRESH_NICK_LUA), ("release", _RELEASE_NICK_LUA), ("take", _TAKE_OVER_LUA),
-                             ("touch", _TOUCH_LUA), ("alive", _ALIVE_LUA), ("rooms", _ROOMS_LUA)):
+                             ("touch", _TOUCH_LUA), ("alive", _ALIVE_LUA), ("rooms", _ROOMS_LUA),
+                             ("session", _SESSION_LUA), ("end", _END_SESSION_LUA)):
             self._scripts[name] = self._client.register_script(source)
         self._thread = threading.Thread(target=self._heartbeat_loop, name="securechat-redis-presence", daemon=True)
         self._thread.start()
@@ -220,7 +251,8 @@ class RedisDirectory(Directory):
     # -- the Directory seam ----------------------------------------------------------------
 
     def claim(self, nick: str) -> bool:
-        """Take ``nick`` for this server; False if another server holds it."""
+        """Take ``nick`` for this server; False if another server holds it; DirectoryUnavailable if Redis
+        cannot be asked."""
         key = self.nick_key(nick)
         redis_key = self.config.key("nick", key)
         value = self._value(nick)
@@ -231,10 +263,14 @@ class RedisDirectory(Directory):
                 if not holder.startswith(f"{self.origin}\t"):
                     return False
                 self._call(lambda: client.set(redis_key, value, px=self.ttl_ms))  # ours: the new spelling
+        except DirectoryUnavailable:
+            with self._lock:  # refused here, but Redis may have set it before the answer was lost
+                if key not in self._nicks:
+                    self._doubtful[key] = value
+            raise
+        with contextlib.suppress(DirectoryUnavailable):  # the heartbeat lists it online in a moment anyway
             self._call(lambda: self._scripts["alive"](keys=[self.config.key("online")],
                                                        args=[self._member(nick), self.ttl_ms]))
-        except DirectoryUnavailable:
-            pass  # granted locally; the refresh claims it in Redis when it is back
         with self._lock:
             self._nicks[key] = nick
         return True
@@ -258,8 +294,8 @@ class RedisDirectory(Directory):
 
         def run() -> None:
             pipe = self._client.pipeline(transaction=False)
-            for token in tokens:
-                pipe.delete(self._session_key(token))
+            for token in tokens:  # unless another server has taken it over since
+                self._scripts["end"](keys=[self.config.session_key(token)], args=[self.origin], client=pipe)
             for room in rooms:
                 pipe.zrem(self.config.key("who", room), self._member(display))
             pipe.zrem(self.config.key("online"), self._member(display))
@@ -328,14 +364,9 @@ class RedisDirectory(Directory):
 
     # -- resuming on another server ----------------------------------------------------------
 
-    def _session_key(self, token: str) -> str:
-        # Hashed: whoever can list Redis's keys cannot lift a token from them.
-        return self.config.key("session", hashlib.sha256(token.encode()).hexdigest()[:32])
-
     def _write_session(self, pipe: Any, token: str, display: str, person: str) -> None:
-        key = self._session_key(token)
-        pipe.hset(key, mapping={"nick": display, "person": person, "origin": self.origin})
-        pipe.pexpire(key, self.session_ttl_ms)
+        self._scripts["session"](keys=[self.config.session_key(token)],
+                                 args=[display, person, self.origin, self.session_ttl_ms], client=pipe)
 
     def remember_session(self, token: str, nick: str, person: str | None) -> None:
         """Record ``token`` -> ``nick`` so another server can resume the session if this one dies."""
@@ -353,16 +384,18 @@ class RedisDirectory(Directory):
     def session_nick(self, token: str, person: str | None) -> str | None:
         """The nick of a session another server gave ``token`` (under mutual TLS, the same person's)."""
         try:
-            record = self._call(lambda: self._client.hgetall(self._session_key(token)))
+            record = self._call(lambda: self._client.hgetall(self.config.session_key(token)))
         except DirectoryUnavailable:
             return None
-        if not record or record.get("origin") == self.origin or record.get("person", "") != (person or ""):
+        origin = str(record.get("origin", ""))
+        if not record or origin == self.origin or origin.startswith("ended:") or \
+                record.get("person", "") != (person or ""):
             return None
         nick = str(record.get("nick", ""))
         if protocol.nick_error(nick) is not None:
             return None
         with self._lock:
-            self._adopting[self.nick_key(nick)] = str(record.get("origin", ""))
+            self._adopting[self.nick_key(nick)] = (origin, token)
         return nick
 
     def take_over(self, nick: str) -> bool:
@@ -370,12 +403,14 @@ class RedisDirectory(Directory):
         the server that gave the session; False if someone else took it since."""
         key = self.nick_key(nick)
         with self._lock:
-            origin = self._adopting.pop(key, None)
-        if origin is None:
+            adopting = self._adopting.pop(key, None)
+        if adopting is None:
             return False
+        origin, token = adopting
         try:
-            taken = self._call(lambda: self._scripts["take"](keys=[self.config.key("nick", key)],
-                                                              args=[self._value(nick), self.ttl_ms, origin]))
+            taken = self._call(lambda: self._scripts["take"](
+                keys=[self.config.key("nick", key), self.config.session_key(token)],
+                args=[self._value(nick), self.ttl_ms, origin, self.origin, self.session_ttl_ms]))
             if not taken:
                 return False
             self._call(lambda: self._scripts["alive"](keys=[self.config.key("online")],
@@ -424,10 +459,54 @@ class RedisDirectory(Directory):
         for token, display, person in sessions:
             self._write_session(pipe, token, display, person)
         results = pipe.execute()
-        for (_, display), ok in zip(nicks, results[:len(nicks)], strict=True):
-            if not ok:
-                log.warning("nick %s was taken on another server while this one was cut off from Redis; "
-                            "both have it until one leaves", display)
+        self._give_back_doubtful()
+        lost = [(key, display) for (key, display), ok in zip(nicks, results[:len(nicks)], strict=True) if not ok]
+        gone = [token for (token, _, _), ok in zip(sessions, results[len(results) - len(sessions):], strict=True)
+                if not ok]
+        if lost or gone:
+            self._forget(lost, gone)
+
+    def _give_back_doubtful(self) -> None:
+        """Release the nicks of claims refused while Redis was unreachable (if Redis did set them, and they are
+        still this server's), so that a nick refused to everyone is not held for nobody until its TTL."""
+        with self._lock:
+            doubtful = {k: v for k, v in self._doubtful.items() if k not in self._nicks}
+            self._doubtful.clear()
+        if doubtful:
+            pipe = self._client.pipeline(transaction=False)
+            for key, value in doubtful.items():
+                self._scripts["release"](keys=[self.config.key("nick", key)], args=[value], client=pipe)
+            pipe.execute()
+
+    def _forget(self, lost: list[tuple[str, str]], gone: list[str]) -> None:
+        """Nicks and sessions another server has taken over (resumed there, perhaps ended there since): stop
+        refreshing them, give back the nick if the refresh took it again, and take their memberships out of
+        the lists at once, so nobody is counted twice."""
+        with self._lock:
+            for token in gone:
+                key, _ = self._sessions.pop(token, ("", ""))
+                if key in self._nicks and all(k != key for k, _ in lost):
+                    lost.append((key, self._nicks[key]))
+            rooms = []
+            for key, display in lost:
+                if self._nicks.get(key) == display:
+                    del self._nicks[key]
+                for room, people in list(self._members.items()):
+                    if people.pop(key, None) is not None:
+                        rooms.append((room, display))
+                    if not people:
+                        del self._members[room]
+        for _, display in lost:
+            log.info("nick %s is held by another server now (its session resumed there)", display)
+        with contextlib.suppress(*redis_errors()):
+            pipe = self._client.pipeline(transaction=False)
+            for room, display in rooms:
+                pipe.zrem(self.config.key("who", room), self._member(display))
+            for key, display in lost:
+                pipe.zrem(self.config.key("online"), self._member(display))
+                self._scripts["release"](keys=[self.config.key("nick", key)], args=[self._value(display)],
+                                         client=pipe)
+            pipe.execute()
 
     def _heartbeat_loop(self) -> None:
         errors = redis_errors()
@@ -447,6 +526,3 @@ class RedisDirectory(Directory):
                 log.warning("nick directory: Redis is back")
             self._ok = True
 
-
-class DirectoryUnavailable(Exception):
-    """Redis is unreachable: the directory cannot answer for the cluster right now."""

@@ -34,10 +34,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from securechat.store.redis_config import (
+    BACKOFF_FIRST,
     COMMAND_TIMEOUT,
     Backoff,
     RedisConfig,
@@ -69,9 +69,9 @@ READ_COUNT = 1000
 WRITE_BATCH = 256
 
 # Lines waiting for Redis on this server: at 10 lines/s per person and 1000 people this is ten
-# seconds of a flat-out room, or hours of a normal one; beyond it, during a long Redis outage,
-# new lines reach only this server's people (they are delivered, never shared later), and this is
-# logged. The appender never waits.
+# seconds of a flat-out room, or hours of a normal one. While Redis is unreachable lines wait here
+# (nobody sees them until Redis has given them their ids); beyond this bound a new line is refused
+# and its sender told so. The appender never waits.
 QUEUE_LIMIT = 100_000
 
 # The firehose only has to cover the catch-up of a server that lost Redis for a while: 100,000
@@ -83,6 +83,27 @@ HISTORY_LINES = 10_000
 
 # A graceful close waits this long for Redis to take the lines still queued.
 CLOSE_FLUSH_SECONDS = 5.0
+
+# A line written but not read back after this long is sent again (written once: the script skips what
+# it has): the primary that took it died before its replica had it. Far beyond the reader's usual lag
+# (milliseconds), so a busy cluster does not resend what is merely on its way.
+SEND_AGAIN_AFTER = 5.0
+
+# How often the reader checks, through Sentinel, that the replica it follows is in sync (one INFO).
+FOLLOW_CHECK_EVERY = 5.0
+
+# A history read (a join's replay, a resume's catch-up) retries this long while Redis is unreachable:
+# a restart or a Sentinel failover with short timeouts is over by then. Beyond, it reads nothing and
+# says so in the log.
+READ_WAIT = 3.0
+
+# Delivery paused this long (Redis unreachable) before the room code is told, so that it can tell its
+# people why nothing arrives; a failover with short Sentinel timeouts is over before.
+PAUSE_NOTICE_AFTER = 2.0
+
+# Servers whose last sequence number the reader remembers per stream, to skip a line written twice
+# (a batch re-sent after a failover): each server process is one origin; a cluster has dozens.
+MAX_ORIGINS = 1000
 
 
 # Private messages waiting for one server; a person reads them in real time, so this only bounds
@@ -102,18 +123,37 @@ TRIM_SCAN_COUNT = 500
 # room names; anything longer did not come from a securechat server.
 _MAX_FIELD = protocol.MAX_LINE_BYTES
 
-# Writes the line to the firehose and to its room with the same id, once per (origin, seq).
-# KEYS: log, room stream, seq key; ARGV: seq, log cap, room cap (0: none, -1: no history), seq ttl
-# ms, then the fields.
-_APPEND_LUA = """
-local seq = tonumber(ARGV[1])
-local last = tonumber(redis.call('GET', KEYS[3]) or '-1')
+# Each server's lines reach Redis once and in its order: its sequence numbers, each written at most
+# once and never past a gap (a pipeline half refused, by NOSCRIPT after a Redis restart, say, must not
+# let a later line in before an earlier one, which would then be skipped for good). ``floor`` is the
+# sender's oldest line not yet read back: a gap below it cannot be filled by anyone, and is crossed.
+# SEQ_KEY names the sequence-number key; ARGV: seq, floor, the key's ttl ms. False: written already.
+_SEQ_LUA = """
+local seq, floor = tonumber(ARGV[1]), tonumber(ARGV[2])
+local last = tonumber(redis.call('GET', SEQ_KEY) or '-1')
 if seq <= last then return false end
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
+if seq > last + 1 and last + 1 >= floor then return redis.error_reply('SEQGAP ' .. last) end
+redis.call('SET', SEQ_KEY, ARGV[1], 'PX', ARGV[3])
+"""
+
+# Writes the line to the firehose and to its room with the same id, once per (origin, seq).
+# KEYS: log, room stream, seq key[, session]; ARGV: seq, floor, seq ttl ms, log cap, room cap (0: none,
+# -1: no history), then the fields. With a session key (a departure that ends a resumable session):
+# written only if no other server has taken the session over (its record names this server, or says
+# this server ended it), and the session ends with it (so it cannot be taken over afterwards): a
+# departure is announced once, or the person goes on elsewhere, never both.
+_APPEND_LUA = _SEQ_LUA.replace("SEQ_KEY", "KEYS[3]") + """
 local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
-local cap = tonumber(ARGV[3])
+local origin = ''
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 6, #ARGV - 1, 2 do if ARGV[i] == 'o' then origin = ARGV[i + 1] end end
+if KEYS[4] then
+  local holder = redis.call('HGET', KEYS[4], 'origin')
+  if holder and holder ~= origin and holder ~= 'ended:' .. origin then return false end
+  if holder then redis.call('HSET', KEYS[4], 'origin', 'ended:' .. origin) end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+local cap = tonumber(ARGV[5])
 if cap > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', cap, id, unpack(fields))
 elseif cap == 0 then
@@ -123,27 +163,23 @@ return id
 """
 
 # A private message for someone online (not stored): to the inbox of the server holding the nick,
-# once per (origin, seq). KEYS: the nick's key, seq key; ARGV: seq, seq ttl ms, inbox key prefix,
-# inbox cap, then fields. Returns the holder's origin, or false (nobody holds it, or seen already).
-# The recipient's name is written as the holder spells it.
-_ROUTE_LUA = """
-local seq = tonumber(ARGV[1])
-local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
-if seq <= last then return false end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+# once per (origin, seq). KEYS: the nick's key, seq key; ARGV: seq, floor, seq ttl ms, inbox key
+# prefix, inbox cap, then fields. Returns the holder's origin, or false (nobody holds it, or seen
+# already). The recipient's name is written as the holder spells it.
+_ROUTE_LUA = _SEQ_LUA.replace("SEQ_KEY", "KEYS[2]") + """
 local holder = redis.call('GET', KEYS[1])
 if not holder then return false end
 local origin, display = string.match(holder, '^([^\t]*)\t(.*)$')
 if not origin then return false end
 local fields = {}
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local name, value = ARGV[i], ARGV[i + 1]
   -- the recipient as its holder spells it, whatever case the sender typed
   if name == 'g' then value = display elseif name == 'r' then value = '@' .. display end
   fields[#fields + 1] = name
   fields[#fields + 1] = value
 end
-redis.call('XADD', ARGV[3] .. origin, 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+redis.call('XADD', ARGV[4] .. origin, 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
 return origin
 """
 
@@ -151,13 +187,15 @@ return origin
 class _Pending:
     """One of this server's lines on its way through Redis."""
 
-    __slots__ = ("seq", "entry", "store", "echoed")
+    __slots__ = ("seq", "entry", "store", "session", "written", "written_at")
 
-    def __init__(self, seq: int, entry: Entry, store: bool) -> None:
+    def __init__(self, seq: int, entry: Entry, store: bool, session: str) -> None:
         self.seq = seq
-        self.entry = entry  # with a provisional id, used only if it must be delivered locally
+        self.entry = entry  # its id is "" until Redis gives it one
         self.store = store  # False: a private message routed to its recipient's server, kept nowhere
-        self.echoed = False  # delivered locally already (Redis was unreachable): skip it when read back
+        self.session = session  # a departure's session key: written only if the session is still ours
+        self.written = False  # Redis took it; it stays pending until the reader sees it come back
+        self.written_at = 0.0  # when (time.monotonic())
 
 
 class RedisRoomLog(RoomLog):
@@ -167,13 +205,24 @@ class RedisRoomLog(RoomLog):
     batches, and a reader thread follows the firehose and calls ``deliver`` for every line of every
     room, this server's included, in the firehose's order: one order per room on every server.
 
-    While Redis is unreachable (restart, network), the server *degrades*: its own lines (those on
-    their way and every new one) are delivered locally at once, with provisional ids, and stay
-    queued; when Redis is back they are written, the other servers get them, and this server skips
-    them when they come back. Lines said on other servers meanwhile arrive when the reader
-    reconnects, resuming from the last id it saw: nothing lost, nothing twice, each sender's order
-    kept. Provisional ids are not stream ids, so a client that reconnects with one may be replayed a
-    few lines twice or miss them: the one approximation, and only during an outage.
+    **Exactly once, in order: a line is delivered to nobody before Redis has given it its final id**,
+    so every id a client, a read position or a resume ever sees is a stream id that means the same on
+    every server, through a Redis restart, a network cut or a Sentinel failover:
+
+    - While Redis is unreachable nothing is delivered: lines wait in the queue, in order, and go out
+      when it is back (a restart or a failover: a second or two). The room code is told when delivery
+      has been paused for PAUSE_NOTICE_AFTER seconds, and when it resumes.
+    - A line is done only when the reader has read it back; until then it is kept, and after an error
+      (or SEND_AGAIN_AFTER seconds) the writer sends again, in order, every line not read back. The
+      scripts write each (server, sequence number) once and never past a gap the server can still
+      fill, so a resent line that did reach Redis is not written twice, a pipeline refused half-way
+      cannot reorder lines, and one lost with a primary that died before its replica had it is
+      written again on the new primary.
+    - Through Sentinel the reader follows a *replica* while one is in sync: a line is delivered only
+      once a replica has it, so the primary's death cannot take back a line someone has seen (the
+      replica Sentinel promotes is the most up to date). History is read from the primary, but only
+      up to the last id the reader has delivered (newer lines arrive live).
+    - The reader also skips a (server, sequence number) it has delivered already, whatever its id.
     """
 
     def __init__(
@@ -198,18 +247,23 @@ class RedisRoomLog(RoomLog):
         self.queue_limit = queue_limit
         self.log_cap = log_cap
         self._deliver: Deliver | None = None
-        # One lock orders everything about this server's own lines: append, the switch to local
-        # delivery and the reader's skipping of lines already shown. Reentrant: deliver may append.
-        self._lock = threading.RLock()
+        self._on_pause: Callable[[bool], None] | None = None
+        # Guards the queue and the pending lines (never held while delivering or talking to Redis).
+        self._lock = threading.Lock()
+        # Lines not sent yet, in sequence order; every line sent but not read back is older than all of
+        # them. Only the writer takes from the left (append adds at the right), so a batch stays its front.
         self._queue: collections.deque[_Pending] = collections.deque()
-        self._pending: dict[int, _Pending] = {}  # by seq: appended, not yet read back
-        self._echoed = 0  # how many of _pending were delivered locally (while Redis was away)
+        self._pending: dict[int, _Pending] = {}  # by seq: appended, not yet read back, in seq order
+        self._rewind = False  # send again every line not read back (the writer does it, between batches)
         self._seq = 0
-        self._last = (0, 0)  # the newest id delivered, stream or provisional
-        self._degraded = False
+        self._refused = 0  # lines refused in a row because the queue was full
         self._writer_ok = True
         self._reader_ok = True
-        self._unshared = 0  # lines delivered only here because the queue was full
+        self._paused_since: float | None = None  # when Redis became unreachable (None: it is not)
+        self._pause_told = False
+        # The newest firehose id delivered: history reads stop there (newer lines come live).
+        self._watermark: str | None = None
+        self._seen: dict[str, dict[str, int]] = {}  # stream -> origin -> last sequence number delivered
         self._marks: dict[str, dict[str, str]] = {}  # person -> read positions not yet written
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -238,7 +292,7 @@ class RedisRoomLog(RoomLog):
             raise RedisStartError(f"cannot use Redis at {redact(self.config.url)}: "
                                   f"{describe_redis_error(exc)}") from None
         start_id = top[0][0] if top else "0-0"
-        self._last = max(self._last, id_key(start_id))
+        self._watermark = start_id if top else None
         self._threads = [
             threading.Thread(target=self._read_loop, args=(start_id,), name="securechat-redis-reader", daemon=True),
             threading.Thread(target=self._write_loop, name="securechat-redis-writer", daemon=True),
@@ -246,40 +300,50 @@ class RedisRoomLog(RoomLog):
         for thread in self._threads:
             thread.start()
 
-    def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True) -> None:
-        """Queue a line for Redis; never blocks on it (see the class docstring for outages).
+    def watch(self, on_pause: Callable[[bool], None]) -> None:
+        """``on_pause(True)`` once delivery has been paused for PAUSE_NOTICE_AFTER s, ``on_pause(False)`` when
+        it resumes (called on the log's threads)."""
+        self._on_pause = on_pause
+
+    def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True,
+               session: str = "") -> bool:
+        """Queue a line for Redis; never blocks on it. False (nothing queued) when QUEUE_LIMIT lines wait already.
 
         ``store=False`` (a private message to someone online): it goes to the inbox stream of the
-        server holding ``target``, and is kept in no room's history.
+        server holding ``target``, and is kept in no room's history. ``session``: see RoomLog.append.
         """
         with self._lock:
-            self._seq += 1
-            entry = Entry(room, "", time.time(), kind, sender, text, target, self.origin)
-            pending = _Pending(self._seq, entry, store or kind != "private")
             if len(self._queue) >= self.queue_limit:
-                # Redis has not taken lines for a long while: deliver here, never share this one.
-                self._degrade("the queue of lines for Redis is full")
-                self._unshared += 1
-                if self._unshared == 1:
-                    log.error("%d lines are waiting for Redis: new lines reach only this server's people until "
-                              "it catches up", self.queue_limit)
-                self._echo(pending)
-                return
-            self._queue.append(pending)
-            self._pending[pending.seq] = pending
-            if self._degraded:
-                self._echo(pending)
+                self._refused += 1
+                refused = self._refused
+            else:
+                self._refused = refused = 0
+                self._seq += 1
+                entry = Entry(room, "", time.time(), kind, sender, text, target, self.origin)
+                pending = _Pending(self._seq, entry, store or kind != "private",
+                                   self.config.session_key(session) if session else "")
+                self._queue.append(pending)
+                self._pending[pending.seq] = pending
+        if refused:
+            if refused == 1:
+                log.error("%d lines are waiting for Redis: new lines are refused until it takes them", self.queue_limit)
+            return False
         self._wake.set()
+        return True
 
     def read_after(self, room: str, after_id: str | None, limit: int) -> list[Entry]:
-        """Stored entries of ``room`` after ``after_id``, oldest first ([] while Redis is unreachable)."""
+        """Stored entries of ``room`` after ``after_id`` (up to the last one delivered here), oldest first."""
         start = "-" if after_id is None else f"({after_id}"
-        return self._read_range(room, lambda c, k: c.xrange(k, start, "+", count=limit))
+        return self._read_range(room, lambda c, k, top: c.xrange(k, start, top, count=limit))
 
     def read_before(self, room: str, before_id: str | None, limit: int) -> list[Entry]:
         """The last ``limit`` stored entries of ``room`` before ``before_id``, oldest first."""
-        end = "+" if before_id is None else f"({before_id}"
-        return self._read_range(room, lambda c, k: list(reversed(c.xrevrange(k, end, "-", count=limit))))
+
+        def query(client: Any, key: str, top: str) -> list[Any]:
+            end = top if before_id is None or (top != "+" and id_key(top) < id_key(before_id)) else f"({before_id}"
+            return list(reversed(client.xrevrange(key, end, "-", count=limit)))
+
+        return self._read_range(room, query)
 
     def marks(self, person: str) -> dict[str, str]:
         """A person's read positions (mutual TLS), kept in Redis for every server."""
@@ -321,52 +385,56 @@ class RedisRoomLog(RoomLog):
         return self.history
 
     @property
-    def degraded(self) -> bool:
-        """True while lines are delivered locally because Redis is unreachable."""
-        return self._degraded
+    def paused(self) -> bool:
+        """True while Redis is unreachable: lines wait, nothing is delivered."""
+        return self._paused_since is not None
 
     @property
     def queued(self) -> int:
         """Lines waiting for Redis."""
         return len(self._queue)
 
-    def _provisional_id(self) -> str:
-        ms = max(int(time.time() * 1000), self._last[0])
-        seq = self._last[1] + 1 if ms == self._last[0] else 0
-        self._last = (ms, seq)
-        return f"{ms}-{seq}"
-
-    def _echo(self, pending: _Pending) -> None:
-        """Deliver one of this server's lines locally, now (lock held)."""
-        pending.echoed = True
-        if pending.seq in self._pending:
-            self._echoed += 1  # one more to skip when it comes back from Redis
-        assert self._deliver is not None
-        self._deliver(replace(pending.entry, id=self._provisional_id()))
-
-    def _degrade(self, why: str) -> None:
-        """Switch to local delivery: first every own line not delivered yet, in order (lock held)."""
-        if self._degraded:
-            return
-        self._degraded = True
-        log.warning("Redis unreachable (%s): local chat goes on; lines are shared when it is back", why)
-        for pending in self._pending.values():
-            if not pending.echoed:
-                self._echo(pending)
-
     def _set_health(self, *, writer: bool | None = None, reader: bool | None = None, why: str = "") -> None:
+        tell: bool | None = None
         with self._lock:
             if writer is not None:
                 self._writer_ok = writer
             if reader is not None:
                 self._reader_ok = reader
             if not (self._writer_ok and self._reader_ok):
-                self._degrade(why)
-            elif self._degraded and not self._echoed:
-                # Everything shown locally has come back from Redis: one order again.
-                self._degraded = False
-                self._unshared = 0
-                log.warning("Redis is back: lines are shared again")
+                if self._paused_since is None:
+                    self._paused_since = time.monotonic()
+                    log.warning("Redis unreachable (%s): lines wait, in order, and are delivered when it is back", why)
+                elif not self._pause_told and time.monotonic() - self._paused_since >= PAUSE_NOTICE_AFTER:
+                    self._pause_told = tell = True
+            elif self._paused_since is not None:
+                log.warning("Redis is back after %.1f s: delivery goes on", time.monotonic() - self._paused_since)
+                self._paused_since = None
+                if self._pause_told:
+                    self._pause_told, tell = False, False
+        if tell is not None and self._on_pause is not None:
+            self._on_pause(tell)
+
+    def _send_again(self) -> None:
+        """Have the writer send again every line written but not read back (the script writes it once)."""
+        with self._lock:
+            self._rewind = True
+        self._wake.set()
+
+    def _next_batch(self) -> tuple[list[_Pending], int]:
+        """The writer's next lines (lock held), after a rewind if one was asked for; and the oldest one pending."""
+        if self._rewind or (self._pending and not self._queue and
+                            time.monotonic() - next(iter(self._pending.values())).written_at > SEND_AGAIN_AFTER):
+            # A primary that died before its replica had them took lines with it, and the reader never
+            # sees them: everything not read back is sent again, in order, before anything newer.
+            self._rewind = False
+            again = [p for p in self._pending.values() if p.written]
+            for pending in reversed(again):
+                pending.written = False
+                self._queue.appendleft(pending)
+        batch = [self._queue[i] for i in range(min(WRITE_BATCH, len(self._queue)))]
+        floor = next(iter(self._pending)) if self._pending else 0
+        return batch, floor
 
     # -- writer ----------------------------------------------------------------------------
 
@@ -377,25 +445,22 @@ class RedisRoomLog(RoomLog):
         # before every pipeline, a second round trip per batch. NOSCRIPT (Redis restarted) reloads.
         shas: dict[str, str] = {}
         no_script = redis_module().exceptions.NoScriptError
-        backoff = Backoff()
+        backoff = Backoff(self.config.backoff_max)
         deadline: float | None = None
         trimmed = time.monotonic() - TRIM_EVERY  # the first pass at once: a restart must not wait a minute
-        batch: list[_Pending] = []
-        marks: dict[str, dict[str, str]] = {}
         while True:
             if self.history_seconds and time.monotonic() - trimmed > TRIM_EVERY:
                 trimmed = time.monotonic()
                 self._trim(client)
+            with self._lock:
+                batch, floor = self._next_batch()
+                marks, self._marks = self._marks, {}
             if not batch and not marks:
-                with self._lock:
-                    batch = [self._queue[i] for i in range(min(WRITE_BATCH, len(self._queue)))]
-                    marks, self._marks = self._marks, {}
-                if not batch and not marks:
-                    if self._stop.is_set():
-                        break
-                    self._wake.wait(1.0)
-                    self._wake.clear()
-                    continue
+                if self._stop.is_set():
+                    break
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
             if self._stop.is_set():
                 deadline = deadline or time.monotonic() + CLOSE_FLUSH_SECONDS
                 if time.monotonic() > deadline:
@@ -405,50 +470,59 @@ class RedisRoomLog(RoomLog):
                     shas = {"append": client.script_load(_APPEND_LUA), "route": client.script_load(_ROUTE_LUA)}
                 pipe = client.pipeline(transaction=False)
                 for pending in batch:
-                    self._queue_write(pipe, pending, shas)
+                    self._queue_write(pipe, pending, floor, shas)
                 for person, positions in marks.items():
                     key = self.config.key("marks", person)
                     pipe.delete(key)
                     if positions:
                         pipe.hset(key, mapping=positions)
-                results = pipe.execute()
+                # Each reply on its own: a pipeline can be refused half-way (NOSCRIPT, a gap).
+                results = pipe.execute(raise_on_error=False)
+                refused = next((r for r in results if isinstance(r, Exception)), None)
+                if refused is not None:
+                    raise refused
             except errors as exc:
+                with self._lock:
+                    for person, positions in marks.items():
+                        self._marks.setdefault(person, positions)  # unless newer ones came meanwhile
+                self._send_again()  # whatever part of the batch Redis took is skipped when sent again
                 if isinstance(exc, no_script):  # a restarted Redis: load the scripts, send again (written once)
                     shas = {}
+                    continue
+                if str(exc).startswith("SEQGAP"):  # an older line must go first: the rewind sends it
                     continue
                 self._set_health(writer=False, why=describe_redis_error(exc))
                 backoff.wait(self._stop if deadline is None else threading.Event())
                 continue
+            now = time.monotonic()
             with self._lock:
                 for pending, result in zip(batch, results, strict=False):
-                    self._queue.popleft()
+                    self._queue.popleft()  # the batch is the queue's front: only this thread takes from it
+                    pending.written, pending.written_at = True, now
                     if not pending.store and result != self.origin:
                         # Routed to another server's inbox (or to nobody): it never comes back here.
-                        if self._pending.pop(pending.seq, None) is not None and pending.echoed:
-                            self._echoed -= 1
-                for person, positions in marks.items():
-                    self._marks.setdefault(person, positions)  # unless newer ones came meanwhile
-                    if self._marks[person] is positions:
-                        del self._marks[person]
+                        self._pending.pop(pending.seq, None)
+                    elif pending.session and result is None:
+                        self._pending.pop(pending.seq, None)  # a departure from a session resumed elsewhere
             self.written += len(batch)
-            batch, marks = [], {}
             if backoff.delay:
                 backoff.reset()
             self._set_health(writer=True)
         client.close()
 
-    def _queue_write(self, pipe: Any, pending: _Pending, shas: dict[str, str]) -> None:
-        """Add one line's script call to the pipeline."""
+    def _queue_write(self, pipe: Any, pending: _Pending, floor: int, shas: dict[str, str]) -> None:
+        """Add one line's script call to the pipeline (``floor``: the oldest line not read back)."""
         entry = pending.entry
         fields = ["r", entry.room, "k", entry.kind, "s", entry.sender, "t", entry.text, "g", entry.target,
                   "o", self.origin, "q", pending.seq, "ts", repr(entry.ts)]
         if not pending.store:
             pipe.evalsha(shas["route"], 2, self.config.key("nick", self.nick_key(entry.target)), self._seq_key,
-                         pending.seq, SEQ_TTL_MS, self.config.key("inbox", ""), INBOX_CAP, *fields)
+                         pending.seq, floor, SEQ_TTL_MS, self.config.key("inbox", ""), INBOX_CAP, *fields)
             return
         room_stream = self.config.key("room", self.room_key(entry.room))
-        pipe.evalsha(shas["append"], 3, self._log_key, room_stream, self._seq_key,
-                     pending.seq, self.log_cap, self.history_lines if self.history else -1, SEQ_TTL_MS, *fields)
+        keys = [self._log_key, room_stream, self._seq_key, *([pending.session] if pending.session else [])]
+        pipe.evalsha(shas["append"], len(keys), *keys, pending.seq, floor, SEQ_TTL_MS,
+                     self.log_cap, self.history_lines if self.history else -1, *fields)
 
     def _trim(self, client: Any) -> None:
         """Forget every line older than history_seconds: in every room (quiet ones too, whoever wrote
@@ -472,30 +546,42 @@ class RedisRoomLog(RoomLog):
 
     def _read_loop(self, start_id: str) -> None:
         errors = redis_errors()
-        client = self.config.client(timeout=COMMAND_TIMEOUT + READ_BLOCK_MS / 1000, single=True)
+        timeout = COMMAND_TIMEOUT + READ_BLOCK_MS / 1000
+        primary = self.config.client(timeout=timeout, single=True)
+        # Through Sentinel, a replica's copy when it follows the primary: a line is delivered once it
+        # survives the primary's death. A replica still syncing (or cut off from the primary) would only
+        # be late: then the primary's, as without a replica (a dying primary could take nothing a
+        # replica in sync has not got anyway).
+        replica = self.config.client(timeout=timeout, single=True, replica=True) if self.config.sentinel else None
+        client, chosen = primary, 0.0
         positions = {self._log_key: start_id, self._inbox_key: "0-0"}
-        backoff = Backoff()
+        backoff = Backoff(self.config.backoff_max)
         resumed = False
         while not self._stop.is_set():
             try:
+                if replica is not None and (resumed or time.monotonic() - chosen > FOLLOW_CHECK_EVERY):
+                    client, chosen = (replica if _in_sync(replica) else primary), time.monotonic()
                 if resumed:
                     self._check_gap(client, positions[self._log_key])
                     resumed = False
                 reply = client.xread(positions, count=READ_COUNT, block=READ_BLOCK_MS)
             except errors as exc:
                 self._set_health(reader=False, why=describe_redis_error(exc))
+                self._send_again()  # a failover, perhaps: what the old primary took has to be written again
                 backoff.wait(self._stop)
                 resumed = True
                 continue
             if backoff.delay:
                 backoff.reset()
-            with batched_wakeups():  # each member's thread is woken once per batch, not once per line
+            self._set_health(reader=True)
+            with batched_wakeups():  # each loop thread is woken once per batch, not once per line
                 for stream, items in reply or ():
                     for entry_id, fields in items:
                         positions[stream] = entry_id
-                        self._receive(entry_id, fields)
-            self._set_health(reader=True)
-        client.close()
+                        self._receive(stream, entry_id, fields)
+        for each in (primary, replica):
+            if each is not None:
+                each.close()
 
     def _check_gap(self, client: Any, last_seen: str) -> None:
         """Log if the firehose was trimmed past what this server had read while disconnected."""
@@ -505,38 +591,63 @@ class RedisRoomLog(RoomLog):
             log.error("the Redis log was trimmed past this server's position while it was disconnected: some lines "
                       "said on other servers were not delivered here (raise the firehose cap)")
 
-    def _receive(self, entry_id: str, fields: dict[str, str]) -> None:
+    def _receive(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
         entry = _decode(entry_id, fields)
         if entry is None:
             log.warning("skipped a malformed entry %s in the Redis log", entry_id)
             return
-        with self._lock:
-            if entry.room[:1] != "@":  # inbox ids come from another stream
-                self._last = max(self._last, id_key(entry_id))
-            if entry.origin == self.origin:
-                pending = self._pending.pop(_int(fields.get("q")), None)
-                if pending is not None and pending.echoed:
-                    self._echoed -= 1
-                    return  # shown here while Redis was away
-            assert self._deliver is not None
-            try:
-                self._deliver(entry)
-            except Exception:  # the room code's bug must not stop delivery for everyone
-                log.exception("delivering %s failed", entry_id)
+        seq = _int(fields.get("q"))
+        if seq >= 0:
+            seen = self._seen.setdefault(stream, {})
+            if seq <= seen.get(entry.origin, -1):
+                log.warning("skipped %s: a line written twice (server %s, line %d)", entry_id, entry.origin, seq)
+                return
+            seen.pop(entry.origin, None)
+            seen[entry.origin] = seq  # the newest at the end: the oldest server is forgotten first
+            if len(seen) > MAX_ORIGINS:
+                del seen[next(iter(seen))]
+        if entry.origin == self.origin:
+            with self._lock:
+                self._pending.pop(seq, None)
+        if stream == self._log_key:
+            self._watermark = entry_id
+        assert self._deliver is not None
+        try:
+            self._deliver(entry)
+        except Exception:  # the room code's bug must not stop delivery for everyone
+            log.exception("delivering %s failed", entry_id)
 
     # -- history ---------------------------------------------------------------------------
 
-    def _read_range(self, room: str, query: Callable[[Any, str], list[Any]]) -> list[Entry]:
+    def _read_range(self, room: str, query: Callable[[Any, str, str], list[Any]]) -> list[Entry]:
+        """Run ``query(client, room stream, newest id to return)``, retrying up to READ_WAIT while Redis is away."""
         assert self._client is not None, "start() first"
-        try:
-            items = query(self._client, self.config.key("room", self.room_key(room)))
-        except redis_errors() as exc:
-            if not self._history_warned:
-                self._history_warned = True
-                log.error("history unavailable while Redis is unreachable: %s", describe_redis_error(exc))
-            return []
+        deadline = time.monotonic() + READ_WAIT
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                items = query(self._client, self.config.key("room", self.room_key(room)), self._watermark or "+")
+                break
+            except redis_errors() as exc:
+                if time.monotonic() + delay > deadline or self._stop.is_set():
+                    if not self._history_warned:
+                        self._history_warned = True
+                        log.error("history unavailable while Redis is unreachable: %s", describe_redis_error(exc))
+                    raise HistoryUnavailable(describe_redis_error(exc)) from None
+                time.sleep(delay)
+                delay = min(delay * 2, READ_WAIT / 4)
         self._history_warned = False
         return [e for e in (_decode(i, f) for i, f in items) if e is not None]
+
+
+class HistoryUnavailable(Exception):
+    """Redis stayed unreachable for READ_WAIT seconds: the history could not be read."""
+
+
+def _in_sync(replica: Any) -> bool:
+    """True when ``replica`` is a replica following its primary (not syncing, not cut off, not promoted)."""
+    info = replica.info("replication")
+    return info.get("role") == "slave" and info.get("master_link_status") == "up"
 
 
 def _int(value: str | None) -> int:

@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import argparse
-from urllib.parse import urlsplit
 
-from securechat.store.redis_config import RedisConfig, redact
+from securechat.store.redis_config import SCHEMES, RedisConfig, parse_sentinel_url, redact
 from securechat.store.redis_directory import PRESENCE_TTL, SESSION_GRACE, RedisDirectory
 from securechat.store.redis_log import HISTORY_LINES, RedisRoomLog
 from securechat.wire import options
@@ -20,9 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Needs pip install 'securechat[redis]'.")
     group.add_argument("--redis", metavar="URL",
                        help="share rooms through this Redis: redis://HOST:6379/0, or rediss://:PASSWORD@HOST:6380/0 "
-                       "for TLS with a password (use both anywhere but loopback: it carries every line)")
+                       "for TLS with a password (use both anywhere but loopback: it carries every line); "
+                       "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER (rediss+sentinel:// for TLS) finds "
+                       "the primary through Sentinel and follows its failovers")
     group.add_argument("--redis-ca", metavar="FILE",
-                       help="with rediss://: the CA certificate that signed Redis's (default: the system's CAs)")
+                       help="with rediss:// or rediss+sentinel://: the CA certificate that signed Redis's (and the "
+                       "Sentinels') (default: the system's CAs)")
     group.add_argument("--presence-ttl", type=options.duration(), default=PRESENCE_TTL, metavar="SECONDS",
                        help="a killed server's people leave /who within this time (default: %(default)g)")
 
@@ -33,10 +35,18 @@ def usage_error(args: argparse.Namespace) -> str | None:
         if args.redis_ca is not None:
             return "--redis-ca needs --redis"
         return None
-    if urlsplit(args.redis).scheme not in ("redis", "rediss"):
-        return f"--redis wants a redis:// or rediss:// URL, not {redact(args.redis)!r}"
-    if args.redis_ca is not None and urlsplit(args.redis).scheme != "rediss":
-        return "--redis-ca needs a rediss:// (TLS) URL"
+    scheme = args.redis.partition("://")[0] if "://" in args.redis else ""
+    if scheme not in SCHEMES:
+        return ("--redis wants a redis://, rediss://, redis+sentinel:// or rediss+sentinel:// URL, "
+                f"not {redact(args.redis)!r}")
+    tls, sentinel = SCHEMES[scheme]
+    if args.redis_ca is not None and not tls:
+        return "--redis-ca needs a rediss:// or rediss+sentinel:// (TLS) URL"
+    if sentinel:
+        try:
+            parse_sentinel_url(args.redis)
+        except ValueError as exc:
+            return f"--redis {redact(args.redis)}: {exc}"
     if args.presence_ttl < 1:
         return "--presence-ttl must be at least 1 second"
     return None

@@ -106,12 +106,17 @@ class RoomLog(abc.ABC):
         """
 
     @abc.abstractmethod
-    def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True) -> None:
-        """Add a line to ``room``. Never blocks on storage or the network.
+    def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True,
+               session: str = "") -> bool:
+        """Add a line to ``room``. Never blocks on storage or the network. False: refused (a shared
+        back-end that has queued as many lines as it may while its storage is unreachable).
 
         ``store=False`` (a private message to someone online): deliver it, but keep it out of
         history. A shared back-end may pass it through its shared storage to deliver it, as long as
-        it does not keep it there.
+        it does not keep it there. ``session`` (a departure, ``kind="part"``): the resume token of the
+        session it ends; a shared back-end writes it only if no other server has taken that session
+        over, and then ends the session everywhere, so a person is either announced gone or resumed
+        elsewhere, never both.
         """
 
     @abc.abstractmethod
@@ -127,6 +132,11 @@ class RoomLog(abc.ABC):
         """Stop; a graceful close writes everything appended so far."""
 
     # -- optional: what a back-end without storage answers -----------------------------------
+
+    def watch(self, on_pause: Callable[[bool], None]) -> None:
+        """A shared back-end calls ``on_pause(True)`` when delivery has been paused for a while (its
+        storage unreachable) and ``on_pause(False)`` when it goes on; the embedded log never pauses."""
+        return None
 
     @property
     def stores(self) -> bool:
@@ -214,7 +224,8 @@ class LocalLog(RoomLog):
                     self._channels[room] = channel
         return channel
 
-    def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True) -> None:
+    def append(self, room: str, kind: str, sender: str, text: str, target: str = "", *, store: bool = True,
+               session: str = "") -> bool:
         deliver = self._deliver
         channel = self._channel(room)
         with channel.lock:
@@ -229,6 +240,7 @@ class LocalLog(RoomLog):
                 self._store(entry)
             if deliver is not None:
                 deliver(entry)
+        return True
 
     def _store(self, entry: Entry) -> None:
         """Keep ``entry`` (called under the room's lock, before delivery; must not block)."""
@@ -257,7 +269,11 @@ class Directory(abc.ABC):
 
     @abc.abstractmethod
     def claim(self, nick: str) -> bool:
-        """Reserve ``nick`` (compare with ``protocol.nick_key``) for this server; False if another holds it."""
+        """Reserve ``nick`` (compare with ``protocol.nick_key``) for this server; False if another holds it.
+
+        Raises :class:`DirectoryUnavailable` when it cannot tell (a shared back-end's storage is
+        unreachable): a nick is never granted without asking, so no two servers hand out one nick.
+        """
 
     @abc.abstractmethod
     def release(self, nick: str) -> None:
@@ -300,6 +316,10 @@ class Directory(abc.ABC):
     def take_over(self, nick: str) -> bool:
         """Claim ``nick`` for this server even if another holds it (its owner proved it with a token)."""
         return self.claim(nick)
+
+
+class DirectoryUnavailable(Exception):
+    """A shared directory's storage is unreachable: it cannot answer for the cluster right now."""
 
 
 class LocalDirectory(Directory):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 
 from securechat.server.engine import ChatServer
 from securechat.server.room import MAX_JOINED
+from securechat.store.roomlog import LocalDirectory
 from tests.conftest import LineClient
 
 Serve = Callable[..., ChatServer]
@@ -155,3 +158,44 @@ def test_an_empty_room_disappears(serve: Serve, connect: Connect) -> None:
     alice.send("/part tmp")
     alice.expect("* you left #tmp")
     assert server.rooms.rooms() == [("lobby", 1)]
+
+
+class _SlowDirectory(LocalDirectory):
+    """A nick directory that takes its time over one claim, as Redis does across a slow or cut network."""
+
+    def __init__(self, slow: str) -> None:
+        self.slow = slow
+        self.asked = threading.Event()
+        self.answer = threading.Event()
+
+    def claim(self, nick: str) -> bool:
+        if nick == self.slow:
+            self.asked.set()
+            self.answer.wait(5)
+        return True
+
+
+def test_a_slow_nick_claim_holds_up_nobody(serve: Serve, connect: Connect) -> None:
+    """The directory is asked outside the rooms' lock: joins, /who and chat go on meanwhile (issue #24)."""
+    directory = _SlowDirectory("slowpoke")
+    server = serve(directory=directory)
+    alice = connect(server, "alice")
+    bob = connect(server, "bob")
+    slow = connect(server)
+    slow.expect("* securechat")
+    slow.send("slowpoke")
+    assert directory.asked.wait(5)
+    started = time.monotonic()
+    alice.send("/join dev")
+    assert alice.expect("* you joined") == "* you joined #dev (1 here); now talking in #dev"
+    bob.send("/join dev")
+    assert alice.expect("* bob joined") == "* bob joined"
+    bob.send("/who")
+    assert bob.expect("* 2 in") == "* 2 in #dev: alice, bob"
+    twin = connect(server)
+    twin.expect("* securechat")
+    twin.send("SLOWPOKE")  # the same nick, while it is being claimed: taken
+    assert twin.expect("* nickname refused") == "* nickname refused: 'SLOWPOKE' is taken; send another"
+    assert time.monotonic() - started < 2
+    directory.answer.set()
+    assert slow.expect("* welcome").startswith("* welcome, slowpoke!")

@@ -21,7 +21,7 @@ import trustme
 from securechat.store.redis_config import RedisConfig, RedisStartError, redact
 from securechat.store.redis_directory import RedisDirectory
 from securechat.store.redis_log import RedisRoomLog
-from securechat.store.roomlog import Entry
+from securechat.store.roomlog import DirectoryUnavailable, Entry
 from securechat.wire.ids import id_key
 
 LOOPBACK_CLOSED = "redis://127.0.0.1:1/0"
@@ -184,7 +184,10 @@ def test_three_servers_three_senders_keep_order_under_load(redis_server, cluster
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "clean-restart"])
-def test_redis_restart_mid_stream_loses_nothing_and_repeats_nothing(redis_server, cluster, how) -> None:
+def test_redis_restart_mid_stream_loses_nothing_repeats_nothing_and_shows_nothing_early(redis_server, cluster,
+                                                                                      how) -> None:
+    """While Redis is down nothing is delivered (not even a server's own lines to its own people): every line
+    anyone sees has its final stream id, so one order everywhere and resuming from any id is exact."""
     redis = redis_server()
     a, inbox_a = cluster(redis.url)
     b, inbox_b = cluster(redis.url)
@@ -193,7 +196,7 @@ def test_redis_restart_mid_stream_loses_nothing_and_repeats_nothing(redis_server
 
     def send(roomlog: RedisRoomLog, who: str) -> None:
         while not stop.is_set():
-            roomlog.append("lobby", "chat", who, str(sent[who]))
+            assert roomlog.append("lobby", "chat", who, str(sent[who]))
             sent[who] += 1
             time.sleep(0.002)
 
@@ -202,10 +205,15 @@ def test_redis_restart_mid_stream_loses_nothing_and_repeats_nothing(redis_server
         t.start()
     inbox_b.wait_for(lambda es: len(es) > 100)
     redis.stop(how)
-    # Redis is down: each server's own people still see their own server's lines.
+    time.sleep(0.3)  # what was in flight has arrived by now
+    shown = len(inbox_a.entries), len(inbox_b.entries)
     before = sent["sa"]
-    inbox_a.wait_for(lambda es: sum(e.sender == "sa" for e in es) >= before + 50)
-    assert a.degraded and b.degraded
+    deadline = time.monotonic() + 10
+    while sent["sa"] < before + 50:  # the people go on talking
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert (len(inbox_a.entries), len(inbox_b.entries)) == shown  # nothing delivered meanwhile, not even locally
+    assert a.paused and b.paused and a.queued > 0
     redis.start()
     time.sleep(0.5)
     stop.set()
@@ -213,23 +221,23 @@ def test_redis_restart_mid_stream_loses_nothing_and_repeats_nothing(redis_server
         t.join()
     total = sent["sa"] + sent["sb"]
     for inbox in (inbox_a, inbox_b):
-        got = inbox.wait_for(lambda es: len(es) >= total)
+        inbox.wait_for(lambda es: len(es) >= total)
         time.sleep(0.3)  # anything extra (a duplicate) would arrive now
         assert len(inbox.entries) == total
         assert _by_sender(inbox.entries) == {w: [str(i) for i in range(n)] for w, n in sent.items()}
-    # Back to one shared order once everything shown locally came back from Redis.
-    deadline = time.monotonic() + 10
-    while (a.degraded or b.degraded) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not a.degraded and not b.degraded
-    # Everything, from both servers, is in the shared history exactly once.
+    # One order on both servers, through the outage, and every id delivered is the stored one.
+    assert [(e.id, e.text) for e in inbox_a.entries] == [(e.id, e.text) for e in inbox_b.entries]
     stored = a.read_after("lobby", None, 100_000)
-    assert _by_sender(stored) == {w: [str(i) for i in range(n)] for w, n in sent.items()}
-    del got
+    assert [(e.id, e.sender, e.text) for e in stored] == [(e.id, e.sender, e.text) for e in inbox_a.entries]
+    deadline = time.monotonic() + 10
+    while (a.paused or b.paused) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not a.paused and not b.paused
 
 
-def test_a_resent_batch_is_written_once(redis_server) -> None:
-    """The append script skips a (server, seq) it has seen: a batch re-sent after a lost reply."""
+def test_a_resent_batch_is_written_once_and_in_order(redis_server) -> None:
+    """The append script skips a (server, seq) it has seen (a batch re-sent after a lost reply), and refuses
+    to write past a gap the sender can still fill (a pipeline refused half-way must not reorder lines)."""
     import redis as redis_py
 
     from securechat.store.redis_log import _APPEND_LUA
@@ -238,31 +246,41 @@ def test_a_resent_batch_is_written_once(redis_server) -> None:
     client = redis_py.Redis.from_url(redis.url, decode_responses=True)
     script = client.register_script(_APPEND_LUA)
     keys = ["securechat:log", "securechat:room:lobby", "securechat:seq:x"]
-    first = script(keys=keys, args=[1, 100, 100, 60000, "k", "chat", "t", "one"])
-    assert script(keys=keys, args=[1, 100, 100, 60000, "k", "chat", "t", "one"]) is None
-    second = script(keys=keys, args=[2, 100, 100, 60000, "k", "chat", "t", "two"])
-    assert [i for i, _ in client.xrange("securechat:log")] == [first, second]
-    assert [i for i, _ in client.xrange("securechat:room:lobby")] == [first, second]
+
+    def append(seq: int, floor: int, text: str) -> str | None:
+        return script(keys=keys, args=[seq, floor, 60000, 100, 100, "k", "chat", "t", text])
+
+    first = append(1, 1, "one")
+    assert append(1, 1, "one") is None
+    with pytest.raises(redis_py.ResponseError, match="SEQGAP 1"):
+        append(3, 2, "three")  # two is still the sender's to send: three waits for it
+    second = append(2, 2, "two")
+    third = append(3, 2, "three")
+    assert append(5, 5, "five") is not None  # four is gone for good (not the sender's any more): crossed
+    assert [f["t"] for _, f in client.xrange("securechat:log")] == ["one", "two", "three", "five"]
+    assert [i for i, _ in client.xrange("securechat:room:lobby")][:3] == [first, second, third]
     client.close()
 
 
 @pytest.mark.slow
-def test_a_full_queue_delivers_locally_and_says_so(redis_server, cluster, caplog) -> None:
+def test_a_full_queue_refuses_new_lines_and_says_so(redis_server, cluster, caplog) -> None:
     redis = redis_server()
     a, inbox_a = cluster(redis.url, queue_limit=20)
     b, inbox_b = cluster(redis.url)
     redis.stop(signal.SIGKILL)
     with caplog.at_level(logging.WARNING, logger="securechat.redis"):
-        for i in range(30):
-            a.append("lobby", "chat", "alice", str(i))
-    # Every line reached this server's people, in order, at once.
-    assert [e.text for e in inbox_a.wait_for(lambda es: len(es) == 30, timeout=1)] == [str(i) for i in range(30)]
-    assert any("reach only this server" in r.message for r in caplog.records)
+        accepted = [a.append("lobby", "chat", "alice", str(i)) for i in range(30)]
+    assert accepted == [True] * 20 + [False] * 10  # refused at once: the room code tells the sender
+    assert any("new lines are refused" in r.message for r in caplog.records)
+    time.sleep(0.3)
+    assert inbox_a.entries == [] and inbox_b.entries == []
     redis.start()
-    # The queued twenty reach the other server; the ten beyond the queue never will.
-    assert [e.text for e in inbox_b.wait_for(lambda es: len(es) == 20)] == [str(i) for i in range(20)]
+    # The queued twenty reach both servers, once, in order; the ten refused never will.
+    for inbox in (inbox_a, inbox_b):
+        assert [e.text for e in inbox.wait_for(lambda es: len(es) == 20)] == [str(i) for i in range(20)]
     time.sleep(0.5)
-    assert len(inbox_b.entries) == 20 and len(inbox_a.entries) == 30
+    assert len(inbox_b.entries) == 20 and len(inbox_a.entries) == 20
+    assert a.append("lobby", "chat", "alice", "room again")
 
 
 def test_close_writes_everything_appended(redis_server, cluster) -> None:
@@ -289,7 +307,7 @@ def test_unreachable_redis_at_start_is_one_line() -> None:
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "127.0.0.1:6379", "unix:///tmp/redis.sock"])
 def test_a_url_that_is_not_redis_is_refused(url: str) -> None:
-    with pytest.raises(RedisStartError, match="redis:// or rediss://"):
+    with pytest.raises(RedisStartError, match="redis://, rediss://, redis.sentinel:// or rediss.sentinel://"):
         RedisConfig(url)
 
 
@@ -441,7 +459,7 @@ def test_a_restarted_redis_without_data_gets_the_nicks_back(redis_server, direct
     assert not b.claim("alice")
 
 
-def test_while_redis_is_down_the_directory_answers_for_this_server_at_once(redis_server, directories) -> None:
+def test_while_redis_is_down_no_nick_is_granted_and_the_rest_answers_at_once(redis_server, directories) -> None:
     redis = redis_server()
     a = directories(redis.url, ttl=1.0)
     b = directories(redis.url, ttl=1.0)
@@ -449,17 +467,23 @@ def test_while_redis_is_down_the_directory_answers_for_this_server_at_once(redis
     b.joined("lobby", "bob")
     assert a.members("lobby") == ["bob"]
     redis.stop(signal.SIGKILL)
-    assert a.claim("alice")  # granted here: local chat goes on
+    started = time.monotonic()
+    with pytest.raises(DirectoryUnavailable):
+        a.claim("alice")  # never granted without asking: b might be granting it too
+    with pytest.raises(DirectoryUnavailable):
+        b.claim("alice")
+    assert time.monotonic() - started < 2.5  # one timeout at most (refused at once: no timeout)
     started = time.monotonic()
     assert a.members("lobby") == [] and a.rooms() == {} and a.everyone() == [] and not a.online("bob")
+    with pytest.raises(DirectoryUnavailable):
+        a.claim("alice")
     assert time.monotonic() - started < 0.5  # known to be down: no timeout per call
     assert not a.available
     redis.start()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not (a.available and b.available and b.locate("alice")):
+    while time.monotonic() < deadline and not (a.available and b.available):
         time.sleep(0.05)
-    # Back: the nick granted during the outage is claimed in Redis by the refresh.
-    assert b.locate("alice") == (a.origin, "alice") and not b.claim("alice")
+    assert a.claim("alice") and not b.claim("alice") and b.locate("alice") == (a.origin, "alice")
 
 
 _DYING_SERVER = """
@@ -561,7 +585,7 @@ def test_scripts_flushed_from_redis_are_loaded_again(redis_server, cluster) -> N
     raw.close()
     a.append("lobby", "chat", "alice", "two")
     assert [e.text for e in inbox.wait_for(lambda es: len(es) == 2)] == ["one", "two"]
-    assert not a.degraded
+    assert not a.paused
 
 
 def test_no_history_shares_live_lines_and_keeps_none(redis_server, cluster) -> None:
