@@ -125,6 +125,9 @@ class FileHandler:
         try:
             if self.state == HELLO and op in ("put", "get"):
                 if not self.service.enter():
+                    if op == "get":  # one ticket, one connection: the client asks a new one to try again,
+                        # so an unspent one would count against the person's tickets for a minute
+                        self.service.claim(str(msg.get("ticket", "")), "get")
                     self._fail("busy: the server is moving as many files as it takes at once; try again")
                     return
                 self.moving = True

@@ -340,6 +340,42 @@ def test_transfers_at_once_are_bounded(file_server: Callable[..., ChatServer], c
     assert again.until_end()[1][-1]["ok"] == "done"
 
 
+def test_downloads_told_busy_do_not_use_up_the_persons_tickets(
+        file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], cert_files: dict[str, Path],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download answered "busy" has spent its ticket (the client asks a new one for each try): the
+    refusals must not pile up until the person is told "you have 8 transfers going" with none going."""
+    monkeypatch.setattr(files_module, "MAX_TRANSFERS", 1)
+    server = file_server()
+    alice, bob = chat(server, "alice"), chat(server, "bob")
+    path, data = _file(tmp_path, "small.bin", 1000)
+    file_id, _, _ = cf.send_file(alice, path, "-")
+    holder, _ = _put(server, bob, cert_files["ca"], 1000)  # bob's upload holds the one place
+    for _ in range(files_module.MAX_TICKETS_PER_OWNER + 2):
+        refused = RawFile(server, cert_files["ca"])
+        refused.send(filexfer.control(op="get", ticket=ticket(alice, lambda tag: filexfer.get_request(tag, file_id)),
+                                      offset=0))
+        assert refused.until_end()[1] == [
+            {"error": "busy: the server is moving as many files as it takes at once; try again"}]
+    holder.close()
+    saved = _retry_get(server, alice, cert_files["ca"], file_id)
+    assert saved == data
+
+
+def _retry_get(server: ChatServer, client: ChatClient, ca: Path, file_id: str) -> bytes:
+    """The file's bytes, asking again (a fresh ticket each time) while the server says busy."""
+    for _ in range(100):
+        raw = RawFile(server, ca)
+        raw.send(filexfer.control(op="get", ticket=ticket(client, lambda tag: filexfer.get_request(tag, file_id)),
+                                  offset=0))
+        received, controls = raw.until_end()
+        if controls and controls[-1].get("ok") == "done":
+            return received
+        assert controls[-1]["error"].startswith("busy"), controls
+        time.sleep(0.05)
+    raise AssertionError("the download never got its turn")
+
+
 def test_transfers_take_no_thread_and_disk_work_runs_on_workers_while_reading_waits(
         file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], cert_files: dict[str, Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
