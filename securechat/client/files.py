@@ -194,6 +194,7 @@ class Link:
         self.sock = sock
         self.decoder = filexfer.Decoder()
         self.events: list[Control | Data] = []
+        self._timeout: float | None = None
 
     def send(self, data: bytes | memoryview) -> None:
         self.sock.sendall(data)
@@ -201,7 +202,9 @@ class Link:
     def next_event(self, timeout: float) -> Control | Data:
         """The next event; TransferError("...") for the peer's error, ConnectionError when it drops."""
         while not self.events:
-            self.sock.settimeout(timeout)
+            if timeout != self._timeout:  # settimeout is a system call (FIONBIO): once, not per record
+                self.sock.settimeout(timeout)
+                self._timeout = timeout
             try:
                 data = self.sock.recv(1 << 20)
             except TimeoutError:
