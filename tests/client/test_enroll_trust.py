@@ -59,8 +59,15 @@ class HostileServer:
                 continue
 
     def close(self) -> None:
+        # close() alone does not wake a thread blocked in accept() on Linux (each test's teardown
+        # waited the join's full 5 s); shutdown() does.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         self.thread.join(5)
+        assert not self.thread.is_alive(), "the hostile server's thread did not stop"
 
 
 @pytest.fixture
