@@ -49,6 +49,10 @@ SILENCE_SECONDS = 60.0
 # How long to wait for the answer to /ticket on the chat connection.
 TICKET_SECONDS = 10.0
 
+# How often a transfer that needs the chat looks whether a dropped chat is back (a fraction of the
+# reconnection's first 1 s backoff).
+LIVE_POLL = 0.02
+
 # Acknowledgements are looked for every this many chunks sent (a select() each).
 ACK_POLL_CHUNKS = 16
 
@@ -71,11 +75,30 @@ class ChatClient(Protocol):
     server_hostname: str | None
     tickets: TicketDesk
 
+    @property
+    def reconnecting(self) -> bool: ...
+
     def send(self, text: str) -> bool: ...
 
     def file_context(self) -> ssl.SSLContext: ...
 
     def open_socket(self, timeout: float) -> socket.socket: ...
+
+
+def send_when_live(client: ChatClient, timeout: float = TICKET_SECONDS) -> Callable[[str], bool]:
+    """``client.send``, once the chat is back if it is reconnecting: a line sent meanwhile is dropped
+    ("not sent"), so a /ticket asked then would wait for an answer that never comes. A chat still
+    away after ``timeout`` is "not connected" (False)."""
+
+    def send(text: str) -> bool:
+        deadline = time.monotonic() + timeout
+        while client.reconnecting:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(LIVE_POLL)
+        return client.send(text)
+
+    return send
 
 
 class TicketDesk:
@@ -216,6 +239,25 @@ class Link:
         if isinstance(event, Control) and "error" in event.msg:
             raise TransferError(protocol.sanitize(str(event.msg["error"])))
         return event
+
+    def data_left(self) -> int:
+        """Bytes of a data frame that may be read straight into a buffer (:meth:`recv_into`): none while
+        decoded events are waiting, since those come first."""
+        return 0 if self.events else self.decoder.data_left
+
+    def recv_into(self, view: memoryview, timeout: float) -> int:
+        """Read file bytes of the current data frame into ``view`` (at most :meth:`data_left`); how many."""
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
+        try:
+            n = self.sock.recv_into(view)
+        except TimeoutError:
+            raise ConnectionError(f"the server went silent for {timeout:g} s") from None
+        if not n:
+            raise ConnectionError("the server closed the connection")
+        self.decoder.skip(n)
+        return n
 
     def control(self, timeout: float = ANSWER_SECONDS) -> dict[str, Any]:
         event = self.next_event(timeout)
@@ -421,31 +463,53 @@ def _download_once(link: Link, ticket: str, part: Path, directory: Path, progres
 
 
 def _receive(link: Link, digest: Digest, got: int, size: int, progress: Progress) -> int:
-    """The file's bytes into ``digest`` (written and hashed there) until the server's "done"; the total."""
-    batch: list[bytes] = []
-    batched = 0
+    """The file's bytes into ``digest`` (written and hashed there) until the server's "done"; the total.
+
+    Inside a data frame the bytes go straight from TLS into one of DEPTH + 1 buffers in turn (the
+    helper holds at most DEPTH, see :meth:`Digest.feed`): no object per TLS record, no copy to batch
+    them. Frame headers and control messages go through the decoder as usual.
+    """
+    buffers = [bytearray(BATCH) for _ in range(DEPTH + 1)]
+    turn, view, filled = 0, memoryview(buffers[0]), 0
     last = time.monotonic()
     progress(got, size)
+
+    def add(n: int) -> None:
+        nonlocal got, filled
+        got += n
+        filled += n
+        if got > size:
+            raise TransferError("the server sent more bytes than the file has")
+
     while True:
+        if filled == BATCH:
+            digest.feed(view)
+            turn = (turn + 1) % len(buffers)
+            view, filled = memoryview(buffers[turn]), 0
+            if time.monotonic() - last > 0.1:
+                progress(got, size)
+                last = time.monotonic()
+        left = link.data_left()
+        if left:
+            add(link.recv_into(view[filled:filled + min(left, BATCH - filled)], SILENCE_SECONDS))
+            continue
         event = link.next_event(SILENCE_SECONDS)
         if isinstance(event, Control):
             if event.msg.get("ok") == "done":
                 break
             continue
-        data = event.data
-        got += len(data)
-        if got > size:
-            raise TransferError("the server sent more bytes than the file has")
-        batch.append(data)
-        batched += len(data)
-        if batched >= BATCH:
-            digest.feed(b"".join(batch))
-            batch, batched = [], 0
-            if time.monotonic() - last > 0.1:
-                progress(got, size)
-                last = time.monotonic()
-    if batch:
-        digest.feed(b"".join(batch))
+        data = memoryview(event.data)
+        while data:  # bytes that came with a frame header: into the buffer, a batch at a time
+            n = min(len(data), BATCH - filled)
+            view[filled:filled + n] = data[:n]
+            data = data[n:]
+            add(n)
+            if filled == BATCH and data:
+                digest.feed(view)
+                turn = (turn + 1) % len(buffers)
+                view, filled = memoryview(buffers[turn]), 0
+    if filled:
+        digest.feed(view[:filled])
     progress(got, size)
     return got
 
@@ -490,7 +554,7 @@ def send_file(client: ChatClient, path: Path, target: str, progress: Progress = 
     with os.fdopen(fd, "rb") as source:
         size = os.fstat(source.fileno()).st_size
         name = filexfer.clean_name(path.name)
-        token = client.tickets.ask(client.send, lambda tag: filexfer.put_request(tag, target, size, name))
+        token = client.tickets.ask(send_when_live(client), lambda tag: filexfer.put_request(tag, target, size, name))
         file_id = upload(lambda: open_connection(client, timeout), token, source, size, progress, say)
     return file_id, name, size
 
@@ -508,7 +572,7 @@ def get_file(client: ChatClient, file_id: str, directory: Path, progress: Progre
         raise TransferError(f"cannot write to {directory}")
 
     def ticket() -> str:
-        return client.tickets.ask(client.send, lambda tag: filexfer.get_request(tag, file_id))
+        return client.tickets.ask(send_when_live(client), lambda tag: filexfer.get_request(tag, file_id))
 
     first = [ticket()]  # asked before any connection: "no such file" needs none
 

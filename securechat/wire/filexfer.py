@@ -170,6 +170,18 @@ class Decoder:
         """No frame is half received."""
         return not self._buf and not self._left
 
+    @property
+    def data_left(self) -> int:
+        """Bytes of the current data frame still to come (0 between frames): a receiver may read that
+        many straight into its own buffer and say so with :meth:`skip`, instead of feeding them."""
+        return self._left
+
+    def skip(self, n: int) -> None:
+        """``n`` bytes of the current data frame were taken by the caller (at most :attr:`data_left`)."""
+        if not 0 <= n <= self._left:
+            raise ValueError(f"skip({n}) with {self._left} bytes of the frame left")
+        self._left -= n
+
 
 def _loads(payload: bytes) -> dict[str, Any]:
     try:

@@ -411,6 +411,44 @@ def test_transfers_take_no_thread_and_disk_work_runs_on_workers_while_reading_wa
     assert any(pausing and name.startswith("securechat-loop") for name, pausing in writes), "never paused"
 
 
+def test_a_download_cut_half_way_resumes_by_itself_and_saves_the_file_whole(
+        file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], cert_files: dict[str, Path],
+        tmp_path: Path) -> None:
+    """The relay is cut once the partial holds an odd number of bytes past 5 MiB (not a multiple of the
+    client's 1 MiB batches): get_file asks again from there and the saved file is the shared one."""
+    server = file_server()
+    path, data = _file(tmp_path, "disk.img", 40 * MiB + 12345)
+    file_id, _, _ = cf.send_file(chat(server, "alice"), path, "-")
+    relay = Relay(server.address)
+
+    def factory() -> ssl.SSLContext:
+        return tls.client_context(cert_files["ca"])
+
+    bob = ChatClient()  # the chat comes back too: each try of a download asks for a fresh ticket on it
+    bob.connect("127.0.0.1", relay.port, ssl_context=factory(), context_factory=factory, server_hostname="localhost")
+    out = tmp_path / "in"
+    out.mkdir()
+    try:
+        bob.register("bob")
+        said: list[str] = []
+        result: list[Path] = []
+        getter = threading.Thread(target=lambda: result.append(cf.get_file(bob, file_id, out, say=said.append)))
+        getter.start()
+        part = cf.partial_path(out, file_id)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (part.exists() and part.stat().st_size >= 5 * MiB):
+            time.sleep(0.002)
+        relay.cut()
+        relay.restore()
+        getter.join(60)
+        assert result and any("connection lost" in s and "resuming" in s for s in said), said
+        assert result[0].read_bytes() == data
+        assert not part.exists()
+    finally:
+        bob.close()
+        relay.close()
+
+
 def test_an_upload_nobody_resumes_is_removed_and_its_quota_given_back(
         file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], cert_files: dict[str, Path]) -> None:
     server = file_server(quota=2 * MiB)

@@ -52,6 +52,34 @@ def test_frames_split_at_any_points_decode_the_same(cuts: list[int]) -> None:
     assert decoder.idle
 
 
+@given(st.lists(st.tuples(st.booleans(), st.integers(min_value=1, max_value=20_000)), max_size=40))
+def test_a_receiver_taking_frame_bytes_itself_gets_the_same_stream(steps: list[tuple[bool, int]]) -> None:
+    """What the downloading client does: inside a data frame it reads up to ``data_left`` bytes into a
+    buffer of its own and calls ``skip``; elsewhere it feeds the decoder. Same bytes, same messages."""
+    stream, expected = _frames()
+    decoder, events, pos = Decoder(), [], 0
+    for direct, n in [*steps, (False, len(stream))]:
+        if direct and decoder.data_left:
+            n = min(n, decoder.data_left)
+            decoder.skip(n)
+            events.append(Data(stream[pos:pos + n]))
+        else:
+            events += decoder.feed(stream[pos:pos + n])
+        pos += n
+    assert _collect(events) == expected
+    assert decoder.idle
+
+
+def test_skipping_past_the_frame_is_refused() -> None:
+    decoder = Decoder()
+    decoder.feed(filexfer.data_header(10) + b"abc")
+    assert decoder.data_left == 7
+    with pytest.raises(ValueError, match="skip"):
+        decoder.skip(8)
+    decoder.skip(7)
+    assert decoder.idle and decoder.data_left == 0
+
+
 def test_one_byte_at_a_time() -> None:
     stream, expected = _frames()
     decoder = Decoder()
