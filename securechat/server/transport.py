@@ -50,7 +50,7 @@ from securechat.server.handshake import TLS_HANDSHAKE_RECORD
 from securechat.server.loop import ERROR, READ, WRITE, Loop, Timer
 from securechat.server.routes import HTTP_SNIFF_BYTES, NO_ALPN, PLAINTEXT, Routes
 from securechat.wire import hello
-from securechat.wire.conn import OUTBOX_LIMIT, RECV_SIZE, describe_error
+from securechat.wire.conn import OUTBOX_LIMIT, RECV_SIZE, describe_error, send_close
 
 if TYPE_CHECKING:
     from securechat.server.workers import Workers
@@ -611,15 +611,7 @@ class Transport:
         if self._timer is not None:
             self._timer.cancel()
         self._end(self._reason)
-        sock = self.sock
-        if isinstance(sock, ssl.SSLSocket):
-            try:
-                sock.unwrap()  # non-blocking: sends our close_notify, does not wait for the peer's
-            except (ssl.SSLError, OSError, ValueError):
-                pass
-        try:
-            sock.shutdown(socket.SHUT_WR)  # on an SSLSocket this also drops the TLS layer
-        except OSError:
+        if not send_close(self.sock):
             self._close_fd()
             return
         self._state = LINGER

@@ -446,14 +446,9 @@ class Connection:
 LINGER_SECONDS = 0.5
 
 
-def close_gracefully(sock: AnySocket, linger: float = LINGER_SECONDS) -> None:
-    """Send the TLS close_notify and the TCP FIN, then drain what the peer still sends, briefly.
-
-    Closing a socket that has unread data makes the kernel answer with a reset, and a reset can
-    destroy the last lines (a goodbye, a refusal) before the peer has read them. The caller closes
-    the socket afterwards. Owner thread only.
-    """
-    sock.setblocking(False)
+def send_close(sock: AnySocket) -> bool:
+    """Send the TLS close_notify (if TLS) and the TCP FIN on a non-blocking socket, without waiting
+    for the peer's; False when the socket is already gone. Owner thread only."""
     if isinstance(sock, ssl.SSLSocket):
         try:
             sock.unwrap()  # non-blocking: sends our close_notify, does not wait for the peer's
@@ -462,6 +457,19 @@ def close_gracefully(sock: AnySocket, linger: float = LINGER_SECONDS) -> None:
     try:
         sock.shutdown(socket.SHUT_WR)  # on an SSLSocket this also drops the TLS layer
     except OSError:
+        return False
+    return True
+
+
+def close_gracefully(sock: AnySocket, linger: float = LINGER_SECONDS) -> None:
+    """Send the TLS close_notify and the TCP FIN, then drain what the peer still sends, briefly.
+
+    Closing a socket that has unread data makes the kernel answer with a reset, and a reset can
+    destroy the last lines (a goodbye, a refusal) before the peer has read them. The caller closes
+    the socket afterwards. Owner thread only.
+    """
+    sock.setblocking(False)
+    if not send_close(sock):
         return
     poller = select.poll()
     poller.register(sock.fileno(), _POLLIN)
