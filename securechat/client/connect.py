@@ -11,10 +11,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
-
 from securechat.client import identity
 from securechat.client.chat import DEFAULT_CA, DEFAULT_TIMEOUT
 from securechat.client.errors import CA_HELP, ChatError, Disconnected
@@ -141,6 +137,9 @@ def certificate_name(cert: Path) -> str:
     except OSError as exc:
         raise ChatError(f"cannot read the client certificate {str(cert)!r} ({describe_error(exc)}): pass the "
                         "client-NAME.pem file you were given with --cert") from None
+    from cryptography import x509  # here, not at the top: half of a client's start-up time, for --cert only
+    from cryptography.x509.oid import NameOID
+
     try:
         parsed = x509.load_pem_x509_certificate(data)
     except ValueError:
@@ -165,6 +164,8 @@ def load_client_certificate(ctx: ssl.SSLContext, cert: Path, key: Path | None) -
     except OSError as exc:
         raise ChatError(f"cannot read the client key {str(key)!r} ({describe_error(exc)}): pass the "
                         "client-NAME.key file you were given with --key") from None
+    from cryptography.hazmat.primitives import serialization
+
     try:
         serialization.load_pem_private_key(key_data, password=None)
     except TypeError:

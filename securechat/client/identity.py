@@ -25,11 +25,12 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from typing import TYPE_CHECKING
 
 from securechat.wire import options, tls
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 
 class IdentityError(Exception):
@@ -116,6 +117,8 @@ def fetch_chain(raw: socket.socket, server_hostname: str | None, *, tls_min: str
 
 
 def _load(der: bytes) -> x509.Certificate | None:
+    from cryptography import x509  # only for --pin / --tofu: every client start would pay for it
+
     try:
         return x509.load_der_x509_certificate(der)
     except Exception:  # ValueError, InvalidVersion...: unparseable here; OpenSSL has the last word
@@ -128,6 +131,8 @@ def top_of_chain(chain: Sequence[bytes]) -> int:
     An unverified chain can carry anybody's public CA certificate, so a CA counts only when the
     certificate below it verifies under its key; whatever cannot be parsed ends the walk.
     """
+    from cryptography.exceptions import InvalidSignature
+
     top = 0
     child = _load(chain[0]) if chain else None
     for i in range(1, len(chain)):
