@@ -475,13 +475,12 @@ def _receive(link: Link, digest: Digest, got: int, size: int, progress: Progress
     progress(got, size)
 
     def add(n: int) -> None:
-        nonlocal got, filled
+        """``n`` more bytes are in the buffer; a full one goes to the helper and the next takes over."""
+        nonlocal got, filled, turn, view, last
         got += n
         filled += n
         if got > size:
             raise TransferError("the server sent more bytes than the file has")
-
-    while True:
         if filled == BATCH:
             digest.feed(view)
             turn = (turn + 1) % len(buffers)
@@ -489,6 +488,8 @@ def _receive(link: Link, digest: Digest, got: int, size: int, progress: Progress
             if time.monotonic() - last > 0.1:
                 progress(got, size)
                 last = time.monotonic()
+
+    while True:
         left = link.data_left()
         if left:
             add(link.recv_into(view[filled:filled + min(left, BATCH - filled)], SILENCE_SECONDS))
@@ -504,10 +505,6 @@ def _receive(link: Link, digest: Digest, got: int, size: int, progress: Progress
             view[filled:filled + n] = data[:n]
             data = data[n:]
             add(n)
-            if filled == BATCH and data:
-                digest.feed(view)
-                turn = (turn + 1) % len(buffers)
-                view, filled = memoryview(buffers[turn]), 0
     if filled:
         digest.feed(view[:filled])
     progress(got, size)
