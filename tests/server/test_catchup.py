@@ -296,6 +296,10 @@ def test_ctrl_c_quits_while_reconnecting(serve: Serve, relay: Callable[[tuple[st
     threading.Thread(target=read, daemon=True).start()
     try:
         _wait_for(lambda: any(s.token for s in [server.rooms.find("alice")] if s is not None))
+        assert proc.stdin is not None  # once the client has read its token (see the pty test below)
+        proc.stdin.write("/rooms\n")
+        proc.stdin.flush()
+        _wait_for(lambda: any("1 room: #lobby (1)" in line for line in out))
         r.cut()  # and it stays cut
         _wait_for(lambda: any("reconnecting..." in line for line in out))
         proc.send_signal(signal.SIGINT)
