@@ -45,6 +45,7 @@ from securechat.client.errors import (
     NickRefused,
     ServerFull,
     TLSRequired,
+    ended_in_words,
     explain_alert,
     explain_verification,
     handshake_error,
@@ -56,10 +57,6 @@ from securechat.wire import addr, protocol, tls
 from securechat.wire.addr import DEFAULT_PORT
 from securechat.wire.conn import Connection, describe_error, tune_socket
 from securechat.wire.resume import ResumeState, backoff
-
-# Exit statuses, as securechat.cli defines them for every subcommand.
-EXIT_OK = 0
-EXIT_FAILURE = 1
 
 DEFAULT_CA = Path("certs") / "ca.pem"
 
@@ -82,6 +79,9 @@ QUIT_WAIT = 2.0
 MAX_LINES_BEFORE_WELCOME = 64
 # Received lines left unread by a recv_line() caller: at most 4096 * MAX_LINE_BYTES = 16 MiB.
 MAX_QUEUED_LINES = 4096
+# How long a full queue after the welcome waits for register() (woken already) to hand it to on_line:
+# far more than a loaded machine takes to schedule a thread; the server waits on TCP meanwhile.
+HANDOVER_WAIT = 10.0
 # Lines typed or piped ahead of the connection in line mode; reading stdin waits beyond that.
 MAX_STDIN_LINES = 1024
 
@@ -147,6 +147,7 @@ class ChatClient:
         self._caps_answered = threading.Event()
         self._overflow = ""  # why the client hung up on a server that sent too much, if it did
         self._welcomed = False  # a welcome line has arrived (connection thread)
+        self._handed_over = threading.Event()  # register() has the nick: lines go to on_line from now on
         self.tickets = TicketDesk()  # answers to /ticket (file transfers), consumed, not shown
         self.server_hostname: str | None = None
         self.context_factory: Callable[[], ssl.SSLContext] | None = None  # a fresh context like the chat's
@@ -432,6 +433,11 @@ class ChatClient:
                 self._last_notice = line[len(protocol.NOTICE_PREFIX):]
                 if self._last_notice.startswith(protocol.SHUTDOWN):
                     self._saw_shutdown = True
+            if self.on_line is not None and self.nick is None and self._welcomed \
+                    and self._lines.qsize() >= MAX_QUEUED_LINES:
+                # A busy room right after the welcome: register() is about to hand the queue to on_line,
+                # so wait for it (outside the lock the handover takes) rather than hang up.
+                self._handed_over.wait(HANDOVER_WAIT)
             with self._deliver_lock:
                 # Our own nick follows every rename the server confirms (nicks are unique, and the
                 # server orders our lines, so "* <our nick> is now X" is about us); a refusal changes nothing.
@@ -509,6 +515,7 @@ class ChatClient:
                     if self.on_line is not None:
                         for held in self._drain_queue():
                             self.on_line(held)
+                self._handed_over.set()
                 return accepted
             self._check_refusal(line)
             # Anything else before the welcome (the greeting) is of no interest to the caller.
@@ -652,19 +659,8 @@ class ChatClient:
 
     def end_message(self) -> str:
         """One line for people about why the connection ended."""
-        if self._saw_shutdown:
-            return "the server shut down"
-        if self._overflow:
-            return self._overflow
-        reason = self._end_reason or "closed"
-        refusal = explain_alert(reason.removeprefix("TLS error: "))
-        if refusal is not None:
-            return f"{addr.join(self.host, self.port)} refused the connection: {refusal}"
-        if reason == "closed by peer":
-            if self._last_notice:
-                return f"the server closed the connection: {self._last_notice}"
-            return "the server closed the connection"
-        return f"connection to the server lost: {reason}"
+        return ended_in_words(self._end_reason, addr.join(self.host, self.port), shut_down=self._saw_shutdown,
+                              overflow=self._overflow, last_notice=self._last_notice)
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until the connection has ended; True if it has."""

@@ -171,3 +171,20 @@ def _looks_like_ip(name: str) -> bool:
         except OSError:
             pass
     return False
+
+
+def ended_in_words(reason: str, where: str, *, shut_down: bool, overflow: str, last_notice: str) -> str:
+    """One line for people about why a connection to ``where`` ended (``reason``: the connection's own word)."""
+    if shut_down:
+        return "the server shut down"
+    if overflow:
+        return overflow
+    reason = reason or "closed"
+    refusal = explain_alert(reason.removeprefix("TLS error: "))
+    if refusal is not None:
+        return f"{where} refused the connection: {refusal}"
+    if reason == "closed by peer":
+        if last_notice:
+            return f"the server closed the connection: {last_notice}"
+        return "the server closed the connection"
+    return f"connection to the server lost: {reason}"

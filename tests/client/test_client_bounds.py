@@ -22,6 +22,7 @@ import pytest
 from securechat.client import chat as client_module
 from securechat.client.chat import ChatClient
 from securechat.client.errors import ChatError, Disconnected
+from securechat.wire import protocol
 from tests.conftest import LOOPBACK
 
 # 1 MiB of short notice lines per write: the cheapest flood for the server, the costliest per byte
@@ -178,6 +179,38 @@ def test_a_reader_keeps_up_with_the_same_flood(flooder, client_ctx: ssl.SSLConte
     try:
         chat.register("alice", timeout=5)
         assert done.wait(10) and not chat.closed
+    finally:
+        chat.close()
+
+
+def test_a_flood_right_after_the_welcome_waits_for_register_to_hand_over(
+        flooder, client_ctx: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """register() slow to get to the welcome (a loaded machine: this failed the test above 1 run in 4
+    under CI's load): the lines that follow wait for it to hand them to on_line, and nobody is cut off."""
+    server = flooder(welcome=True)
+    registering = threading.current_thread()
+    real_welcome_nick = protocol.welcome_nick
+
+    def slow_on_the_registering_thread(line: str) -> str | None:
+        if threading.current_thread() is registering:
+            time.sleep(0.5)  # the flood queues far more than MAX_QUEUED_LINES meanwhile
+        return real_welcome_nick(line)
+
+    monkeypatch.setattr(protocol, "welcome_nick", slow_on_the_registering_thread)
+    seen = 0
+    done = threading.Event()
+
+    def on_line(line: str) -> None:
+        nonlocal seen
+        seen += 1
+        if seen >= 3 * client_module.MAX_QUEUED_LINES:
+            done.set()
+
+    chat = ChatClient(on_line=on_line)
+    chat.connect(LOOPBACK, server.port, ssl_context=client_ctx, server_hostname="localhost", timeout=5)
+    try:
+        chat.register("alice", timeout=5)
+        assert done.wait(10) and not chat.closed, chat.end_message() if chat.closed else seen
     finally:
         chat.close()
 
