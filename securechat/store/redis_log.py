@@ -267,6 +267,9 @@ class RedisRoomLog(RoomLog):
         self._marks: dict[str, dict[str, str]] = {}  # person -> read positions not yet written
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # The reader got an answer from Redis again (or close() was called): the writer need not sit out
+        # the rest of its backoff, so a server's own lines go out as soon as others' come in.
+        self._answering = threading.Event()
         self._threads: list[threading.Thread] = []
         self._client: Any = None
         self._history_warned = False
@@ -368,6 +371,7 @@ class RedisRoomLog(RoomLog):
         """Write what is queued (for up to CLOSE_FLUSH_SECONDS if Redis is away), then stop."""
         self._stop.set()
         self._wake.set()
+        self._answering.set()
         for thread in self._threads:
             thread.join(CLOSE_FLUSH_SECONDS + READ_BLOCK_MS / 1000 + COMMAND_TIMEOUT)
         with self._lock:
@@ -492,7 +496,11 @@ class RedisRoomLog(RoomLog):
                 if str(exc).startswith("SEQGAP"):  # an older line must go first: the rewind sends it
                     continue
                 self._set_health(writer=False, why=describe_redis_error(exc))
-                backoff.wait(self._stop if deadline is None else threading.Event())
+                if deadline is None:
+                    backoff.wait(self._answering)
+                    self._answering.clear()
+                else:  # stopping: flush for up to CLOSE_FLUSH_SECONDS, at the backoff's pace
+                    backoff.wait(threading.Event())
                 continue
             now = time.monotonic()
             with self._lock:
@@ -573,6 +581,7 @@ class RedisRoomLog(RoomLog):
                 continue
             if backoff.delay:
                 backoff.reset()
+                self._answering.set()
             self._set_health(reader=True)
             with batched_wakeups():  # each loop thread is woken once per batch, not once per line
                 for stream, items in reply or ():

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from securechat.server.engine import ChatServer
+from securechat.store import redis_config, redis_log
 from securechat.store.redis_config import RedisConfig
 from securechat.store.redis_directory import RedisDirectory
 from securechat.store.redis_log import QUEUE_LIMIT, RedisRoomLog
@@ -301,6 +302,32 @@ def _lines_until(client: LineClient, done: Callable[[list[str]], bool], timeout:
         except TimeoutError:
             raise AssertionError(f"not within {timeout} s; saw {lines!r}") from None
     return lines
+
+
+def test_after_redis_is_back_a_servers_own_lines_do_not_wait_for_its_writers_backoff(
+        redis_server, node, connect: Connect, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer backs off while Redis is away; once the reader has an answer again, the writer tries
+    at once. Its backoff is made 30 s here (the reader's stays as it is): before, alice's line waited it
+    out; the reader coming back is what sends it now."""
+
+    class SlowWriterBackoff(redis_config.Backoff):
+        def wait(self, stop: threading.Event) -> None:
+            if threading.current_thread().name != "securechat-redis-writer":
+                super().wait(stop)
+                return
+            self.delay = 30.0
+            stop.wait(self.delay)
+
+    monkeypatch.setattr(redis_log, "Backoff", SlowWriterBackoff)
+    redis = redis_server()
+    a, b = node(redis.url), node(redis.url)
+    alice, bob = connect(a, "alice"), connect(b, "bob")
+    alice.expect("* bob joined")
+    redis.stop(signal.SIGKILL)
+    alice.send("said while Redis was away")
+    assert alice.expect("* delivery", timeout=10).startswith("* delivery paused")  # the writer has failed
+    redis.start()
+    assert bob.expect("[alice]", timeout=10) == "[alice] said while Redis was away"
 
 
 # -- faults, with real server processes --------------------------------------------------------
