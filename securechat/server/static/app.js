@@ -367,7 +367,7 @@ let pendingSecret = "";
 // Flood pacing: the server drops lines past its limit (10 lines/s, bursts of 20, advertised in its
 // answer to /cap echo); like the terminal client, we never send faster than that.
 const pacer = {
-  rate: 10, burst: 20, tokens: 20, last: performance.now(), queue: [], timer: null,
+  rate: 10, burst: 20, tokens: 20, last: performance.now(), queue: [], timer: null, showing: false,
   set(rate, burst) { this.rate = rate; this.burst = Math.max(1, burst); this.tokens = Math.min(this.tokens, this.burst); },
   push(text) { this.queue.push(text); this.pump(); },
   pump() {
@@ -381,7 +381,15 @@ const pacer = {
     if (this.queue.length && !this.timer) {
       this.timer = setTimeout(() => { this.timer = null; this.pump(); }, Math.max(20, 1000 / this.rate));
     }
-    setStatus(this.queue.length ? `sending\u2026 ${this.queue.length} to go` : (state.phase === "live" ? "" : $("status").textContent));
+    // Only its own "sending..." is cleared: the status line may hold something the person has not read
+    // yet (a refusal), and this runs for lines the page sends by itself too (/who).
+    if (this.queue.length) {
+      setStatus(`sending\u2026 ${this.queue.length} to go`);
+      this.showing = true;
+    } else if (this.showing) {
+      this.showing = false;
+      if (state.phase === "live") setStatus("");
+    }
   },
 };
 
@@ -512,6 +520,7 @@ function submit() {
   }
   if (state.phase !== "live") { setStatus("not connected: wait a moment", true); return; }
   if (/^\/history\b/.test(text)) state.paging = [];
+  if (!pacer.showing) setStatus(""); // the person has moved on: an outcome shown before (a refusal) goes
   say(text);
   input.value = "";
 }
