@@ -222,12 +222,15 @@ class Link:
     def send(self, data: bytes | memoryview) -> None:
         self.sock.sendall(data)
 
+    def _set_timeout(self, timeout: float) -> None:
+        if timeout != self._timeout:  # settimeout is a system call (FIONBIO): once, not per record
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
+
     def next_event(self, timeout: float) -> Control | Data:
         """The next event; TransferError("...") for the peer's error, ConnectionError when it drops."""
         while not self.events:
-            if timeout != self._timeout:  # settimeout is a system call (FIONBIO): once, not per record
-                self.sock.settimeout(timeout)
-                self._timeout = timeout
+            self._set_timeout(timeout)
             try:
                 data = self.sock.recv(1 << 20)
             except TimeoutError:
@@ -247,9 +250,7 @@ class Link:
 
     def recv_into(self, view: memoryview, timeout: float) -> int:
         """Read file bytes of the current data frame into ``view`` (at most :meth:`data_left`); how many."""
-        if timeout != self._timeout:
-            self.sock.settimeout(timeout)
-            self._timeout = timeout
+        self._set_timeout(timeout)
         try:
             n = self.sock.recv_into(view)
         except TimeoutError:

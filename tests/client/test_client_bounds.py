@@ -162,41 +162,8 @@ def test_unread_lines_after_the_welcome_are_bounded(flooder, client_ctx: ssl.SSL
         chat.close()
 
 
-def test_a_reader_keeps_up_with_the_same_flood(flooder, client_ctx: ssl.SSLContext) -> None:
-    """The bound is on unread lines, not on traffic: a client that reads is never cut off."""
-    server = flooder(welcome=True)
-    seen = 0
-    done = threading.Event()
-
-    def on_line(line: str) -> None:
-        nonlocal seen
-        seen += 1
-        if seen >= 3 * client_module.MAX_QUEUED_LINES:
-            done.set()
-
-    chat = ChatClient(on_line=on_line)
-    chat.connect(LOOPBACK, server.port, ssl_context=client_ctx, server_hostname="localhost", timeout=5)
-    try:
-        chat.register("alice", timeout=5)
-        assert done.wait(10) and not chat.closed
-    finally:
-        chat.close()
-
-
-def test_a_flood_right_after_the_welcome_waits_for_register_to_hand_over(
-        flooder, client_ctx: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch) -> None:
-    """register() slow to get to the welcome (a loaded machine: this failed the test above 1 run in 4
-    under CI's load): the lines that follow wait for it to hand them to on_line, and nobody is cut off."""
-    server = flooder(welcome=True)
-    registering = threading.current_thread()
-    real_welcome_nick = protocol.welcome_nick
-
-    def slow_on_the_registering_thread(line: str) -> str | None:
-        if threading.current_thread() is registering:
-            time.sleep(0.5)  # the flood queues far more than MAX_QUEUED_LINES meanwhile
-        return real_welcome_nick(line)
-
-    monkeypatch.setattr(protocol, "welcome_nick", slow_on_the_registering_thread)
+def _reads_three_queues_worth(server: Flooder, client_ctx: ssl.SSLContext) -> None:
+    """A client with on_line registers on the flooder and takes 3 x MAX_QUEUED_LINES without being cut off."""
     seen = 0
     done = threading.Event()
 
@@ -213,6 +180,29 @@ def test_a_flood_right_after_the_welcome_waits_for_register_to_hand_over(
         assert done.wait(10) and not chat.closed, chat.end_message() if chat.closed else seen
     finally:
         chat.close()
+
+
+def test_a_reader_keeps_up_with_the_same_flood(flooder, client_ctx: ssl.SSLContext) -> None:
+    """The bound is on unread lines, not on traffic: a client that reads is never cut off."""
+    server = flooder(welcome=True)
+    _reads_three_queues_worth(server, client_ctx)
+
+
+def test_a_flood_right_after_the_welcome_waits_for_register_to_hand_over(
+        flooder, client_ctx: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """register() slow to get to the welcome (a loaded machine: this failed the test above 1 run in 4
+    under CI's load): the lines that follow wait for it to hand them to on_line, and nobody is cut off."""
+    server = flooder(welcome=True)
+    registering = threading.current_thread()
+    real_welcome_nick = protocol.welcome_nick
+
+    def slow_on_the_registering_thread(line: str) -> str | None:
+        if threading.current_thread() is registering:
+            time.sleep(0.5)  # the flood queues far more than MAX_QUEUED_LINES meanwhile
+        return real_welcome_nick(line)
+
+    monkeypatch.setattr(protocol, "welcome_nick", slow_on_the_registering_thread)
+    _reads_three_queues_worth(server, client_ctx)
 
 
 def test_library_register_gives_up_on_a_flood(flooder, client_ctx: ssl.SSLContext) -> None:

@@ -411,6 +411,18 @@ def test_transfers_take_no_thread_and_disk_work_runs_on_workers_while_reading_wa
     assert any(pausing and name.startswith("securechat-loop") for name, pausing in writes), "never paused"
 
 
+def _through(relay: Relay, ca: Path, reconnect: bool = True) -> ChatClient:
+    """A chat client connected through ``relay`` (not registered yet)."""
+
+    def factory() -> ssl.SSLContext:
+        return tls.client_context(ca)
+
+    client = ChatClient(reconnect=reconnect)
+    client.connect("127.0.0.1", relay.port, ssl_context=factory(), context_factory=factory,
+                   server_hostname="localhost")
+    return client
+
+
 def test_a_download_cut_half_way_resumes_by_itself_and_saves_the_file_whole(
         file_server: Callable[..., ChatServer], chat: Callable[..., ChatClient], cert_files: dict[str, Path],
         tmp_path: Path) -> None:
@@ -420,12 +432,7 @@ def test_a_download_cut_half_way_resumes_by_itself_and_saves_the_file_whole(
     path, data = _file(tmp_path, "disk.img", 40 * MiB + 12345)
     file_id, _, _ = cf.send_file(chat(server, "alice"), path, "-")
     relay = Relay(server.address)
-
-    def factory() -> ssl.SSLContext:
-        return tls.client_context(cert_files["ca"])
-
-    bob = ChatClient()  # the chat comes back too: each try of a download asks for a fresh ticket on it
-    bob.connect("127.0.0.1", relay.port, ssl_context=factory(), context_factory=factory, server_hostname="localhost")
+    bob = _through(relay, cert_files["ca"])  # the chat comes back too: each try asks a fresh ticket on it
     out = tmp_path / "in"
     out.mkdir()
     try:
@@ -477,13 +484,7 @@ def test_the_client_resumes_by_itself_through_a_cut(file_server: Callable[..., C
     """A relay in between is cut once the server has 5 MiB and restored: send_file carries on and finishes."""
     server = file_server()
     relay = Relay(server.address)
-
-    def factory() -> ssl.SSLContext:
-        return tls.client_context(cert_files["ca"])
-
-    alice = ChatClient(reconnect=False)
-    alice.connect("127.0.0.1", relay.port, ssl_context=factory(), context_factory=factory,
-                  server_hostname="localhost")
+    alice = _through(relay, cert_files["ca"], reconnect=False)
     try:
         alice.register("alice")
         path, data = _file(tmp_path, "disk.img", 48 * MiB)
