@@ -50,7 +50,10 @@ class Tmux:
         self._tmux("send-keys", "-l", text)
 
     def paste(self, text: str) -> None:
-        """A bracketed paste of ``text``, as a terminal pastes it."""
+        """A bracketed paste of ``text``, as a terminal pastes it, once the screen has stopped changing:
+        prompt_toolkit turns bracketed paste off while it prints a line above the prompt, and a paste
+        landing then arrives as typed lines (under CI's load, a 30-line paste was sent line by line)."""
+        self.wait_quiet()
         self._tmux("set-buffer", "--", text)
         self._tmux("paste-buffer", "-p", "-d")
 
@@ -85,6 +88,19 @@ class Tmux:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the screen never got there; it shows:\n{shown}")
             time.sleep(0.05)
+
+    def wait_quiet(self, quiet: float = 0.3, timeout: float = 15.0) -> str:
+        """The screen, once it has not changed for ``quiet`` seconds."""
+        deadline = time.monotonic() + timeout
+        shown, since = self.screen(), time.monotonic()
+        while time.monotonic() - since < quiet:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the screen never settled; it shows:\n{shown}")
+            time.sleep(0.05)
+            now = self.screen()
+            if now != shown:
+                shown, since = now, time.monotonic()
+        return shown
 
     def exit_status(self, timeout: float = 10.0) -> int:
         deadline = time.monotonic() + timeout
